@@ -1,0 +1,161 @@
+"""What every optimizer level shares: its hyperparameters, their parametrisations, the rule contract.
+
+A *level* is one optimizer in a tower. Its update rule is written once, as in-place multi-tensor
+(``torch._foreach_*``) maths over lists of tensors, with every hyperparameter given as a 1-D tensor
+holding one value per tensor in the list. The tower engine runs the same rule on the model's weights
+(the bottom level) and on the vector of learned hyperparameters of the level below (every level above
+it), and obtains hypergradients by running the rule under forward-mode autograd
+(``torch.autograd.forward_ad``). No rule contains a derivative.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+Kind = Literal["step", "unit", "flag"]
+Mode = Literal["default", "gdtuo"]
+MODES: tuple[str, ...] = ("default", "gdtuo")
+
+
+@dataclass(frozen=True)
+class HyperSpec:
+    """One hyperparameter of a level.
+
+    Args:
+        default: its initial value when none is given (``torch.optim``'s default).
+        kind: ``"step"`` for non-negative sizes (``lr``, ``eps``, ``weight_decay``), ``"unit"`` for
+            decay rates in ``[0, 1)`` (``momentum``, ``beta1``, ``beta2``, RMSProp's ``alpha``),
+            ``"flag"`` for booleans that are never learned (``nesterov``).
+        doc: one line for error messages and docs.
+    """
+
+    default: float
+    kind: Kind
+    doc: str
+
+
+# Bounds of the learnable (raw) coordinates in the default mode. They are the guards that keep a
+# learned value finite and inside its domain: exp(raw) for steps stays in [1e-30, 1e6], and
+# sigmoid(raw) for rates stays in [3e-7, 1 - 3e-7], which float32 still tells apart from 0 and 1
+# (a rate that rounds to 1 would zero Adam's bias correction and divide by it).
+STEP_RAW_BOUNDS = (math.log(1e-30), math.log(1e6))
+UNIT_RAW_BOUNDS = (-15.0, 15.0)
+
+
+def to_raw(value: float, kind: Kind, mode: Mode, square: bool = False) -> float:
+    """The learnable coordinate of a hyperparameter from its natural value.
+
+    Default mode: steps are learned as ``log(value)`` (so a step size can never become negative,
+    zero or infinite) and rates as ``logit(value)`` (so they stay in ``(0, 1)``). ``gdtuo`` mode
+    follows the reference implementation: raw steps (they can go negative), ``sqrt`` for RMSProp's
+    step size (``square=True``) and ``atanh(2y - 1)`` for rates.
+    """
+    if kind == "step":
+        if mode == "gdtuo":
+            return math.sqrt(value) if square else value
+        return math.log(value)
+    if mode == "gdtuo":
+        return math.atanh(2.0 * value - 1.0)
+    return math.log(value) - math.log1p(-value)
+
+
+def to_natural(raw: Tensor, kind: Kind, mode: Mode, square: bool = False) -> Tensor:
+    """Inverse of :func:`to_raw`, differentiable, on tensors."""
+    if kind == "step":
+        if mode == "gdtuo":
+            return raw.square() if square else raw
+        return raw.exp()
+    if mode == "gdtuo":
+        return (raw.tanh() + 1.0) / 2.0
+    return raw.sigmoid()
+
+
+def raw_bounds(kind: Kind) -> tuple[float, float]:
+    return STEP_RAW_BOUNDS if kind == "step" else UNIT_RAW_BOUNDS
+
+
+class Hyper:
+    """The hyperparameters handed to a rule: ``hp["lr"]`` is a 1-D tensor, one value per tensor.
+
+    ``hp.zero(name)`` is a Python-level fact (no device read): the hyperparameter is zero for every
+    tensor and is not learned, so a rule may skip the work it would multiply (weight decay, momentum).
+    """
+
+    __slots__ = ("_values", "_zero")
+
+    def __init__(self, values: dict[str, Tensor], zero: frozenset[str]):
+        self._values = values
+        self._zero = zero
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._values[name]
+
+    def zero(self, name: str) -> bool:
+        return name in self._zero
+
+
+def scalars(x: Tensor) -> list[Tensor]:
+    """A per-tensor hyperparameter vector as the list of 0-dim tensors that ``_foreach_*`` ops take.
+
+    The ``.List`` overloads are used on purpose: forward-mode AD flows through them, while some
+    ``.Tensor`` (single scalar tensor) overloads silently drop the tangent.
+    """
+    return list(x.unbind(0))
+
+
+class Rule:
+    """An optimizer level's update rule. Subclasses set the class variables and :meth:`update`.
+
+    Attributes:
+        name: the name used in spec strings (``"adam"``).
+        hyperparameters: every hyperparameter the rule reads, in a fixed order.
+        learnable: those that may appear in ``learn=`` (flags never do).
+        state_names: the per-tensor buffers the rule keeps, created by :meth:`init_state`.
+        square_lr: ``gdtuo`` mode stores this level's step size as its square root (RMSProp).
+    """
+
+    name: ClassVar[str]
+    hyperparameters: ClassVar[dict[str, HyperSpec]]
+    state_names: ClassVar[tuple[str, ...]]
+    square_lr: ClassVar[bool] = False
+    # What the reference implementation learns for this level (gdtuo mode).
+    gdtuo_learn: ClassVar[tuple[str, ...]] = ("lr",)
+
+    def __init__(self, mode: Mode = "default", **options: bool):
+        self.mode = mode
+        self.options = options
+
+    @classmethod
+    def learnable(cls) -> tuple[str, ...]:
+        return tuple(n for n, s in cls.hyperparameters.items() if s.kind != "flag")
+
+    def gdtuo_learned(self, values: dict[str, float]) -> tuple[str, ...]:
+        return self.gdtuo_learn
+
+    def init_state(self, p: Tensor, values: dict[str, float]) -> dict[str, Tensor]:
+        """Fresh per-tensor state for ``p`` (a local tensor) given the hyperparameters' initial values."""
+        return {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name in self.state_names}
+
+    def update(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: dict[str, list[Tensor]],
+        hp: Hyper,
+        step: Tensor,
+    ) -> None:
+        """Apply one step in place to ``params`` and ``state``.
+
+        Args:
+            params: the tensors to update (weights, or one vector of lower-level hyperparameters).
+            grads: their gradients, read only.
+            state: ``state_names`` mapped to lists of buffers aligned with ``params``.
+            hp: the hyperparameters, one value per tensor; may carry forward-mode tangents.
+            step: the 1-based step count of this level, a 0-dim float tensor.
+        """
+        raise NotImplementedError

@@ -1,0 +1,52 @@
+"""Stochastic gradient descent, with momentum and Nesterov momentum, as an optimizer level."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .base import Hyper, HyperSpec, Rule, scalars
+
+
+class SGDRule(Rule):
+    r"""SGD as in ``torch.optim.SGD`` (no dampening).
+
+    .. math::
+        d_t = g_t + \lambda w_{t-1}, \quad
+        b_t = \mu b_{t-1} + d_t, \quad
+        w_t = w_{t-1} - \eta \, (d_t + \mu b_t \text{ if nesterov else } b_t)
+
+    With ``momentum == 0`` there is no buffer and :math:`w_t = w_{t-1} - \eta d_t`.
+    """
+
+    name = "sgd"
+    hyperparameters: ClassVar[dict[str, HyperSpec]] = {
+        "lr": HyperSpec(1e-3, "step", "step size"),
+        "momentum": HyperSpec(0.0, "unit", "momentum factor"),
+        "weight_decay": HyperSpec(0.0, "step", "L2 penalty added to the gradient"),
+        "nesterov": HyperSpec(0.0, "flag", "use Nesterov momentum"),
+    }
+    state_names = ("momentum_buffer",)
+
+    def gdtuo_learned(self, values: dict[str, float]) -> tuple[str, ...]:
+        # The reference learns its momentum only when it starts non-zero.
+        return ("lr", "momentum") if values["momentum"] != 0.0 else ("lr",)
+
+    def init_state(self, p: Tensor, values: dict[str, float]) -> dict[str, Tensor]:
+        if values["momentum"] == 0.0 and not self.options.get("learn_momentum", False):
+            return {}
+        return super().init_state(p, values)
+
+    def update(self, params, grads, state, hp: Hyper, step: Tensor) -> None:
+        d = grads
+        if not hp.zero("weight_decay"):
+            d = torch._foreach_add(d, torch._foreach_mul(params, scalars(hp["weight_decay"])))
+        if not hp.zero("momentum"):
+            momentum = scalars(hp["momentum"])
+            bufs = state["momentum_buffer"]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, d)
+            d = torch._foreach_add(d, torch._foreach_mul(bufs, momentum)) if self.options.get("nesterov") else bufs
+        torch._foreach_add_(params, torch._foreach_mul(d, scalars(-hp["lr"])))

@@ -1,0 +1,29 @@
+"""The tower engine: optimizers that learn their own hyperparameters by forward-mode AD."""
+
+from .engine import SCOPES, LevelConfig, TowerOptimizer
+from .optimizers import (
+    DEFAULT_HYPER,
+    OPTIMIZERS,
+    HyperAdaGrad,
+    HyperAdam,
+    HyperAdamW,
+    HyperRMSProp,
+    HyperSGD,
+    tower,
+)
+from .spec import parse_spec
+
+__all__ = [
+    "DEFAULT_HYPER",
+    "OPTIMIZERS",
+    "SCOPES",
+    "HyperAdaGrad",
+    "HyperAdam",
+    "HyperAdamW",
+    "HyperRMSProp",
+    "HyperSGD",
+    "LevelConfig",
+    "TowerOptimizer",
+    "parse_spec",
+    "tower",
+]

@@ -1,0 +1,681 @@
+"""The tower engine: one ``torch.optim.Optimizer`` that runs a stack of optimizer levels.
+
+How hypergradients are obtained (Chandra et al., 2022, section 2). A level updates its parameters
+``w`` with hyperparameters ``theta``: ``w_{t+1} = rule(w_t, g_t, state_t; theta_t)``. With ``w_t``,
+``g_t`` and the state held constant (the paper's detaching), the next loss depends on ``theta_t`` only
+through ``w_{t+1}``, so::
+
+    dL_{t+1}/dtheta_t = < g_{t+1}, dw_{t+1}/dtheta_t >
+
+The engine computes the *tangent* ``dw_{t+1}/dtheta_t`` while it takes step ``t``, by running the
+level's rule under forward-mode autograd with ``theta`` as a dual number, and keeps it (one buffer the
+size of ``w`` per learned hyperparameter). At step ``t+1`` the hypergradient is one multi-tensor
+product and a sum. The paper obtains the same number by reverse mode through a graph that spans two
+steps, which needs ``backward(create_graph=True)`` and non-leaf weights; forward mode needs neither,
+so the weights stay ordinary ``nn.Parameter`` leaves and the training loop stays ordinary.
+
+Level ``k + 1`` treats the learned (raw) hyperparameters of level ``k`` as its parameters and their
+hypergradients as its gradients, with the same rule code. Within a step the hypergradients are
+computed bottom-up (each needs the one below), then the levels step top-down, each using the freshly
+updated hyperparameters of the level above: the reference implementation's order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+from ..levels.base import MODES, Hyper, Mode, Rule, raw_bounds, to_natural, to_raw
+from .distributed import local_tensor, reduce_hypergradients, sharding_group, wrap_like
+
+SCOPES: tuple[str, ...] = ("shared", "group", "tensor")
+_TANGENT = "hypertangent_"
+
+
+@dataclass
+class LevelConfig:
+    """One level of a tower before it is bound to parameters.
+
+    Args:
+        rule: the level's rule class (:class:`~hf_hyperopt.levels.AdamRule`, ...).
+        values: natural initial values of the hyperparameters given explicitly (others take the
+            rule's defaults). Flags (``nesterov``) are 0.0 / 1.0.
+        learn: the hyperparameters of this level that the level above learns; ``None`` for the
+            default (``lr`` in the default mode, the reference's choice in ``gdtuo`` mode).
+    """
+
+    rule: type[Rule]
+    values: dict[str, float] = field(default_factory=dict)
+    learn: tuple[str, ...] | None = None
+
+    def full_values(self) -> dict[str, float]:
+        return {name: float(self.values.get(name, spec.default)) for name, spec in self.rule.hyperparameters.items()}
+
+    def to_spec(self) -> str:
+        """This level in spec-string form, e.g. ``adam(lr=0.001,beta1=0.8,learn=lr+beta1)``."""
+        parts = [f"{k}={_fmt(v, self.rule.hyperparameters[k].kind)}" for k, v in self.values.items()]
+        if self.learn is not None:
+            parts.append("learn=" + "+".join(self.learn))
+        return f"{self.rule.name}({','.join(parts)})" if parts else self.rule.name
+
+
+def _fmt(v: float, kind: str) -> str:
+    if kind == "flag":
+        return "true" if v else "false"
+    return (
+        repr(float(v))
+        if v != int(v) or abs(v) >= 1e16
+        else str(int(v))
+        if kind == "unit" and v == 0
+        else repr(float(v))
+    )
+
+
+def validate_value(level: int, rule: type[Rule], name: str, value: float) -> None:
+    """Raise ``ValueError`` naming the level, the hyperparameter and the allowed range."""
+    spec = rule.hyperparameters[name]
+    if not math.isfinite(value):
+        raise ValueError(f"level {level} ({rule.name}): {name}={value!r} is not finite")
+    if spec.kind == "step" and value < 0:
+        raise ValueError(f"level {level} ({rule.name}): {name}={value!r} is negative; {name} must be >= 0")
+    if spec.kind == "unit" and not 0.0 <= value < 1.0:
+        raise ValueError(f"level {level} ({rule.name}): {name}={value!r} is outside [0, 1)")
+
+
+class _Bucket:
+    """The weight-level tensors of one (device, dtype), with index tensors and flat tangent storage."""
+
+    def __init__(self, params: list[Tensor], units: list[int], groups: list[int], learn: tuple[str, ...]):
+        self.params = params
+        self.local = [local_tensor(p) for p in params]
+        device = self.local[0].device
+        self.unit_index = torch.tensor(units, device=device)
+        self.group_index = torch.tensor(groups, device=device)
+        # Units are contiguous runs of tensors (params are kept in group order), so per-unit sums are
+        # sums over slices of the flat buffer.
+        self.unit_ids, counts = torch.unique_consecutive(torch.tensor(units), return_counts=True)
+        numels = torch.tensor([t.numel() for t in self.local])
+        self.unit_numels = [int(c.sum()) for c in numels.split(counts.tolist())]
+        self.numels = numels
+        self.learn = learn
+        self.flat: dict[str, Tensor] = {}
+        self.views: dict[str, list[Tensor]] = {}
+
+    def attach_tangents(self, state: dict) -> None:
+        """Move each parameter's tangent buffers into one flat buffer per learned name (views stay in state)."""
+        total = sum(t.numel() for t in self.local)
+        for name in self.learn:
+            key = _TANGENT + name
+            flat = torch.empty(total, dtype=self.local[0].dtype, device=self.local[0].device)
+            views = list(flat.split(self.numels.tolist()))
+            views = [v.view_as(t) for v, t in zip(views, self.local, strict=False)]
+            old = [
+                local_tensor(state[p][key]) if key in state[p] else torch.zeros_like(t)
+                for p, t in zip(self.params, self.local, strict=False)
+            ]
+            torch._foreach_copy_(views, old)
+            for p, v in zip(self.params, views, strict=False):
+                state[p][key] = wrap_like(p, v)
+            self.flat[name], self.views[name] = flat, views
+
+    def unit_sums(self, flat: Tensor, dtype: torch.dtype, per_tensor_units: bool) -> Tensor:
+        if per_tensor_units:
+            return torch.segment_reduce(flat.to(dtype), "sum", lengths=self.numels.to(flat.device))
+        return torch.stack([chunk.sum(dtype=dtype) for chunk in flat.split(self.unit_numels)])
+
+
+class TowerOptimizer(torch.optim.Optimizer):
+    """A tower of optimizer levels; level 0 updates the parameters, level ``k+1`` learns level ``k``.
+
+    Use the named classes (:class:`~hf_hyperopt.HyperAdam`, ...) or :func:`~hf_hyperopt.tower`
+    rather than this class directly.
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim`` optimizer. Group keys follow
+            ``torch.optim`` (``lr``, ``betas``, ``eps``, ``weight_decay``, ``momentum``, ``alpha``).
+        levels: the levels, bottom (weights) first. ``levels[0].values`` are the group defaults.
+        scope: ``"shared"`` (one set of learned hyperparameters for all groups, the paper),
+            ``"group"`` (one per param group) or ``"tensor"`` (one per parameter tensor).
+        compat: ``None`` for ``torch.optim`` semantics with guarded parametrisations, or ``"gdtuo"``
+            to reproduce the paper's reference implementation.
+
+    Default-mode parametrisation and guards: a learned step (``lr``, ``eps``, ``weight_decay``) is
+    learned as its logarithm, clamped to ``[log 1e-30, log 1e6]``, so it is always positive and
+    finite; a learned rate (``momentum``, betas, ``alpha``) as its logit, clamped to ``[-15, 15]``.
+    A hypergradient that is NaN or infinite is replaced by zero for that step and the hyperparameter
+    keeps its value; such skips are counted (:meth:`skipped_hyper_updates`).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        levels: list[LevelConfig],
+        scope: str = "shared",
+        compat: str | None = None,
+    ):
+        mode: Mode = "default" if compat is None else compat  # type: ignore[assignment]
+        if mode not in MODES or mode == "default" and compat is not None:
+            raise ValueError(f"compat={compat!r} is not supported; use None or 'gdtuo'")
+        if scope not in SCOPES:
+            raise ValueError(f"scope={scope!r} is not one of {', '.join(SCOPES)}")
+        if not levels:
+            raise ValueError("a tower needs at least one level")
+        self.mode: Mode = mode
+        self.scope = scope
+        self.levels = levels
+        self._rules: list[Rule] = []
+        self._learn: list[tuple[str, ...]] = []
+        for k, cfg in enumerate(levels):
+            values = cfg.full_values()
+            for name, v in values.items():
+                validate_value(k, cfg.rule, name, v)
+            self._learn.append(self._resolve_learn(k, cfg, values))
+            options: dict[str, bool] = {"nesterov": bool(values.get("nesterov", 0.0))}
+            if "momentum" in self._learn[k]:
+                options["learn_momentum"] = True
+            if mode == "gdtuo":
+                options.update(gdtuo_init=True, eps_in_sqrt=True)
+            self._rules.append(cfg.rule(mode, **options))
+        if levels[0].values.get("nesterov") and levels[0].full_values()["momentum"] == 0.0:
+            raise ValueError("level 0 (sgd): nesterov=true needs momentum > 0")
+        super().__init__(params, _group_defaults(levels[0]))
+        for group in self.param_groups:
+            for name in self._rules[0].hyperparameters:
+                validate_value(0, levels[0].rule, name, _group_value(group, name))
+            group.setdefault("initial_lr", group["lr"])
+        self._check_scope()
+        self._buckets: list[_Bucket] | None = None
+        self._bucket_key: tuple[int, ...] | None = None
+        self._tower_state: dict[str, Any] = {}
+        self._sharding_group: Any = None
+
+    # ------------------------------------------------------------------ construction helpers
+    def _resolve_learn(self, k: int, cfg: LevelConfig, values: dict[str, float]) -> tuple[str, ...]:
+        top = k == len(self.levels) - 1
+        if cfg.learn is not None and top:
+            raise ValueError(
+                f"level {k} ({cfg.rule.name}) is the top of the tower, so nothing learns its "
+                f"hyperparameters: drop learn={'+'.join(cfg.learn)} or add a level above it"
+            )
+        if top:
+            return ()
+        learn = (
+            cfg.learn
+            if cfg.learn is not None
+            else (cfg.rule(self.mode).gdtuo_learned(values) if self.mode == "gdtuo" else ("lr",))
+        )
+        allowed = cfg.rule.learnable()
+        for name in learn:
+            if name not in allowed:
+                raise ValueError(
+                    f"level {k} ({cfg.rule.name}): learn={name!r} is not a hyperparameter of {cfg.rule.name}; "
+                    f"allowed: {', '.join(allowed)}"
+                )
+        if not learn:
+            raise ValueError(f"level {k} ({cfg.rule.name}): learn= is empty; name at least one of {', '.join(allowed)}")
+        if len(set(learn)) != len(learn):
+            raise ValueError(f"level {k} ({cfg.rule.name}): learn={'+'.join(learn)} names a hyperparameter twice")
+        return tuple(learn)
+
+    def _check_scope(self) -> None:
+        for name in self._learn[0] if len(self.levels) > 1 else ():
+            kind = self._rules[0].hyperparameters[name].kind
+            vals = [_group_value(g, name) for g in self.param_groups]
+            if self.scope == "shared" and len(set(vals)) > 1:
+                raise ValueError(
+                    f"scope='shared' learns one {name} for all param groups, but the groups start at "
+                    f"{vals}; use scope='group' or start them equal"
+                )
+            if self.mode == "default":
+                for v in vals:
+                    if kind == "step" and v <= 0 or kind == "unit" and v <= 0:
+                        raise ValueError(
+                            f"level 0 ({self._rules[0].name}): cannot learn {name}={v!r}: the default mode "
+                            f"learns it as a {'logarithm' if kind == 'step' else 'logit'}, so it must start > 0"
+                        )
+        for k in range(1, len(self.levels) - 1):
+            values = self.levels[k].full_values()
+            for name in self._learn[k]:
+                if self.mode == "default" and values[name] <= 0:
+                    raise ValueError(
+                        f"level {k} ({self._rules[k].name}): cannot learn {name}={values[name]!r}: the default mode "
+                        "learns it on a log/logit scale, so it must start > 0"
+                    )
+
+    @property
+    def height(self) -> int:
+        """Number of levels above the weight level."""
+        return len(self.levels) - 1
+
+    @property
+    def spec(self) -> str:
+        """The tower as a spec string (bottom first), e.g. ``adam(lr=0.001)/sgd(lr=1e-05)``."""
+        return "/".join(cfg.to_spec() for cfg in self.levels)
+
+    def learned(self) -> list[tuple[str, ...]]:
+        """For each level, the names of its hyperparameters that the level above learns."""
+        return list(self._learn)
+
+    # ------------------------------------------------------------------ tower state
+    def _units(self) -> int:
+        if self.scope == "shared":
+            return 1
+        if self.scope == "group":
+            return len(self.param_groups)
+        return sum(len(g["params"]) for g in self.param_groups)
+
+    def _init_tower_state(self, device: torch.device, dtype: torch.dtype) -> None:
+        """theta[k]: raw learned hyperparameters of level k; upper[k]: state of level k >= 1."""
+        ts = self._tower_state
+        n = len(self.levels)
+        thetas, uppers, tangents = [], [], []
+        for k in range(n - 1):
+            spec = self._rules[k].hyperparameters
+            if k == 0:
+                per_unit = self._level0_unit_values()
+                raw = [
+                    to_raw(per_unit[name][u], spec[name].kind, self.mode, self._square(k, name))
+                    for name in self._learn[0]
+                    for u in range(self._units())
+                ]
+            else:
+                values = self.levels[k].full_values()
+                raw = [
+                    to_raw(values[name], spec[name].kind, self.mode, self._square(k, name)) for name in self._learn[k]
+                ]
+            thetas.append(torch.tensor(raw, dtype=dtype, device=device))
+        for k in range(1, n):
+            values = self.levels[k].full_values()
+            uppers.append(self._rules[k].init_state(thetas[k - 1], values))
+            tangents.append({name: torch.zeros_like(thetas[k - 1]) for name in self._learn[k]})
+        ts["theta"] = thetas
+        ts["upper_state"] = uppers
+        ts["upper_tangent"] = tangents
+        ts["step"] = torch.zeros(n, dtype=dtype, device=device)
+        ts["skipped"] = torch.zeros(max(n - 1, 1), dtype=torch.int64, device=device)
+        ts["spec"] = self.spec
+        ts["scope"] = self.scope
+        ts["mode"] = self.mode
+
+    def _square(self, k: int, name: str) -> bool:
+        return name == "lr" and self._rules[k].square_lr
+
+    def _level0_unit_values(self) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for name in self._learn[0]:
+            per_group = [_group_value(g, name) for g in self.param_groups]
+            if self.scope == "shared":
+                out[name] = per_group[:1]
+            elif self.scope == "group":
+                out[name] = per_group
+            else:
+                out[name] = [v for g, v in zip(self.param_groups, per_group, strict=False) for _ in g["params"]]
+        return out
+
+    def _hyper_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    # ------------------------------------------------------------------ buckets
+    def _collect(self) -> list[tuple[Tensor, int, int]]:
+        """(param, unit, group) for every parameter that has a gradient this step."""
+        out, offset = [], 0
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    unit = 0 if self.scope == "shared" else gi if self.scope == "group" else offset + pi
+                    out.append((p, unit, gi))
+            offset += len(group["params"])
+        return out
+
+    def _build_buckets(self, entries: list[tuple[Tensor, int, int]]) -> list[_Bucket]:
+        by_key: dict[tuple, list[tuple[Tensor, int, int]]] = defaultdict(list)
+        for e in entries:
+            t = local_tensor(e[0])
+            by_key[(t.device, t.dtype)].append(e)
+        learn0 = self._learn[0] if self.height else ()
+        buckets = []
+        for items in by_key.values():
+            b = _Bucket([e[0] for e in items], [e[1] for e in items], [e[2] for e in items], learn0)
+            for p, t in zip(b.params, b.local, strict=False):
+                st = self.state[p]
+                if not any(n in st for n in self._rules[0].state_names):
+                    values = self._param_values(p)
+                    for name, buf in self._rules[0].init_state(t, values).items():
+                        st[name] = wrap_like(p, buf)
+            b.attach_tangents(self.state)
+            buckets.append(b)
+        self._sharding_group = sharding_group([e[0] for e in entries])
+        return buckets
+
+    def _param_values(self, p: Tensor) -> dict[str, float]:
+        for g in self.param_groups:
+            if any(q is p for q in g["params"]):
+                return {n: _group_value(g, n) for n in self._rules[0].hyperparameters}
+        raise KeyError("parameter not in any group")
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+        """Take one step of every level (top first), then of the weights.
+
+        Args:
+            closure: reevaluates the model and returns the loss, as in ``torch.optim``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        entries = self._collect()
+        if not entries:
+            return loss
+        key = tuple(id(e[0]) for e in entries)
+        if self._buckets is None or key != self._bucket_key:
+            self._buckets = self._build_buckets(entries)
+            self._bucket_key = key
+        first = local_tensor(entries[0][0])
+        if not self._tower_state:
+            self._init_tower_state(first.device, self._hyper_dtype(first.dtype))
+        ts = self._tower_state
+        ts["step"].add_(1)
+        hypergrads = self._hypergradients(ts)
+        self._step_upper_levels(ts, hypergrads)
+        self._step_weights(ts)
+        return loss
+
+    def _hypergradients(self, ts: dict) -> list[Tensor]:
+        """h[k] = dL/dtheta[k] for every level that has learned hyperparameters, bottom-up, guarded."""
+        n = len(self.levels)
+        hyper: list[Tensor] = []
+        if n == 1:
+            return hyper
+        theta0 = ts["theta"][0]
+        units = self._units()
+        h0 = torch.zeros_like(theta0)
+        for b in self._buckets:
+            grads = [local_tensor(p.grad) for p in b.params]
+            for j, name in enumerate(self._learn[0]):
+                torch._foreach_mul_(b.views[name], grads)
+                sums = b.unit_sums(b.flat[name], theta0.dtype, self.scope == "tensor").to(theta0.device)
+                ids = b.unit_index if self.scope == "tensor" else b.unit_ids.to(theta0.device)
+                h0.index_add_(0, ids + j * units, sums)
+        reduce_hypergradients(h0, self._sharding_group)
+        hyper.append(self._guard(h0, ts, 0))
+        for k in range(1, n - 1):
+            tangent = ts["upper_tangent"][k - 1]
+            hk = torch.stack([torch.dot(hyper[k - 1], tangent[name]) for name in self._learn[k]])
+            hyper.append(self._guard(hk, ts, k))
+        return hyper
+
+    def _guard(self, h: Tensor, ts: dict, k: int) -> Tensor:
+        finite = torch.isfinite(h)
+        ts["skipped"][k].add_((~finite).sum())
+        return torch.where(finite, h, torch.zeros_like(h))
+
+    def _step_upper_levels(self, ts: dict, hypergrads: list[Tensor]) -> None:
+        n = len(self.levels)
+        for k in range(n - 1, 0, -1):
+            theta = ts["theta"][k - 1]
+            old = theta.clone()
+            hp_fn = self._upper_hyper_fn(ts, k)
+            new_tangents = self._run_rule(
+                self._rules[k],
+                [theta],
+                [hypergrads[k - 1]],
+                {n_: [v] for n_, v in ts["upper_state"][k - 1].items()},
+                hp_fn,
+                ts["step"][k],
+                ts["theta"][k] if k < n - 1 else None,
+                self._learn[k],
+            )
+            for name, tangent in new_tangents.items():
+                ts["upper_tangent"][k - 1][name] = tangent[0]
+            self._bound(theta, old, k - 1, ts)
+
+    def _bound(self, theta: Tensor, old: Tensor, k: int, ts: dict) -> None:
+        """Keep the learned coordinates of level k finite (and, by default, inside their bounds)."""
+        finite = torch.isfinite(theta)
+        ts["skipped"][k].add_((~finite).sum())
+        theta.copy_(torch.where(finite, theta, old))
+        if self.mode == "default":
+            units = len(theta) // len(self._learn[k])
+            for j, name in enumerate(self._learn[k]):
+                lo, hi = raw_bounds(self._rules[k].hyperparameters[name].kind)
+                theta[j * units : (j + 1) * units].clamp_(lo, hi)
+
+    def _upper_hyper_fn(self, ts: dict, k: int) -> Callable[[Tensor | None], Hyper]:
+        """Hyperparameters of upper level k (one tensor), as a function of its possibly-dual theta."""
+        values = self.levels[k].full_values()
+        rule = self._rules[k]
+        theta_ref = ts["theta"][k] if k < len(self.levels) - 1 else None
+        dtype, device = ts["step"].dtype, ts["step"].device
+        zero = frozenset(n for n, v in values.items() if v == 0.0 and n not in self._learn[k])
+
+        def build(theta: Tensor | None) -> Hyper:
+            out = {}
+            for name, spec in rule.hyperparameters.items():
+                if spec.kind == "flag":
+                    continue
+                if name in self._learn[k]:
+                    j = self._learn[k].index(name)
+                    out[name] = to_natural(
+                        (theta if theta is not None else theta_ref)[j : j + 1],
+                        spec.kind,
+                        self.mode,
+                        self._square(k, name),
+                    )
+                else:
+                    out[name] = torch.full((1,), values[name], dtype=dtype, device=device)
+            return Hyper(out, zero)
+
+        return build
+
+    def _level0_hyper_fn(self, ts: dict, b: _Bucket) -> Callable[[Tensor | None], Hyper]:
+        rule = self._rules[0]
+        learn = self._learn[0] if self.height else ()
+        units = self._units()
+        dtype = ts["step"].dtype
+        device = b.local[0].device
+        groups = self.param_groups
+        unit_index = b.unit_index
+        group_index = b.group_index
+        zero = frozenset(
+            n
+            for n, s in rule.hyperparameters.items()
+            if n not in learn and s.kind != "flag" and all(_group_value(g, n) == 0.0 for g in groups)
+        )
+
+        def build(theta: Tensor | None) -> Hyper:
+            theta = theta if theta is not None else ts["theta"][0]
+            out = {}
+            for name, spec in rule.hyperparameters.items():
+                if spec.kind == "flag":
+                    continue
+                if name in learn:
+                    j = learn.index(name)
+                    nat = to_natural(theta[j * units : (j + 1) * units], spec.kind, self.mode, self._square(0, name))
+                    vec = nat.to(device)[unit_index]
+                    if name == "lr":
+                        # A scheduler rewrites group["lr"]; it multiplies the learned step size.
+                        factors = [g["lr"] / g["initial_lr"] if g["initial_lr"] else 1.0 for g in groups]
+                        if any(f != 1.0 for f in factors):
+                            vec = vec * torch.tensor(factors, dtype=vec.dtype, device=device)[group_index]
+                    out[name] = vec
+                else:
+                    vals = torch.tensor([_group_value(g, name) for g in groups], dtype=dtype, device=device)
+                    out[name] = vals[group_index]
+            return Hyper(out, zero)
+
+        return build
+
+    def _step_weights(self, ts: dict) -> None:
+        learn = self._learn[0] if self.height else ()
+        for b in self._buckets:
+            grads = [local_tensor(p.grad) for p in b.params]
+            state = {
+                n: [local_tensor(self.state[p][n]) for p in b.params]
+                for n in self._rules[0].state_names
+                if n in self.state[b.params[0]]
+            }
+            theta = ts["theta"][0] if learn else None
+            tangents = self._run_rule(
+                self._rules[0], b.local, grads, state, self._level0_hyper_fn(ts, b), ts["step"][0], theta, learn
+            )
+            for name, tangent in tangents.items():
+                torch._foreach_copy_(b.views[name], tangent)
+
+    def _run_rule(
+        self,
+        rule: Rule,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: dict[str, list[Tensor]],
+        hyper_fn: Callable[[Tensor | None], Hyper],
+        step: Tensor,
+        theta: Tensor | None,
+        learn: tuple[str, ...],
+    ) -> dict[str, list[Tensor]]:
+        """Run ``rule`` in place; return d(new params)/d(theta_j) for each learned name j.
+
+        One forward-mode pass per learned name: the theta entries of that name get tangent 1 (all
+        units at once, since each tensor reads only its own unit). All but the last pass run on
+        copies, so the state and parameters are updated exactly once.
+        """
+        if theta is None:
+            rule.update(params, grads, state, hyper_fn(None), step)
+            return {}
+        units = theta.numel() // len(learn)
+        tangents: dict[str, list[Tensor]] = {}
+        for j, name in enumerate(learn):
+            last = j == len(learn) - 1
+            p = params if last else [t.clone() for t in params]
+            s = state if last else {n: [t.clone() for t in ts_] for n, ts_ in state.items()}
+            direction = torch.zeros_like(theta)
+            direction[j * units : (j + 1) * units] = 1.0
+            with fwAD.dual_level():
+                rule.update(p, grads, s, hyper_fn(fwAD.make_dual(theta, direction)), step)
+                out = [fwAD.unpack_dual(t).tangent for t in p]
+            tangents[name] = [t if t is not None else torch.zeros_like(q) for t, q in zip(out, p, strict=False)]
+        return tangents
+
+    # ------------------------------------------------------------------ reading the tower
+    @torch.no_grad()
+    def hyperparameters(self) -> list[dict[str, float | list[float]]]:
+        """Every level's learned hyperparameters in natural units, bottom level first.
+
+        Level 0 values are floats in the shared scope and lists (one per group, or per tensor) in the
+        other scopes; levels above hold one float each. The top level reports its fixed values of the
+        hyperparameters it would learn (``lr`` by default).
+        """
+        out: list[dict[str, float | list[float]]] = []
+        n = len(self.levels)
+        for k in range(n):
+            rule = self._rules[k]
+            entry: dict[str, float | list[float]] = {}
+            if k < n - 1:
+                names = self._learn[k]
+                if self._tower_state:
+                    theta = self._tower_state["theta"][k].detach().double().cpu()
+                    units = theta.numel() // len(names)
+                    for j, name in enumerate(names):
+                        nat = to_natural(
+                            theta[j * units : (j + 1) * units],
+                            rule.hyperparameters[name].kind,
+                            self.mode,
+                            self._square(k, name),
+                        )
+                        vals = nat.tolist()
+                        entry[name] = vals[0] if (k > 0 or self.scope == "shared") else vals
+                else:
+                    for name in names:
+                        if k == 0:
+                            vals = self._level0_unit_values()[name]
+                            entry[name] = vals[0] if self.scope == "shared" else vals
+                        else:
+                            entry[name] = self.levels[k].full_values()[name]
+            else:
+                values = (
+                    self.levels[k].full_values()
+                    if k > 0
+                    else {n_: _group_value(self.param_groups[0], n_) for n_ in rule.hyperparameters}
+                )
+                learn = self.levels[k].learn or ("lr",)
+                for name in learn:
+                    entry[name] = values[name]
+            out.append(entry)
+        return out
+
+    def skipped_hyper_updates(self) -> list[int]:
+        """For each learned level, how many hyperparameter updates were skipped as non-finite."""
+        if not self._tower_state:
+            return [0] * max(self.height, 1)
+        return [int(x) for x in self._tower_state["skipped"].tolist()]
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["tower"] = {
+            "spec": self.spec,
+            "scope": self.scope,
+            "mode": self.mode,
+            "learn": [list(x) for x in self._learn],
+            "state": _clone_tree(self._tower_state) if self._tower_state else {},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        tower = state_dict.get("tower")
+        if not isinstance(tower, dict) or "spec" not in tower:
+            raise ValueError(
+                "this state_dict has no 'tower' entry: it was not saved by an hf_hyperopt tower optimizer "
+                f"(expected one from {self.spec!r})"
+            )
+        mine = {"spec": self.spec, "scope": self.scope, "mode": self.mode, "learn": [list(x) for x in self._learn]}
+        for key, value in mine.items():
+            if tower.get(key) != value:
+                raise ValueError(
+                    f"state_dict is from a different tower: its {key} is {tower.get(key)!r}, this optimizer's is {value!r}"
+                )
+        state_dict = {k: v for k, v in state_dict.items() if k != "tower"}
+        super().load_state_dict(state_dict)
+        self._tower_state = _clone_tree(tower["state"]) if tower["state"] else {}
+        self._buckets = None  # tangent views are rebuilt on the next step
+
+
+def _clone_tree(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _clone_tree(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clone_tree(v) for v in x]
+    return x
+
+
+_GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
+
+
+def _group_value(group: dict[str, Any], name: str) -> float:
+    if name in _GROUP_KEYS:
+        key, i = _GROUP_KEYS[name]
+        return float(group[key][i])
+    return float(group[name])
+
+
+def _group_defaults(cfg: LevelConfig) -> dict[str, Any]:
+    values = cfg.full_values()
+    defaults: dict[str, Any] = {}
+    for name, v in values.items():
+        if name in _GROUP_KEYS:
+            defaults["betas"] = (values["beta1"], values["beta2"])
+        elif cfg.rule.hyperparameters[name].kind == "flag":
+            defaults[name] = bool(v)
+        else:
+            defaults[name] = v
+    return defaults

@@ -1,0 +1,102 @@
+"""Spec strings: a tower written the paper's way, bottom level first.
+
+``"adam(lr=1e-3)/sgd(lr=1e-5)"`` is Adam on the weights whose step size is learned by SGD with step
+size 1e-5. Each level is ``name`` or ``name(key=value, ...)``; keys are named as in ``torch.optim``
+(``lr``, ``momentum``, ``nesterov``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``, and ``alpha`` for
+RMSProp's smoothing constant) plus ``learn=lr+beta1`` to choose what the level above learns.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..levels import RULES
+from .engine import LevelConfig, validate_value
+
+_LEVEL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+def parse_spec(spec: str) -> list[LevelConfig]:
+    """Parse a tower spec into level configs, bottom first.
+
+    Raises:
+        ValueError: quoting the token that does not parse, and what is allowed there.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty tower spec {spec!r}; expected e.g. 'adam(lr=1e-3)/sgd(lr=1e-5)'")
+    levels = []
+    for k, text in enumerate(_split_levels(spec)):
+        m = _LEVEL.match(text)
+        if not m:
+            raise ValueError(
+                f"cannot parse level {k} {text.strip()!r} of tower spec {spec!r}; expected name or name(key=value, ...)"
+            )
+        name, body = m.group(1).lower(), m.group(2)
+        if name not in RULES:
+            raise ValueError(f"unknown optimizer {m.group(1)!r} in tower spec {spec!r}; allowed: {', '.join(RULES)}")
+        rule = RULES[name]
+        values: dict[str, float] = {}
+        learn = None
+        for item in _split_args(body or ""):
+            if "=" not in item:
+                raise ValueError(f"{item.strip()!r} in level {k} ({name}) of {spec!r} is not key=value")
+            key, _, raw = (s.strip() for s in item.partition("="))
+            allowed = [*rule.hyperparameters, "learn"]
+            if key not in allowed:
+                raise ValueError(
+                    f"unknown key {key!r} for {name} in tower spec {spec!r}; allowed: {', '.join(allowed)}"
+                )
+            if key == "learn":
+                learn = tuple(s.strip() for s in raw.split("+") if s.strip())
+                for h in learn:
+                    if h not in rule.learnable():
+                        raise ValueError(
+                            f"learn={raw!r} for {name} in {spec!r} names {h!r}, which {name} does not have; "
+                            f"allowed: {', '.join(rule.learnable())}"
+                        )
+                continue
+            values[key] = _parse_value(key, raw, rule.hyperparameters[key].kind, name, spec)
+            validate_value(k, rule, key, values[key])
+        levels.append(LevelConfig(rule, values, learn))
+    return levels
+
+
+def _parse_value(key: str, raw: str, kind: str, name: str, spec: str) -> float:
+    if kind == "flag":
+        if raw.lower() in _TRUE:
+            return 1.0
+        if raw.lower() in _FALSE:
+            return 0.0
+        raise ValueError(f"{key}={raw!r} for {name} in {spec!r} is not a boolean; use true or false")
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{key}={raw!r} for {name} in {spec!r} is not a number") from None
+
+
+def _split_levels(spec: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ')' in tower spec {spec!r}")
+        if ch == "/" and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth:
+        raise ValueError(f"unbalanced '(' in tower spec {spec!r}")
+    parts.append(cur)
+    for i, p in enumerate(parts):
+        if not p.strip():
+            raise ValueError(f"empty level {i} in tower spec {spec!r}; levels are separated by a single '/'")
+    return parts
+
+
+def _split_args(body: str) -> list[str]:
+    return [s for s in body.split(",") if s.strip()] if body.strip() else []
