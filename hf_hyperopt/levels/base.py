@@ -47,32 +47,52 @@ STEP_RAW_BOUNDS = (math.log(1e-30), math.log(1e6))
 UNIT_RAW_BOUNDS = (-15.0, 15.0)
 
 
-def to_raw(value: float, kind: Kind, mode: Mode, square: bool = False) -> float:
-    """The learnable coordinate of a hyperparameter from its natural value.
+Parametrisation = Literal["log", "logit", "identity", "sqrt", "tanh"]
 
-    Default mode: steps are learned as ``log(value)`` (so a step size can never become negative,
-    zero or infinite) and rates as ``logit(value)`` (so they stay in ``(0, 1)``). ``gdtuo`` mode
-    follows the reference implementation: raw steps (they can go negative), ``sqrt`` for RMSProp's
-    step size (``square=True``) and ``atanh(2y - 1)`` for rates.
+
+def parametrisation(rule: type[Rule], name: str, mode: Mode) -> Parametrisation:
+    """How a learned hyperparameter is stored: the coordinate the level above updates.
+
+    Default mode: steps (``lr``, ``eps``, ``weight_decay``) as ``log(value)``, so a step size can never
+    become negative, zero or infinite; rates (``momentum``, betas, ``alpha``) as ``logit(value)``, so
+    they stay in ``(0, 1)``. ``gdtuo`` mode follows the reference implementation: raw steps (they can
+    go negative), ``sqrt`` for RMSProp's step size, ``atanh(2y - 1)`` for Adam's betas and RMSProp's
+    smoothing constant, raw SGD momentum.
     """
+    kind = rule.hyperparameters[name].kind
+    if mode == "default":
+        return "log" if kind == "step" else "logit"
+    if name in rule.gdtuo_raw:
+        return "identity"
     if kind == "step":
-        if mode == "gdtuo":
-            return math.sqrt(value) if square else value
+        return "sqrt" if name == "lr" and rule.square_lr else "identity"
+    return "tanh"
+
+
+def to_raw(value: float, how: Parametrisation) -> float:
+    """The learnable coordinate of a hyperparameter from its natural value."""
+    if how == "log":
         return math.log(value)
-    if mode == "gdtuo":
+    if how == "logit":
+        return math.log(value) - math.log1p(-value)
+    if how == "sqrt":
+        return math.sqrt(value)
+    if how == "tanh":
         return math.atanh(2.0 * value - 1.0)
-    return math.log(value) - math.log1p(-value)
+    return value
 
 
-def to_natural(raw: Tensor, kind: Kind, mode: Mode, square: bool = False) -> Tensor:
+def to_natural(raw: Tensor, how: Parametrisation) -> Tensor:
     """Inverse of :func:`to_raw`, differentiable, on tensors."""
-    if kind == "step":
-        if mode == "gdtuo":
-            return raw.square() if square else raw
+    if how == "log":
         return raw.exp()
-    if mode == "gdtuo":
+    if how == "logit":
+        return raw.sigmoid()
+    if how == "sqrt":
+        return raw.square()
+    if how == "tanh":
         return (raw.tanh() + 1.0) / 2.0
-    return raw.sigmoid()
+    return raw
 
 
 def raw_bounds(kind: Kind) -> tuple[float, float]:
@@ -117,12 +137,15 @@ class Rule:
         learnable: those that may appear in ``learn=`` (flags never do).
         state_names: the per-tensor buffers the rule keeps, created by :meth:`init_state`.
         square_lr: ``gdtuo`` mode stores this level's step size as its square root (RMSProp).
+        gdtuo_raw: ``gdtuo`` mode stores these rates raw (SGD's momentum).
     """
 
     name: ClassVar[str]
     hyperparameters: ClassVar[dict[str, HyperSpec]]
     state_names: ClassVar[tuple[str, ...]]
     square_lr: ClassVar[bool] = False
+    # gdtuo mode: hyperparameters the reference stores raw even though they are rates.
+    gdtuo_raw: ClassVar[tuple[str, ...]] = ()
     # What the reference implementation learns for this level (gdtuo mode).
     gdtuo_learn: ClassVar[tuple[str, ...]] = ("lr",)
 

@@ -29,6 +29,7 @@ class SGDRule(Rule):
         "nesterov": HyperSpec(0.0, "flag", "use Nesterov momentum"),
     }
     state_names = ("momentum_buffer",)
+    gdtuo_raw = ("momentum",)
 
     def gdtuo_learned(self, values: dict[str, float]) -> tuple[str, ...]:
         # The reference learns its momentum only when it starts non-zero.

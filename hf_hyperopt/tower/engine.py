@@ -32,7 +32,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from ..levels.base import MODES, Hyper, Mode, Rule, raw_bounds, to_natural, to_raw
+from ..levels.base import MODES, Hyper, Mode, Rule, parametrisation, raw_bounds, to_natural, to_raw
 from .distributed import local_tensor, reduce_hypergradients, sharding_group, wrap_like
 
 SCOPES: tuple[str, ...] = ("shared", "group", "tensor")
@@ -69,13 +69,7 @@ class LevelConfig:
 def _fmt(v: float, kind: str) -> str:
     if kind == "flag":
         return "true" if v else "false"
-    return (
-        repr(float(v))
-        if v != int(v) or abs(v) >= 1e16
-        else str(int(v))
-        if kind == "unit" and v == 0
-        else repr(float(v))
-    )
+    return repr(float(v))
 
 
 def validate_value(level: int, rule: type[Rule], name: str, value: float) -> None:
@@ -277,19 +271,16 @@ class TowerOptimizer(torch.optim.Optimizer):
         n = len(self.levels)
         thetas, uppers, tangents = [], [], []
         for k in range(n - 1):
-            spec = self._rules[k].hyperparameters
             if k == 0:
                 per_unit = self._level0_unit_values()
                 raw = [
-                    to_raw(per_unit[name][u], spec[name].kind, self.mode, self._square(k, name))
+                    to_raw(per_unit[name][u], self._how(k, name))
                     for name in self._learn[0]
                     for u in range(self._units())
                 ]
             else:
                 values = self.levels[k].full_values()
-                raw = [
-                    to_raw(values[name], spec[name].kind, self.mode, self._square(k, name)) for name in self._learn[k]
-                ]
+                raw = [to_raw(values[name], self._how(k, name)) for name in self._learn[k]]
             thetas.append(torch.tensor(raw, dtype=dtype, device=device))
         for k in range(1, n):
             values = self.levels[k].full_values()
@@ -304,8 +295,8 @@ class TowerOptimizer(torch.optim.Optimizer):
         ts["scope"] = self.scope
         ts["mode"] = self.mode
 
-    def _square(self, k: int, name: str) -> bool:
-        return name == "lr" and self._rules[k].square_lr
+    def _how(self, k: int, name: str):
+        return parametrisation(type(self._rules[k]), name, self.mode)
 
     def _level0_unit_values(self) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {}
@@ -464,12 +455,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                     continue
                 if name in self._learn[k]:
                     j = self._learn[k].index(name)
-                    out[name] = to_natural(
-                        (theta if theta is not None else theta_ref)[j : j + 1],
-                        spec.kind,
-                        self.mode,
-                        self._square(k, name),
-                    )
+                    out[name] = to_natural((theta if theta is not None else theta_ref)[j : j + 1], self._how(k, name))
                 else:
                     out[name] = torch.full((1,), values[name], dtype=dtype, device=device)
             return Hyper(out, zero)
@@ -499,7 +485,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                     continue
                 if name in learn:
                     j = learn.index(name)
-                    nat = to_natural(theta[j * units : (j + 1) * units], spec.kind, self.mode, self._square(0, name))
+                    nat = to_natural(theta[j * units : (j + 1) * units], self._how(0, name))
                     vec = nat.to(device)[unit_index]
                     if name == "lr":
                         # A scheduler rewrites group["lr"]; it multiplies the learned step size.
@@ -584,12 +570,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                     theta = self._tower_state["theta"][k].detach().double().cpu()
                     units = theta.numel() // len(names)
                     for j, name in enumerate(names):
-                        nat = to_natural(
-                            theta[j * units : (j + 1) * units],
-                            rule.hyperparameters[name].kind,
-                            self.mode,
-                            self._square(k, name),
-                        )
+                        nat = to_natural(theta[j * units : (j + 1) * units], self._how(k, name))
                         vals = nat.tolist()
                         entry[name] = vals[0] if (k > 0 or self.scope == "shared") else vals
                 else:
