@@ -17,6 +17,19 @@ from .tower import (
 
 __version__ = "0.1.0"
 
+# The Trainer integration imports transformers, which takes seconds: load it on first use so that
+# `import hf_hyperopt` stays light for plain PyTorch users.
+_TRAINER_EXPORTS = ("HyperTrainer", "HyperTrainingArguments")
+
+
+def __getattr__(name: str):
+    if name in _TRAINER_EXPORTS:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_HYPER",
     "HyperAdaGrad",
@@ -24,6 +37,8 @@ __all__ = [
     "HyperAdamW",
     "HyperRMSProp",
     "HyperSGD",
+    "HyperTrainer",
+    "HyperTrainingArguments",
     "TowerOptimizer",
     "__version__",
     "parse_spec",

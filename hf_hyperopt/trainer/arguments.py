@@ -1,0 +1,288 @@
+"""``HyperTrainingArguments``: ``TrainingArguments`` that also accept the tower optimizers.
+
+``--optim hyper_adam`` (or ``hyper_sgd``, ``hyper_adamw``, ``hyper_adagrad``, ``hyper_rmsprop``) makes
+the weight level that optimizer, with its initial values taken from the usual arguments, and puts the
+tower ``--hyper_tower`` above it; ``--hyper_learn`` and ``--hyper_scope`` say what is learned and how
+finely. Every standard ``--optim`` keeps its ``transformers`` meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from transformers import TrainingArguments
+from transformers.trainer_optimizer import _parse_optim_args
+from transformers.trainer_utils import SchedulerType
+from transformers.training_args import OptimizerNames
+
+from ..levels import RULES
+from ..tower import DEFAULT_HYPER, SCOPES, tower
+
+
+class HyperOptimizerNames(str, Enum):
+    """The ``--optim`` values that select a tower optimizer; the weight level is the named algorithm."""
+
+    HYPER_SGD = "hyper_sgd"
+    HYPER_ADAM = "hyper_adam"
+    HYPER_ADAMW = "hyper_adamw"
+    HYPER_ADAGRAD = "hyper_adagrad"
+    HYPER_RMSPROP = "hyper_rmsprop"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def rule_name(self) -> str:
+        """The weight level's name in spec strings (``"adam"`` for ``hyper_adam``)."""
+        return self.value.removeprefix("hyper_")
+
+
+HYPER_OPTIMIZERS: tuple[str, ...] = tuple(m.value for m in HyperOptimizerNames)
+ALL_OPTIMIZERS: tuple[str, ...] = (*(m.value for m in OptimizerNames), *HYPER_OPTIMIZERS)
+
+# What --optim_args may set for each weight level (the rest come from the usual arguments), and the
+# torch.optim options this project's levels do not implement, with the only value they accept.
+_OPTIM_ARGS: dict[str, tuple[str, ...]] = {
+    "sgd": ("momentum", "nesterov"),
+    "adam": (),
+    "adamw": (),
+    "adagrad": ("eps",),
+    "rmsprop": ("alpha", "eps"),
+}
+_UNSUPPORTED_OPTIM_ARGS: dict[str, dict[str, str]] = {
+    "sgd": {"dampening": "0"},
+    "adagrad": {"lr_decay": "0"},
+    "rmsprop": {"momentum": "0", "centered": "false"},
+}
+_FALSE = ("false", "0", "no")
+_TRUE = ("true", "1", "yes")
+
+
+def is_hyper_optim(optim: object) -> bool:
+    """Whether ``optim`` (a string or enum member) names a tower optimizer."""
+    return str(getattr(optim, "value", optim)) in HYPER_OPTIMIZERS
+
+
+@dataclass
+class HyperTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the tower optimizers and their settings.
+
+    With ``optim`` one of ``hyper_sgd``, ``hyper_adam``, ``hyper_adamw``, ``hyper_adagrad`` or
+    ``hyper_rmsprop``, :class:`~hf_hyperopt.HyperTrainer` trains with the tower::
+
+        <weight level from the usual arguments>/<hyper_tower>
+
+    e.g. ``adam(lr=5e-05,beta1=0.9,beta2=0.999,eps=1e-08)/adam(lr=0.01)``. The weight level takes
+    ``learning_rate -> lr``, ``adam_beta1/adam_beta2 -> beta1/beta2`` and ``adam_epsilon -> eps``
+    (Adam, AdamW), ``weight_decay`` for the decay param group (biases and norms get 0, as in
+    ``Trainer``), and the rest through ``optim_args`` as ``transformers`` does: SGD's
+    ``momentum``/``nesterov``, AdaGrad's ``eps``, RMSProp's ``alpha``/``eps``.
+
+    Defaults that differ from ``TrainingArguments``, and why:
+
+    - ``optim="hyper_adamw"``: the ``Trainer``'s default algorithm (AdamW), with its step size learned.
+      Any standard ``OptimizerNames`` value still works and then nothing is learned.
+    - ``hyper_tower=None`` resolves to ``hf_hyperopt.DEFAULT_HYPER["default"]`` (``"adam(lr=0.01)"``
+      at the time of writing): the level above learns ``log(lr)`` with Adam, whose normalised steps
+      move the step size by about 1% per step whatever its scale, so the same setting recovers from
+      an initial ``learning_rate`` that is orders of magnitude off (see the README's sensitivity
+      measurements). ``hyper_learn=None`` resolves to ``"lr"`` (the paper's ``Adam^alpha``: the step
+      size is what matters most and what a schedule would otherwise set), ``hyper_scope=None`` to
+      ``"shared"`` (one learned step size for all param groups, the paper's setting).
+    - ``lr_scheduler_type=None``: with a tower optimizer and no schedule asked for, the schedule is
+      ``constant`` (the tower owns the step size); with ``warmup_steps`` > 0 it is
+      ``constant_with_warmup``. A schedule given explicitly *multiplies* the learned step size: the
+      weight level uses ``learned_lr * group["lr"] / group["initial_lr"]``. With a standard ``optim``
+      ``None`` means ``linear``, the ``Trainer``'s default.
+
+    Raises:
+        ValueError: at construction (so at argument parsing, before any model is loaded) for an
+            unknown ``optim`` (the message lists every choice), a ``hyper_tower`` that does not parse,
+            ``hyper_*`` given with a standard ``optim``, an unknown ``hyper_learn`` or ``hyper_scope``,
+            ``optim_args`` the weight level does not take, or DeepSpeed with a tower optimizer.
+    """
+
+    optim: str = field(
+        default=HyperOptimizerNames.HYPER_ADAMW.value,
+        metadata={
+            "help": "The optimizer to use: a standard `OptimizerNames` value, or one of "
+            f"{', '.join(HYPER_OPTIMIZERS)} for a tower optimizer that learns its own hyperparameters "
+            "(weight level = the named algorithm, levels above = --hyper_tower).",
+            "choices": list(ALL_OPTIMIZERS),
+        },
+    )
+    lr_scheduler_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "The scheduler type. Default: `constant` (`constant_with_warmup` if --warmup_steps > 0) with a "
+            "hyper optimizer, since the tower owns the step size; `linear` otherwise. A schedule given "
+            "explicitly multiplies the learned step size.",
+            "choices": [s.value for s in SchedulerType],
+        },
+    )
+    hyper_tower: str | None = field(
+        default=None,
+        metadata={
+            "help": "The levels above the weight level, bottom first, separated by '/', e.g. 'sgd(lr=1e-5)' or "
+            "'adam(lr=1e-3)/sgd(lr=1e-6)'. Names: sgd, adam, adamw, adagrad, rmsprop; keys lr, momentum, "
+            "nesterov, beta1, beta2, eps, weight_decay, alpha, learn=lr+beta1. Default: "
+            "hf_hyperopt.DEFAULT_HYPER['default']. Only with a hyper_* --optim.",
+        },
+    )
+    hyper_learn: str | None = field(
+        default=None,
+        metadata={
+            "help": "Which weight-level hyperparameters the tower learns, joined by '+', e.g. 'lr' or 'lr+beta1'. "
+            "Allowed: sgd: lr, momentum; adam/adamw: lr, beta1, beta2, eps; adagrad: lr, eps; rmsprop: lr, "
+            "alpha, eps (weight_decay is not: the Trainer's no-decay group starts at 0). Default: lr. "
+            "Only with a hyper_* --optim.",
+        },
+    )
+    hyper_scope: str | None = field(
+        default=None,
+        metadata={
+            "help": "How many copies of each learned hyperparameter: 'shared' (one for the whole model), 'group' "
+            "(one per param group: decay / no decay) or 'tensor' (one per parameter tensor). Default: shared. "
+            "Only with a hyper_* --optim.",
+            "choices": list(SCOPES),
+        },
+    )
+
+    def __post_init__(self):
+        optim = str(getattr(self.optim, "value", self.optim))
+        if optim not in ALL_OPTIMIZERS:
+            raise ValueError(f"--optim {optim!r} is not a known optimizer; choose one of: {', '.join(ALL_OPTIMIZERS)}")
+        hyper = optim in HYPER_OPTIMIZERS
+        given = {
+            k: v
+            for k, v in (
+                ("hyper_tower", self.hyper_tower),
+                ("hyper_learn", self.hyper_learn),
+                ("hyper_scope", self.hyper_scope),
+            )
+            if v is not None
+        }
+        if not hyper and given:
+            raise ValueError(
+                f"{', '.join(f'--{k} {v!r}' for k, v in given.items())} given with --optim {optim!r}, which is not a "
+                f"tower optimizer; use one of {', '.join(HYPER_OPTIMIZERS)} or drop the --hyper_* arguments"
+            )
+        # Whether the user chose a schedule: only then does it multiply the learned step size.
+        self.lr_scheduler_explicit = self.lr_scheduler_type is not None
+        if hyper:
+            if self.deepspeed:
+                raise ValueError(
+                    f"--optim {optim!r} does not support DeepSpeed (deepspeed={self.deepspeed!r}): DeepSpeed replaces "
+                    "the optimizer step. Use FSDP (--fsdp) or DDP (torchrun) with a tower optimizer."
+                )
+            self.hyper_tower = DEFAULT_HYPER["default"] if self.hyper_tower is None else self.hyper_tower
+            self.hyper_learn = "lr" if self.hyper_learn is None else self.hyper_learn
+            self.hyper_scope = "shared" if self.hyper_scope is None else self.hyper_scope
+            if self.hyper_scope not in SCOPES:
+                raise ValueError(f"--hyper_scope {self.hyper_scope!r} is not one of {', '.join(SCOPES)}")
+            self._check_learn(optim)
+            # The whole tower, built once on a one-element tensor: the spec parses, every value is in
+            # range and learnable as asked (microseconds, before any model exists).
+            tower([torch.zeros(1)], self.hyper_spec(), scope=self.hyper_scope)
+            if self.lr_scheduler_type is None:
+                self.lr_scheduler_type = "constant_with_warmup" if self.warmup_steps > 0 else "constant"
+        elif self.lr_scheduler_type is None:
+            self.lr_scheduler_type = "linear"
+        # TrainingArguments converts optim with OptimizerNames(...), which refuses the hyper names: let
+        # it check a standard placeholder, then put the real value back as a HyperOptimizerNames.
+        if hyper:
+            self.optim = OptimizerNames.ADAMW_TORCH.value
+        super().__post_init__()
+        if hyper:
+            self.optim = HyperOptimizerNames(optim)
+
+    # ------------------------------------------------------------------ the tower these arguments describe
+    @property
+    def is_hyper(self) -> bool:
+        """Whether ``optim`` selects a tower optimizer."""
+        return is_hyper_optim(self.optim)
+
+    def _weight_rule_name(self) -> str:
+        return HyperOptimizerNames(str(getattr(self.optim, "value", self.optim))).rule_name
+
+    def _check_learn(self, optim: str) -> None:
+        rule = RULES[HyperOptimizerNames(optim).rule_name]
+        names = [s.strip() for s in str(self.hyper_learn).split("+")]
+        allowed = rule.learnable()
+        for name in names:
+            if name not in allowed:
+                raise ValueError(
+                    f"--hyper_learn {self.hyper_learn!r}: {name!r} is not a hyperparameter of {rule.name} "
+                    f"(--optim {optim}); allowed: {', '.join(allowed)}, joined by '+'"
+                )
+        if "weight_decay" in names:
+            raise ValueError(
+                f"--hyper_learn {self.hyper_learn!r}: weight_decay cannot be learned under the Trainer, whose "
+                "no-decay param group (biases, norms) starts at weight_decay=0 and a step size is learned on a "
+                "log scale; learn lr, and set --weight_decay"
+            )
+
+    def hyper_weight_values(self) -> dict[str, float]:
+        """The weight level's initial values (natural units) from the usual arguments and ``optim_args``.
+
+        ``weight_decay`` is not among them: ``Trainer`` sets it per param group (``weight_decay`` for
+        weights, 0 for biases and norms).
+        """
+        name = self._weight_rule_name()
+        values: dict[str, float] = {"lr": float(self.learning_rate)}
+        if name in ("adam", "adamw"):
+            values.update(beta1=float(self.adam_beta1), beta2=float(self.adam_beta2), eps=float(self.adam_epsilon))
+        try:
+            optim_args = _parse_optim_args(self.optim_args)
+        except ValueError:
+            raise ValueError(f"--optim_args {self.optim_args!r} is not of the form 'key=value,key=value'") from None
+        allowed = _OPTIM_ARGS[name]
+        fixed = _UNSUPPORTED_OPTIM_ARGS.get(name, {})
+        for key, raw in optim_args.items():
+            if key in fixed:
+                ok = raw.lower() in _FALSE if fixed[key] == "false" else _is_zero(raw)
+                if not ok:
+                    raise ValueError(
+                        f"--optim_args {key}={raw} is not supported by --optim hyper_{name}; only {key}={fixed[key]}"
+                    )
+                continue
+            if key not in allowed:
+                where = "the usual arguments (--adam_beta1, --adam_beta2, --adam_epsilon, --weight_decay)"
+                raise ValueError(
+                    f"--optim_args {key}={raw} is not taken by --optim hyper_{name}; it takes "
+                    f"{', '.join(allowed) or 'none'} (others come from {where})"
+                )
+            if key == "nesterov":
+                if raw.lower() not in _TRUE + _FALSE:
+                    raise ValueError(f"--optim_args nesterov={raw} is not a boolean; use true or false")
+                values[key] = 1.0 if raw.lower() in _TRUE else 0.0
+            else:
+                try:
+                    values[key] = float(raw)
+                except ValueError:
+                    raise ValueError(f"--optim_args {key}={raw} is not a number") from None
+        return values
+
+    def hyper_spec(self) -> str:
+        """The full tower spec, weight level first: ``<weight level>/<hyper_tower>``."""
+        if not self.is_hyper:
+            raise ValueError(f"--optim {self.optim!r} is not a tower optimizer; it has no tower spec")
+        name = self._weight_rule_name()
+        parts = [
+            f"{k}={'true' if v else 'false'}" if k == "nesterov" else f"{k}={float(v)!r}"
+            for k, v in self.hyper_weight_values().items()
+        ]
+        parts.append(f"learn={self.hyper_learn}")
+        return f"{name}({','.join(parts)})/{self.hyper_tower}"
+
+
+def _is_zero(raw: str) -> bool:
+    try:
+        return float(raw) == 0.0
+    except ValueError:
+        return False
