@@ -33,7 +33,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from ..levels.base import MODES, Hyper, Mode, Rule, parametrisation, raw_bounds, to_natural, to_raw
-from .distributed import local_tensor, reduce_hypergradients, sharding_group, wrap_like
+from .distributed import TOWER_GROUP_KEY, local_tensor, reduce_hypergradients, sharding_group, standalone, wrap_like
 
 SCOPES: tuple[str, ...] = ("shared", "group", "tensor")
 _TANGENT = "hypertangent_"
@@ -301,7 +301,12 @@ class TowerOptimizer(torch.optim.Optimizer):
     def _level0_unit_values(self) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {}
         for name in self._learn[0]:
-            per_group = [_group_value(g, name) for g in self.param_groups]
+            # The learned lr starts from the group's initial lr: a scheduler (a warm-up, or
+            # torch.distributed.checkpoint's zero-lr initialising step) may already have changed group["lr"].
+            per_group = [
+                float(g.get("initial_lr", g["lr"])) if name == "lr" else _group_value(g, name)
+                for g in self.param_groups
+            ]
             if self.scope == "shared":
                 out[name] = per_group[:1]
             elif self.scope == "group":
@@ -601,6 +606,8 @@ class TowerOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
+        # Sharded (DTensor) state must own its storage to be saved; tangents are views of a flat buffer.
+        sd["state"] = {i: {k: standalone(v) for k, v in s.items()} for i, s in sd["state"].items()}
         sd["tower"] = {
             "spec": self.spec,
             "scope": self.scope,
@@ -608,10 +615,14 @@ class TowerOptimizer(torch.optim.Optimizer):
             "learn": [list(x) for x in self._learn],
             "state": _clone_tree(self._tower_state) if self._tower_state else {},
         }
+        # torch.distributed.checkpoint (FSDP2 checkpoints, Accelerate, the Trainer) keeps only "state" and
+        # "param_groups": the same tower entry rides in the first group so that it survives.
+        sd["param_groups"][0][TOWER_GROUP_KEY] = sd["tower"]
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        tower = state_dict.get("tower")
+        groups = state_dict.get("param_groups") or [{}]
+        tower = state_dict.get("tower", groups[0].get(TOWER_GROUP_KEY))
         if not isinstance(tower, dict) or "spec" not in tower:
             raise ValueError(
                 "this state_dict has no 'tower' entry: it was not saved by an hf_hyperopt tower optimizer "
@@ -624,6 +635,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                     f"state_dict is from a different tower: its {key} is {tower.get(key)!r}, this optimizer's is {value!r}"
                 )
         state_dict = {k: v for k, v in state_dict.items() if k != "tower"}
+        state_dict["param_groups"] = [{k: v for k, v in g.items() if k != TOWER_GROUP_KEY} for g in groups]
         super().load_state_dict(state_dict)
         self._tower_state = _clone_tree(tower["state"]) if tower["state"] else {}
         self._buckets = None  # tangent views are rebuilt on the next step
