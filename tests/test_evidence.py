@@ -1,0 +1,112 @@
+"""The evidence scripts (scripts/sensitivity.py, scripts/paper_table.py) in their --quick mode, offline."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import paper_table  # noqa: E402
+import sensitivity  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _offline_single_thread(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_sensitivity_quick_writes_runs_summary_and_plot(tmp_path):
+    methods = ["adamw", "prodigy", "gdtuo_adam_sgd", "hyper_adam"]
+    args = sensitivity.SensitivityArguments(task="digits", methods=methods, quick=True, out=str(tmp_path))
+    sensitivity.main(args)
+
+    runs = _read_csv(tmp_path / "sensitivity_digits.csv")
+    for col in ("method", "lr", "seed", "metric", "diverged", "final_lr", "train_loss_last"):
+        assert col in runs[0]
+    # two sweep points per method in quick mode, one seed
+    assert sorted({r["method"] for r in runs}) == sorted(methods)
+    assert len(runs) == 2 * len(methods)
+    assert {float(r["lr"]) for r in runs if r["method"] == "prodigy"} == {0.1, 1.0}
+    assert all(0.0 <= float(r["metric"]) <= 100.0 for r in runs)
+
+    summary = _read_csv(tmp_path / "sensitivity_digits_summary.csv")
+    assert {s["method"] for s in summary} == set(methods)
+    for col in ("best", "worst", "width_decades", "within_adamw_best", "diverged_runs"):
+        assert col in summary[0]
+    assert all(float(s["worst"]) <= float(s["best"]) for s in summary)
+
+    data = json.loads((tmp_path / "sensitivity_digits.json").read_text())
+    assert data["meta"]["higher_is_better"] is True
+    assert len(data["runs"]) == len(runs)
+    assert (tmp_path / "sensitivity_digits.md").read_text().startswith("| method |")
+    png = (tmp_path / "sensitivity_digits.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sensitivity_tower_learns_its_step_size():
+    """On the quick digits task the default tower moves lr away from its initial value; AdamW does not."""
+    task = sensitivity.digits_task(epochs=4)
+    reg = sensitivity.methods_registry()
+    tower = sensitivity.run_one(task, reg["hyper_adam"], 1e-4, seed=0)
+    plain = sensitivity.run_one(task, reg["adamw"], 1e-4, seed=0)
+    assert tower["final_lr"] > 1.05e-4
+    assert plain["final_lr"] == pytest.approx(1e-4)
+
+
+def test_summary_width_counts_decades_within_one_percent():
+    rows = []
+    for lr, acc in [(1e-4, 50.0), (1e-3, 97.5), (1e-2, 98.0), (1e-1, 97.2)]:
+        rows.append(
+            {"method": "m", "family": "m", "scale": "lr", "lr": lr, "seed": 0, "metric": acc, "diverged": False}
+        )
+    for lr, acc in [(1e-4, 90.0), (1e-3, 96.0), (1e-2, 98.0), (1e-1, 10.0)]:
+        rows.append(
+            {
+                "method": "adamw",
+                "family": "a",
+                "scale": "lr",
+                "lr": lr,
+                "seed": 0,
+                "metric": acc,
+                "diverged": lr == 1e-1,
+            }
+        )
+    s = {r["method"]: r for r in sensitivity.summarise(rows, higher=True)}
+    assert s["m"]["best"] == 98.0 and s["m"]["worst"] == 50.0
+    assert s["m"]["width_decades"] == pytest.approx(2.0)  # 1e-3 .. 1e-1 are within 0.98 of the best
+    assert s["m"]["within_adamw_best"] == 3
+    assert s["adamw"]["width_decades"] == pytest.approx(0.0)
+    assert s["adamw"]["diverged_runs"] == 1
+
+
+def test_sensitivity_rejects_unknown_method_before_training():
+    with pytest.raises(ValueError, match="unknown method 'adamx'"):
+        sensitivity.resolve_methods(["adamw", "adamx"])
+
+
+def test_paper_table_quick_agrees_with_reference(tmp_path):
+    args = paper_table.PaperTableArguments(quick=True, out=str(tmp_path))
+    paper_table.main(args)
+    rows = _read_csv(tmp_path / "paper_table.csv")
+    gd = [r for r in rows if r["mode"] == "gdtuo"]
+    assert {r["stack"] for r in gd} == {"SGD / SGD", "Adam / SGD(1e-5)", "RMSProp^alpha,gamma / SGD(1e-4)"}
+    for r in gd:
+        assert float(r["max_weight_diff"]) < 1e-4, r
+        assert float(r["max_lr_rel_diff"]) < 1e-4, r
+        assert float(r["hf_error_mean"]) == pytest.approx(float(r["ref_error_mean"]), abs=0.5)
+    assert any(r["mode"] == "default" for r in rows)
+    assert "| stack |" in (tmp_path / "paper_table.md").read_text()
