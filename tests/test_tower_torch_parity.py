@@ -1,0 +1,98 @@
+"""With every hyper step size 0 a tower is its weight-level algorithm: parity with ``torch.optim``.
+
+The tower still runs its forward-mode passes and its upper levels, so this checks that the weight
+level states each algorithm exactly as ``torch.optim`` does (weight decay, momentum, Nesterov, bias
+corrections, two param groups), and that a zero hyper step leaves every hyperparameter where it began.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hf_hyperopt as hh
+
+STEPS = 50
+RTOL = 1e-6
+
+# (tower level 0, torch.optim class, its kwargs); weight decay is filled in by the test.
+CASES = {
+    "sgd": ("sgd(lr=0.05{wd})", torch.optim.SGD, {"lr": 0.05}),
+    "sgd-momentum": ("sgd(lr=0.05,momentum=0.9{wd})", torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
+    "sgd-nesterov": (
+        "sgd(lr=0.05,momentum=0.9,nesterov=true{wd})",
+        torch.optim.SGD,
+        {"lr": 0.05, "momentum": 0.9, "nesterov": True},
+    ),
+    "adam": ("adam(lr=0.01,beta1=0.8,beta2=0.99{wd})", torch.optim.Adam, {"lr": 0.01, "betas": (0.8, 0.99)}),
+    "adamw": ("adamw(lr=0.01,beta1=0.8,beta2=0.99{wd})", torch.optim.AdamW, {"lr": 0.01, "betas": (0.8, 0.99)}),
+    "adagrad": ("adagrad(lr=0.05{wd})", torch.optim.Adagrad, {"lr": 0.05}),
+    "rmsprop": ("rmsprop(lr=0.01,alpha=0.9{wd})", torch.optim.RMSprop, {"lr": 0.01, "alpha": 0.9}),
+}
+
+
+def _train(model, opt, data) -> None:
+    for x, y in data:
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _hf_groups(model, weight_decay: float) -> list[dict]:
+    """The Trainer's split: weight matrices decay, biases do not."""
+    decay = [p for n, p in model.named_parameters() if not n.endswith("bias")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize(
+    "case, weight_decay, upper",
+    [(case, wd, "sgd(lr=0)") for case in CASES for wd in (0.0, 0.1)]
+    # A zero step of an adaptive upper level must be a no-op too (Adam's update is 0 * m / sqrt(v)).
+    + [("adam", 0.0, "adam(lr=0)"), ("rmsprop", 0.1, "adam(lr=0)")],
+)
+def test_zero_hyper_step_is_torch_optim(case, weight_decay, upper, float64, make_mlp, batches):
+    level0, torch_cls, kwargs = CASES[case]
+    # AdamW's default weight decay is 1e-2: state it so that 0.0 means none.
+    spec = level0.format(wd=f",weight_decay={weight_decay}") + "/" + upper
+    data = batches(STEPS)
+    ref_model, model = make_mlp(), make_mlp()
+    ref = torch_cls(ref_model.parameters(), weight_decay=weight_decay, **kwargs)
+    opt = hh.tower(model.parameters(), spec)
+    assert opt.height == 1 and opt.learned()[0] == ("lr",)
+    _train(ref_model, ref, data)
+    _train(model, opt, data)
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=1e-10)
+    assert opt.hyperparameters()[0]["lr"] == pytest.approx(kwargs["lr"], rel=1e-12)
+    # The weights did train, so the agreement is not two untouched models.
+    assert not torch.equal(next(model.parameters()), next(make_mlp().parameters()))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_zero_hyper_step_two_param_groups(case, float64, make_mlp, batches):
+    level0, torch_cls, kwargs = CASES[case]
+    data = batches(STEPS)
+    ref_model, model = make_mlp(), make_mlp()
+    ref = torch_cls(_hf_groups(ref_model, 0.1), **kwargs)
+    opt = hh.tower(_hf_groups(model, 0.1), level0.format(wd="") + "/sgd(lr=0)", scope="group")
+    _train(ref_model, ref, data)
+    _train(model, opt, data)
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=1e-10)
+    assert opt.hyperparameters()[0]["lr"] == pytest.approx([kwargs["lr"]] * 2, rel=1e-12)
+
+
+def test_plain_algorithm_without_tower(float64, make_mlp, batches):
+    """``hyper=None`` is height 0: plain Adam, no tangents kept."""
+    data = batches(10)
+    ref_model, model = make_mlp(), make_mlp()
+    ref = torch.optim.Adam(ref_model.parameters(), lr=0.01)
+    opt = hh.HyperAdam(model.parameters(), lr=0.01, hyper=None)
+    _train(ref_model, ref, data)
+    _train(model, opt, data)
+    assert opt.height == 0
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=1e-10)
+        assert set(opt.state[p]) == {"exp_avg", "exp_avg_sq"}
