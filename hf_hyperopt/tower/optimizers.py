@@ -13,6 +13,7 @@ Levels above the weights are written without parameters. ``hyper=None`` gives th
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,11 +47,16 @@ class _HyperOptimizer(TowerOptimizer):
         self._config = LevelConfig(self.rule, explicit, _learn_tuple(learn))
         bound = params is not None
         if isinstance(hyper, str) and hyper == _DEFAULT:
-            hyper = DEFAULT_HYPER[compat or "default"] if bound else None
+            # An unknown compat falls back here; TowerOptimizer refuses it with the allowed values.
+            hyper = DEFAULT_HYPER.get(compat or "default", DEFAULT_HYPER["default"]) if bound else None
         above = _levels_of(hyper)
         self._above = above
         if not bound:
             self._unbound = True
+            # torch.optim wraps step() of every Optimizer subclass in a hook runner that reads these;
+            # without them an upper level's step() would fail before it can say why.
+            self._optimizer_step_pre_hooks = OrderedDict()
+            self._optimizer_step_post_hooks = OrderedDict()
             return
         self._unbound = False
         TowerOptimizer.__init__(self, params, [self._config, *above], scope=scope, compat=compat)

@@ -1,0 +1,132 @@
+"""Bad input fails at construction with a ValueError that quotes the value and says what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hf_hyperopt as hh
+
+
+@pytest.fixture
+def params():
+    return list(nn.Linear(3, 2).parameters())
+
+
+@pytest.mark.parametrize(
+    "spec, quoted, allowed",
+    [
+        ("adam(lr=1e-3", "'adam(lr=1e-3'", "'('"),
+        ("adam lr=1e-3", "'adam lr=1e-3'", "name(key=value, ...)"),
+        ("adam(lr=1e-3)//sgd", "empty level 1", "single '/'"),
+        ("", "''", "adam(lr=1e-3)/sgd(lr=1e-5)"),
+        ("adam(lr=fast)", "lr='fast'", "not a number"),
+        ("sgd(nesterov=maybe)", "nesterov='maybe'", "true or false"),
+        ("adam(1e-3)", "'1e-3'", "key=value"),
+        ("lion(lr=1e-4)/sgd", "'lion'", "sgd, adam, adamw, adagrad, rmsprop"),
+        ("adam(momentum=0.9)/sgd", "'momentum'", "lr, beta1, beta2, eps, weight_decay, learn"),
+        ("adam(learn=lr+momentum)/sgd", "'momentum'", "lr, beta1, beta2, eps, weight_decay"),
+        ("adam(lr=-1e-3)/sgd", "lr=-0.001", ">= 0"),
+        ("adam(beta1=1.0)/sgd", "beta1=1.0", "[0, 1)"),
+        ("adam(beta2=-0.1)/sgd", "beta2=-0.1", "[0, 1)"),
+        ("rmsprop(alpha=1.5)", "alpha=1.5", "[0, 1)"),
+        ("adam(lr=nan)", "lr=nan", "not finite"),
+    ],
+)
+def test_bad_spec(spec, quoted, allowed, params):
+    with pytest.raises(ValueError) as err:
+        hh.parse_spec(spec)
+    assert quoted in str(err.value) and allowed in str(err.value)
+    with pytest.raises(ValueError):  # the same refusal when building the optimizer
+        hh.tower(params, spec)
+
+
+@pytest.mark.parametrize(
+    "build, quoted, allowed",
+    [
+        (lambda p: hh.HyperAdam(p, lr=-1.0), "lr=-1.0", ">= 0"),
+        (lambda p: hh.HyperAdam(p, betas=(1.0, 0.999)), "beta1=1.0", "[0, 1)"),
+        (lambda p: hh.HyperAdam(p, betas=(0.9, 1.2)), "beta2=1.2", "[0, 1)"),
+        (lambda p: hh.HyperSGD(p, lr=0.1, momentum=-0.5), "momentum=-0.5", "[0, 1)"),
+        (lambda p: hh.HyperAdam(p, learn="lr+gamma"), "'gamma'", "lr, beta1, beta2, eps, weight_decay"),
+        (lambda p: hh.HyperAdam(p, learn="lr+nesterov"), "'nesterov'", "lr, beta1"),
+        (lambda p: hh.HyperSGD(p, lr=0.1, learn="momentum"), "momentum=0.0", "must start > 0"),
+        (lambda p: hh.HyperAdam(p, hyper=hh.HyperSGD(lr=1e-5, learn="lr")), "learn=lr", "add a level above"),
+        (lambda p: hh.tower(p, "adam/sgd(learn=lr)"), "learn=lr", "add a level above"),
+        (lambda p: hh.tower(p, "adam/sgd(lr=0)/sgd(lr=1e-3)"), "lr=0.0", "must start > 0"),
+        (lambda p: hh.HyperAdam(p, scope="layer"), "'layer'", "shared, group, tensor"),
+        (lambda p: hh.HyperAdam(p, compat="paper"), "'paper'", "'gdtuo'"),
+        (lambda p: hh.HyperAdam(p, hyper="sgd(lr=1e-5"), "'sgd(lr=1e-5'", "'('"),
+        (lambda p: hh.HyperAdam(p, hyper=hh.HyperSGD(p)), "HyperSGD", "upper levels take none"),
+        (lambda p: hh.HyperAdam(p, hyper=0.01), "0.01", "spec string or None"),
+        (lambda p: hh.HyperSGD(p, lr=0.1, nesterov=True, hyper=None), "nesterov=true", "momentum > 0"),
+        (
+            lambda p: hh.HyperAdam([{"params": p[:1], "lr": 1e-3}, {"params": p[1:], "lr": 1e-4}]),
+            "[0.001, 0.0001]",
+            "scope='group'",
+        ),
+        (lambda p: hh.HyperAdam([{"params": p, "lr": -0.1}]), "lr=-0.1", ">= 0"),
+    ],
+)
+def test_bad_arguments(build, quoted, allowed, params):
+    with pytest.raises(ValueError) as err:
+        build(params)
+    assert quoted in str(err.value) and allowed in str(err.value), str(err.value)
+
+
+def test_errors_come_before_any_step(params):
+    """A refused optimizer leaves the parameters untouched: nothing ran."""
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError):
+        hh.tower(params, "adam(lr=1e-3)/sgd(lr=1e-5,learn=lr)")
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+
+def _trained(spec: str, params, **kw):
+    opt = hh.tower(params, spec, **kw)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize(
+    "saved, loader, quoted",
+    [
+        ("adam(lr=0.01)/sgd(lr=1e-5)", "adam(lr=0.01)/adam(lr=0.01)", "'adam(lr=0.01)/sgd(lr=1e-05)'"),
+        ("adam(lr=0.01)/sgd(lr=1e-5)", "sgd(lr=0.01)/sgd(lr=1e-5)", "'adam(lr=0.01)/sgd(lr=1e-05)'"),
+        ("adam(lr=0.01,learn=lr+beta1)/sgd(lr=1e-5)", "adam(lr=0.01)/sgd(lr=1e-5)", "learn=lr+beta1"),
+    ],
+)
+def test_load_state_dict_from_a_different_tower(saved, loader, quoted, params):
+    sd = _trained(saved, params).state_dict()
+    other = hh.tower(params, loader)
+    with pytest.raises(ValueError) as err:
+        other.load_state_dict(sd)
+    assert "different tower" in str(err.value) and quoted in str(err.value) and repr(other.spec) in str(err.value)
+
+
+@pytest.mark.parametrize("kw, quoted", [({"scope": "group"}, "'group'"), ({"compat": "gdtuo"}, "'gdtuo'")])
+def test_load_state_dict_from_another_scope_or_mode(kw, quoted, params):
+    sd = _trained("adam(lr=0.01)/sgd(lr=1e-5)", params, **kw).state_dict()
+    with pytest.raises(ValueError, match="different tower") as err:
+        hh.tower(params, "adam(lr=0.01)/sgd(lr=1e-5)").load_state_dict(sd)
+    assert quoted in str(err.value)
+
+
+def test_load_state_dict_from_plain_torch_optim(params):
+    plain = torch.optim.Adam(params, lr=0.01)
+    sum(p.sum() for p in params).backward()
+    plain.step()
+    opt = hh.HyperAdam(params, lr=0.01)
+    before = opt.state_dict()
+    with pytest.raises(ValueError) as err:
+        opt.load_state_dict(plain.state_dict())
+    assert "no 'tower' entry" in str(err.value) and repr(opt.spec) in str(err.value)
+    assert opt.state_dict()["param_groups"] == before["param_groups"]  # refused before changing anything
+
+
+def test_upper_level_cannot_step(params):
+    upper = hh.HyperSGD(lr=1e-5)
+    with pytest.raises(RuntimeError, match="no parameters"):
+        upper.step()
