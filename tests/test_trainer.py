@@ -1,0 +1,294 @@
+"""HyperTrainer end to end on tiny BERT and GPT-2 models built from config (offline, CPU, seconds).
+
+Each test trains a few steps and asserts what a user would look at: the loss, the learned
+hyperparameters in ``log_history`` / ``trainer_state.json`` / the trajectory file / the plot, and
+that resuming, evaluation, accumulation, clipping, schedules, PEFT and bf16 behave.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainingArguments,
+)
+
+import hf_hyperopt as hh
+from hf_hyperopt.trainer import HYPER_OPTIMIZERS, HyperTrainer, HyperTrainingArguments, read_trajectory
+
+VOCAB = 32
+
+# An initial step size per weight algorithm that trains the tiny classifier in a few dozen steps.
+LR = {"hyper_sgd": 0.1, "hyper_adam": 3e-3, "hyper_adamw": 3e-3, "hyper_adagrad": 0.05, "hyper_rmsprop": 2e-3}
+
+
+def tiny_bert(seed: int = 0, dropout: float = 0.1) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=8,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    # No dropout: accumulation over micro-batches must then reproduce the large batch.
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    return GPT2LMHeadModel(cfg)
+
+
+def classification_data(n: int = 64, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Label 1 when the first token is in the lower half of the vocabulary: learnt in a few dozen steps."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(2, VOCAB, (n, 8), generator=g)
+    y = (x[:, 0] <= VOCAB // 2).long()
+    return [{"input_ids": x[i], "labels": y[i]} for i in range(n)]
+
+
+def lm_data(n: int = 32, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Sequences counting upwards modulo the vocabulary from a random start: the next token is predictable."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, VOCAB, (n, 1), generator=g)
+    x = (start + torch.arange(12)) % VOCAB
+    return [{"input_ids": x[i], "labels": x[i]} for i in range(n)]
+
+
+def hyper_args(tmp_path: Path, optim: str = "hyper_adam", **kw) -> HyperTrainingArguments:
+    base = {
+        "output_dir": str(tmp_path),
+        "report_to": "none",
+        "optim": optim,
+        "learning_rate": LR.get(optim, 3e-3),
+        "per_device_train_batch_size": 8,
+        "max_steps": 24,
+        "logging_steps": 4,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "dataloader_pin_memory": False,
+        "seed": 0,
+    }
+    base.update(kw)
+    return HyperTrainingArguments(**base)
+
+
+def train_logs(trainer: Trainer) -> list[dict]:
+    return [r for r in trainer.state.log_history if "loss" in r]
+
+
+@pytest.mark.parametrize("optim", HYPER_OPTIMIZERS)
+def test_each_hyper_optimizer_trains_learns_and_logs(optim, tmp_path):
+    data = classification_data()
+    trainer = HyperTrainer(model=tiny_bert(), args=hyper_args(tmp_path, optim), train_dataset=data)
+    before = trainer.evaluate(data)["eval_loss"]
+    trainer.train()
+    assert trainer.evaluate(data)["eval_loss"] < before - 0.02
+    logs = train_logs(trainer)
+    # The learned step size moved, and every logging step carries both levels.
+    initial = LR[optim]
+    assert all({"hyper/0/lr", "hyper/1/lr"} <= r.keys() for r in logs)
+    assert abs(math.log(logs[-1]["hyper/0/lr"] / initial)) > 1e-3
+    assert logs[-1]["hyper/1/lr"] == pytest.approx(0.01)  # the fixed top of the default tower
+    # Constant schedule by default: the logged learning rate is the learned one.
+    assert all(r["learning_rate"] == r["hyper/0/lr"] for r in logs)
+    # One trajectory line per optimizer step, matching the logs at the logging steps.
+    records = read_trajectory(tmp_path / "hyper_trajectory.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 25))
+    by_step = {r["step"]: r for r in records}
+    assert all(by_step[r["step"]]["hyper/0/lr"] == r["hyper/0/lr"] for r in logs)
+    assert (tmp_path / "hyper_trajectories.png").stat().st_size > 1000
+
+
+def test_logged_keys_reach_trainer_state_json_and_group_scope_suffixes(tmp_path):
+    args = hyper_args(tmp_path, hyper_scope="group", hyper_learn="lr+beta1", max_steps=8, save_steps=8,
+                      save_strategy="steps")  # fmt: skip
+    trainer = HyperTrainer(model=tiny_bert(), args=args, train_dataset=classification_data())
+    trainer.train()
+    state = json.loads((tmp_path / "checkpoint-8" / "trainer_state.json").read_text())
+    logged = [r for r in state["log_history"] if "loss" in r][-1]
+    for key in ("hyper/0/lr/group0", "hyper/0/lr/group1", "hyper/0/beta1/group0", "hyper/0/beta1/group1", "hyper/1/lr"):
+        assert key in logged
+    assert logged["hyper/0/beta1/group0"] != pytest.approx(0.9, abs=1e-9)
+    assert logged["learning_rate"] == logged["hyper/0/lr/group0"]
+
+
+def test_plain_trainer_arguments_behave_exactly_like_trainer(tmp_path):
+    data = classification_data()
+    kw = {"report_to": "none", "per_device_train_batch_size": 8, "max_steps": 6, "logging_steps": 2,
+          "save_strategy": "no", "disable_tqdm": True, "dataloader_pin_memory": False, "optim": "adamw_torch"}  # fmt: skip
+    ref = Trainer(model=tiny_bert(), args=TrainingArguments(output_dir=str(tmp_path / "a"), **kw), train_dataset=data)
+    ref.train()
+    ours = HyperTrainer(
+        model=tiny_bert(), args=TrainingArguments(output_dir=str(tmp_path / "b"), **kw), train_dataset=data
+    )
+    ours.train()
+    assert type(ours.optimizer.optimizer) is torch.optim.AdamW
+    for a, b in zip(ref.model.parameters(), ours.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    strip = lambda h: [{k: v for k, v in r.items() if "runtime" not in k and "per_second" not in k} for r in h]
+    assert strip(ref.state.log_history) == strip(ours.state.log_history)
+    assert not (tmp_path / "b" / "hyper_trajectory.jsonl").exists()
+
+
+def test_resume_from_checkpoint_is_bit_exact(tmp_path):
+    data = classification_data()
+    kw = {"max_steps": 8, "save_strategy": "steps", "save_steps": 4, "logging_steps": 2}
+    full = HyperTrainer(model=tiny_bert(), args=hyper_args(tmp_path / "full", **kw), train_dataset=data)
+    full.train()
+    # Resume into a fresh folder: the trajectory so far comes from the checkpoint's copy.
+    resumed = HyperTrainer(model=tiny_bert(seed=1), args=hyper_args(tmp_path / "resumed", **kw), train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert full.tower.hyperparameters() == resumed.tower.hyperparameters()
+    traj = read_trajectory(tmp_path / "full" / "hyper_trajectory.jsonl")
+    assert read_trajectory(tmp_path / "resumed" / "hyper_trajectory.jsonl") == traj
+    hyper = lambda h: [{k: v for k, v in r.items() if k.startswith("hyper/") or k == "step"} for r in h if "loss" in r]
+    assert hyper(resumed.state.log_history) == hyper(full.state.log_history)
+    # Resume in the run's own folder after it went past the checkpoint: later lines are cut back.
+    shutil.rmtree(tmp_path / "full" / "checkpoint-8")
+    again = HyperTrainer(model=tiny_bert(seed=2), args=hyper_args(tmp_path / "full", **kw), train_dataset=data)
+    (tmp_path / "full" / "checkpoint-4" / "hyper_trajectory.jsonl").unlink()  # only the run's own file is left
+    again.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
+    assert read_trajectory(tmp_path / "full" / "hyper_trajectory.jsonl") == traj
+
+
+def test_evaluation_never_changes_hyperparameters_and_best_model_loads(tmp_path):
+    # Without dropout, so that the random numbers an evaluation dataloader draws cannot matter.
+    data = classification_data()
+    plain = HyperTrainer(
+        model=tiny_bert(dropout=0.0), args=hyper_args(tmp_path / "plain", max_steps=8), train_dataset=data
+    )
+    plain.train()
+    kw = {"max_steps": 8, "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "steps", "save_steps": 2,
+          "save_total_limit": 1, "load_best_model_at_end": True, "metric_for_best_model": "loss"}  # fmt: skip
+    evald = HyperTrainer(model=tiny_bert(dropout=0.0), args=hyper_args(tmp_path / "eval", **kw), train_dataset=data,
+                         eval_dataset=classification_data(16, seed=3))  # fmt: skip
+    evald.train()
+    assert len([r for r in evald.state.log_history if "eval_loss" in r]) == 4
+    assert read_trajectory(tmp_path / "eval" / "hyper_trajectory.jsonl") == read_trajectory(
+        tmp_path / "plain" / "hyper_trajectory.jsonl"
+    )
+    assert len(list((tmp_path / "eval").glob("checkpoint-*"))) <= 2  # save_total_limit keeps the best too
+    assert evald.state.best_model_checkpoint is not None
+    # An evaluation after training leaves the tower exactly as it was.
+    theta = [t.clone() for t in evald.tower.state_dict()["tower"]["state"]["theta"]]
+    evald.evaluate()
+    assert all(
+        torch.equal(a, b) for a, b in zip(theta, evald.tower.state_dict()["tower"]["state"]["theta"], strict=True)
+    )
+
+
+def test_gpt2_gradient_accumulation_matches_the_large_batch(tmp_path):
+    data = lm_data()
+    # SGD, whose step is proportional to the gradient, so a mis-scaled accumulated gradient would show.
+    common = {"optim": "hyper_sgd", "learning_rate": 0.5, "max_steps": 6, "logging_steps": 2}
+    big = HyperTrainer(model=tiny_gpt2(), args=hyper_args(tmp_path / "big", per_device_train_batch_size=8, **common),
+                       train_dataset=data)  # fmt: skip
+    big.train()
+    acc = HyperTrainer(
+        model=tiny_gpt2(),
+        args=hyper_args(tmp_path / "acc", per_device_train_batch_size=4, gradient_accumulation_steps=2, **common),
+        train_dataset=data,
+    )
+    acc.train()
+    records = read_trajectory(tmp_path / "acc" / "hyper_trajectory.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 7))  # one line per optimizer step, not per micro-batch
+    assert acc.tower.hyperparameters()[0]["lr"] == pytest.approx(big.tower.hyperparameters()[0]["lr"], rel=1e-4)
+    assert acc.tower.hyperparameters()[0]["lr"] != pytest.approx(0.5, rel=1e-3)
+    for a, b in zip(big.model.parameters(), acc.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    logs = train_logs(acc)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+def test_max_grad_norm_clips_what_the_tower_sees(tmp_path):
+    model = tiny_bert()
+    before = [p.detach().clone() for p in model.parameters()]
+    args = hyper_args(tmp_path, "hyper_sgd", learning_rate=0.1, max_grad_norm=0.01, max_steps=1, logging_steps=1)
+    trainer = HyperTrainer(model=model, args=args, train_dataset=classification_data())
+    trainer.train()
+    assert trainer.state.log_history[0]["grad_norm"] > 0.01
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
+    # SGD moves the weights by lr * clipped gradient: norm 0.1 * 0.01.
+    assert moved.norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_explicit_schedule_multiplies_the_learned_step_size(tmp_path):
+    args = hyper_args(tmp_path, lr_scheduler_type="linear", warmup_steps=4, max_steps=12, logging_steps=1)
+    trainer = HyperTrainer(model=tiny_bert(), args=args, train_dataset=classification_data())
+    trainer.train()
+    records = read_trajectory(tmp_path / "hyper_trajectory.jsonl")
+    for r in records:
+        s = r["step"] - 1  # the schedule's step count when optimizer step r["step"] ran
+        factor = s / 4 if s < 4 else (12 - s) / 8
+        assert r["learning_rate"] == pytest.approx(r["hyper/0/lr"] * factor, rel=1e-6, abs=1e-12)
+    assert records[-1]["hyper/0/lr"] != pytest.approx(LR["hyper_adam"], rel=1e-4)
+    logged = {r["step"]: r["learning_rate"] for r in trainer.state.log_history if "loss" in r}
+    assert all(logged[r["step"]] == r["learning_rate"] for r in records)
+
+
+def test_ready_tower_gets_a_constant_schedule_and_trajectories(tmp_path):
+    args = HyperTrainingArguments(output_dir=str(tmp_path), report_to="none", optim="adamw_torch", max_steps=6,
+                                  logging_steps=2, disable_tqdm=True, per_device_train_batch_size=8)  # fmt: skip
+    opt_kw = {"lr": 3e-3, "hyper": "sgd(lr=1e-6)"}
+    trainer = HyperTrainer(model=tiny_bert(), args=args, train_dataset=classification_data(),
+                           optimizer_cls_and_kwargs=(hh.HyperAdam, opt_kw))  # fmt: skip
+    trainer.train()
+    records = read_trajectory(tmp_path / "hyper_trajectory.jsonl")
+    assert len(records) == 6 and all(r["learning_rate"] == r["hyper/0/lr"] for r in records)
+
+
+def test_peft_lora_only_trainable_parameters_are_in_the_tower(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_bert(), peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")
+    )
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    trainer = HyperTrainer(model=model, args=hyper_args(tmp_path, max_steps=8), train_dataset=classification_data())
+    trainer.train()
+    in_tower = {id(p) for g in trainer.tower.param_groups for p in g["params"]}
+    assert in_tower == trainable and len(in_tower) < len(list(model.parameters()))
+    assert read_trajectory(tmp_path / "hyper_trajectory.jsonl")[-1]["hyper/0/lr"] != pytest.approx(3e-3, rel=1e-4)
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    model = tiny_bert()
+    before = [p.detach().clone() for p in model.parameters()]
+    args = hyper_args(tmp_path, bf16=True, use_cpu=True, max_steps=4, logging_steps=2)
+    trainer = HyperTrainer(model=model, args=args, train_dataset=classification_data())
+    trainer.train()
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert trainer.tower.skipped_hyper_updates() == [0]
+    assert math.isfinite(train_logs(trainer)[-1]["hyper/0/lr"])
+
+
+def test_tensorboard_receives_the_hyper_keys(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    args = hyper_args(tmp_path, report_to="tensorboard", max_steps=4, logging_steps=2)
+    HyperTrainer(model=tiny_bert(), args=args, train_dataset=classification_data()).train()
+    events = [EventAccumulator(str(p.parent)).Reload() for p in (tmp_path / "tb").rglob("events.out.tfevents.*")]
+    tags = {t for ea in events for t in ea.Tags()["scalars"]}
+    assert {"train/hyper/0/lr", "train/hyper/1/lr", "train/learning_rate"} <= tags

@@ -1,0 +1,164 @@
+"""HyperTrainingArguments and HyperTrainer construction: parsing, defaults, the weight level, bad input.
+
+Everything here runs before any training step; the bad inputs must raise at parse or build time.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, TrainingArguments
+from transformers.training_args import OptimizerNames
+
+import hf_hyperopt as hh
+from hf_hyperopt.trainer import ALL_OPTIMIZERS, HYPER_OPTIMIZERS, HyperTrainer, HyperTrainingArguments
+
+
+def parse(*argv: str, tmp_path) -> HyperTrainingArguments:
+    (args,) = HfArgumentParser(HyperTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--report_to", "none", *argv]
+    )
+    return args
+
+
+def tiny_bert() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=32,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=8,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+@pytest.mark.parametrize("optim", HYPER_OPTIMIZERS)
+def test_hyper_optim_parses_with_documented_defaults(optim, tmp_path):
+    args = parse("--optim", optim, tmp_path=tmp_path)
+    assert str(args.optim) == optim and args.is_hyper
+    assert args.hyper_tower == hh.DEFAULT_HYPER["default"]
+    assert (args.hyper_learn, args.hyper_scope) == ("lr", "shared")
+    assert args.lr_scheduler_type == "constant"
+    assert args.to_dict()["optim"] == optim
+
+
+def test_schedule_defaults_constant_with_warmup_and_explicit_is_kept(tmp_path):
+    assert parse("--optim", "hyper_adam", "--warmup_steps", "3", tmp_path=tmp_path).lr_scheduler_type == (
+        "constant_with_warmup"
+    )
+    explicit = parse("--optim", "hyper_adam", "--lr_scheduler_type", "cosine", tmp_path=tmp_path)
+    assert explicit.lr_scheduler_type == "cosine" and explicit.lr_scheduler_explicit
+    standard = parse("--optim", "adamw_torch", tmp_path=tmp_path)
+    assert standard.lr_scheduler_type == "linear" and standard.optim == OptimizerNames.ADAMW_TORCH
+    assert not standard.is_hyper
+
+
+def test_weight_level_takes_the_usual_arguments(tmp_path):
+    args = parse(
+        "--optim",
+        "hyper_adam",
+        "--learning_rate",
+        "3e-4",
+        "--adam_beta1",
+        "0.8",
+        "--adam_beta2",
+        "0.95",
+        "--adam_epsilon",
+        "1e-6",
+        "--hyper_tower",
+        "sgd(lr=1e-5)",
+        "--hyper_learn",
+        "lr+beta1",
+        tmp_path=tmp_path,
+    )
+    assert args.hyper_spec() == "adam(lr=0.0003,beta1=0.8,beta2=0.95,eps=1e-06,learn=lr+beta1)/sgd(lr=1e-5)"
+    sgd = parse("--optim", "hyper_sgd", "--optim_args", "momentum=0.9,nesterov=true", tmp_path=tmp_path)
+    assert sgd.hyper_weight_values() == {"lr": 5e-5, "momentum": 0.9, "nesterov": 1.0}
+    rms = parse("--optim", "hyper_rmsprop", "--optim_args", "alpha=0.9,eps=1e-7", tmp_path=tmp_path)
+    assert rms.hyper_weight_values() == {"lr": 5e-5, "alpha": 0.9, "eps": 1e-7}
+
+
+def test_tower_respects_decay_groups_and_initial_values(tmp_path):
+    args = HyperTrainingArguments(
+        output_dir=str(tmp_path),
+        report_to="none",
+        optim="hyper_sgd",
+        optim_args="momentum=0.5",
+        learning_rate=0.02,
+        weight_decay=0.1,
+        hyper_tower="sgd(lr=1e-4)",
+    )
+    trainer = HyperTrainer(model=tiny_bert(), args=args)
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, hh.HyperSGD) and trainer.tower is opt
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert all(g["momentum"] == 0.5 and g["lr"] == 0.02 for g in opt.param_groups)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    assert all("bias" in names[id(p)] or "LayerNorm" in names[id(p)] for p in opt.param_groups[1]["params"])
+    assert opt.spec == "sgd(lr=0.02,momentum=0.5,weight_decay=0.1,learn=lr)/sgd(lr=0.0001)"
+    assert opt.hyperparameters() == [{"lr": pytest.approx(0.02)}, {"lr": 1e-4}]
+
+
+def test_unknown_optim_lists_every_choice(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse("--optim", "hyper_lion", tmp_path=tmp_path)
+    err = capsys.readouterr().err
+    assert "hyper_lion" in err and "hyper_adam" in err and "adamw_torch" in err and "sgd" in err
+    with pytest.raises(ValueError, match="hyper_lion") as info:
+        HyperTrainingArguments(output_dir=str(tmp_path), optim="hyper_lion")
+    assert all(name in str(info.value) for name in ALL_OPTIMIZERS)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"optim": "hyper_adam", "hyper_tower": "adam(lr=1e-3"}, "unbalanced"),
+        ({"optim": "hyper_adam", "hyper_tower": "lion(lr=1e-3)"}, "unknown optimizer 'lion'"),
+        ({"optim": "hyper_adam", "hyper_tower": "sgd(lr=-1)"}, "negative"),
+        ({"optim": "adamw_torch", "hyper_tower": "sgd(lr=1e-5)"}, "not a tower optimizer"),
+        ({"optim": "adamw_torch", "hyper_scope": "group"}, "--hyper_scope"),
+        ({"optim": "hyper_adam", "hyper_learn": "momentum"}, "allowed: lr, beta1, beta2, eps"),
+        ({"optim": "hyper_adam", "hyper_learn": "weight_decay"}, "no-decay param group"),
+        ({"optim": "hyper_adam", "hyper_scope": "layer"}, "shared, group, tensor"),
+        ({"optim": "hyper_adam", "optim_args": "momentum=0.9"}, "not taken by --optim hyper_adam"),
+        ({"optim": "hyper_sgd", "optim_args": "dampening=0.1"}, "only dampening=0"),
+        ({"optim": "hyper_adam", "learning_rate": 0.0}, "cannot learn lr=0.0"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        HyperTrainingArguments(output_dir=str(tmp_path), report_to="none", **kwargs)
+
+
+def test_bad_hyper_tower_raises_in_the_parser(tmp_path):
+    with pytest.raises(ValueError, match="cannot parse level 1"):
+        parse("--optim", "hyper_adam", "--hyper_tower", "sgd(lr=1e-5)x", tmp_path=tmp_path)
+
+
+def test_deepspeed_with_a_tower_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="DeepSpeed.*FSDP"):
+        HyperTrainingArguments(output_dir=str(tmp_path), optim="hyper_adam", deepspeed="ds_config.json")
+
+
+def test_optimizers_with_hyper_optim_raise_before_training(tmp_path):
+    model = tiny_bert()
+    before = [p.detach().clone() for p in model.parameters()]
+    args = HyperTrainingArguments(output_dir=str(tmp_path), report_to="none", optim="hyper_adam")
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="optimizers= was given together with optim='hyper_adam'"):
+        HyperTrainer(model=model, args=args, optimizers=(opt, None))
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs= was given together"):
+        HyperTrainer(model=model, args=args, optimizer_cls_and_kwargs=(hh.HyperAdam, {"lr": 1e-3}))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_ready_tower_through_optimizer_cls_and_kwargs(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", optim="adamw_torch")
+    trainer = HyperTrainer(
+        model=tiny_bert(), args=args, optimizer_cls_and_kwargs=(hh.HyperAdam, {"lr": 1e-3, "hyper": "sgd(lr=1e-5)"})
+    )
+    opt = trainer.create_optimizer()
+    assert opt.spec == "adam/sgd(lr=1e-05)" and len(opt.param_groups) == 2
