@@ -1,0 +1,152 @@
+"""The hypergradients themselves, against the paper's closed forms and against finite differences,
+and the memory contract: one tangent buffer per learned weight-level hyperparameter."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import hf_hyperopt as hh
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return float(sum((x * y).sum() for x, y in zip(a, b, strict=True)))
+
+
+def _grads(model) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("compat", [None, "gdtuo"])
+def test_sgd_lr_hypergradient_is_minus_gradient_dot_previous_gradient(compat, float64, make_mlp, batches):
+    """SGD/SGD(kappa): dL_t/dlr = -<g_t, g_{t-1}> (Baydin et al.; the paper's section 2), so the
+    learned lr moves by +kappa <g_t, g_{t-1}>; in the default mode lr is learned as log(lr), whose
+    hypergradient carries the chain-rule factor lr."""
+    kappa = 0.01
+    model = make_mlp()
+    opt = hh.tower(model.parameters(), f"sgd(lr=0.05)/sgd(lr={kappa})", compat=compat)
+    previous, lr = None, 0.05
+    for x, y in batches(15):
+        F.mse_loss(model(x), y).backward()
+        g = _grads(model)
+        opt.step()
+        opt.zero_grad()
+        new_lr = opt.hyperparameters()[0]["lr"]
+        h = 0.0 if previous is None else -_dot(g, previous)
+        if compat == "gdtuo":
+            assert new_lr - lr == pytest.approx(-kappa * h, rel=1e-9, abs=1e-15)
+        else:
+            assert math.log(new_lr) - math.log(lr) == pytest.approx(-kappa * lr * h, rel=1e-9, abs=1e-15)
+        previous, lr = g, new_lr
+    assert lr != pytest.approx(0.05, rel=1e-3)
+
+
+def test_sgd_tower_of_three_chains_hypergradients(float64, make_mlp, batches):
+    """sgd(lr)/sgd(kappa)/sgd(lam) in gdtuo mode: lr_t = lr_{t-1} - kappa_t h_t with h_t = -<g_t, g_{t-1}>,
+    so dL_{t+1}/dkappa_t = h_{t+1} * (-h_t) and kappa_{t+1} = kappa_t + lam h_{t+1} h_t."""
+    lam = 1e-3
+    model = make_mlp()
+    opt = hh.tower(model.parameters(), f"sgd(lr=0.05)/sgd(lr=0.01)/sgd(lr={lam})", compat="gdtuo")
+    g_prev, h_prev, kappa = None, 0.0, 0.01
+    for x, y in batches(12):
+        F.mse_loss(model(x), y).backward()
+        g = _grads(model)
+        opt.step()
+        opt.zero_grad()
+        h = 0.0 if g_prev is None else -_dot(g, g_prev)
+        new_kappa = opt.hyperparameters()[1]["lr"]
+        assert new_kappa - kappa == pytest.approx(lam * h * h_prev, rel=1e-9, abs=1e-18)
+        g_prev, h_prev, kappa = g, h, new_kappa
+    assert kappa != 0.01
+
+
+def _adam_step(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    """One Adam step written out, as the slow reference for the finite difference."""
+    out = []
+    for p, g, m_, v_ in zip(params, grads, m, v, strict=True):
+        m2 = beta1 * m_ + (1 - beta1) * g
+        v2 = beta2 * v_ + (1 - beta2) * g * g
+        out.append(p - lr / (1 - beta1**step) * m2 / ((v2 / (1 - beta2**step)).sqrt() + eps))
+    return out
+
+
+def _loss_after(model, names, step, lr, batch) -> float:
+    """The loss on ``batch`` after one Adam step (from the snapshot ``step``) with step size ``lr``."""
+    w = _adam_step(*step, lr)
+    x, y = batch
+    return float(F.mse_loss(functional_call(model, dict(zip(names, w, strict=True)), (x,)), y))
+
+
+def test_adam_log_lr_hypergradient_matches_finite_difference(float64, make_mlp, batches):
+    """Default mode, Adam/SGD(kappa): the hypergradient used at step t+1 is dL_{t+1}(w_{t+1})/dlog(lr_t),
+    the derivative of the next loss with respect to the log step size that step t used."""
+    kappa = 0.01
+    model = make_mlp()
+    names = [n for n, _ in model.named_parameters()]
+    opt = hh.tower(model.parameters(), f"adam(lr=0.01)/sgd(lr={kappa})")
+    data = batches(9)
+    expected: list[float] = []  # finite-difference hypergradient for the next step
+    used: list[float] = []  # what the tower applied: log(lr) moves by -kappa * hypergradient
+    for t, (x, y) in enumerate(data, start=1):
+        F.mse_loss(model(x), y).backward()
+        params = [p.detach().clone() for p in model.parameters()]
+        grads = _grads(model)
+        state = [opt.state[p] for p in model.parameters()]
+        m = [
+            s["exp_avg"].clone() if "exp_avg" in s else torch.zeros_like(p) for s, p in zip(state, params, strict=True)
+        ]
+        v = [
+            s["exp_avg_sq"].clone() if "exp_avg_sq" in s else torch.zeros_like(p)
+            for s, p in zip(state, params, strict=True)
+        ]
+        log_lr_before = math.log(opt.hyperparameters()[0]["lr"])
+        opt.step()
+        opt.zero_grad()
+        # The tower steps top-down: step t's weights move with the lr its upper level just set.
+        log_lr = math.log(opt.hyperparameters()[0]["lr"])
+        if t > 1:
+            used.append(-(log_lr - log_lr_before) / kappa)
+        if t == len(data):
+            break
+        for p, w in zip(model.parameters(), _adam_step(params, grads, m, v, t, math.exp(log_lr)), strict=True):
+            torch.testing.assert_close(p.detach(), w)  # the slow reference is the step the tower took
+        step = (params, grads, m, v, t)
+        delta = 1e-5
+        plus = _loss_after(model, names, step, math.exp(log_lr + delta), data[t])
+        minus = _loss_after(model, names, step, math.exp(log_lr - delta), data[t])
+        expected.append((plus - minus) / (2 * delta))
+    assert used == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert sum(abs(h) > 1e-4 for h in expected) >= 5  # the derivative is not trivially zero
+
+
+@pytest.mark.parametrize(
+    "build, names",
+    [
+        (lambda p: hh.HyperAdam(p, lr=0.01), {"lr"}),
+        (lambda p: hh.HyperAdam(p, lr=0.01, learn="lr+beta1+beta2"), {"lr", "beta1", "beta2"}),
+        (lambda p: hh.HyperSGD(p, lr=0.01, momentum=0.9, learn="lr+momentum"), {"lr", "momentum"}),
+        (lambda p: hh.tower(p, "rmsprop/sgd/sgd"), {"lr"}),
+        (lambda p: hh.tower(p, "rmsprop/sgd", compat="gdtuo"), {"lr", "alpha"}),
+        (lambda p: hh.HyperAdam(p, lr=0.01, hyper=None), set()),
+        (lambda p: hh.tower(p, "adagrad(lr=0.1)/sgd", scope="tensor"), {"lr"}),
+    ],
+)
+def test_one_tangent_buffer_per_learned_weight_level_hyperparameter(build, names, make_mlp, batches):
+    model = make_mlp()
+    opt = build(model.parameters())
+    for x, y in batches(2):
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    for p in model.parameters():
+        tangents = {k for k in opt.state[p] if k.startswith("hypertangent_")}
+        assert tangents == {"hypertangent_" + n for n in names}
+        for k in tangents:
+            assert opt.state[p][k].shape == p.shape and opt.state[p][k].dtype == p.dtype
+        # Nothing else parameter-sized beyond the algorithm's own buffers.
+        others = set(opt.state[p]) - tangents
+        assert others <= {"exp_avg", "exp_avg_sq", "momentum_buffer", "square_avg", "sum"}

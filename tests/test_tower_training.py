@@ -1,0 +1,106 @@
+"""Towers train: every learned level moves, the loss falls, every scope reports what it learned."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hf_hyperopt as hh
+
+
+def _train(model, opt, data) -> list[float]:
+    losses = []
+    for x, y in data:
+        loss = F.mse_loss(model(x), y)
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def test_height_four_tower_learns_at_every_level(float64, make_mlp, batches):
+    # One of each algorithm, so that every rule also runs as an upper level on a vector of raw values.
+    spec = "sgd(lr=0.01,momentum=0.5)/rmsprop(lr=0.01)/adam(lr=0.01)/adagrad(lr=0.01)/adam(lr=0.01)"
+    model = make_mlp()
+    opt = hh.tower(model.parameters(), spec)
+    assert opt.height == 4 and opt.learned() == [("lr",)] * 4 + [()]
+    start = opt.hyperparameters()
+    losses = _train(model, opt, batches(40))
+    end = opt.hyperparameters()
+    for k in range(4):
+        assert math.isfinite(end[k]["lr"]) and end[k]["lr"] > 0
+        assert abs(end[k]["lr"] / start[k]["lr"] - 1.0) > 1e-3, f"level {k} did not move: {start[k]} -> {end[k]}"
+    assert end[4] == start[4] == {"lr": 0.01}  # the top is fixed
+    assert sum(losses[-5:]) < 0.6 * sum(losses[:5])
+
+
+def test_repr_and_spec_round_trip(make_mlp):
+    model = make_mlp()
+    opt = hh.HyperAdam(model.parameters(), lr=2e-3, learn="lr+beta1", hyper=hh.HyperSGD(lr=1e-5))
+    assert opt.spec == "adam(lr=0.002,learn=lr+beta1)/sgd(lr=1e-05)"
+    again = hh.tower(model.parameters(), opt.spec)
+    assert type(again) is hh.HyperAdam and again.spec == opt.spec and again.learned() == opt.learned()
+    default = hh.HyperAdam(model.parameters())
+    assert (
+        default.height == 1 and default.spec == "adam/" + hh.tower(model.parameters(), hh.DEFAULT_HYPER["default"]).spec
+    )
+
+
+def _param_groups(model) -> list[dict]:
+    return [
+        {"params": [model[0].weight, model[0].bias], "lr": 0.01},
+        {"params": [model[2].weight, model[2].bias], "lr": 0.02},
+    ]
+
+
+@pytest.mark.parametrize(
+    "scope, expected_len",
+    [("shared", None), ("group", 2), ("tensor", 4)],
+)
+def test_scopes_train_and_report(scope, expected_len, float64, make_mlp, batches):
+    model = make_mlp()
+    groups = model.parameters() if scope == "shared" else _param_groups(model)
+    opt = hh.HyperSGD(groups, lr=0.01, momentum=0.5, learn="lr+momentum", scope=scope, hyper=hh.HyperAdam(lr=0.02))
+    losses = _train(model, opt, batches(30))
+    level0 = opt.hyperparameters()[0]
+    assert set(level0) == {"lr", "momentum"}
+    for value in level0.values():
+        if expected_len is None:
+            assert isinstance(value, float)
+            values = [value]
+        else:
+            assert isinstance(value, list) and len(value) == expected_len and all(isinstance(v, float) for v in value)
+            values = value
+        assert all(math.isfinite(v) and v > 0 for v in values)
+    if scope != "shared":
+        # Each unit learns on its own: the two groups (or four tensors) end at different values.
+        assert len(set(level0["lr"])) == expected_len
+        if scope == "group":
+            assert level0["lr"][1] > level0["lr"][0] * 1.2  # started at 0.02 vs 0.01; order kept
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_shared_scope_with_different_group_lr_raises(make_mlp):
+    with pytest.raises(ValueError, match=r"\[0\.01, 0\.02\].*scope='group'"):
+        hh.HyperSGD(_param_groups(make_mlp()), lr=0.01, scope="shared")
+
+
+def test_scheduler_scales_the_learned_lr(float64, make_mlp, batches):
+    """A scheduler that halves group["lr"] halves the step the weights take; the learned value is kept."""
+    model = make_mlp()
+    opt = hh.HyperSGD(model.parameters(), lr=0.05, hyper=hh.HyperSGD(lr=0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert opt.param_groups[0]["lr"] == 0.025 and opt.param_groups[0]["initial_lr"] == 0.05
+    ((x, y),) = batches(1)
+    F.mse_loss(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    sched.step()
+    for p, b, g in zip(model.parameters(), before, grads, strict=True):
+        torch.testing.assert_close(p.detach(), b - 0.025 * g)
+    assert opt.hyperparameters()[0]["lr"] == pytest.approx(0.05)
