@@ -1,10 +1,32 @@
-"""The Hugging Face ``Trainer`` integration: tower optimizers from ``TrainingArguments``, with trajectories."""
+"""The Hugging Face ``Trainer`` integration: tower optimizers from ``TrainingArguments``, with trajectories.
 
-from .arguments import ALL_OPTIMIZERS, HYPER_OPTIMIZERS, HyperOptimizerNames, HyperTrainingArguments
+``trajectory``, ``plotting`` and ``model_card`` do not import ``transformers``; the names that need it
+(``HyperTrainer``, ``HyperTrainingArguments``, ...) are loaded on first use, so that redrawing a plot
+does not pay for importing the ``Trainer``.
+"""
+
+from importlib import import_module
+
 from .model_card import add_hyper_section, hyper_section
 from .plotting import plot_trajectories
-from .trainer import HyperTrainer, hyper_optimizer_cls_and_kwargs, unwrap_tower
 from .trajectory import TRAJECTORY_NAME, TrajectoryWriter, hyper_log_keys, read_trajectory
+
+_LAZY = {
+    "ALL_OPTIMIZERS": "arguments",
+    "HYPER_OPTIMIZERS": "arguments",
+    "HyperOptimizerNames": "arguments",
+    "HyperTrainingArguments": "arguments",
+    "HyperTrainer": "trainer",
+    "hyper_optimizer_cls_and_kwargs": "trainer",
+    "unwrap_tower": "trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ALL_OPTIMIZERS",
