@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, scalars
+from .base import Hyper, HyperSpec, Rule, copy_, scalars
 
 
 class AdaGradRule(Rule):
@@ -33,15 +33,21 @@ class AdaGradRule(Rule):
             state["sum"].fill_(0.1)
         return state
 
-    def update(self, params, grads, state, hp: Hyper, step: Tensor) -> None:
+    def update(self, params, grads, state, work, hp: Hyper, step: int) -> list[Tensor]:
         if not hp.zero("weight_decay"):
             grads = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"])))
         sums = state["sum"]
         torch._foreach_addcmul_(sums, grads, grads)
+        direction = work["direction"]
+        copy_(direction, sums)
         eps = scalars(hp["eps"])
         if self.options.get("eps_in_sqrt"):
-            std = torch._foreach_sqrt(torch._foreach_add(sums, eps))
+            torch._foreach_add_(direction, eps)
+            torch._foreach_sqrt_(direction)
         else:
-            std = torch._foreach_sqrt(sums)
-            torch._foreach_add_(std, eps)
-        torch._foreach_addcdiv_(params, torch._foreach_mul(grads, scalars(-hp["lr"])), std)
+            torch._foreach_sqrt_(direction)
+            torch._foreach_add_(direction, eps)
+        torch._foreach_reciprocal_(direction)
+        torch._foreach_mul_(direction, grads)
+        torch._foreach_mul_(direction, scalars(-hp["lr"]))
+        return direction

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, scalars
+from .base import Hyper, HyperSpec, Rule, addcmul_, copy_, scalars
 
 
 class AdamRule(Rule):
@@ -41,7 +41,7 @@ class AdamRule(Rule):
             state["exp_avg_sq"].fill_(values["eps"])
         return state
 
-    def update(self, params, grads, state, hp: Hyper, step: Tensor) -> None:
+    def update(self, params, grads, state, work, hp: Hyper, step: int) -> list[Tensor]:
         lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
         if not hp.zero("weight_decay"):
@@ -51,15 +51,19 @@ class AdamRule(Rule):
                 grads = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"])))
         torch._foreach_lerp_(exp_avgs, grads, scalars(1.0 - beta1))
         torch._foreach_mul_(exp_avg_sqs, scalars(beta2))
-        torch._foreach_addcmul_(exp_avg_sqs, grads, torch._foreach_mul(grads, scalars(1.0 - beta2)))
+        addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
         bias_correction1 = 1.0 - beta1**step
         bias_correction2 = 1.0 - beta2**step
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, scalars(bias_correction2.sqrt()))
-        torch._foreach_add_(denom, scalars(hp["eps"]))
-        direction = torch._foreach_div(exp_avgs, denom)
+        # direction = m / (sqrt(v) / sqrt(bc2) + eps), built in the workspace without allocating.
+        direction = work["direction"]
+        copy_(direction, exp_avg_sqs)
+        torch._foreach_sqrt_(direction)
+        torch._foreach_div_(direction, scalars(bias_correction2.sqrt()))
+        torch._foreach_add_(direction, scalars(hp["eps"]))
+        torch._foreach_reciprocal_(direction)
+        torch._foreach_mul_(direction, exp_avgs)
         torch._foreach_mul_(direction, scalars(-lr / bias_correction1))
-        torch._foreach_add_(params, direction)
+        return direction
 
 
 class AdamWRule(AdamRule):

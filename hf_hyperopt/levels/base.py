@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 Kind = Literal["step", "unit", "flag"]
@@ -119,13 +120,37 @@ class Hyper:
         return name in self._zero
 
 
-def scalars(x: Tensor) -> list[Tensor]:
-    """A per-tensor hyperparameter vector as the list of 0-dim tensors that ``_foreach_*`` ops take.
+def scalars(x: Tensor) -> list[float] | list[Tensor]:
+    """A per-tensor hyperparameter vector in the form ``_foreach_*`` ops take as per-tensor scalars.
 
-    The ``.List`` overloads are used on purpose: forward-mode AD flows through them, while some
-    ``.Tensor`` (single scalar tensor) overloads silently drop the tangent.
+    A constant on the CPU becomes Python floats (the fast ``ScalarList`` overloads, exactly the
+    numbers ``torch.optim`` would use); anything else, in particular a hyperparameter that carries a
+    forward-mode tangent, becomes 0-dim tensors (the ``TensorList`` overloads, through which
+    forward-mode AD flows). Some single-``Tensor`` overloads silently drop tangents, so rules never
+    pass a hyperparameter that way.
     """
+    if x.device.type == "cpu" and fwAD.unpack_dual(x).tangent is None:
+        return x.tolist()
     return list(x.unbind(0))
+
+
+def copy_(dst: list[Tensor], src: list[Tensor]) -> None:
+    """``dst[i] = src[i]``; forward-mode AD has no rule for ``_foreach_copy_``, so a source that
+    carries a tangent is added onto zeros instead."""
+    if src and fwAD.unpack_dual(src[0]).tangent is not None:
+        torch._foreach_zero_(dst)
+        torch._foreach_add_(dst, src)
+    else:
+        torch._foreach_copy_(dst, src)
+
+
+def addcmul_(self: list[Tensor], t1: list[Tensor], t2: list[Tensor], value: Tensor) -> None:
+    """``self += value * t1 * t2`` with a per-tensor ``value`` that may carry a tangent."""
+    v = scalars(value)
+    if v and isinstance(v[0], float):
+        torch._foreach_addcmul_(self, t1, t2, v)
+    else:
+        torch._foreach_addcmul_(self, t1, torch._foreach_mul(t2, v))
 
 
 class Rule:
@@ -136,6 +161,8 @@ class Rule:
         hyperparameters: every hyperparameter the rule reads, in a fixed order.
         learnable: those that may appear in ``learn=`` (flags never do).
         state_names: the per-tensor buffers the rule keeps, created by :meth:`init_state`.
+        workspace_names: per-tensor scratch buffers the engine keeps between steps (never saved), so
+            that a step allocates no parameter-sized memory of its own.
         square_lr: ``gdtuo`` mode stores this level's step size as its square root (RMSProp).
         gdtuo_raw: ``gdtuo`` mode stores these rates raw (SGD's momentum).
     """
@@ -143,6 +170,7 @@ class Rule:
     name: ClassVar[str]
     hyperparameters: ClassVar[dict[str, HyperSpec]]
     state_names: ClassVar[tuple[str, ...]]
+    workspace_names: ClassVar[tuple[str, ...]] = ("direction",)
     square_lr: ClassVar[bool] = False
     # gdtuo mode: hyperparameters the reference stores raw even though they are rates.
     gdtuo_raw: ClassVar[tuple[str, ...]] = ()
@@ -169,16 +197,22 @@ class Rule:
         params: list[Tensor],
         grads: list[Tensor],
         state: dict[str, list[Tensor]],
+        work: dict[str, list[Tensor]],
         hp: Hyper,
-        step: Tensor,
-    ) -> None:
-        """Apply one step in place to ``params`` and ``state``.
+        step: int,
+    ) -> list[Tensor]:
+        """Take one step: update ``state`` in place and return the increment to add to ``params``.
+
+        A rule may also change ``params`` in place before the increment is added (AdamW's decoupled
+        decay does), exactly as the matching ``torch.optim`` implementation orders its operations.
 
         Args:
             params: the tensors to update (weights, or one vector of lower-level hyperparameters).
             grads: their gradients, read only.
             state: ``state_names`` mapped to lists of buffers aligned with ``params``.
+            work: ``workspace_names`` mapped to scratch buffers aligned with ``params``; contents are
+                undefined on entry. The increment may be one of them.
             hp: the hyperparameters, one value per tensor; may carry forward-mode tangents.
-            step: the 1-based step count of this level, a 0-dim float tensor.
+            step: the 1-based step count of this level.
         """
         raise NotImplementedError

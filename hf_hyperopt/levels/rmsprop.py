@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, scalars
+from .base import Hyper, HyperSpec, Rule, addcmul_, copy_, scalars
 
 
 class RMSPropRule(Rule):
@@ -31,17 +31,23 @@ class RMSPropRule(Rule):
     square_lr = True
     gdtuo_learn = ("lr", "alpha")
 
-    def update(self, params, grads, state, hp: Hyper, step: Tensor) -> None:
+    def update(self, params, grads, state, work, hp: Hyper, step: int) -> list[Tensor]:
         if not hp.zero("weight_decay"):
             grads = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"])))
         alpha = hp["alpha"]
         square_avgs = state["square_avg"]
         torch._foreach_mul_(square_avgs, scalars(alpha))
-        torch._foreach_addcmul_(square_avgs, grads, torch._foreach_mul(grads, scalars(1.0 - alpha)))
+        addcmul_(square_avgs, grads, grads, 1.0 - alpha)
+        direction = work["direction"]
+        copy_(direction, square_avgs)
         eps = scalars(hp["eps"])
         if self.options.get("eps_in_sqrt"):
-            avg = torch._foreach_sqrt(torch._foreach_add(square_avgs, eps))
+            torch._foreach_add_(direction, eps)
+            torch._foreach_sqrt_(direction)
         else:
-            avg = torch._foreach_sqrt(square_avgs)
-            torch._foreach_add_(avg, eps)
-        torch._foreach_addcdiv_(params, torch._foreach_mul(grads, scalars(-hp["lr"])), avg)
+            torch._foreach_sqrt_(direction)
+            torch._foreach_add_(direction, eps)
+        torch._foreach_reciprocal_(direction)
+        torch._foreach_mul_(direction, grads)
+        torch._foreach_mul_(direction, scalars(-hp["lr"]))
+        return direction

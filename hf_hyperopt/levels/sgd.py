@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, scalars
+from .base import Hyper, HyperSpec, Rule, copy_, scalars
 
 
 class SGDRule(Rule):
@@ -40,14 +40,17 @@ class SGDRule(Rule):
             return {}
         return super().init_state(p, values)
 
-    def update(self, params, grads, state, hp: Hyper, step: Tensor) -> None:
+    def update(self, params, grads, state, work, hp: Hyper, step: int) -> list[Tensor]:
         d = grads
         if not hp.zero("weight_decay"):
-            d = torch._foreach_add(d, torch._foreach_mul(params, scalars(hp["weight_decay"])))
+            d = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"])))
         if not hp.zero("momentum"):
             momentum = scalars(hp["momentum"])
             bufs = state["momentum_buffer"]
             torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, d)
             d = torch._foreach_add(d, torch._foreach_mul(bufs, momentum)) if self.options.get("nesterov") else bufs
-        torch._foreach_add_(params, torch._foreach_mul(d, scalars(-hp["lr"])))
+        increment = work["direction"]
+        copy_(increment, d)
+        torch._foreach_mul_(increment, scalars(-hp["lr"]))
+        return increment

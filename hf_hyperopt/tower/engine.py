@@ -101,6 +101,7 @@ class _Bucket:
         self.learn = learn
         self.flat: dict[str, Tensor] = {}
         self.views: dict[str, list[Tensor]] = {}
+        self.work: dict[str, list[Tensor]] = {}
 
     def attach_tangents(self, state: dict) -> None:
         """Move each parameter's tangent buffers into one flat buffer per learned name (views stay in state)."""
@@ -289,7 +290,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         ts["theta"] = thetas
         ts["upper_state"] = uppers
         ts["upper_tangent"] = tangents
-        ts["step"] = torch.zeros(n, dtype=dtype, device=device)
+        ts["step"] = [0] * n  # host-side counts: bias corrections need no device read
         ts["skipped"] = torch.zeros(max(n - 1, 1), dtype=torch.int64, device=device)
         ts["spec"] = self.spec
         ts["scope"] = self.scope
@@ -346,6 +347,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                     for name, buf in self._rules[0].init_state(t, values).items():
                         st[name] = wrap_like(p, buf)
             b.attach_tangents(self.state)
+            b.work = {n: [torch.empty_like(t) for t in b.local] for n in self._rules[0].workspace_names}
             buckets.append(b)
         self._sharding_group = sharding_group([e[0] for e in entries])
         return buckets
@@ -379,7 +381,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         if not self._tower_state:
             self._init_tower_state(first.device, self._hyper_dtype(first.dtype))
         ts = self._tower_state
-        ts["step"].add_(1)
+        ts["step"] = [s + 1 for s in ts["step"]]
         hypergrads = self._hypergradients(ts)
         self._step_upper_levels(ts, hypergrads)
         self._step_weights(ts)
@@ -425,6 +427,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                 [theta],
                 [hypergrads[k - 1]],
                 {n_: [v] for n_, v in ts["upper_state"][k - 1].items()},
+                {n_: [torch.empty_like(theta)] for n_ in self._rules[k].workspace_names},
                 hp_fn,
                 ts["step"][k],
                 ts["theta"][k] if k < n - 1 else None,
@@ -450,7 +453,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         values = self.levels[k].full_values()
         rule = self._rules[k]
         theta_ref = ts["theta"][k] if k < len(self.levels) - 1 else None
-        dtype, device = ts["step"].dtype, ts["step"].device
+        dtype, device = _constant_dtype_device(ts["theta"][k - 1])
         zero = frozenset(n for n, v in values.items() if v == 0.0 and n not in self._learn[k])
 
         def build(theta: Tensor | None) -> Hyper:
@@ -471,8 +474,8 @@ class TowerOptimizer(torch.optim.Optimizer):
         rule = self._rules[0]
         learn = self._learn[0] if self.height else ()
         units = self._units()
-        dtype = ts["step"].dtype
         device = b.local[0].device
+        dtype, _ = _constant_dtype_device(b.local[0])
         groups = self.param_groups
         unit_index = b.unit_index
         group_index = b.group_index
@@ -517,7 +520,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             }
             theta = ts["theta"][0] if learn else None
             tangents = self._run_rule(
-                self._rules[0], b.local, grads, state, self._level0_hyper_fn(ts, b), ts["step"][0], theta, learn
+                self._rules[0], b.local, grads, state, b.work, self._level0_hyper_fn(ts, b), ts["step"][0], theta, learn
             )
             for name, tangent in tangents.items():
                 torch._foreach_copy_(b.views[name], tangent)
@@ -528,8 +531,9 @@ class TowerOptimizer(torch.optim.Optimizer):
         params: list[Tensor],
         grads: list[Tensor],
         state: dict[str, list[Tensor]],
+        work: dict[str, list[Tensor]],
         hyper_fn: Callable[[Tensor | None], Hyper],
-        step: Tensor,
+        step: int,
         theta: Tensor | None,
         learn: tuple[str, ...],
     ) -> dict[str, list[Tensor]]:
@@ -540,7 +544,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         copies, so the state and parameters are updated exactly once.
         """
         if theta is None:
-            rule.update(params, grads, state, hyper_fn(None), step)
+            torch._foreach_add_(params, rule.update(params, grads, state, work, hyper_fn(None), step))
             return {}
         units = theta.numel() // len(learn)
         tangents: dict[str, list[Tensor]] = {}
@@ -551,9 +555,17 @@ class TowerOptimizer(torch.optim.Optimizer):
             direction = torch.zeros_like(theta)
             direction[j * units : (j + 1) * units] = 1.0
             with fwAD.dual_level():
-                rule.update(p, grads, s, hyper_fn(fwAD.make_dual(theta, direction)), step)
-                out = [fwAD.unpack_dual(t).tangent for t in p]
-            tangents[name] = [t if t is not None else torch.zeros_like(q) for t, q in zip(out, p, strict=False)]
+                increment = rule.update(p, grads, s, work, hyper_fn(fwAD.make_dual(theta, direction)), step)
+                if fwAD.unpack_dual(p[0]).tangent is None:
+                    # The rule left the parameters alone, so d(p + increment) = d(increment): add the
+                    # primal only and skip materialising a zero tangent for every parameter.
+                    parts = [fwAD.unpack_dual(t) for t in increment]
+                    torch._foreach_add_(p, [u.primal for u in parts])
+                    out = [u.tangent for u in parts]
+                else:
+                    torch._foreach_add_(p, increment)
+                    out = [fwAD.unpack_dual(t).tangent for t in p]
+            tangents[name] = [t if t is not None else torch.zeros_like(q) for t, q in zip(out, p, strict=True)]
         return tangents
 
     # ------------------------------------------------------------------ reading the tower
@@ -640,6 +652,14 @@ class TowerOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._tower_state = _clone_tree(tower["state"]) if tower["state"] else {}
         self._buckets = None  # tangent views are rebuilt on the next step
+
+
+def _constant_dtype_device(like: Tensor) -> tuple[torch.dtype, torch.device]:
+    """Where fixed hyperparameters live: float64 on the CPU, so that :func:`scalars` hands
+    ``_foreach_*`` ops the same Python floats ``torch.optim`` uses; the tensors' device otherwise."""
+    if like.device.type == "cpu":
+        return torch.float64, like.device
+    return (torch.float64 if like.dtype == torch.float64 else torch.float32), like.device
 
 
 def _clone_tree(x: Any) -> Any:
