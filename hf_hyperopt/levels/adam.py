@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, addcmul_, copy_, scalars
+from .base import Hyper, HyperSpec, Rule, addcmul_, copy_, scalars, sqrt_
 
 
 class AdamRule(Rule):
@@ -57,7 +57,7 @@ class AdamRule(Rule):
         # direction = m / (sqrt(v) / sqrt(bc2) + eps), built in the workspace without allocating.
         direction = work["direction"]
         copy_(direction, exp_avg_sqs)
-        torch._foreach_sqrt_(direction)
+        sqrt_(direction)
         torch._foreach_div_(direction, scalars(bias_correction2.sqrt()))
         torch._foreach_add_(direction, scalars(hp["eps"]))
         torch._foreach_reciprocal_(direction)

@@ -153,6 +153,19 @@ def addcmul_(self: list[Tensor], t1: list[Tensor], t2: list[Tensor], value: Tens
         torch._foreach_addcmul_(self, t1, torch._foreach_mul(t2, v))
 
 
+def sqrt_(tensors: list[Tensor]) -> list[Tensor]:
+    """In-place square root of non-negative tensors, with a zero (not NaN) tangent at exact zeros.
+
+    An exact-zero second moment (an embedding row that no batch has used) has an exact-zero tangent
+    too, and forward-mode AD of ``sqrt`` gives 0 / (2 sqrt(0)) = NaN there, which would poison the
+    whole hypergradient sum. Raising the values to the dtype's smallest normal number first (the
+    clamp's tangent is 0 where it binds) changes sqrt(0) to ~1e-19 in float32, far below any eps.
+    """
+    torch._foreach_clamp_min_(tensors, torch.finfo(tensors[0].dtype).tiny)
+    torch._foreach_sqrt_(tensors)
+    return tensors
+
+
 class Rule:
     """An optimizer level's update rule. Subclasses set the class variables and :meth:`update`.
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, addcmul_, copy_, scalars
+from .base import Hyper, HyperSpec, Rule, addcmul_, copy_, scalars, sqrt_
 
 
 class RMSPropRule(Rule):
@@ -45,7 +45,7 @@ class RMSPropRule(Rule):
             torch._foreach_add_(direction, eps)
             torch._foreach_sqrt_(direction)
         else:
-            torch._foreach_sqrt_(direction)
+            sqrt_(direction)
             torch._foreach_add_(direction, eps)
         torch._foreach_reciprocal_(direction)
         torch._foreach_mul_(direction, grads)

@@ -331,6 +331,21 @@ class TowerOptimizer(torch.optim.Optimizer):
             offset += len(group["params"])
         return out
 
+    def _zero_idle_tangents(self, entries: list[tuple[Tensor, int, int]]) -> None:
+        """Clear the tangents of parameters that have no gradient this step.
+
+        Such a parameter does not move, so its tangent dw_{t+1}/dtheta_t is zero; the one it kept from
+        its last step would otherwise be dotted with its next gradient. Only called when the set of
+        parameters with gradients changes, so the usual step pays nothing.
+        """
+        active = {id(e[0]) for e in entries}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in active and p in self.state:
+                    for key, buf in self.state[p].items():
+                        if key.startswith(_TANGENT):
+                            buf.zero_()
+
     def _build_buckets(self, entries: list[tuple[Tensor, int, int]]) -> list[_Bucket]:
         by_key: dict[tuple, list[tuple[Tensor, int, int]]] = defaultdict(list)
         for e in entries:
@@ -375,6 +390,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             return loss
         key = tuple(id(e[0]) for e in entries)
         if self._buckets is None or key != self._bucket_key:
+            self._zero_idle_tangents(entries)
             self._buckets = self._build_buckets(entries)
             self._bucket_key = key
         first = local_tensor(entries[0][0])
@@ -404,16 +420,20 @@ class TowerOptimizer(torch.optim.Optimizer):
                 ids = b.unit_index if self.scope == "tensor" else b.unit_ids.to(theta0.device)
                 h0.index_add_(0, ids + j * units, sums)
         reduce_hypergradients(h0, self._sharding_group)
+        self._nonfinite = {}
+        raw = h0
         hyper.append(self._guard(h0, ts, 0))
         for k in range(1, n - 1):
             tangent = ts["upper_tangent"][k - 1]
-            hk = torch.stack([torch.dot(hyper[k - 1], tangent[name]) for name in self._learn[k]])
-            hyper.append(self._guard(hk, ts, k))
+            # From the unguarded level below: a hypergradient built on a non-finite one is skipped too.
+            raw = torch.stack([torch.dot(raw, tangent[name]) for name in self._learn[k]])
+            hyper.append(self._guard(raw, ts, k))
         return hyper
 
     def _guard(self, h: Tensor, ts: dict, k: int) -> Tensor:
         finite = torch.isfinite(h)
         ts["skipped"][k].add_((~finite).sum())
+        self._nonfinite[k] = ~finite
         return torch.where(finite, h, torch.zeros_like(h))
 
     def _step_upper_levels(self, ts: dict, hypergrads: list[Tensor]) -> None:
@@ -421,6 +441,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         for k in range(n - 1, 0, -1):
             theta = ts["theta"][k - 1]
             old = theta.clone()
+            old_state = {name: v.clone() for name, v in ts["upper_state"][k - 1].items()}
             hp_fn = self._upper_hyper_fn(ts, k)
             new_tangents = self._run_rule(
                 self._rules[k],
@@ -435,7 +456,25 @@ class TowerOptimizer(torch.optim.Optimizer):
             )
             for name, tangent in new_tangents.items():
                 ts["upper_tangent"][k - 1][name] = tangent[0]
+            self._keep_skipped(ts, k - 1, old, old_state)
             self._bound(theta, old, k - 1, ts)
+
+    def _keep_skipped(self, ts: dict, k: int, old: Tensor, old_state: dict[str, Tensor]) -> None:
+        """Undo this step's update of theta[k] where its hypergradient was skipped as non-finite.
+
+        The zero that stands in for such a hypergradient is not enough: an adaptive level (Adam,
+        RMSProp) would still move the value on its momentum and decay its moments with a gradient it
+        never saw. The coordinate keeps its value and its state, and its tangent is zero (it did not
+        move). Elementwise ``where`` on vectors of hyperparameters: no device read.
+        """
+        bad = self._nonfinite[k]
+        theta = ts["theta"][k]
+        theta.copy_(torch.where(bad, old, theta))
+        for name, v in ts["upper_state"][k].items():
+            v.copy_(torch.where(bad, old_state[name], v))
+        tangents = ts["upper_tangent"][k]
+        for name, t in tangents.items():
+            tangents[name] = torch.where(bad, torch.zeros_like(t), t)
 
     def _bound(self, theta: Tensor, old: Tensor, k: int, ts: dict) -> None:
         """Keep the learned coordinates of level k finite (and, by default, inside their bounds)."""

@@ -1,0 +1,180 @@
+"""What real training throws at a tower: non-finite hypergradients, all-zero gradient rows, closures,
+parameters without gradients, absurd hyper step sizes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hf_hyperopt as hh
+
+
+def _step(model, opt, batch) -> float:
+    x, y = batch
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("upper", ["sgd(lr=0.01)", "adam(lr=0.01)", "adam(lr=0.01)/adam(lr=0.01)"])
+def test_nonfinite_hypergradient_is_skipped_and_counted(bad, upper, float64, make_mlp, batches):
+    model = make_mlp()
+    opt = hh.tower(model.parameters(), "adam(lr=0.01)/" + upper)
+    data = batches(8)
+    for batch in data[:3]:
+        _step(model, opt, batch)
+    # A non-finite tangent entry stands in for any overflow: it makes <g, tangent> non-finite.
+    first = next(model.parameters())
+    opt.state[first]["hypertangent_lr"].view(-1)[0] = bad
+    before_h = opt.hyperparameters()
+    before_w = [p.detach().clone() for p in model.parameters()]
+    _step(model, opt, data[3])
+    # Counted once per level: a hypergradient built on a non-finite one is skipped as well.
+    assert opt.skipped_hyper_updates() == [1] * opt.height
+    assert opt.hyperparameters() == before_h  # every level kept its value, even Adam with momentum
+    for p, b in zip(model.parameters(), before_w, strict=True):
+        assert torch.isfinite(p).all() and not torch.equal(p, b)  # the weights still took their step
+    for batch in data[4:]:
+        _step(model, opt, batch)
+    assert opt.skipped_hyper_updates() == [1] * opt.height
+    after = opt.hyperparameters()
+    assert after[0]["lr"] != before_h[0]["lr"] and all(math.isfinite(v["lr"]) for v in after)
+
+
+class _Bag(nn.Module):
+    """An embedding of which the batches use only the first rows: the others get exact-zero gradients."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.emb(idx))).squeeze(-1)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "adam(lr=0.05,learn=lr+beta1+beta2)/adam(lr=0.01)",
+        "adamw(lr=0.05,learn=lr+beta2+weight_decay)/adam(lr=0.01)",
+        "rmsprop(lr=0.05,learn=lr+alpha)/adam(lr=0.01)",
+        "adagrad(lr=0.05,weight_decay=0.001,learn=lr+weight_decay)/adam(lr=0.01)",
+        "sgd(lr=0.1,momentum=0.5,learn=lr+momentum)/adam(lr=0.01)",
+    ],
+)
+def test_exact_zero_gradient_rows_give_finite_hypergradients(spec, float64):
+    model = _Bag()
+    unused = model.emb.weight[4:].detach().clone()
+    opt = hh.tower(model.parameters(), spec)
+    g = torch.Generator().manual_seed(2)
+    start = opt.hyperparameters()[0]
+    for _ in range(15):
+        idx = torch.randint(0, 4, (8,), generator=g)
+        loss = F.mse_loss(model(idx), idx.double() / 4)
+        loss.backward()
+        assert model.emb.weight.grad[4:].eq(0).all()
+        opt.step()
+        opt.zero_grad()
+    assert opt.skipped_hyper_updates() == [0]
+    end = opt.hyperparameters()[0]
+    for name in start:
+        assert math.isfinite(end[name]) and end[name] != start[name], name
+    if "weight_decay" not in spec:
+        assert torch.equal(model.emb.weight[4:].detach(), unused)
+
+
+@pytest.mark.parametrize("spec", ["sgd(lr=0.05)/sgd(lr=0.01)", "adam(lr=0.01)/adam(lr=0.01)"])
+def test_step_closure_returns_the_loss_like_torch_optim(spec, float64, make_mlp, batches):
+    ((x, y),) = batches(1)
+    model, twin = make_mlp(), make_mlp()
+    opt = hh.tower(model.parameters(), spec)
+    twin_opt = hh.tower(twin.parameters(), spec)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        out = opt.step(closure)
+        assert isinstance(out, torch.Tensor) and out.item() == pytest.approx(F.mse_loss(twin(x), y).item())
+        _step(twin, twin_opt, (x, y))
+    assert len(calls) == 3
+    assert opt.hyperparameters() == twin_opt.hyperparameters()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert opt.step() is None
+
+
+def test_params_without_grad_are_left_alone(float64, make_mlp, batches):
+    model = make_mlp()
+    frozen = nn.Parameter(torch.ones(3))  # never in the graph: its grad stays None
+    opt = hh.HyperAdam([*model.parameters(), frozen], lr=0.01)
+    for batch in batches(4):
+        _step(model, opt, batch)
+    assert frozen.grad is None and torch.equal(frozen.detach(), torch.ones(3))
+    assert len(opt.state[frozen]) == 0
+    assert opt.skipped_hyper_updates() == [0]
+
+
+def test_a_step_without_grad_contributes_nothing_to_later_hypergradients(float64):
+    """A parameter that sits out a step does not move in it, so its tangent for that step is zero.
+
+    For SGD a zero gradient also leaves the weights in place, so ``grad=None`` and ``grad=0`` must
+    give the same learned step sizes; a stale tangent from an earlier step would make them differ."""
+
+    def run(skip: str) -> list[float]:
+        torch.manual_seed(0)
+        a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+        opt = hh.tower([*a.parameters(), *b.parameters()], "sgd(lr=0.1)/sgd(lr=0.1)")
+        x = torch.randn(5, 3)
+        trajectory = []
+        for t in range(5):
+            loss = a(x).pow(2).sum() + (0.0 if t == 2 else b(x).sin().sum())
+            loss.backward()
+            if t == 2 and skip == "zeros":
+                for p in b.parameters():
+                    p.grad = torch.zeros_like(p)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            trajectory.append(opt.hyperparameters()[0]["lr"])
+        return trajectory
+
+    skipped, zeros = run("none"), run("zeros")
+    assert skipped == pytest.approx(zeros, rel=1e-12)
+    assert zeros[-1] != zeros[2]
+
+
+@pytest.mark.parametrize("spec", ["sgd(lr=0.1)/sgd(lr=1e6)", "adam(lr=0.01)/adam(lr=100)", "sgd(lr=0.1)/sgd(lr=-0)"])
+def test_learned_lr_stays_positive_in_default_mode(spec, float64, make_mlp, batches):
+    model = make_mlp()
+    opt = hh.tower(model.parameters(), spec)
+    for batch in batches(20):
+        model.zero_grad()
+        F.mse_loss(model(batch[0]), batch[1]).backward()
+        opt.step()
+        lr = opt.hyperparameters()[0]["lr"]
+        assert 0 < lr < math.inf
+
+
+def test_gdtuo_mode_lets_lr_go_negative(float64, make_mlp, batches):
+    """The contrast that makes the test above meaningful: the reference's raw lr can cross zero."""
+    model = make_mlp()
+    opt = hh.tower(model.parameters(), "sgd(lr=0.1)/sgd(lr=10)", compat="gdtuo")
+    lrs = []
+    for batch in batches(20):
+        _step(model, opt, batch)
+        lrs.append(opt.hyperparameters()[0]["lr"])
+    assert min(lrs) < 0
