@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, copy_, scalars, sqrt_
+from .base import Hyper, HyperSpec, Rule, Step, copy_, scalars, sqrt_
 
 
 class AdaGradRule(Rule):
@@ -33,7 +33,7 @@ class AdaGradRule(Rule):
             state["sum"].fill_(0.1)
         return state
 
-    def update(self, params, grads, state, work, hp: Hyper, step: int) -> list[Tensor]:
+    def update(self, params, grads, state, work, hp: Hyper, step: int) -> Step:
         if not hp.zero("weight_decay"):
             grads = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"])))
         sums = state["sum"]
@@ -49,5 +49,4 @@ class AdaGradRule(Rule):
             torch._foreach_add_(direction, eps)
         torch._foreach_reciprocal_(direction)
         torch._foreach_mul_(direction, grads)
-        torch._foreach_mul_(direction, scalars(-hp["lr"]))
-        return direction
+        return Step(direction, -hp["lr"])

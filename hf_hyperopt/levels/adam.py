@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, addcmul_, copy_, scalars, sqrt_
+from .base import Hyper, HyperSpec, Rule, Step, addcmul_, copy_, scalars, sqrt_
 
 
 class AdamRule(Rule):
@@ -41,12 +41,13 @@ class AdamRule(Rule):
             state["exp_avg_sq"].fill_(values["eps"])
         return state
 
-    def update(self, params, grads, state, work, hp: Hyper, step: int) -> list[Tensor]:
+    def update(self, params, grads, state, work, hp: Hyper, step: int) -> Step:
         lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
+        decay = None
         if not hp.zero("weight_decay"):
             if self.options.get("decoupled"):
-                torch._foreach_mul_(params, scalars(1.0 - lr * hp["weight_decay"]))
+                decay = 1.0 - lr * hp["weight_decay"]
             else:
                 grads = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"])))
         torch._foreach_lerp_(exp_avgs, grads, scalars(1.0 - beta1))
@@ -54,7 +55,7 @@ class AdamRule(Rule):
         addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
         bias_correction1 = 1.0 - beta1**step
         bias_correction2 = 1.0 - beta2**step
-        # direction = m / (sqrt(v) / sqrt(bc2) + eps), built in the workspace without allocating.
+        # m / (sqrt(v) / sqrt(bc2) + eps), built in the workspace without allocating.
         direction = work["direction"]
         copy_(direction, exp_avg_sqs)
         sqrt_(direction)
@@ -62,8 +63,7 @@ class AdamRule(Rule):
         torch._foreach_add_(direction, scalars(hp["eps"]))
         torch._foreach_reciprocal_(direction)
         torch._foreach_mul_(direction, exp_avgs)
-        torch._foreach_mul_(direction, scalars(-lr / bias_correction1))
-        return direction
+        return Step(direction, -lr / bias_correction1, decay)
 
 
 class AdamWRule(AdamRule):

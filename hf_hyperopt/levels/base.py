@@ -153,6 +153,23 @@ def addcmul_(self: list[Tensor], t1: list[Tensor], t2: list[Tensor], value: Tens
         torch._foreach_addcmul_(self, t1, torch._foreach_mul(t2, v))
 
 
+@dataclass
+class Step:
+    """What a rule's update returns: the new parameters are ``params * decay + direction * scale``.
+
+    ``direction`` is a list of tensors that the engine may scale in place (the rule's workspace or a
+    temporary, never state or gradients); ``scale`` and ``decay`` are per-tensor vectors
+    (``decay=None`` means 1). Keeping the last multiplication factored lets the
+    engine apply it in place and, when forward-mode AD reports that ``direction`` does not depend on
+    the learned hyperparameters (the common case of a learned step size), write the tangent of this
+    product straight into its buffers instead of letting AD allocate it.
+    """
+
+    direction: list[Tensor]
+    scale: Tensor
+    decay: Tensor | None = None
+
+
 def sqrt_(tensors: list[Tensor]) -> list[Tensor]:
     """In-place square root of non-negative tensors, with a zero (not NaN) tangent at exact zeros.
 
@@ -213,18 +230,15 @@ class Rule:
         work: dict[str, list[Tensor]],
         hp: Hyper,
         step: int,
-    ) -> list[Tensor]:
-        """Take one step: update ``state`` in place and return the increment to add to ``params``.
-
-        A rule may also change ``params`` in place before the increment is added (AdamW's decoupled
-        decay does), exactly as the matching ``torch.optim`` implementation orders its operations.
+    ) -> Step:
+        """Take one step: update ``state`` in place and say how ``params`` change (never touch them).
 
         Args:
             params: the tensors to update (weights, or one vector of lower-level hyperparameters).
             grads: their gradients, read only.
             state: ``state_names`` mapped to lists of buffers aligned with ``params``.
             work: ``workspace_names`` mapped to scratch buffers aligned with ``params``; contents are
-                undefined on entry. The increment may be one of them.
+                undefined on entry. The returned direction may be one of them.
             hp: the hyperparameters, one value per tensor; may carry forward-mode tangents.
             step: the 1-based step count of this level.
         """

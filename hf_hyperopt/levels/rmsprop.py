@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, addcmul_, copy_, scalars, sqrt_
+from .base import Hyper, HyperSpec, Rule, Step, addcmul_, copy_, scalars, sqrt_
 
 
 class RMSPropRule(Rule):
@@ -31,7 +30,7 @@ class RMSPropRule(Rule):
     square_lr = True
     gdtuo_learn = ("lr", "alpha")
 
-    def update(self, params, grads, state, work, hp: Hyper, step: int) -> list[Tensor]:
+    def update(self, params, grads, state, work, hp: Hyper, step: int) -> Step:
         if not hp.zero("weight_decay"):
             grads = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"])))
         alpha = hp["alpha"]
@@ -49,5 +48,4 @@ class RMSPropRule(Rule):
             torch._foreach_add_(direction, eps)
         torch._foreach_reciprocal_(direction)
         torch._foreach_mul_(direction, grads)
-        torch._foreach_mul_(direction, scalars(-hp["lr"]))
-        return direction
+        return Step(direction, -hp["lr"])

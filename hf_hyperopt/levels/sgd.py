@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, copy_, scalars
+from .base import Hyper, HyperSpec, Rule, Step, copy_, scalars
 
 
 class SGDRule(Rule):
@@ -40,17 +40,20 @@ class SGDRule(Rule):
             return {}
         return super().init_state(p, values)
 
-    def update(self, params, grads, state, work, hp: Hyper, step: int) -> list[Tensor]:
-        d = grads
+    def update(self, params, grads, state, work, hp: Hyper, step: int) -> Step:
+        d, owned = grads, False  # owned: d is a temporary the engine may scale in place
         if not hp.zero("weight_decay"):
-            d = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"])))
+            d, owned = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"]))), True
         if not hp.zero("momentum"):
             momentum = scalars(hp["momentum"])
             bufs = state["momentum_buffer"]
             torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, d)
-            d = torch._foreach_add(d, torch._foreach_mul(bufs, momentum)) if self.options.get("nesterov") else bufs
-        increment = work["direction"]
-        copy_(increment, d)
-        torch._foreach_mul_(increment, scalars(-hp["lr"]))
-        return increment
+            if self.options.get("nesterov"):
+                d, owned = torch._foreach_add(d, torch._foreach_mul(bufs, momentum)), True
+            else:
+                d, owned = bufs, False
+        if not owned:
+            copy_(work["direction"], d)
+            d = work["direction"]
+        return Step(d, -hp["lr"])

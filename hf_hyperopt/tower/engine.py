@@ -32,7 +32,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from ..levels.base import MODES, Hyper, Mode, Rule, parametrisation, raw_bounds, to_natural, to_raw
+from ..levels.base import MODES, Hyper, Mode, Rule, Step, parametrisation, raw_bounds, scalars, to_natural, to_raw
 from .distributed import TOWER_GROUP_KEY, local_tensor, reduce_hypergradients, sharding_group, standalone, wrap_like
 
 SCOPES: tuple[str, ...] = ("shared", "group", "tensor")
@@ -443,7 +443,8 @@ class TowerOptimizer(torch.optim.Optimizer):
             old = theta.clone()
             old_state = {name: v.clone() for name, v in ts["upper_state"][k - 1].items()}
             hp_fn = self._upper_hyper_fn(ts, k)
-            new_tangents = self._run_rule(
+            tangents = {name: [torch.empty_like(theta)] for name in self._learn[k]}
+            self._run_rule(
                 self._rules[k],
                 [theta],
                 [hypergrads[k - 1]],
@@ -453,8 +454,9 @@ class TowerOptimizer(torch.optim.Optimizer):
                 ts["step"][k],
                 ts["theta"][k] if k < n - 1 else None,
                 self._learn[k],
+                tangents,
             )
-            for name, tangent in new_tangents.items():
+            for name, tangent in tangents.items():
                 ts["upper_tangent"][k - 1][name] = tangent[0]
             self._keep_skipped(ts, k - 1, old, old_state)
             self._bound(theta, old, k - 1, ts)
@@ -558,11 +560,18 @@ class TowerOptimizer(torch.optim.Optimizer):
                 if n in self.state[b.params[0]]
             }
             theta = ts["theta"][0] if learn else None
-            tangents = self._run_rule(
-                self._rules[0], b.local, grads, state, b.work, self._level0_hyper_fn(ts, b), ts["step"][0], theta, learn
+            self._run_rule(
+                self._rules[0],
+                b.local,
+                grads,
+                state,
+                b.work,
+                self._level0_hyper_fn(ts, b),
+                ts["step"][0],
+                theta,
+                learn,
+                b.views,
             )
-            for name, tangent in tangents.items():
-                torch._foreach_copy_(b.views[name], tangent)
 
     def _run_rule(
         self,
@@ -575,37 +584,26 @@ class TowerOptimizer(torch.optim.Optimizer):
         step: int,
         theta: Tensor | None,
         learn: tuple[str, ...],
-    ) -> dict[str, list[Tensor]]:
-        """Run ``rule`` in place; return d(new params)/d(theta_j) for each learned name j.
+        out: dict[str, list[Tensor]],
+    ) -> None:
+        """Run ``rule`` on ``params`` in place; write d(new params)/d(theta_j) into ``out[j]`` for each learned j.
 
         One forward-mode pass per learned name: the theta entries of that name get tangent 1 (all
         units at once, since each tensor reads only its own unit). All but the last pass run on
         copies, so the state and parameters are updated exactly once.
         """
         if theta is None:
-            torch._foreach_add_(params, rule.update(params, grads, state, work, hyper_fn(None), step))
-            return {}
+            _apply_step(params, rule.update(params, grads, state, work, hyper_fn(None), step), None)
+            return
         units = theta.numel() // len(learn)
-        tangents: dict[str, list[Tensor]] = {}
         for j, name in enumerate(learn):
             last = j == len(learn) - 1
             p = params if last else [t.clone() for t in params]
             s = state if last else {n: [t.clone() for t in ts_] for n, ts_ in state.items()}
-            direction = torch.zeros_like(theta)
-            direction[j * units : (j + 1) * units] = 1.0
+            seed = torch.zeros_like(theta)
+            seed[j * units : (j + 1) * units] = 1.0
             with fwAD.dual_level():
-                increment = rule.update(p, grads, s, work, hyper_fn(fwAD.make_dual(theta, direction)), step)
-                if fwAD.unpack_dual(p[0]).tangent is None:
-                    # The rule left the parameters alone, so d(p + increment) = d(increment): add the
-                    # primal only and skip materialising a zero tangent for every parameter.
-                    parts = [fwAD.unpack_dual(t) for t in increment]
-                    torch._foreach_add_(p, [u.primal for u in parts])
-                    out = [u.tangent for u in parts]
-                else:
-                    torch._foreach_add_(p, increment)
-                    out = [fwAD.unpack_dual(t).tangent for t in p]
-            tangents[name] = [t if t is not None else torch.zeros_like(q) for t, q in zip(out, p, strict=True)]
-        return tangents
+                _apply_step(p, rule.update(p, grads, s, work, hyper_fn(fwAD.make_dual(theta, seed)), step), out[name])
 
     # ------------------------------------------------------------------ reading the tower
     @torch.no_grad()
@@ -691,6 +689,46 @@ class TowerOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._tower_state = _clone_tree(tower["state"]) if tower["state"] else {}
         self._buckets = None  # tangent views are rebuilt on the next step
+
+
+def _apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None) -> None:
+    """``params <- params * decay + direction * scale`` in place; with ``tangent``, also its tangent.
+
+    When forward-mode AD reports that the direction does not depend on the learned hyperparameters
+    (a learned step size), the tangent of this last product is ``params * d(decay) + direction *
+    d(scale)``: the product rule of one multiplication, with ``d(scale)`` and ``d(decay)`` from AD,
+    written into ``tangent`` with no allocation. Otherwise AD carries the tangent through it too.
+    """
+    direction = step.direction
+    if tangent is None:
+        if step.decay is not None:
+            torch._foreach_mul_(params, scalars(step.decay))
+        torch._foreach_mul_(direction, scalars(step.scale))
+        torch._foreach_add_(params, direction)
+        return
+    if fwAD.unpack_dual(direction[0]).tangent is None:
+        scale, d_scale = fwAD.unpack_dual(step.scale)
+        if d_scale is None:
+            torch._foreach_zero_(tangent)
+        else:
+            torch._foreach_copy_(tangent, direction)
+            torch._foreach_mul_(tangent, scalars(d_scale))
+        if step.decay is not None:
+            decay, d_decay = fwAD.unpack_dual(step.decay)
+            if d_decay is not None:
+                torch._foreach_add_(tangent, torch._foreach_mul(params, scalars(d_decay)))
+            torch._foreach_mul_(params, scalars(decay))
+        torch._foreach_mul_(direction, scalars(scale))
+        torch._foreach_add_(params, direction)
+        return
+    if step.decay is not None:
+        torch._foreach_mul_(params, scalars(step.decay))
+    torch._foreach_mul_(direction, scalars(step.scale))
+    torch._foreach_add_(params, direction)
+    out = [fwAD.unpack_dual(t).tangent for t in params]
+    torch._foreach_copy_(
+        tangent, [t if t is not None else torch.zeros_like(q) for t, q in zip(out, params, strict=True)]
+    )
 
 
 def _constant_dtype_device(like: Tensor) -> tuple[torch.dtype, torch.device]:
