@@ -3,6 +3,7 @@ parameters without gradients, absurd hyper step sizes."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -178,3 +179,61 @@ def test_gdtuo_mode_lets_lr_go_negative(float64, make_mlp, batches):
         _step(model, opt, batch)
         lrs.append(opt.hyperparameters()[0]["lr"])
     assert min(lrs) < 0
+
+
+@pytest.mark.parametrize("scope", ["shared", "group", "tensor"])
+def test_add_param_group_before_the_first_step(scope, float64, make_mlp, batches):
+    model = make_mlp()
+    opt = hh.HyperSGD([model[0].weight, model[0].bias], lr=0.05, scope=scope)
+    opt.add_param_group({"params": [model[2].weight, model[2].bias]})
+    assert opt.param_groups[1]["initial_lr"] == 0.05
+    losses = [_step(model, opt, batch) for batch in batches(10)]
+    assert losses[-1] < losses[0]
+    assert all(p.grad is None and opt.state[p] for p in model.parameters())
+
+
+def test_add_param_group_after_the_first_step(float64, make_mlp, batches):
+    """Shared scope: the new group trains with the learned lr. Per-group scopes refuse, saying why."""
+    data = batches(6)
+    model = make_mlp()
+    opt = hh.HyperSGD([model[0].weight, model[0].bias], lr=0.05)
+    for batch in data[:3]:
+        _step(model, opt, batch)
+    late = model[2].weight.detach().clone()
+    opt.add_param_group({"params": [model[2].weight, model[2].bias]})
+    for batch in data[3:]:
+        _step(model, opt, batch)
+    assert not torch.equal(model[2].weight.detach(), late) and opt.skipped_hyper_updates() == [0]
+    with pytest.raises(ValueError, match=r"\[0\.05, 0\.05, 0\.1\].*scope='group'"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "lr": 0.1})
+    assert len(opt.param_groups) == 2  # the refused group was not kept
+
+    per_group = hh.HyperSGD([model[0].weight], lr=0.05, scope="group")
+    _step(model, per_group, data[0])
+    with pytest.raises(ValueError, match="scope='group'.*before the first step"):
+        per_group.add_param_group({"params": [model[0].bias]})
+
+
+def test_unsupported_parameters_are_refused_clearly():
+    with pytest.raises(ValueError, match="complex"):
+        hh.HyperAdam([nn.Parameter(torch.randn(3, dtype=torch.complex64))], lr=0.1)
+    emb = nn.Embedding(5, 3, sparse=True)
+    opt = hh.HyperSGD(emb.parameters(), lr=0.1)
+    emb(torch.tensor([0, 1])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+def test_deepcopy_continues_identically(float64, make_mlp, batches):
+    data = batches(6)
+    model = make_mlp()
+    opt = hh.tower(model.parameters(), "adam(lr=0.01)/adam(lr=0.01)/sgd(lr=0.001)")
+    for batch in data[:3]:
+        _step(model, opt, batch)
+    twin = copy.deepcopy({"model": model, "opt": opt})
+    for batch in data[3:]:
+        _step(model, opt, batch)
+        _step(twin["model"], twin["opt"], batch)
+    assert twin["opt"].hyperparameters() == opt.hyperparameters()
+    for p, q in zip(model.parameters(), twin["model"].parameters(), strict=True):
+        assert torch.equal(p, q)

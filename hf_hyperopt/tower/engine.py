@@ -258,6 +258,47 @@ class TowerOptimizer(torch.optim.Optimizer):
         """For each level, the names of its hyperparameters that the level above learns."""
         return list(self._learn)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim``'s ``add_param_group`` with the tower's checks (``__init__`` also calls it).
+
+        In the shared scope a group may be added at any time and trains with the learned values; in
+        the group and tensor scopes only before the first step, since the learned values are laid out
+        per group (tensor) when the tower starts.
+        """
+        started = bool(getattr(self, "_tower_state", None))
+        if started and self.height and self.scope != "shared":
+            raise ValueError(
+                f"add_param_group after the first step is not supported with scope={self.scope!r}: the learned "
+                "hyperparameters are laid out per group or tensor when the tower starts; add every group "
+                "before the first step, or use scope='shared'"
+            )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for p in group["params"]:
+                if torch.is_complex(p):
+                    raise ValueError(
+                        f"complex parameters are not supported: got a {p.dtype} tensor of shape {tuple(p.shape)}; "
+                        "keep it as a real tensor with a trailing dimension of 2 (torch.view_as_real)"
+                    )
+            if hasattr(self, "_buckets"):  # a group added after construction: check it as __init__ does
+                for name in self._rules[0].hyperparameters:
+                    validate_value(0, self.levels[0].rule, name, _group_value(group, name))
+                group.setdefault("initial_lr", group["lr"])
+                self._check_scope()
+                self._buckets = None
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults, state and param_groups, which would lose the tower on
+        # copy.deepcopy or pickling. Buckets (views into flat tangent buffers) are rebuilt from the
+        # state on the next step; a process group cannot be pickled.
+        state = dict(self.__dict__)
+        state.update(_buckets=None, _bucket_key=None, _sharding_group=None)
+        return state
+
     # ------------------------------------------------------------------ tower state
     def _units(self) -> int:
         if self.scope == "shared":
@@ -326,6 +367,11 @@ class TowerOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError(
+                            f"{type(self).__name__} does not support sparse gradients (a parameter of shape "
+                            f"{tuple(p.shape)} has one); use a dense layer, e.g. nn.Embedding(..., sparse=False)"
+                        )
                     unit = 0 if self.scope == "shared" else gi if self.scope == "group" else offset + pi
                     out.append((p, unit, gi))
             offset += len(group["params"])
