@@ -1,29 +1,36 @@
-"""Train a tiny MLP with a tower optimizer for a few steps and write every level's trajectory to JSON.
+"""Train a tiny MLP with tower optimizers and write every level's trajectory, per rank, to JSON.
 
-Launched by ``tests/test_distributed.py``, either as one plain process (the reference) or under
-``torchrun --nproc_per_node 2`` with gloo on CPU::
+Launched by ``tests/test_distributed.py`` as one plain process (the reference) or under torchrun
+with gloo on CPU; one launch runs several cases so that the process group is set up only once::
 
-    python tests/dist_workers/tower_worker.py --wrap none --spec "adam(lr=1e-3)/adam(lr=1e-2)" --out ref.json
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_workers/tower_worker.py \
-        --wrap fsdp --spec "adam(lr=1e-3)/adam(lr=1e-2)" --out fsdp.json
+    python tests/dist_workers/tower_worker.py --cases cases.json --out ref
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_workers/tower_worker.py --cases cases.json --out dist
 
-Every run draws the same global batches from one seed. Under ``ddp`` and ``fsdp`` each rank trains on
-its contiguous half of the global batch, and both wrappers average gradients over the ranks, so with
-a mean loss the averaged gradient is the single-process gradient of the whole batch. Rank ``r``
-writes ``<out>.rank<r>.json`` (the single process writes ``<out>.rank0.json``) holding, for every
-step, ``opt.hyperparameters()`` and a checksum of the weights, and the number of collectives the
-optimizer issued during its ``step`` calls.
+``cases.json`` is a list of cases, each a dict with ``name``, ``spec`` and optionally ``wrap``
+(``ddp``, ``fsdp``: FSDP2 ``fully_shard`` on a 1-D mesh, ``hsdp``: ``fully_shard`` on a
+``(1, world)`` mesh; ignored in a single process), ``scope``, ``steps`` (20), ``save_at`` + ``ckpt``
++ ``ckpt_format`` (``torch``: one ``torch.save`` file per rank of ``model.state_dict()`` and
+``opt.state_dict()``; ``dcp``: ``torch.distributed.checkpoint`` of ``get_model_state_dict`` /
+``get_optimizer_state_dict``, as Accelerate saves FSDP2 runs), ``resume`` (a ``ckpt`` directory to
+continue from), ``no_reduce`` (replace the hypergradient all-reduce by nothing: the control that
+shows the comparison can fail) and the ``wrap`` ``fsdp_first_layer_only`` (a misconfiguration that the
+optimizer must refuse; the ``ValueError`` is recorded as ``error``).
 
-``--save-at N --ckpt DIR`` writes a per-rank checkpoint after step ``N`` (the model's and the
-optimizer's ``state_dict``, whose tensors are ``DTensor`` shards under FSDP2, in one file per rank);
-``--resume DIR`` loads it into a freshly built model and optimizer and continues from step ``N``.
+Every run draws the same global batches from one seed. Distributed, rank ``r`` trains on its
+contiguous ``1/world`` of the global batch; DDP and FSDP2 both average gradients over the ranks, so
+with a mean loss the gradient is the single-process gradient of the whole batch. Rank ``r`` writes
+``<out>.rank<r>.json``: per case, for every step ``opt.hyperparameters()`` and a checksum of the
+full weights, and the collectives issued inside ``opt.step()`` (counted with ``CommDebugMode``,
+which sees both ``torch.distributed`` and functional/DTensor collectives).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -31,7 +38,11 @@ from torch import nn
 
 import hf_hyperopt as hh
 
+# ``hf_hyperopt.tower`` is also the name of the function, so the module is fetched by its full name.
+engine = importlib.import_module("hf_hyperopt.tower.engine")
+
 IN, HIDDEN, OUT = 8, 12, 3
+GLOBAL_BATCH = 16
 
 
 def make_model() -> nn.Module:
@@ -39,41 +50,32 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
 
 
-def batch(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(size, IN, generator=g)
-    y = torch.randint(0, OUT, (size,), generator=g)
-    return x, y
+    return torch.randn(GLOBAL_BATCH, IN, generator=g), torch.randint(0, OUT, (GLOBAL_BATCH,), generator=g)
 
 
-class CountCollectives:
-    """Count the collectives issued while active, by wrapping the ``torch.distributed`` entry points."""
+def wrap(model: nn.Module, how: str, world: int) -> nn.Module:
+    if how == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "barrier")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.active = False
-        self._orig = {}
-        for name in self.NAMES:
-            fn = getattr(dist, name)
-            self._orig[name] = fn
-
-            def wrapped(*args, _fn=fn, **kwargs):
-                if self.active:
-                    self.count += 1
-                return _fn(*args, **kwargs)
-
-            setattr(dist, name, wrapped)
-
-    def restore(self) -> None:
-        for name, fn in self._orig.items():
-            setattr(dist, name, fn)
+    if how == "fsdp_first_layer_only":
+        # A misconfiguration: the other layers keep plain parameters that FSDP2 does not reduce.
+        fully_shard(model[0], mesh=init_device_mesh("cpu", (world,)))
+        return model
+    if how == "hsdp":
+        mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def save_checkpoint(path: str, fmt: str, model: nn.Module, opt: torch.optim.Optimizer, rank: int, step: int) -> None:
-    """``torch``: one ``torch.save`` file per rank. ``dcp``: ``torch.distributed.checkpoint`` of the
-    ``get_model_state_dict`` / ``get_optimizer_state_dict`` views, as Accelerate saves FSDP2 runs."""
     os.makedirs(path, exist_ok=True)
     if fmt == "torch":
         blob = {"model": model.state_dict(), "optim": opt.state_dict(), "step": step}
@@ -82,8 +84,10 @@ def save_checkpoint(path: str, fmt: str, model: nn.Module, opt: torch.optim.Opti
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt), "step": step}
-    dcp.save(sd, checkpoint_id=path)
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt), "step": step},
+        checkpoint_id=path,
+    )
 
 
 def load_checkpoint(path: str, fmt: str, model: nn.Module, opt: torch.optim.Optimizer, rank: int) -> int:
@@ -100,7 +104,7 @@ def load_checkpoint(path: str, fmt: str, model: nn.Module, opt: torch.optim.Opti
         set_optimizer_state_dict,
     )
 
-    # The templates DCP loads into come from the fresh model and optimizer, as in Accelerate.
+    # DCP loads into templates taken from the fresh model and optimizer, as Accelerate does.
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt), "step": 0}
     dcp.load(sd, checkpoint_id=path)
     set_model_state_dict(model, sd["model"])
@@ -108,81 +112,73 @@ def load_checkpoint(path: str, fmt: str, model: nn.Module, opt: torch.optim.Opti
     return int(sd["step"])
 
 
+def run_case(case: dict, rank: int, world: int) -> dict:
+    distributed = world > 1
+    model = make_model()
+    if distributed:
+        model = wrap(model, case.get("wrap", "ddp"), world)
+    opt = hh.tower(model.parameters(), case["spec"], scope=case.get("scope", "shared"))
+    steps = case.get("steps", 20)
+    start = (
+        load_checkpoint(case["resume"], case.get("ckpt_format", "torch"), model, opt, rank) if "resume" in case else 0
+    )
+    original_reduce = engine.reduce_hypergradients
+    if case.get("no_reduce"):
+        engine.reduce_hypergradients = lambda h, groups: None
+    if distributed:
+        from torch.distributed.tensor.debug import CommDebugMode
+    records, collectives = [], []
+    error = None
+    try:
+        for step in range(start, steps):
+            x, y = batch(step)
+            if distributed:
+                per = GLOBAL_BATCH // world
+                x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+            nn.functional.cross_entropy(model(x), y).backward()
+            counter = CommDebugMode() if distributed else nullcontext()
+            with counter:
+                try:
+                    opt.step()
+                except ValueError as e:
+                    error = f"ValueError: {e}"
+                    break
+            collectives.append(counter.get_total_counts() if distributed else 0)
+            opt.zero_grad()
+            with torch.no_grad():
+                full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+                checksum = float(sum(p.double().sum() for p in full))
+            records.append({"step": step + 1, "hyper": opt.hyperparameters(), "checksum": checksum})
+            if case.get("save_at") == step + 1:
+                save_checkpoint(case["ckpt"], case.get("ckpt_format", "torch"), model, opt, rank, step + 1)
+    finally:
+        engine.reduce_hypergradients = original_reduce
+    return {
+        "error": error,
+        "records": records,
+        "collectives_per_step": collectives,
+        "reduced_floats": int(opt._tower_state["theta"][0].numel()) if opt.height and opt._tower_state else 0,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--wrap", choices=("none", "ddp", "fsdp", "hsdp"), required=True)
-    ap.add_argument("--spec", required=True)
-    ap.add_argument("--scope", default="shared")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=16, help="global batch size")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--save-at", type=int, default=0)
-    ap.add_argument("--ckpt", default="")
-    ap.add_argument("--resume", default="")
-    ap.add_argument("--ckpt-format", choices=("torch", "dcp"), default="torch")
+    ap.add_argument("--cases", required=True, help="JSON file: a list of cases")
+    ap.add_argument("--out", required=True, help="prefix; rank r writes <out>.rank<r>.json")
     args = ap.parse_args()
+    with open(args.cases) as f:
+        cases = json.load(f)
 
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
-    distributed = args.wrap != "none"
     rank, world = 0, 1
-    if distributed:
+    if "RANK" in os.environ:
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-    counter = CountCollectives() if distributed else None
-
-    model = make_model()
-    if args.wrap == "ddp":
-        model = nn.parallel.DistributedDataParallel(model)
-    elif args.wrap in ("fsdp", "hsdp"):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        # HSDP on a (1, world) mesh: parameters are (Replicate(), Shard(0)); the shard dim is reduced.
-        mesh = init_device_mesh("cpu", (1, world) if args.wrap == "hsdp" else (world,))
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    opt = hh.tower(model.parameters(), args.spec, scope=args.scope)
-
-    start = 0
-    if args.resume:
-        start = load_checkpoint(args.resume, args.ckpt_format, model, opt, rank)
-
-    records = []
-    for step in range(start, args.steps):
-        x, y = batch(step, args.batch)
-        if distributed:
-            per = args.batch // world
-            x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        if counter is not None:
-            counter.active = True
-        opt.step()
-        if counter is not None:
-            counter.active = False
-        opt.zero_grad()
-        with torch.no_grad():
-            full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
-            checksum = float(sum(p.double().sum() for p in full))
-        records.append({"step": step + 1, "hyper": opt.hyperparameters(), "checksum": checksum})
-        if args.save_at and step + 1 == args.save_at:
-            save_checkpoint(args.ckpt, args.ckpt_format, model, opt, rank, step + 1)
-
-    result = {
-        "rank": rank,
-        "world": world,
-        "records": records,
-        "optimizer_collectives": counter.count if counter is not None else 0,
-        "optimizer_steps": args.steps - start,
-    }
+    results = {case["name"]: run_case(case, rank, world) for case in cases}
     with open(f"{args.out}.rank{rank}.json", "w") as f:
-        json.dump(result, f)
-    if counter is not None:
-        counter.restore()
-    if distributed:
+        json.dump({"rank": rank, "world": world, "cases": results}, f)
+    if world > 1:
         dist.destroy_process_group()
 
 
