@@ -70,18 +70,20 @@ def test_zero_hyper_step_is_torch_optim(case, weight_decay, upper, float64, make
     assert not torch.equal(next(model.parameters()), next(make_mlp().parameters()))
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_zero_hyper_step_two_param_groups(case, float64, make_mlp, batches):
+@pytest.mark.parametrize("case, scope", [(case, "shared") for case in CASES] + [("adamw", "group")])
+def test_zero_hyper_step_two_param_groups(case, scope, float64, make_mlp, batches):
+    """The Trainer's two groups (decay / no decay), one learned lr for both (the default) or one each."""
     level0, torch_cls, kwargs = CASES[case]
     data = batches(STEPS)
     ref_model, model = make_mlp(), make_mlp()
     ref = torch_cls(_hf_groups(ref_model, 0.1), **kwargs)
-    opt = hh.tower(_hf_groups(model, 0.1), level0.format(wd="") + "/sgd(lr=0)", scope="group")
+    opt = hh.tower(_hf_groups(model, 0.1), level0.format(wd="") + "/sgd(lr=0)", scope=scope)
     _train(ref_model, ref, data)
     _train(model, opt, data)
     for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=RTOL, atol=1e-10)
-    assert opt.hyperparameters()[0]["lr"] == pytest.approx([kwargs["lr"]] * 2, rel=1e-12)
+    expected = kwargs["lr"] if scope == "shared" else [kwargs["lr"]] * 2
+    assert opt.hyperparameters()[0]["lr"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_plain_algorithm_without_tower(float64, make_mlp, batches):
