@@ -62,6 +62,11 @@ SPECS = [
     "adagrad(lr=0.05)/sgd(lr=0.001)",
     "rmsprop(lr=0.01)/sgd(lr=0.001)",
     "rmsprop(lr=0.01)/rmsprop(lr=0.001)",
+    # The remaining stacks of the paper's MNIST table: adaptive levels learning SGD's step size.
+    "sgd(lr=0.05)/adam(lr=0.01)",
+    "sgd(lr=0.05)/adagrad(lr=0.01)",
+    "sgd(lr=0.05)/rmsprop(lr=0.01)",
+    "adagrad(lr=0.05)/adagrad(lr=0.01)",
 ]
 
 
