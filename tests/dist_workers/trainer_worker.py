@@ -14,10 +14,8 @@ where Accelerate runs ``MULTI_CPU`` with gloo::
 FSDP2 at load time (Accelerate's own FSDP plugin needs GPUs; this path runs on CPU). ``--batch`` is
 the per-device batch: 2 ranks x 4 give the same global batches as 1 x 8 (Accelerate gives the ranks
 consecutive slices of each global batch, drawn by the same seeded sampler). Dropout is off so that the
-ranks and the single process compute the same function, and the model runs in float64 (``--dtype``)
-so that the comparison is not swamped by float32 rounding, which an Adam hyper-level amplifies
-(see the README). Rank ``r`` writes ``<out>.rank<r>.json`` with, per optimizer step,
-``trainer.tower.hyperparameters()``.
+ranks and the single process compute the same function. Rank ``r`` writes ``<out>.rank<r>.json`` with,
+per optimizer step, ``trainer.tower.hyperparameters()``.
 """
 
 from __future__ import annotations
@@ -77,7 +75,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, required=True, help="per-device train batch size")
     ap.add_argument("--wrap", choices=("none", "ddp", "fsdp"), default="none")
     ap.add_argument("--model-dir", default="", help="a save_pretrained tiny_bert(), for --wrap fsdp")
-    ap.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--optim", default="hyper_adam")
     ap.add_argument("--lr", type=float, default=3e-3)
