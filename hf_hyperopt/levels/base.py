@@ -178,7 +178,8 @@ def sqrt_(tensors: list[Tensor]) -> list[Tensor]:
     whole hypergradient sum. Raising the values to the dtype's smallest normal number first (the
     clamp's tangent is 0 where it binds) changes sqrt(0) to ~1e-19 in float32, far below any eps.
     """
-    torch._foreach_clamp_min_(tensors, torch.finfo(tensors[0].dtype).tiny)
+    if fwAD.unpack_dual(tensors[0]).tangent is not None:  # without a tangent sqrt(0) = 0 is fine
+        torch._foreach_clamp_min_(tensors, torch.finfo(tensors[0].dtype).tiny)
     torch._foreach_sqrt_(tensors)
     return tensors
 
