@@ -150,6 +150,15 @@ def test_under_fsdp2_one_small_all_reduce_per_step(tower_runs, name, floats):
         assert ranks[name]["reduced_floats"] == floats
 
 
+def test_under_fsdp2_the_optimizer_state_is_sharded_like_the_parameters(tower_runs):
+    ranks = [r["fsdp_adam"] for r in tower_runs["ranks"]]
+    for r in ranks:
+        # 6 parameters x (exp_avg, exp_avg_sq, hypertangent_lr), all DTensors
+        assert r["state_tensors"] == r["state_dtensors"] == 18
+    assert sum(r["state_local_numel"] for r in ranks) == ranks[0]["state_global_numel"]
+    assert all(r["state_local_numel"] < r["state_global_numel"] for r in ranks)
+
+
 def test_without_the_all_reduce_fsdp2_ranks_drift_apart(tower_runs):
     """The control: with the reduction removed, each rank learns from its own shard and they differ."""
     r0, r1 = (ranks["fsdp_no_reduce"]["records"] for ranks in tower_runs["ranks"])

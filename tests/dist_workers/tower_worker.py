@@ -153,7 +153,13 @@ def run_case(case: dict, rank: int, world: int) -> dict:
                 save_checkpoint(case["ckpt"], case.get("ckpt_format", "torch"), model, opt, rank, step + 1)
     finally:
         engine.reduce_hypergradients = original_reduce
+    # How the per-parameter state (Adam's moments, the tangent buffers) is held: local shard vs whole.
+    state = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
     return {
+        "state_tensors": len(state),
+        "state_dtensors": sum(hasattr(v, "to_local") for v in state),
+        "state_local_numel": sum((v.to_local() if hasattr(v, "to_local") else v).numel() for v in state),
+        "state_global_numel": sum(v.numel() for v in state),
         "error": error,
         "records": records,
         "collectives_per_step": collectives,
