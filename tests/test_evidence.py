@@ -98,6 +98,24 @@ def test_sensitivity_rejects_unknown_method_before_training():
         sensitivity.resolve_methods(["adamw", "adamx"])
 
 
+@pytest.mark.skipif(
+    not (sensitivity.DATA / "shakespeare_lm" / "train.txt").exists(), reason="data/shakespeare_lm not built"
+)
+def test_sensitivity_quick_gpt2_reports_perplexity_and_skips_reference(tmp_path):
+    args = sensitivity.SensitivityArguments(
+        task="gpt2", methods=["adamw", "gdtuo_adam_sgd", "hyper_adam"], quick=True, out=str(tmp_path)
+    )
+    sensitivity.main(args)
+    runs = _read_csv(tmp_path / "sensitivity_gpt2.csv")
+    # the reference cannot drive GPT-2's tied embeddings: it is skipped, not reported
+    assert {r["method"] for r in runs} == {"adamw", "hyper_adam"}
+    assert all(1.0 < float(r["metric"]) < 2000.0 for r in runs)
+    data = json.loads((tmp_path / "sensitivity_gpt2.json").read_text())
+    assert data["meta"]["higher_is_better"] is False
+    summary = {s["method"]: s for s in data["summary"]}
+    assert summary["adamw"]["best"] <= summary["adamw"]["worst"]  # perplexity: lower is better
+
+
 def test_paper_table_quick_agrees_with_reference(tmp_path):
     args = paper_table.PaperTableArguments(quick=True, out=str(tmp_path))
     paper_table.main(args)
