@@ -97,6 +97,7 @@ def main() -> None:
         output_dir=args.output_dir,
         report_to="none",
         optim=args.optim,
+        hyper_tower="adam(lr=0.01)",  # pinned, so a change of the package default cannot split the runs
         learning_rate=args.lr,
         per_device_train_batch_size=args.batch,
         max_steps=args.steps,
