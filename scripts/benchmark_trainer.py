@@ -12,11 +12,20 @@ The two trainers take turns in blocks of steps (A B B A ...), so that slow phase
 machine hit both; the first step of every block is dropped (it holds the dataloader start-up), and
 the medians of the remaining steps are compared.
 
-Commands (from the repository root; each prints the table and writes
-``results/benchmark_trainer.{csv,md}``)::
+``--sweep`` measures instead what the ``HyperTrainingArguments`` defaults rest on: how robust each
+Trainer-level setting (``--hyper_learn``, ``--hyper_scope``, ``--hyper_tower``) is to the initial
+``--learning_rate``. A 2-layer BERT built from config learns a synthetic sequence-classification
+task (label: is the first token in the lower half of the vocabulary) from initial learning rates
+1e-6 .. 1e-1, for a fixed number of steps and seeds; the table gives the held-out loss per learning
+rate and its worst case over the sweep. ``adamw_torch`` with a constant schedule is the reference.
 
-    HF_HUB_OFFLINE=1 nice python scripts/benchmark_trainer.py                 # ~3 min on 2 CPU cores
+Commands (from the repository root; each prints its table and writes
+``results/benchmark_trainer.{csv,md}`` or, with ``--sweep``, ``results/trainer_defaults.{csv,md}``)::
+
+    HF_HUB_OFFLINE=1 nice python scripts/benchmark_trainer.py                 # ~5 min on 2 CPU cores
     HF_HUB_OFFLINE=1 python scripts/benchmark_trainer.py --quick --out /tmp   # a smoke run, ~30 s
+    HF_HUB_OFFLINE=1 nice python scripts/benchmark_trainer.py --sweep         # ~5 min
+    HF_HUB_OFFLINE=1 python scripts/benchmark_trainer.py --sweep --quick --out /tmp
 """
 
 from __future__ import annotations
@@ -168,6 +177,94 @@ def write(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> None:
     print("\n".join(lines))
 
 
+# ------------------------------------------------------------------------------------------ --sweep
+SWEEP_LRS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+SWEEP_CONFIGS: dict[str, dict] = {
+    "adamw_torch (no tower)": {"optim": "adamw_torch", "lr_scheduler_type": "constant"},
+    "hyper_adam learn=lr scope=shared (default)": {"optim": "hyper_adam"},
+    "hyper_adam learn=lr scope=group": {"optim": "hyper_adam", "hyper_scope": "group"},
+    "hyper_adam learn=lr scope=tensor": {"optim": "hyper_adam", "hyper_scope": "tensor"},
+    "hyper_adam learn=lr+beta1 scope=shared": {"optim": "hyper_adam", "hyper_learn": "lr+beta1"},
+    "hyper_adam tower=sgd(lr=1e-5) (the paper's)": {"optim": "hyper_adam", "hyper_tower": "sgd(lr=1e-5)"},
+}
+
+
+def sweep_task(n: int, seed: int, vocab: int = 64, seq_len: int = 12) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(2, vocab, (n, seq_len), generator=g)
+    y = (x[:, 0] < vocab // 2 + 1).long()
+    return [{"input_ids": x[i], "labels": y[i]} for i in range(n)]
+
+
+def sweep_model(seed: int):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=16, num_labels=2)  # fmt: skip
+    return BertForSequenceClassification(cfg)
+
+
+def run_sweep(args: argparse.Namespace) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    lrs = SWEEP_LRS[1::2] if args.quick else SWEEP_LRS
+    configs = dict(list(SWEEP_CONFIGS.items())[:3]) if args.quick else SWEEP_CONFIGS
+    seeds = range(1 if args.quick else args.seeds)
+    rows = []
+    with tempfile.TemporaryDirectory() as out:
+        for name, cfg in configs.items():
+            for lr in lrs:
+                losses = []
+                for seed in seeds:
+                    targs = HyperTrainingArguments(
+                        output_dir=os.path.join(out, "run"), report_to="none", learning_rate=lr, seed=seed,
+                        per_device_train_batch_size=16, max_steps=args.sweep_steps, logging_steps=10**6,
+                        save_strategy="no", disable_tqdm=True, dataloader_pin_memory=False, **cfg,
+                    )  # fmt: skip
+                    trainer = HyperTrainer(model=sweep_model(seed), args=targs, train_dataset=sweep_task(512, seed),
+                                           eval_dataset=sweep_task(256, 1000 + seed))  # fmt: skip
+                    trainer.train()
+                    loss = trainer.evaluate()["eval_loss"]
+                    losses.append(loss if loss == loss else float("inf"))  # NaN: diverged
+                final_lr = trainer.tower.hyperparameters()[0]["lr"] if trainer.tower is not None else lr
+                rows.append({"config": name, "initial_lr": lr, "eval_loss": round(statistics.mean(losses), 4),
+                             "final_lr_last_seed": final_lr if isinstance(final_lr, float) else statistics.median(final_lr)})  # fmt: skip
+                print(f"{name:45s} lr {lr:.0e}: eval loss {rows[-1]['eval_loss']:.4f}", flush=True)
+    return rows
+
+
+def write_sweep(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "trainer_defaults.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lrs = sorted({r["initial_lr"] for r in rows})
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    table = {(r["config"], r["initial_lr"]): r["eval_loss"] for r in rows}
+    lines = [
+        "# HyperTrainer settings against the initial learning rate",
+        "",
+        f"Command: `python scripts/benchmark_trainer.py {' '.join(argv)}`",
+        "",
+        f"2-layer BERT (hidden 32) from config, synthetic classification (512 train / 256 held-out sequences), "
+        f"{args.sweep_steps} steps of batch 16, constant schedule, held-out loss (chance: 0.693) averaged over "
+        f"{1 if args.quick else args.seeds} seed(s); torch {torch.__version__}.",
+        "",
+        "| setting | " + " | ".join(f"lr {lr:.0e}" for lr in lrs) + " | worst | mean |",
+        "|---|" + "---|" * (len(lrs) + 2),
+    ]
+    for c in configs:
+        vals = [table[(c, lr)] for lr in lrs]
+        lines.append(f"| {c} | " + " | ".join(f"{v:.3f}" for v in vals)
+                     + f" | {max(vals):.3f} | {statistics.mean(vals):.3f} |")  # fmt: skip
+    lines.append("")
+    (out / "trainer_defaults.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch_size", type=int, default=16)
@@ -177,12 +274,21 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     p.add_argument("--out", default="results", help="folder for benchmark_trainer.{csv,md}")
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 blocks of 3 steps, batch 4 x 32")
+    p.add_argument("--sweep", action="store_true", help="robustness of the Trainer settings to the initial lr")
+    p.add_argument("--seeds", type=int, default=2, help="--sweep: seeds per point")
+    p.add_argument("--sweep_steps", type=int, default=60, help="--sweep: optimizer steps per run")
     return p
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
     args = make_parser().parse_args(argv)
+    if args.sweep:
+        if args.quick:
+            args.sweep_steps = 10
+        rows = run_sweep(args)
+        write_sweep(rows, args, argv)
+        return rows
     if args.quick:
         args.blocks, args.block, args.batch_size, args.seq_len = 2, 3, 4, 32
     rows = run(args)
