@@ -10,6 +10,7 @@ to keep the suite around a minute and a half on two cores.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -182,6 +183,11 @@ def test_fsdp2_checkpoint_resumes_to_the_same_trajectory(tower_runs, name):
 
 
 # ---------------------------------------------------------------------------------------- HyperTrainer
+# FSDP2 for the Trainer on CPU: Accelerate's FSDP plugin needs GPUs, so the model is sharded by
+# transformers itself at load time (transformers >= 5.x: ``from_pretrained(distributed_config=...)``).
+HAS_DISTRIBUTED_LOADING = importlib.util.find_spec("transformers.distributed") is not None
+
+
 @pytest.fixture(scope="module")
 def trainer_runs(tmp_path_factory) -> dict:
     from dist_workers.trainer_worker import tiny_bert
@@ -190,18 +196,18 @@ def trainer_runs(tmp_path_factory) -> dict:
     tiny_bert().save_pretrained(d / "tiny_bert")
     single("trainer_worker.py", ["--out", "ref", "--batch", "8", "--output-dir", "out_ref"], d)
     torchrun("trainer_worker.py", ["--out", "ddp", "--batch", "4", "--wrap", "ddp", "--output-dir", "out_ddp"], d)
-    torchrun("trainer_worker.py", ["--out", "fsdp", "--batch", "4", "--wrap", "fsdp", "--model-dir", "tiny_bert",
-                                   "--output-dir", "out_fsdp"], d)  # fmt: skip
-    return {
-        "ref": read_ranks(d / "ref", 1)[0],
-        "ddp": read_ranks(d / "ddp"),
-        "fsdp": read_ranks(d / "fsdp"),
-        "dir": d,
-    }
+    runs = {"ref": read_ranks(d / "ref", 1)[0], "ddp": read_ranks(d / "ddp"), "dir": d}
+    if HAS_DISTRIBUTED_LOADING:
+        torchrun("trainer_worker.py", ["--out", "fsdp", "--batch", "4", "--wrap", "fsdp", "--model-dir", "tiny_bert",
+                                       "--output-dir", "out_fsdp"], d)  # fmt: skip
+        runs["fsdp"] = read_ranks(d / "fsdp")
+    return runs
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_hypertrainer_on_two_ranks_matches_one_process(trainer_runs, mode):
+    if mode not in trainer_runs:
+        pytest.skip("this transformers has no from_pretrained(distributed_config=...) (FSDP2 loading)")
     ref = trainer_runs["ref"]["records"]
     r0, r1 = trainer_runs[mode]
     assert r0["distributed_type"] == "DistributedType.MULTI_CPU" and r0["world"] == 2
