@@ -47,10 +47,10 @@ def plot_trajectories(
         ValueError: if ``runs`` is empty, ``labels`` has the wrong length, or no run holds any
             ``hyper/...`` value.
     """
+    # A bare Figure draws with Agg and touches no pyplot state, so a training run inside a notebook
+    # neither changes the user's backend nor leaves figures open.
     import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     if not runs:
         raise ValueError("plot_trajectories needs at least one run")
@@ -71,8 +71,9 @@ def plot_trajectories(
     names = list(panels)
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.4 * rows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(4.8 * cols, 3.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, panel in zip(axes.flat, names, strict=False):
         for i, (recs, label) in enumerate(zip(records, labels, strict=True)):
             color = colors[i % len(colors)]
@@ -82,11 +83,22 @@ def plot_trajectories(
                 if not pts:
                     continue
                 xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, color=color, alpha=1.0 if len(keys) == 1 else 0.5, lw=1.4,
-                        label=label if j == 0 else None)  # fmt: skip
+                if len(keys) == 1:
+                    legend = label
+                elif len(keys) <= 4:  # a few groups: one legend entry each
+                    legend = f"{label} ({key.rsplit('/', 1)[-1]})"
+                else:  # one per tensor: a single entry
+                    legend = f"{label} ({len(keys)} tensors)" if j == 0 else None
+                ax.plot(xs, ys, color=color, alpha=1.0 if len(keys) == 1 else 0.6, lw=1.4, label=legend,
+                        ls=("-", ":", "-.", "--")[j % 4] if len(keys) <= 4 else "-")  # fmt: skip
             if panel == "hyper/0/lr":
                 pts = [(r["step"], r["learning_rate"]) for r in recs if r.get("learning_rate") is not None]
-                learned = [r.get("hyper/0/lr") for r in recs if r.get("learning_rate") is not None]
+                # learning_rate is param group 0's: compare with its learned value in any scope.
+                learned = [
+                    r.get("hyper/0/lr", r.get("hyper/0/lr/group0", r.get("hyper/0/lr/tensor0")))
+                    for r in recs
+                    if r.get("learning_rate") is not None
+                ]
                 if pts and any(
                     v is None or not math.isclose(p[1], v, rel_tol=1e-6) for p, v in zip(pts, learned, strict=True)
                 ):
@@ -108,5 +120,4 @@ def plot_trajectories(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
