@@ -169,6 +169,7 @@ def test_without_the_all_reduce_fsdp2_ranks_drift_apart(tower_runs):
 
 def test_parameters_sharded_in_different_ways_are_refused(tower_runs):
     for ranks in tower_runs["ranks"]:
+        assert ranks["fsdp_mixed"]["error_at"] == "construction"  # before any step
         err = ranks["fsdp_mixed"]["error"]
         assert err.startswith("ValueError") and "sharded the same way" in err and "fully_shard" in err
 

@@ -106,8 +106,8 @@ def sharding_group(params: list[Tensor]) -> tuple[Any, ...] | None:
     if len(layouts) > 1:
         a, b = list(layouts.values())[:2]
         raise ValueError(
-            "hf_hyperopt learns hyperparameters from a sum over all parameters, so the parameters that get "
-            f"gradients must all be sharded the same way; found {_describe(a)} and {_describe(b)}. "
+            "hf_hyperopt learns hyperparameters from a sum over all parameters, so the trainable parameters "
+            f"must all be sharded the same way; found {_describe(a)} and {_describe(b)}. "
             "Shard every trainable parameter with fully_shard on the same mesh (wrap the root module too), "
             "or freeze the others (requires_grad=False)."
         )

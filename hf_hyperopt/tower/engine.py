@@ -186,12 +186,17 @@ class TowerOptimizer(torch.optim.Optimizer):
                 validate_value(0, levels[0].rule, name, _group_value(group, name))
             group.setdefault("initial_lr", group["lr"])
         self._check_scope()
+        self._check_sharding()
         self._buckets: list[_Bucket] | None = None
         self._bucket_key: tuple[int, ...] | None = None
         self._tower_state: dict[str, Any] = {}
         self._sharding_group: Any = None
 
     # ------------------------------------------------------------------ construction helpers
+    def _check_sharding(self) -> None:
+        """Refuse, before any step, trainable parameters sharded in ways no single reduction can sum."""
+        sharding_group([p for g in self.param_groups for p in g["params"] if p.requires_grad])
+
     def _resolve_learn(self, k: int, cfg: LevelConfig, values: dict[str, float]) -> tuple[str, ...]:
         top = k == len(self.levels) - 1
         if cfg.learn is not None and top:
@@ -286,6 +291,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                     validate_value(0, self.levels[0].rule, name, _group_value(group, name))
                 group.setdefault("initial_lr", group["lr"])
                 self._check_scope()
+                self._check_sharding()
                 self._buckets = None
         except ValueError:
             self.param_groups.pop()

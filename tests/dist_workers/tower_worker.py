@@ -14,7 +14,7 @@ with gloo on CPU; one launch runs several cases so that the process group is set
 ``get_optimizer_state_dict``, as Accelerate saves FSDP2 runs), ``resume`` (a ``ckpt`` directory to
 continue from), ``no_reduce`` (replace the hypergradient all-reduce by nothing: the control that
 shows the comparison can fail) and the ``wrap`` ``fsdp_first_layer_only`` (a misconfiguration that the
-optimizer must refuse; the ``ValueError`` is recorded as ``error``).
+optimizer must refuse; the ``ValueError`` is recorded as ``error``, and where it came as ``error_at``).
 
 Every run draws the same global batches from one seed. Distributed, rank ``r`` trains on its
 contiguous ``1/world`` of the global batch; DDP and FSDP2 both average gradients over the ranks, so
@@ -117,7 +117,10 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     model = make_model()
     if distributed:
         model = wrap(model, case.get("wrap", "ddp"), world)
-    opt = hh.tower(model.parameters(), case["spec"], scope=case.get("scope", "shared"))
+    try:
+        opt = hh.tower(model.parameters(), case["spec"], scope=case.get("scope", "shared"))
+    except ValueError as e:
+        return {"error": f"ValueError: {e}", "error_at": "construction", "records": []}
     steps = case.get("steps", 20)
     start = (
         load_checkpoint(case["resume"], case.get("ckpt_format", "torch"), model, opt, rank) if "resume" in case else 0
@@ -128,7 +131,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     if distributed:
         from torch.distributed.tensor.debug import CommDebugMode
     records, collectives = [], []
-    error = None
+    error = error_at = None
     try:
         for step in range(start, steps):
             x, y = batch(step)
@@ -142,6 +145,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
                     opt.step()
                 except ValueError as e:
                     error = f"ValueError: {e}"
+                    error_at = f"step {step + 1}"
                     break
             collectives.append(counter.get_total_counts() if distributed else 0)
             opt.zero_grad()
@@ -161,6 +165,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
         "state_local_numel": sum((v.to_local() if hasattr(v, "to_local") else v).numel() for v in state),
         "state_global_numel": sum(v.numel() for v in state),
         "error": error,
+        "error_at": error_at,
         "records": records,
         "collectives_per_step": collectives,
         "reduced_floats": int(opt._tower_state["theta"][0].numel()) if opt.height and opt._tower_state else 0,
