@@ -546,12 +546,19 @@ def plot(rows: list[dict], task: Task, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 1]})
     by: dict[str, dict[float, list[float]]] = {}
     fam: dict[str, tuple[str, str]] = {}
     for r in rows:
         by.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r["metric"])
         fam[r["method"]] = (r["family"], r["scale"])
+    # A second, narrower panel for the methods that sweep a multiplier, when there are any.
+    two = any(scale == "multiplier" for _, scale in fam.values()) and any(s == "lr" for _, s in fam.values())
+    fig, axes = (
+        plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 1]})
+        if two
+        else plt.subplots(1, 1, figsize=(9, 5))
+    )
+    axes = list(axes) if two else [axes, axes]
     for name, per_lr in by.items():
         lrs = sorted(per_lr)
         means = [sum(per_lr[lr]) / len(per_lr[lr]) for lr in lrs]
@@ -560,11 +567,9 @@ def plot(rows: list[dict], task: Task, path: Path) -> None:
         style = "--" if not name.startswith("hyper") else "-"
         ax.errorbar(lrs, means, yerr=errs, label=fam[name][0], marker="o", linestyle=style, capsize=2)
     axes[0].set_xlabel("initial learning rate")
-    axes[1].set_xlabel("step-size multiplier (natural value 1)")
-    for ax in axes:
-        if not ax.lines:
-            ax.set_visible(False)
-            continue
+    if two:
+        axes[1].set_xlabel("step-size multiplier (natural value 1)")
+    for ax in dict.fromkeys(axes):
         ax.set_xscale("log")
         ax.set_ylabel(task.metric)
         if not task.higher:
@@ -603,6 +608,7 @@ class SensitivityArguments:
     tag: str = field(default="", metadata={"help": "suffix of the output files"})
     quick: bool = field(default=False, metadata={"help": "tiny settings (seconds): a smoke test of the pipeline"})
     threads: int = field(default=1, metadata={"help": "torch threads"})
+    replot: str = field(default="", metadata={"help": "redraw the table and plot of a results JSON; train nothing"})
 
 
 def make_task(args: SensitivityArguments) -> Task:
@@ -627,7 +633,20 @@ def resolve_methods(names: list[str]) -> list[Method]:
     return out
 
 
+def replot(json_path: Path) -> None:
+    """Rewrite ``<stem>.md`` and ``<stem>.png`` from ``<stem>.json`` (after a change to the table or the plot)."""
+    data = json.loads(json_path.read_text())
+    meta, rows = data["meta"], data["runs"]
+    task = Task(meta["task"], meta["metric"], meta["higher_is_better"], meta["steps"], *([None] * 4), 0.0)
+    summary = summarise(rows, task.higher)
+    json_path.with_suffix(".md").write_text(markdown_table(summary, task.metric))
+    plot(rows, task, json_path.with_suffix(".png"))
+
+
 def main(args: SensitivityArguments) -> list[dict]:
+    if args.replot:
+        replot(Path(args.replot))
+        return []
     methods = resolve_methods(args.methods)  # raises on a bad name before any work
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

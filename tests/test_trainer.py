@@ -106,7 +106,8 @@ def test_each_hyper_optimizer_trains_learns_and_logs(optim, tmp_path):
     initial = LR[optim]
     assert all({"hyper/0/lr", "hyper/1/lr"} <= r.keys() for r in logs)
     assert abs(math.log(logs[-1]["hyper/0/lr"] / initial)) > 1e-3
-    assert logs[-1]["hyper/1/lr"] == pytest.approx(0.01)  # the fixed top of the default tower
+    top = hh.parse_spec(hh.DEFAULT_HYPER["default"])[0].values["lr"]
+    assert logs[-1]["hyper/1/lr"] == pytest.approx(top)  # the fixed top of the default tower
     # Constant schedule by default: the logged learning rate is the learned one.
     assert all(r["learning_rate"] == r["hyper/0/lr"] for r in logs)
     # One trajectory line per optimizer step, matching the logs at the logging steps.
