@@ -87,7 +87,7 @@ CASES = [
     {"name": "ddp_sgd3", "wrap": "ddp", "spec": SGD3},
     {"name": "fsdp_adam", "wrap": "fsdp", "spec": ADAM2, "save_at": 10, "ckpt_format": "torch"},
     {"name": "fsdp_adam_dcp", "wrap": "fsdp", "spec": ADAM2, "save_at": 10, "ckpt_format": "dcp"},
-    {"name": "fsdp_sgd3", "wrap": "fsdp", "spec": SGD3, "save_at": 10, "ckpt_format": "dcp"},
+    {"name": "fsdp_sgd3", "wrap": "fsdp", "spec": SGD3, "save_at": 10, "ckpt_format": "full"},
     {"name": "fsdp_tensor", "wrap": "fsdp", "spec": "adam(lr=1e-3,learn=lr+beta1)/adam(lr=1e-2)", "scope": "tensor"},
     {"name": "hsdp_adam", "wrap": "hsdp", "spec": ADAM2},
     {"name": "fsdp_no_reduce", "wrap": "fsdp", "spec": ADAM2, "no_reduce": True},

@@ -40,6 +40,31 @@ except ImportError:  # pragma: no cover - torch without distributed
 TOWER_GROUP_KEY = "hyper_tower"
 
 
+# torch.distributed.checkpoint's full-state-dict load flattens nested containers to paths and rebuilds
+# them, which drops empty lists and dicts (the top level's empty "learn", its empty tangent dict).
+_EMPTY = {"list": "<hf_hyperopt: empty list>", "dict": "<hf_hyperopt: empty dict>"}
+
+
+def keep_empty(tree: Any) -> Any:
+    """``tree`` with every empty list or dict replaced by a marker string, so that flattening keeps it."""
+    if isinstance(tree, dict):
+        return {k: keep_empty(v) for k, v in tree.items()} if tree else _EMPTY["dict"]
+    if isinstance(tree, (list, tuple)):
+        return [keep_empty(v) for v in tree] if tree else _EMPTY["list"]
+    return tree
+
+
+def restore_empty(tree: Any) -> Any:
+    """The inverse of :func:`keep_empty`."""
+    if isinstance(tree, dict):
+        return {k: restore_empty(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [restore_empty(v) for v in tree]
+    if isinstance(tree, str) and tree in _EMPTY.values():
+        return [] if tree == _EMPTY["list"] else {}
+    return tree
+
+
 def is_dtensor(t: Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 

@@ -33,7 +33,16 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from ..levels.base import MODES, Hyper, Mode, Rule, Step, parametrisation, raw_bounds, scalars, to_natural, to_raw
-from .distributed import TOWER_GROUP_KEY, local_tensor, reduce_hypergradients, sharding_group, standalone, wrap_like
+from .distributed import (
+    TOWER_GROUP_KEY,
+    keep_empty,
+    local_tensor,
+    reduce_hypergradients,
+    restore_empty,
+    sharding_group,
+    standalone,
+    wrap_like,
+)
 
 SCOPES: tuple[str, ...] = ("shared", "group", "tensor")
 _TANGENT = "hypertangent_"
@@ -719,12 +728,12 @@ class TowerOptimizer(torch.optim.Optimizer):
         }
         # torch.distributed.checkpoint (FSDP2 checkpoints, Accelerate, the Trainer) keeps only "state" and
         # "param_groups": the same tower entry rides in the first group so that it survives.
-        sd["param_groups"][0][TOWER_GROUP_KEY] = sd["tower"]
+        sd["param_groups"][0][TOWER_GROUP_KEY] = keep_empty(sd["tower"])
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         groups = state_dict.get("param_groups") or [{}]
-        tower = state_dict.get("tower", groups[0].get(TOWER_GROUP_KEY))
+        tower = state_dict.get("tower", restore_empty(groups[0].get(TOWER_GROUP_KEY)))
         if not isinstance(tower, dict) or "spec" not in tower:
             raise ValueError(
                 "this state_dict has no 'tower' entry: it was not saved by an hf_hyperopt tower optimizer "

@@ -11,7 +11,8 @@ with gloo on CPU; one launch runs several cases so that the process group is set
 ``(1, world)`` mesh; ignored in a single process), ``scope``, ``steps`` (20), ``save_at`` + ``ckpt``
 + ``ckpt_format`` (``torch``: one ``torch.save`` file per rank of ``model.state_dict()`` and
 ``opt.state_dict()``; ``dcp``: ``torch.distributed.checkpoint`` of ``get_model_state_dict`` /
-``get_optimizer_state_dict``, as Accelerate saves FSDP2 runs), ``resume`` (a ``ckpt`` directory to
+``get_optimizer_state_dict``, as Accelerate saves FSDP2 runs; ``full``: the same API with
+``full_state_dict=True``, one file from rank 0, as Accelerate's ``FULL_STATE_DICT``), ``resume`` (a ``ckpt`` directory to
 continue from), ``no_reduce`` (replace the hypergradient all-reduce by nothing: the control that
 shows the comparison can fail) and the ``wrap`` ``fsdp_first_layer_only`` (a misconfiguration that the
 optimizer must refuse; the ``ValueError`` is recorded as ``error``, and where it came as ``error_at``).
@@ -82,8 +83,24 @@ def save_checkpoint(path: str, fmt: str, model: nn.Module, opt: torch.optim.Opti
         torch.save(blob, os.path.join(path, f"rank{rank}.pt"))
         return
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
+    if fmt == "full":
+        # Accelerate's FULL_STATE_DICT for FSDP2: full tensors gathered to CPU, rank 0 writes one file.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        blob = {
+            "model": get_model_state_dict(model, options=options),
+            "optim": get_optimizer_state_dict(model, opt, options=options),
+            "step": step,
+        }
+        if rank == 0:
+            torch.save(blob, os.path.join(path, "full.pt"))
+        dist.barrier()
+        return
     dcp.save(
         {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt), "step": step},
         checkpoint_id=path,
@@ -98,11 +115,20 @@ def load_checkpoint(path: str, fmt: str, model: nn.Module, opt: torch.optim.Opti
         return blob["step"]
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
+
+    if fmt == "full":
+        # Every rank reads the full file and keeps its shard, as Accelerate does without rank0_only.
+        blob = torch.load(os.path.join(path, "full.pt"), weights_only=True)
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, blob["model"], options=options)
+        set_optimizer_state_dict(model, opt, blob["optim"], options=options)
+        return blob["step"]
 
     # DCP loads into templates taken from the fresh model and optimizer, as Accelerate does.
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt), "step": 0}
