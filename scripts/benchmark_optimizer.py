@@ -49,6 +49,7 @@ import gc
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -120,8 +121,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=("bert", "mlp"), default="bert", help="model to benchmark on")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: bert 8, mlp 256)")
     parser.add_argument("--seq-len", type=int, default=128, help="sequence length for --model bert")
-    parser.add_argument("--opt-reps", type=int, default=10, help="repetitions of the optimizer-step benchmark")
-    parser.add_argument("--train-reps", type=int, default=6, help="repetitions of the training-step benchmark")
+    parser.add_argument("--opt-reps", type=int, default=7, help="repetitions of the optimizer-step benchmark")
+    parser.add_argument("--train-reps", type=int, default=5, help="repetitions of the training-step benchmark")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method before timing")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads for the run (default 2; 1 with --quick)"
@@ -252,6 +253,19 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, tu
             out[name][0].append(t1 - t0)
             out[name][1].append(c1 - c0)
     return out
+
+
+def provenance() -> str:
+    """The commit of the hf_hyperopt that was imported, and whether its files differ from it."""
+    root = Path(hh.__file__).resolve().parent.parent
+    try:
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "hf_hyperopt"], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return f"unknown commit ({root})"
+    changed = " with uncommitted changes to hf_hyperopt/" if dirty.stdout.strip() else ""
+    return f"{commit.stdout.strip()}{changed} ({root})"
 
 
 def ratio(x: float, base: float) -> float:
@@ -496,6 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     meta = {
         "command": "python scripts/benchmark_optimizer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": f"{describe}; {n_params:,} parameters (float32, {n_params * 4 / 2**20:.0f} MB)",
+        "hf_hyperopt": provenance(),
         "repetitions": f"optimizer step {setup.opt_reps}, training step {setup.train_reps} (after {setup.warmup} warm-up)",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {setup.threads} torch threads",
         "load average (1 min) before / after": f"{load_before[0]:.1f} / {load_after[0]:.1f}",
