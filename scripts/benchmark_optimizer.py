@@ -35,9 +35,12 @@ Memory, all exact counts of tensor bytes (no RSS sampling):
   ``state_per_param`` is that over the parameters' bytes (AdamW: 2.0). ``extra_vs_adamw`` is the state
   beyond AdamW's in parameter-sized buffers; the target is at most one per learned weight-level
   hyperparameter (``learned_at_weights``).
+* ``state_MB`` counts persistent workspaces too (a tower keeps its scratch buffers between steps
+  instead of allocating them in every step, as ``torch.optim`` does).
 * ``peak_MB``: the peak of CPU tensor bytes allocated during one step above what was allocated when it
   began (temporaries; for the training step also activations and, for the reference, its
   ``create_graph`` graph), from the allocation events of ``torch.profiler`` (``profile_memory=True``).
+  ``peak_extra_vs_adamw`` compares state plus that peak with AdamW's, in parameter-sized buffers.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ OPT_METHODS: dict[str, tuple[str, str | None]] = {
     "torch AdamW": ("torch.AdamW", None),
     "torch SGD": ("torch.SGD", None),
     "adam (height 0)": ("adam(lr=0.001)", None),
-    "hyper_adam default: adam/adam": ("adam(lr=0.001)/adam(lr=0.01)", None),
+    "hyper_adam default: adam/adam": ("adam(lr=0.001)/" + hh.DEFAULT_HYPER["default"], None),
     "adam/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)", None),
     "adam/sgd/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)/sgd(lr=0.001)", None),
     "adam/sgd/sgd/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)/sgd(lr=0.001)/sgd(lr=0.001)", None),
@@ -96,6 +99,7 @@ OPT_COLUMNS = (
     "state_per_param",
     "extra_vs_adamw",
     "peak_MB",
+    "peak_extra_vs_adamw",
     "meets_time_target",
     "meets_memory_target",
 )
@@ -194,22 +198,41 @@ def n_bytes(params: list[Tensor]) -> int:
 
 
 def state_bytes(opt: object) -> int:
-    """Bytes of every tensor an optimizer keeps between steps, each storage counted once."""
+    """Bytes of every tensor an optimizer holds between steps, each storage counted once.
+
+    Walks everything the optimizer object refers to (its ``state``, and for a tower also its own
+    state, tangent buffers and workspaces), except the parameters and their gradients, which belong
+    to the model.
+    """
+    model_storage: set[int] = set()
+    for group in getattr(opt, "param_groups", []):
+        for p in group["params"]:
+            model_storage.add(p.untyped_storage().data_ptr())
+            if p.grad is not None:
+                model_storage.add(p.grad.untyped_storage().data_ptr())
     seen: dict[int, int] = {}
+    visited: set[int] = set()
 
     def visit(x: object) -> None:
+        if id(x) in visited:
+            return
+        visited.add(id(x))
         if isinstance(x, Tensor):
             storage = x.untyped_storage()
-            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+            if storage.data_ptr() not in model_storage and storage.nbytes():
+                seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
         elif isinstance(x, dict):
             for v in x.values():
                 visit(v)
-        elif isinstance(x, list | tuple):
+        elif isinstance(x, list | tuple | set):
             for v in x:
                 visit(v)
+        elif type(x).__module__.startswith("hf_hyperopt"):
+            # the tower's helpers (buckets of tangent views and workspaces, rules)
+            for v in vars(x).values() if hasattr(x, "__dict__") else ():
+                visit(v)
 
-    visit(list(getattr(opt, "state", {}).values()))
-    visit(getattr(opt, "_tower_state", {}))  # the tower's learned hyperparameters and upper-level state
+    visit({k: v for k, v in vars(opt).items() if k != "param_groups"})
     return sum(seen.values())
 
 
@@ -301,7 +324,8 @@ def optimizer_step_benchmark(model: nn.Module, setup: Setup) -> list[dict]:
     print(f"  timing optimizer.step() x{setup.opt_reps} (interleaved) ...", flush=True)
     times = interleaved({n: o.step for n, o in opts.items()}, setup.opt_reps)
     param_bytes = n_bytes(params)
-    base_state = state_bytes(opts["torch AdamW"]) if "torch AdamW" in opts else 0
+    base_state = state_bytes(opts["torch AdamW"])
+    base_peak = peak_bytes(opts["torch AdamW"].step)
     base_wall = statistics.median(times["torch AdamW"][0])
     base_cpu = statistics.median(times["torch AdamW"][1])
     rows = []
@@ -319,6 +343,7 @@ def optimizer_step_benchmark(model: nn.Module, setup: Setup) -> list[dict]:
         cpu = statistics.median(times[name][1])
         sb = state_bytes(opt)
         extra = (sb - base_state) / param_bytes
+        peak = base_peak if name == "torch AdamW" else peak_bytes(opt.step)
         row.update(
             height=opt.height if is_tower else 0,
             learned_at_weights=learned,
@@ -329,7 +354,8 @@ def optimizer_step_benchmark(model: nn.Module, setup: Setup) -> list[dict]:
             state_MB=sb / 2**20,
             state_per_param=sb / param_bytes,
             extra_vs_adamw=extra,
-            peak_MB=peak_bytes(opt.step) / 2**20,
+            peak_MB=peak / 2**20,
+            peak_extra_vs_adamw=(sb + peak - base_state - base_peak) / param_bytes,
             meets_time_target=("yes" if max(ratio(wall, base_wall), ratio(cpu, base_cpu)) <= TARGET_OPT_STEP else "no")
             if is_tower
             else "",

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import hf_hyperopt
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import benchmark_optimizer  # noqa: E402
@@ -66,6 +68,12 @@ def test_state_bytes_are_exact_and_count_shared_storage_once():
             self.state = {0: {"a": flat[:100], "b": flat[100:]}, 1: {"c": torch.zeros(10)}}
 
     assert benchmark_optimizer.state_bytes(Fake()) == 800 + 40
+
+    # A tower that learns lr holds AdamW's two moments plus at least one tangent buffer, never the
+    # parameter or its gradient.
+    tower = hf_hyperopt.tower([w], "adam(lr=0.001)/sgd(lr=1e-05)")
+    tower.step()
+    assert benchmark_optimizer.state_bytes(tower) >= 3 * 400
 
 
 def test_bad_arguments_are_refused_before_any_work(tmp_path):
