@@ -267,7 +267,8 @@ def write_sweep(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> 
         "",
         f"2-layer BERT (hidden 32) from config, synthetic classification (512 train / 256 held-out sequences), "
         f"{args.sweep_steps} steps of batch 16, constant schedule, held-out loss (chance: 0.693) averaged over "
-        f"{1 if args.quick else args.seeds} seed(s); torch {torch.__version__}.",
+        f"{1 if args.quick else args.seeds} seed(s); default tower above the weights "
+        f"`{hf_hyperopt.DEFAULT_HYPER['default']}`; torch {torch.__version__}.",
         "",
         "| setting | " + " | ".join(f"lr {lr:.0e}" for lr in lrs) + " | worst | mean |",
         "|---|" + "---|" * (len(lrs) + 2),

@@ -87,11 +87,11 @@ class HyperTrainingArguments(TrainingArguments):
 
     - ``optim="hyper_adamw"``: the ``Trainer``'s default algorithm (AdamW), with its step size learned.
       Any standard ``OptimizerNames`` value still works and then nothing is learned.
-    - ``hyper_tower=None`` resolves to ``hf_hyperopt.DEFAULT_HYPER["default"]`` (``"adam(lr=0.01)"``
-      at the time of writing; the constant is chosen by the tower sensitivity benchmark): the level
-      above learns ``log(lr)`` with Adam, whose normalised steps move the step size by about 1% per
-      step whatever its scale, so one setting recovers from an initial ``learning_rate`` that is
-      orders of magnitude off. The paper's ``sgd(lr=1e-5)`` barely moves a Trainer's step size.
+    - ``hyper_tower=None`` resolves to ``hf_hyperopt.DEFAULT_HYPER["default"]`` (an Adam level whose
+      step size the tower sensitivity benchmark chooses): it learns ``log(lr)`` with normalised steps,
+      so the step size moves by a fixed fraction per step whatever its scale and one setting recovers
+      from an initial ``learning_rate`` that is orders of magnitude off. The paper's ``sgd(lr=1e-5)``
+      barely moves a Trainer's step size (same table as below).
     - ``hyper_learn=None`` resolves to ``"lr"`` and ``hyper_scope=None`` to ``"shared"``: in
       ``results/trainer_defaults.md`` (``python scripts/benchmark_trainer.py --sweep --seeds 1
       --sweep_steps 300``; initial learning rates 1e-6 .. 1e-1) this setting has the lowest worst-case
