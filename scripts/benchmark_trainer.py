@@ -224,7 +224,7 @@ def sweep_model(seed: int):
 def run_sweep(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
-    lrs = SWEEP_LRS[1::2] if args.quick else SWEEP_LRS
+    lrs = tuple(args.lrs) if args.lrs else SWEEP_LRS[1::2] if args.quick else SWEEP_LRS
     configs = dict(list(SWEEP_CONFIGS.items())[:3]) if args.quick else SWEEP_CONFIGS
     seeds = range(1 if args.quick else args.seeds)
     rows = []
@@ -253,7 +253,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
 def write_sweep(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "trainer_defaults.csv", "w", newline="") as f:
+    with open(out / f"{args.name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -278,7 +278,7 @@ def write_sweep(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> 
         lines.append(f"| {c} | " + " | ".join(f"{v:.3f}" for v in vals)
                      + f" | {max(vals):.3f} | {statistics.mean(vals):.3f} |")  # fmt: skip
     lines.append("")
-    (out / "trainer_defaults.md").write_text("\n".join(lines))
+    (out / f"{args.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
@@ -294,6 +294,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true", help="robustness of the Trainer settings to the initial lr")
     p.add_argument("--seeds", type=int, default=2, help="--sweep: seeds per point")
     p.add_argument("--sweep_steps", type=int, default=60, help="--sweep: optimizer steps per run")
+    p.add_argument("--lrs", type=float, nargs="+", default=None, help="--sweep: initial learning rates")
+    p.add_argument("--name", default="trainer_defaults", help="--sweep: results file stem")
     return p
 
 
