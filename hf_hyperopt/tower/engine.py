@@ -92,6 +92,20 @@ def validate_value(level: int, rule: type[Rule], name: str, value: float) -> Non
         raise ValueError(f"level {level} ({rule.name}): {name}={value!r} is outside [0, 1)")
 
 
+def _aliases(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """Contiguous tensors shaped like ``like`` that share ``flat``'s storage, one after another.
+
+    They are made with ``set_`` rather than as views: forward-mode AD then treats each as a tensor
+    of its own, so a rule may build a direction that carries a tangent in them (a view of a base
+    without a tangent cannot take one).
+    """
+    out, offset = [], flat.storage_offset()
+    for t in like:
+        out.append(flat.new_empty(0).set_(flat.untyped_storage(), offset, t.shape))
+        offset += t.numel()
+    return out
+
+
 class _Bucket:
     """The weight-level tensors of one (device, dtype), with index tensors and flat tangent storage."""
 
@@ -118,8 +132,7 @@ class _Bucket:
         for name in self.learn:
             key = _TANGENT + name
             flat = torch.empty(total, dtype=self.local[0].dtype, device=self.local[0].device)
-            views = list(flat.split(self.numels.tolist()))
-            views = [v.view_as(t) for v, t in zip(views, self.local, strict=False)]
+            views = _aliases(flat, self.local)
             old = [
                 local_tensor(state[p][key]) if key in state[p] else torch.zeros_like(t)
                 for p, t in zip(self.params, self.local, strict=False)
@@ -423,7 +436,8 @@ class TowerOptimizer(torch.optim.Optimizer):
                     for name, buf in self._rules[0].init_state(t, values).items():
                         st[name] = wrap_like(p, buf)
             b.attach_tangents(self.state)
-            b.work = {n: [torch.empty_like(t) for t in b.local] for n in self._rules[0].workspace_names}
+            if not learn0:  # a learning level builds its direction in its tangent buffers instead
+                b.work = {n: [torch.empty_like(t) for t in b.local] for n in self._rules[0].workspace_names}
             buckets.append(b)
         self._sharding_group = sharding_group([e[0] for e in entries])
         return buckets
@@ -510,7 +524,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                 [theta],
                 [hypergrads[k - 1]],
                 {n_: [v] for n_, v in ts["upper_state"][k - 1].items()},
-                {n_: [torch.empty_like(theta)] for n_ in self._rules[k].workspace_names},
+                {n_: [torch.empty_like(theta)] for n_ in self._rules[k].workspace_names} if k == n - 1 else {},
                 hp_fn,
                 ts["step"][k],
                 ts["theta"][k] if k < n - 1 else None,
@@ -651,7 +665,9 @@ class TowerOptimizer(torch.optim.Optimizer):
 
         One forward-mode pass per learned name: the theta entries of that name get tangent 1 (all
         units at once, since each tensor reads only its own unit). All but the last pass run on
-        copies, so the state and parameters are updated exactly once.
+        copies, so the state and parameters are updated exactly once. A learning pass uses its
+        tangent buffers as the rule's workspace (``work`` is then unused): the direction is built
+        there and turned into the tangent in place, so a step needs no other parameter-sized memory.
         """
         if theta is None:
             _apply_step(params, rule.update(params, grads, state, work, hyper_fn(None), step), None)
@@ -663,6 +679,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             s = state if last else {n: [t.clone() for t in ts_] for n, ts_ in state.items()}
             seed = torch.zeros_like(theta)
             seed[j * units : (j + 1) * units] = 1.0
+            work = {n: out[name] for n in rule.workspace_names}
             with fwAD.dual_level():
                 _apply_step(p, rule.update(p, grads, s, work, hyper_fn(fwAD.make_dual(theta, seed)), step), out[name])
 
@@ -757,8 +774,11 @@ def _apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None) 
 
     When forward-mode AD reports that the direction does not depend on the learned hyperparameters
     (a learned step size), the tangent of this last product is ``params * d(decay) + direction *
-    d(scale)``: the product rule of one multiplication, with ``d(scale)`` and ``d(decay)`` from AD,
-    written into ``tangent`` with no allocation. Otherwise AD carries the tangent through it too.
+    d(scale)``: the product rule of one multiplication, with ``d(scale)`` and ``d(decay)`` from AD.
+    The direction is then scaled into the increment in the tangent buffer, added to the parameters,
+    and rescaled by ``d(scale) / scale`` into the tangent, all in place (with a log-parametrised step
+    size that ratio is 1 and the tangent *is* the increment). Otherwise AD carries the tangent
+    through the whole update.
     """
     direction = step.direction
     if tangent is None:
@@ -767,29 +787,49 @@ def _apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None) 
         torch._foreach_mul_(direction, scalars(step.scale))
         torch._foreach_add_(params, direction)
         return
-    if fwAD.unpack_dual(direction[0]).tangent is None:
-        scale, d_scale = fwAD.unpack_dual(step.scale)
+    if fwAD.unpack_dual(direction[0]).tangent is not None:
+        if step.decay is not None:
+            torch._foreach_mul_(params, scalars(step.decay))
+        torch._foreach_mul_(direction, scalars(step.scale))
+        torch._foreach_add_(params, direction)
+        out = [fwAD.unpack_dual(t).tangent for t in params]
+        # The buffers may have carried the direction's tangent; write through their primal.
+        torch._foreach_copy_(
+            [fwAD.unpack_dual(t).primal for t in tangent],
+            [t if t is not None else torch.zeros_like(q) for t, q in zip(out, params, strict=True)],
+        )
+        return
+    scale, d_scale = fwAD.unpack_dual(step.scale)
+    decay_term = None
+    if step.decay is not None:
+        decay, d_decay = fwAD.unpack_dual(step.decay)
+        if d_decay is not None:
+            decay_term = torch._foreach_mul(params, scalars(d_decay))
+        torch._foreach_mul_(params, scalars(decay))
+    if direction is not tangent:
+        torch._foreach_copy_(tangent, direction)
+    ratio = _ratio(d_scale, scale)
+    if ratio is not None:
+        torch._foreach_mul_(tangent, scalars(scale))
+        torch._foreach_add_(params, tangent)
+        if any(r != 1.0 for r in ratio):
+            torch._foreach_mul_(tangent, ratio)
+    else:
+        torch._foreach_add_(params, torch._foreach_mul(tangent, scalars(scale)))
         if d_scale is None:
             torch._foreach_zero_(tangent)
         else:
-            torch._foreach_copy_(tangent, direction)
             torch._foreach_mul_(tangent, scalars(d_scale))
-        if step.decay is not None:
-            decay, d_decay = fwAD.unpack_dual(step.decay)
-            if d_decay is not None:
-                torch._foreach_add_(tangent, torch._foreach_mul(params, scalars(d_decay)))
-            torch._foreach_mul_(params, scalars(decay))
-        torch._foreach_mul_(direction, scalars(scale))
-        torch._foreach_add_(params, direction)
-        return
-    if step.decay is not None:
-        torch._foreach_mul_(params, scalars(step.decay))
-    torch._foreach_mul_(direction, scalars(step.scale))
-    torch._foreach_add_(params, direction)
-    out = [fwAD.unpack_dual(t).tangent for t in params]
-    torch._foreach_copy_(
-        tangent, [t if t is not None else torch.zeros_like(q) for t, q in zip(out, params, strict=True)]
-    )
+    if decay_term is not None:
+        torch._foreach_add_(tangent, decay_term)
+
+
+def _ratio(d_scale: Tensor | None, scale: Tensor) -> list[float] | None:
+    """``d_scale / scale`` as floats when it can be read for free (on the CPU) and is finite."""
+    if d_scale is None or scale.device.type != "cpu" or d_scale.device.type != "cpu":
+        return None
+    ratio = (d_scale / scale).tolist()
+    return ratio if all(math.isfinite(r) for r in ratio) else None
 
 
 def _constant_dtype_device(like: Tensor) -> tuple[torch.dtype, torch.device]:
