@@ -23,9 +23,11 @@ rate and its worst case over the sweep. ``adamw_torch`` with a constant schedule
 Commands (from the repository root; each prints its table and writes
 ``results/benchmark_trainer.{csv,md}`` or, with ``--sweep``, ``results/trainer_defaults.{csv,md}``)::
 
-    HF_HUB_OFFLINE=1 nice python scripts/benchmark_trainer.py                 # ~5 min on 2 CPU cores
+    HF_HUB_OFFLINE=1 nice python scripts/benchmark_trainer.py                 # ~10 min on 2 CPU cores
     HF_HUB_OFFLINE=1 python scripts/benchmark_trainer.py --quick --out /tmp   # a smoke run, ~30 s
-    HF_HUB_OFFLINE=1 nice python scripts/benchmark_trainer.py --sweep         # ~5 min
+    HF_HUB_OFFLINE=1 nice python scripts/benchmark_trainer.py --sweep --seeds 1 --sweep_steps 300   # ~10 min
+    HF_HUB_OFFLINE=1 nice python scripts/benchmark_trainer.py --sweep --seeds 3 --sweep_steps 300 \\
+        --lrs 0.03 0.1 --name trainer_defaults_high_lr
     HF_HUB_OFFLINE=1 python scripts/benchmark_trainer.py --sweep --quick --out /tmp
 """
 
@@ -286,8 +288,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seq_len", type=int, default=64)
-    p.add_argument("--blocks", type=int, default=8, help="interleaved blocks per optimizer (even: A B B A ...)")
-    p.add_argument("--block", type=int, default=6, help="steps per block (the first is not counted)")
+    p.add_argument("--blocks", type=int, default=16, help="interleaved blocks per optimizer (even: A B B A ...)")
+    p.add_argument("--block", type=int, default=4, help="steps per block (the first is not counted)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     p.add_argument("--out", default="results", help="folder for benchmark_trainer.{csv,md}")
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 blocks of 3 steps, batch 4 x 32")
