@@ -111,7 +111,9 @@ class HyperTrainer(Trainer):
             ``None`` gives ``HyperTrainingArguments(output_dir="trainer_output")`` (``hyper_adamw``).
         optimizers, optimizer_cls_and_kwargs: as for ``Trainer``; either may hold a ready tower
             (e.g. ``(HyperAdam, {"lr": 1e-3, "hyper": "sgd(lr=1e-5)"})``) when ``optim`` is a standard
-            one.
+            one. Its schedule: constant unless one was asked for when ``args`` is a
+            ``HyperTrainingArguments``; with a plain ``TrainingArguments`` (which cannot tell a default
+            ``linear`` from a chosen one) its ``lr_scheduler_type``, multiplying the learned step size.
 
     Raises:
         ValueError: before anything is trained, if ``optimizers=`` or ``optimizer_cls_and_kwargs=``
