@@ -7,7 +7,7 @@ the demo's poor learning rate) when its output folder exists.
 
 Usage::
 
-    python scripts/sweep_adamw.py                                  # the default grid: 3 demo-sized runs
+    python scripts/sweep_adamw.py                                  # the default grid: 4 demo-sized runs
     python scripts/sweep_adamw.py --lrs 1e-5 3e-5 1e-4 --demo_dir outputs/demo-classification
 
 Writes ``results/sweep_adamw.csv`` (one row per run) and ``results/sweep_adamw.md`` (the table, the best
@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# Brackets the usual BERT fine-tuning range; 3e-4 is the demo's deliberately poor start.
-DEFAULT_LRS = (3e-5, 1e-4, 3e-4)
+# Brackets the usual BERT fine-tuning range; 1e-5 is the demo's deliberately poor start.
+DEFAULT_LRS = (1e-5, 3e-5, 1e-4, 3e-4)
 
 
 def lr_tag(lr: float) -> str:

@@ -145,7 +145,7 @@ def test_clm_end_to_end(tmp_path, optim):
 
 
 def test_classification_demo_defaults_run(tmp_path):
-    """The demo's own arguments (pretrained MiniLM, shipped data, hyper_adam at lr 3e-4) for two small steps."""
+    """The demo's own arguments (pretrained MiniLM, shipped data, hyper_adam at lr 1e-5) for two small steps."""
     out = tmp_path / "demo"
     small = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--max_eval_samples", "8"]
     finetune.main([*small, "--output_dir", str(out), "--disable_tqdm", "true", "--dataloader_pin_memory", "false"])
@@ -159,7 +159,7 @@ def test_classification_demo_defaults_run(tmp_path):
     assert "fine-tuned version of [sentence-transformers/all-MiniLM-L6-v2]" in card
     assert results["command"] in card and results["expanded_command"] in card
     lines = (out / "hyper_trajectory.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and json.loads(lines[0])["hyper/0/lr"] == pytest.approx(3e-4, rel=1e-3)
+    assert len(lines) == 2 and json.loads(lines[0])["hyper/0/lr"] == pytest.approx(1e-5, rel=1e-3)
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(out).id2label == {0: "comedy", 1: "tragedy"}
@@ -253,7 +253,7 @@ def test_no_arguments_is_the_classification_demo():
     model_args, data_args, training_args = finetune.parse_args(finetune.effective_argv([]))
     assert model_args.model_name_or_path == finetune.DEMO_MODEL
     assert data_args.task == "classification" and data_args.train_file == str(GENRE / "train.csv")
-    assert str(training_args.optim) == "hyper_adam" and training_args.learning_rate == 3e-4
+    assert str(training_args.optim) == "hyper_adam" and training_args.learning_rate == 1e-5
 
 
 def test_task_clm_alone_is_the_gpt2_demo_and_flags_override_it():
