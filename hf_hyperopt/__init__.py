@@ -3,7 +3,7 @@
 An implementation of "Gradient Descent: The Ultimate Optimizer" (Chandra et al., NeurIPS 2022).
 """
 
-from .tower import (
+from .optim import (
     DEFAULT_HYPER,
     HyperAdaGrad,
     HyperAdam,

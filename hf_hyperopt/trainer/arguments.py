@@ -18,7 +18,7 @@ from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
 from ..levels import RULES
-from ..tower import DEFAULT_HYPER, SCOPES, tower
+from ..optim import DEFAULT_HYPER, SCOPES, tower
 
 
 class HyperOptimizerNames(str, Enum):

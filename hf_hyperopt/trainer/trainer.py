@@ -31,7 +31,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.optimization import get_scheduler
 
-from ..tower import OPTIMIZERS, TowerOptimizer
+from ..optim import OPTIMIZERS, TowerOptimizer
 from .arguments import HyperOptimizerNames, HyperTrainingArguments, is_hyper_optim
 from .model_card import add_hyper_section, hyper_section
 from .plotting import plot_trajectories

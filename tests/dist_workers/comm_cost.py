@@ -28,7 +28,7 @@ from torch.distributed.fsdp import fully_shard
 
 import hf_hyperopt as hh
 
-engine = importlib.import_module("hf_hyperopt.tower.engine")
+engine = importlib.import_module("hf_hyperopt.optim.engine")
 
 
 def model_and_grads(width: int) -> nn.Module:

@@ -39,8 +39,7 @@ from torch import nn
 
 import hf_hyperopt as hh
 
-# ``hf_hyperopt.tower`` is also the name of the function, so the module is fetched by its full name.
-engine = importlib.import_module("hf_hyperopt.tower.engine")
+engine = importlib.import_module("hf_hyperopt.optim.engine")
 
 IN, HIDDEN, OUT = 8, 12, 3
 GLOBAL_BATCH = 16
