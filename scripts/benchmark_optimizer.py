@@ -3,9 +3,8 @@
 Usage::
 
     # The real run: a BERT built from the all-MiniLM-L6-v2 config (22.7M parameters), 2 torch threads.
-    # Writes results/benchmark_optimizer.{csv,md}. It took 21 minutes under `nice` on a 2-core machine
-    # shared with other jobs (load average ~11); most of it is the compat=gdtuo row, whose betas are
-    # learned through forward-mode AD of the whole Adam rule (~45x an AdamW step).
+    # Writes results/benchmark_optimizer.{csv,md}. Most of its time is the compat=gdtuo row, whose betas
+    # are learned through forward-mode AD of the whole Adam rule (see the results for how slow that is).
     HF_HUB_OFFLINE=1 python scripts/benchmark_optimizer.py
 
     # An MLP 4096-4096-1024-10 (21.0M parameters) instead, as in the paper's MLP setting.
@@ -17,10 +16,11 @@ Usage::
 Two measurements, each a table of medians with ratios to ``torch.optim.AdamW(foreach=True)``:
 
 * **Optimizer step** (``optimizer.step()`` alone, gradients fixed) for ``torch.optim.AdamW`` and
-  ``torch.optim.SGD`` (both ``foreach=True``) and hf_hyperopt towers of height 0 to 3. All optimizers
+  ``torch.optim.SGD`` (both ``foreach=True``), the learning-rate-free peers (schedule-free AdamW,
+  Prodigy, D-Adaptation Adam) and hf_hyperopt towers of height 0 to 4. All optimizers
   share one set of parameters and gradients, each with its own state.
-* **Training step** (forward, backward, step, zero_grad) for AdamW, the default tower
-  (``HyperAdam(lr=1e-3)``, i.e. ``adam(lr=0.001)/adam(lr=0.01)``) and the reference implementation's
+* **Training step** (forward, backward, step, zero_grad) for AdamW, the peers, the default tower
+  (``HyperAdam(lr=1e-3)``, i.e. ``adam(lr=0.001)/`` + ``hf_hyperopt.DEFAULT_HYPER["default"]``) and the reference implementation's
   ``Adam / SGD(1e-5)`` through its ``ModuleWrapper`` (``mw.begin()``, loss, ``mw.zero_grad()``,
   ``loss.backward(create_graph=True)``, ``mw.step()``). Each method trains its own copy of the model.
 
@@ -72,20 +72,32 @@ REPO = Path(__file__).resolve().parent.parent
 TARGET_TRAIN_STEP = 1.10
 TARGET_OPT_STEP = 1.5
 
-# Optimizer-step methods: name -> (spec or torch class name, compat). Heights 0 to 3.
+# Optimizer-step methods: name -> (spec, or the name of a torch / peer optimizer, compat). Towers of
+# height 0 to 4, and the learning-rate-free peers a Hugging Face user would pick instead.
 OPT_METHODS: dict[str, tuple[str, str | None]] = {
     "torch AdamW": ("torch.AdamW", None),
     "torch SGD": ("torch.SGD", None),
+    "schedule-free AdamW": ("peer.schedulefree", None),
+    "Prodigy": ("peer.prodigy", None),
+    "D-Adaptation Adam": ("peer.dadapt_adam", None),
     "adam (height 0)": ("adam(lr=0.001)", None),
     "hyper_adam default: adam/adam": ("adam(lr=0.001)/" + hh.DEFAULT_HYPER["default"], None),
     "adam/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)", None),
     "adam/sgd/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)/sgd(lr=0.001)", None),
     "adam/sgd/sgd/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)/sgd(lr=0.001)/sgd(lr=0.001)", None),
+    "adam/sgd/sgd/sgd/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)/sgd(lr=0.001)/sgd(lr=0.001)/sgd(lr=0.001)", None),
     "sgd/sgd": ("sgd(lr=0.001)/sgd(lr=1e-05)", None),
     "adam/sgd compat=gdtuo (lr, beta1, beta2)": ("adam(lr=0.001)/sgd(lr=1e-05)", "gdtuo"),
 }
 
-TRAIN_METHODS = ("torch AdamW", "hyper_adam default: adam/adam", "gdtuo reference: Adam / SGD(1e-5)")
+TRAIN_METHODS = (
+    "torch AdamW",
+    "hyper_adam default: adam/adam",
+    "schedule-free AdamW",
+    "Prodigy",
+    "D-Adaptation Adam",
+    "gdtuo reference: Adam / SGD(1e-5)",
+)
 
 OPT_COLUMNS = (
     "benchmark",
@@ -303,6 +315,20 @@ def make_optimizer(spec: str, compat: str | None, params: list[Tensor]) -> torch
         return torch.optim.AdamW(params, lr=1e-3, foreach=True)
     if spec == "torch.SGD":
         return torch.optim.SGD(params, lr=1e-3, foreach=True)
+    if spec == "peer.schedulefree":
+        import schedulefree
+
+        opt = schedulefree.AdamWScheduleFree(params, lr=1e-3, foreach=True)
+        opt.train()  # it must be in train mode to step
+        return opt
+    if spec == "peer.prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=1.0)
+    if spec == "peer.dadapt_adam":
+        from dadaptation import DAdaptAdam
+
+        return DAdaptAdam(params, lr=1.0)
     return hh.tower(params, spec, compat=compat)
 
 
@@ -400,6 +426,13 @@ def train_step_benchmark(model: nn.Module, setup: Setup, with_reference: bool) -
     steps["torch AdamW"] = ordinary(m_adamw, torch.optim.AdamW(m_adamw.parameters(), lr=1e-3, foreach=True))
     m_tower = copy.deepcopy(model)
     steps["hyper_adam default: adam/adam"] = ordinary(m_tower, hh.HyperAdam(m_tower.parameters(), lr=1e-3))
+    for name, spec in (
+        ("schedule-free AdamW", "peer.schedulefree"),
+        ("Prodigy", "peer.prodigy"),
+        ("D-Adaptation Adam", "peer.dadapt_adam"),
+    ):
+        m_peer = copy.deepcopy(model)
+        steps[name] = ordinary(m_peer, make_optimizer(spec, None, list(m_peer.parameters())))
     if with_reference:
         from gradient_descent_the_ultimate_optimizer import gdtuo
 

@@ -42,7 +42,7 @@ def test_quick_run_writes_csv_and_markdown_with_expected_columns(tmp_path, capsy
     for r in opt_rows + train_rows:
         assert float(r["wall_ms"]) > 0 and float(r["cpu_ms"]) >= 0, r
     assert float(next(r for r in opt_rows if r["method"] == "torch AdamW")["wall_vs_adamw"]) == 1.0
-    assert {int(r["height"]) for r in opt_rows} == {0, 1, 2, 3}
+    assert {int(r["height"]) for r in opt_rows} == {0, 1, 2, 3, 4}
 
     md = (tmp_path / "benchmark_optimizer.md").read_text()
     assert "## Optimizer step" in md and "## Training step" in md
