@@ -781,17 +781,14 @@ def _apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None) 
     through the whole update.
     """
     direction = step.direction
-    if tangent is None:
+    if tangent is None or fwAD.unpack_dual(direction[0]).tangent is not None:
+        # No tangent wanted, or one AD carries through the whole product (direction depends on theta).
         if step.decay is not None:
             torch._foreach_mul_(params, scalars(step.decay))
         torch._foreach_mul_(direction, scalars(step.scale))
         torch._foreach_add_(params, direction)
-        return
-    if fwAD.unpack_dual(direction[0]).tangent is not None:
-        if step.decay is not None:
-            torch._foreach_mul_(params, scalars(step.decay))
-        torch._foreach_mul_(direction, scalars(step.scale))
-        torch._foreach_add_(params, direction)
+        if tangent is None:
+            return
         out = [fwAD.unpack_dual(t).tangent for t in params]
         # The buffers may have carried the direction's tangent; write through their primal.
         torch._foreach_copy_(
