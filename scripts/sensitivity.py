@@ -17,6 +17,9 @@ Commands (run from the repository root; each writes ``<out>/sensitivity_<task>.{
     nice python scripts/sensitivity.py --task minilm --seeds 0
     nice python scripts/sensitivity.py --task gpt2 --seeds 0
 
+    # one sweep from runs made by several commands (other methods, other seeds) of one task setting
+    python scripts/sensitivity.py --merge results/sensitivity_gpt2_300.json /tmp/more.json --tag 300
+
     # a smoke run in seconds (what tests/test_evidence.py runs)
     python scripts/sensitivity.py --task digits --quick --out /tmp/sens
 
@@ -518,6 +521,11 @@ def _std(xs: list[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
+def _num(x: float) -> str:
+    """Two decimals, or three significant digits for the huge values of diverged runs (capped perplexity)."""
+    return f"{x:.2f}" if abs(x) < 1e6 else f"{x:.3g}"
+
+
 def markdown_table(summary: list[dict], metric: str) -> str:
     head = (
         f"| method | sweep | best {metric} | worst | worst vs best AdamW | width within 1% of own best "
@@ -526,9 +534,10 @@ def markdown_table(summary: list[dict], metric: str) -> str:
     lines = []
     for s in summary:
         sweep = "multiplier" if s["scale"] == "multiplier" else "lr"
-        vs = "" if s["worst_vs_adamw_best_pct"] is None else f"{s['worst_vs_adamw_best_pct']:+.1f}%"
+        pct = s["worst_vs_adamw_best_pct"]
+        vs = "" if pct is None else f"{pct:+.1f}%" if abs(pct) < 1e4 else f"{pct:+.1e}%"
         lines.append(
-            f"| {s['family']} | {sweep} | {s['best']:.2f} (at {s['best_lr']:g}) | {s['worst']:.2f} (at {s['worst_lr']:g}) "
+            f"| {s['family']} | {sweep} | {_num(s['best'])} (at {s['best_lr']:g}) | {_num(s['worst'])} (at {s['worst_lr']:g}) "
             f"| {vs} | {s['width_decades']:.0f} decades ({s['points_within_1pct']}/{s['points']} points) "
             f"| {s['within_adamw_best']}/{s['points']} | {s['diverged_runs']}/{s['runs']} |"
         )
@@ -612,6 +621,13 @@ class SensitivityArguments:
     quick: bool = field(default=False, metadata={"help": "tiny settings (seconds): a smoke test of the pipeline"})
     threads: int = field(default=1, metadata={"help": "torch threads"})
     replot: str = field(default="", metadata={"help": "redraw the table and plot of a results JSON; train nothing"})
+    merge: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "results JSONs of one task (runs of other methods or seeds) to write as one sweep "
+            "to <out>/sensitivity_<task>[_<tag>].*; train nothing"
+        },
+    )
 
 
 def make_task(args: SensitivityArguments) -> Task:
@@ -637,19 +653,67 @@ def resolve_methods(names: list[str]) -> list[Method]:
 
 
 def replot(json_path: Path) -> None:
-    """Rewrite ``<stem>.md`` and ``<stem>.png`` from ``<stem>.json`` (after a change to the table or the plot)."""
+    """Rewrite a sweep's table, plot and CSVs from ``<stem>.json`` (after a change to the table or the plot)."""
     data = json.loads(json_path.read_text())
     meta, rows = data["meta"], data["runs"]
     task = Task(meta["task"], meta["metric"], meta["higher_is_better"], meta["steps"], *([None] * 4), 0.0)
+    write_results(rows, task, meta, json_path.parent, json_path.stem)
+
+
+def merge(paths: list[Path], out: Path, tag: str) -> list[dict]:
+    """Write the runs of several results JSONs of one task as one sweep (table, plot, CSVs, JSON).
+
+    A (method, learning rate, seed) run present in more than one file is an error: which to keep is
+    the caller's decision, not this function's.
+    """
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"--merge: no such results file: {', '.join(missing)} (give sensitivity_*.json files)")
+    files = [json.loads(p.read_text()) for p in paths]
+    metas = [f["meta"] for f in files]
+    keys = {(m["task"], m["metric"], m["higher_is_better"], m["steps"]) for m in metas}
+    if len(keys) != 1:
+        raise ValueError(f"--merge: the files are not runs of one task setting (task, metric, steps): {sorted(keys)}")
+    rows = [r for f in files for r in f["runs"]]
+    seen: dict[tuple, str] = {}
+    for path, f in zip(paths, files, strict=True):
+        for r in f["runs"]:
+            key = (r["method"], r["lr"], r["seed"])
+            if key in seen:
+                raise ValueError(f"--merge: run {key} is in both {seen[key]} and {path}")
+            seen[key] = str(path)
+    meta = dict(metas[0])
+    meta.pop("args", None)
+    sources = [
+        {"file": str(p), "command": m.get("command"), "commit": m.get("commit")}
+        for p, m in zip(paths, metas, strict=True)
+    ]
+    meta |= {"merged_from": sources}
+    meta |= {"command": " ".join(sys.argv), "commit": ", ".join(dict.fromkeys(m.get("commit", "?") for m in metas))}
+    task = Task(meta["task"], meta["metric"], meta["higher_is_better"], meta["steps"], *([None] * 4), 0.0)
+    write_results(rows, task, meta, out, f"sensitivity_{task.name}{'_' + tag if tag else ''}")
+    return rows
+
+
+def write_results(rows: list[dict], task: Task, meta: dict, out: Path, stem: str) -> str:
+    """``<stem>.csv`` (runs), ``<stem>_summary.csv``, ``<stem>.json``, ``<stem>.md`` (table) and ``<stem>.png``."""
+    out.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows, task.higher)
-    json_path.with_suffix(".md").write_text(markdown_table(summary, task.metric))
-    plot(rows, task, json_path.with_suffix(".png"))
+    _write_csv(out / f"{stem}.csv", rows)
+    _write_csv(out / f"{stem}_summary.csv", summary)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1))
+    table = markdown_table(summary, task.metric)
+    (out / f"{stem}.md").write_text(table)
+    plot(rows, task, out / f"{stem}.png")
+    return table
 
 
 def main(args: SensitivityArguments) -> list[dict]:
     if args.replot:
         replot(Path(args.replot))
         return []
+    if args.merge:
+        return merge([Path(p) for p in args.merge], Path(args.out), args.tag)
     methods = resolve_methods(args.methods)  # raises on a bad name before any work
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -684,17 +748,10 @@ def main(args: SensitivityArguments) -> list[dict]:
                     f"diverged={r['diverged']} final_lr={r['final_lr']:.3g} ({r['seconds']:.1f}s)",
                     flush=True,
                 )
-    summary = summarise(rows, task.higher)
-    _write_csv(out / f"{stem}.csv", rows)
-    _write_csv(out / f"{stem}_summary.csv", summary)
     meta = {"task": task.name, "metric": task.metric, "higher_is_better": task.higher, "steps": task.steps}
     meta |= {"default_hyper": hh.DEFAULT_HYPER["default"], "args": asdict(args), "command": " ".join(sys.argv)}
     meta |= {"torch": torch.__version__, "commit": git_commit(), "hf_hyperopt": str(Path(hh.__file__).parent)}
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1))
-    table = markdown_table(summary, task.metric)
-    (out / f"{stem}.md").write_text(table)
-    plot(rows, task, out / f"{stem}.png")
-    print(table)
+    print(write_results(rows, task, meta, out, stem))
     return rows
 
 

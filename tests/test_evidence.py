@@ -57,6 +57,28 @@ def test_sensitivity_quick_writes_runs_summary_and_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sensitivity_merge_writes_one_sweep_and_refuses_overlaps(tmp_path):
+    for method in ("adamw", "hyper_adam"):
+        args = sensitivity.SensitivityArguments(
+            task="digits", methods=[method], quick=True, out=str(tmp_path / method), tag=method
+        )
+        sensitivity.main(args)
+    parts = [tmp_path / m / f"sensitivity_digits_{m}.json" for m in ("adamw", "hyper_adam")]
+    rows = sensitivity.merge(parts, tmp_path / "merged", "both")
+    assert sorted({r["method"] for r in rows}) == ["adamw", "hyper_adam"]
+    data = json.loads((tmp_path / "merged" / "sensitivity_digits_both.json").read_text())
+    assert len(data["runs"]) == 4 and [m["file"] for m in data["meta"]["merged_from"]] == [str(p) for p in parts]
+    # the tower's row is now measured against AdamW's best, which neither part could do alone
+    tower = next(s for s in data["summary"] if s["method"] == "hyper_adam")
+    assert tower["worst_vs_adamw_best_pct"] is not None
+    assert (tmp_path / "merged" / "sensitivity_digits_both.png").is_file()
+
+    with pytest.raises(ValueError, match="is in both"):
+        sensitivity.merge([parts[0], parts[0]], tmp_path / "again", "")
+    with pytest.raises(FileNotFoundError, match="no-such.json"):
+        sensitivity.merge([parts[0], tmp_path / "no-such.json"], tmp_path / "again", "")
+
+
 def test_sensitivity_tower_learns_its_step_size():
     """On the quick digits task the default tower moves lr away from its initial value; AdamW does not."""
     task = sensitivity.digits_task(epochs=4)
