@@ -191,10 +191,10 @@ HAS_DISTRIBUTED_LOADING = importlib.util.find_spec("transformers.distributed") i
 
 @pytest.fixture(scope="module")
 def trainer_runs(tmp_path_factory) -> dict:
-    from dist_workers.trainer_worker import tiny_bert
+    from tiny_models import tiny_bert
 
     d = tmp_path_factory.mktemp("trainer")
-    tiny_bert().save_pretrained(d / "tiny_bert")
+    tiny_bert(dropout=0.0).save_pretrained(d / "tiny_bert")
     single("trainer_worker.py", ["--out", "ref", "--batch", "8", "--output-dir", "out_ref"], d)
     torchrun("trainer_worker.py", ["--out", "ddp", "--batch", "4", "--wrap", "ddp", "--output-dir", "out_ddp"], d)
     runs = {"ref": read_ranks(d / "ref", 1)[0], "ddp": read_ranks(d / "ddp"), "dir": d}

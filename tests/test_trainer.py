@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import VOCAB, tiny_bert
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
     Trainer,
@@ -26,26 +25,8 @@ from transformers import (
 import hf_hyperopt as hh
 from hf_hyperopt.trainer import HYPER_OPTIMIZERS, HyperTrainer, HyperTrainingArguments, read_trajectory
 
-VOCAB = 32
-
 # An initial step size per weight algorithm that trains the tiny classifier in a few dozen steps.
 LR = {"hyper_sgd": 0.1, "hyper_adam": 3e-3, "hyper_adamw": 3e-3, "hyper_adagrad": 0.05, "hyper_rmsprop": 2e-3}
-
-
-def tiny_bert(seed: int = 0, dropout: float = 0.1) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=8,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(cfg)
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

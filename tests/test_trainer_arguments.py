@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, TrainingArguments
+from tiny_models import tiny_bert
+from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 import hf_hyperopt as hh
@@ -19,20 +20,6 @@ def parse(*argv: str, tmp_path) -> HyperTrainingArguments:
         ["--output_dir", str(tmp_path), "--report_to", "none", *argv]
     )
     return args
-
-
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=32,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=8,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(cfg)
 
 
 @pytest.mark.parametrize("optim", HYPER_OPTIMIZERS)
@@ -91,7 +78,7 @@ def test_tower_respects_decay_groups_and_initial_values(tmp_path):
         weight_decay=0.1,
         hyper_tower="sgd(lr=1e-4)",
     )
-    trainer = HyperTrainer(model=tiny_bert(), args=args)
+    trainer = HyperTrainer(model=tiny_bert(hidden_size=8, intermediate_size=16), args=args)
     opt = trainer.create_optimizer()
     assert isinstance(opt, hh.HyperSGD) and trainer.tower is opt
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
@@ -144,7 +131,7 @@ def test_deepspeed_with_a_tower_is_refused(tmp_path):
 
 
 def test_optimizers_with_hyper_optim_raise_before_training(tmp_path):
-    model = tiny_bert()
+    model = tiny_bert(hidden_size=8, intermediate_size=16)
     before = [p.detach().clone() for p in model.parameters()]
     args = HyperTrainingArguments(output_dir=str(tmp_path), report_to="none", optim="hyper_adam")
     opt = torch.optim.AdamW(model.parameters())
@@ -158,7 +145,9 @@ def test_optimizers_with_hyper_optim_raise_before_training(tmp_path):
 def test_ready_tower_through_optimizer_cls_and_kwargs(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", optim="adamw_torch")
     trainer = HyperTrainer(
-        model=tiny_bert(), args=args, optimizer_cls_and_kwargs=(hh.HyperAdam, {"lr": 1e-3, "hyper": "sgd(lr=1e-5)"})
+        model=tiny_bert(hidden_size=8, intermediate_size=16),
+        args=args,
+        optimizer_cls_and_kwargs=(hh.HyperAdam, {"lr": 1e-3, "hyper": "sgd(lr=1e-5)"}),
     )
     opt = trainer.create_optimizer()
     assert opt.spec == "adam/sgd(lr=1e-05)" and len(opt.param_groups) == 2

@@ -23,29 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
+from transformers import BertForSequenceClassification, TrainerCallback
 
 from hf_hyperopt.trainer import HyperTrainer, HyperTrainingArguments
 
-VOCAB = 32
-
-
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=8,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(cfg)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
+from tiny_models import VOCAB, tiny_bert  # noqa: E402
 
 
 def classification_data(n: int = 64) -> list[dict[str, torch.Tensor]]:
@@ -74,7 +61,7 @@ def main() -> None:
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--batch", type=int, required=True, help="per-device train batch size")
     ap.add_argument("--wrap", choices=("none", "ddp", "fsdp"), default="none")
-    ap.add_argument("--model-dir", default="", help="a save_pretrained tiny_bert(), for --wrap fsdp")
+    ap.add_argument("--model-dir", default="", help="a save_pretrained tiny_bert(dropout=0.0), for --wrap fsdp")
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--optim", default="hyper_adam")
@@ -92,7 +79,7 @@ def main() -> None:
             args.model_dir, dtype=dtype, distributed_config=DistributedConfig(fsdp_size=world)
         )
     else:
-        model = tiny_bert().to(dtype)
+        model = tiny_bert(dropout=0.0).to(dtype)
     targs = HyperTrainingArguments(
         output_dir=args.output_dir,
         report_to="none",
