@@ -58,11 +58,27 @@ class LevelConfig:
             rule's defaults). Flags (``nesterov``) are 0.0 / 1.0.
         learn: the hyperparameters of this level that the level above learns; ``None`` for the
             default (``lr`` in the default mode, the reference's choice in ``gdtuo`` mode).
+        trace: for a level above the weights, the decay ``mu`` of the tangent trace behind the
+            hypergradient it learns from: ``Z_t = mu * Z_{t-1} + dw_{t+1}/dtheta_t`` and
+            ``h_t = <g_{t+1}, Z_t>`` (MARTHE's first-order horizon). ``0`` is the paper's one-step
+            hypergradient; values near 1 sum the signal over about ``1 / (1 - mu)`` steps.
+        normalize: for a level above the weights, learn from the cosine ``h_t / (|g_{t+1}| |Z_t|)``
+            instead of ``h_t`` (Baydin et al.'s multiplicative hypergradient descent): a signal in
+            ``[-1, 1]`` whatever the scale of the learned value, so the level's step size means the
+            same from any start.
+        ramp: for the level above the weights, where the weights' learned ``lr`` starts, as a
+            fraction of its initial value: the effective step size starts at ``ramp * lr`` and doubles
+            at every step whose hypergradient asks for a larger one, up to ``lr`` itself (it holds
+            otherwise). ``1`` (no ramp) is the paper's start. A ramp keeps a too-large initial ``lr``
+            from wrecking pretrained weights before the tower can react.
     """
 
     rule: type[Rule]
     values: dict[str, float] = field(default_factory=dict)
     learn: tuple[str, ...] | None = None
+    trace: float = 0.0
+    ramp: float = 1.0
+    normalize: bool = False
 
     def full_values(self) -> dict[str, float]:
         return {name: float(self.values.get(name, spec.default)) for name, spec in self.rule.hyperparameters.items()}
@@ -72,6 +88,12 @@ class LevelConfig:
         parts = [f"{k}={_fmt(v, self.rule.hyperparameters[k].kind)}" for k, v in self.values.items()]
         if self.learn is not None:
             parts.append("learn=" + "+".join(self.learn))
+        if self.trace:
+            parts.append(f"trace={self.trace!r}")
+        if self.ramp != 1.0:
+            parts.append(f"ramp={self.ramp!r}")
+        if self.normalize:
+            parts.append("normalize=true")
         return f"{self.rule.name}({','.join(parts)})" if parts else self.rule.name
 
 
@@ -90,6 +112,32 @@ def validate_value(level: int, rule: type[Rule], name: str, value: float) -> Non
         raise ValueError(f"level {level} ({rule.name}): {name}={value!r} is negative; {name} must be >= 0")
     if spec.kind == "unit" and not 0.0 <= value < 1.0:
         raise ValueError(f"level {level} ({rule.name}): {name}={value!r} is outside [0, 1)")
+
+
+def validate_trace(level: int, rule: type[Rule], trace: float) -> None:
+    """Raise ``ValueError`` unless ``trace`` is a decay in ``[0, 1)`` on a level above the weights."""
+    if not (isinstance(trace, (int, float)) and math.isfinite(trace) and 0.0 <= trace < 1.0):
+        raise ValueError(f"level {level} ({rule.name}): trace={trace!r} is outside [0, 1)")
+    if trace and level == 0:
+        raise ValueError(
+            f"level 0 ({rule.name}): trace={trace!r} belongs to a level above the weights (it shapes the "
+            "hypergradient that level learns from); move it to level 1"
+        )
+
+
+def validate_ramp(level: int, rule: type[Rule], ramp: float) -> None:
+    """Raise ``ValueError`` unless ``ramp`` is in ``(0, 1]``, and ``< 1`` only on level 1."""
+    if not (isinstance(ramp, (int, float)) and math.isfinite(ramp) and 0.0 < ramp <= 1.0):
+        raise ValueError(f"level {level} ({rule.name}): ramp={ramp!r} is outside (0, 1]")
+    if ramp != 1.0 and level != 1:
+        raise ValueError(
+            f"level {level} ({rule.name}): ramp={ramp!r} applies to the weights' learned lr, so it belongs "
+            "to level 1 (the level that learns it)"
+        )
+
+
+# The ramp's growth per agreeing step: from ramp=1e-3 the full step size is reached in ten such steps.
+RAMP_GROWTH = 2.0
 
 
 def _aliases(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
@@ -193,6 +241,13 @@ class TowerOptimizer(torch.optim.Optimizer):
             values = cfg.full_values()
             for name, v in values.items():
                 validate_value(k, cfg.rule, name, v)
+            validate_trace(k, cfg.rule, cfg.trace)
+            validate_ramp(k, cfg.rule, cfg.ramp)
+            if cfg.normalize and k == 0:
+                raise ValueError(
+                    f"level 0 ({cfg.rule.name}): normalize=true belongs to a level above the weights (it shapes "
+                    "the hypergradient that level learns from); move it to level 1"
+                )
             self._learn.append(self._resolve_learn(k, cfg, values))
             options: dict[str, bool] = {"nesterov": bool(values.get("nesterov", 0.0))}
             if "momentum" in self._learn[k]:
@@ -207,6 +262,11 @@ class TowerOptimizer(torch.optim.Optimizer):
             for name in self._rules[0].hyperparameters:
                 validate_value(0, levels[0].rule, name, _group_value(group, name))
             group.setdefault("initial_lr", group["lr"])
+        if self._ramped() and "lr" not in self._learn[0]:
+            raise ValueError(
+                f"level 1 ({self._rules[1].name}): ramp={levels[1].ramp!r} ramps the weights' learned lr, but "
+                f"level 0 learns {'+'.join(self._learn[0])}; add lr to its learn= or drop the ramp"
+            )
         self._check_scope()
         self._check_sharding()
         self._buckets: list[_Bucket] | None = None
@@ -361,9 +421,18 @@ class TowerOptimizer(torch.optim.Optimizer):
         ts["upper_tangent"] = tangents
         ts["step"] = [0] * n  # host-side counts: bias corrections need no device read
         ts["skipped"] = torch.zeros(max(n - 1, 1), dtype=torch.int64, device=device)
+        if self._ramped():
+            ts["ramp"] = torch.tensor([self.levels[1].ramp], dtype=dtype, device=device)
         ts["spec"] = self.spec
         ts["scope"] = self.scope
         ts["mode"] = self.mode
+
+    def _ramped(self) -> bool:
+        return self.height > 0 and self.levels[1].ramp != 1.0
+
+    def _ramp_factor(self, ts: dict) -> Tensor | None:
+        """The ramp's current factor on the weights' learned lr (a 1-element tensor), or None."""
+        return ts.get("ramp") if self._ramped() else None
 
     def _how(self, k: int, name: str):
         return parametrisation(type(self._rules[k]), name, self.mode)
@@ -487,23 +556,60 @@ class TowerOptimizer(torch.optim.Optimizer):
         theta0 = ts["theta"][0]
         units = self._units()
         h0 = torch.zeros_like(theta0)
+        keep = bool(self.levels[1].trace)
+        normalize = self.levels[1].normalize
+        if normalize:
+            zz0, gg0 = torch.zeros_like(theta0), torch.zeros(units, dtype=theta0.dtype, device=theta0.device)
         for b in self._buckets:
             grads = [local_tensor(p.grad) for p in b.params]
+            if normalize:
+                sums = torch.stack([_dot(g, g) for g in grads])
+                gg0.index_add_(0, b.unit_index.to(theta0.device), sums.to(theta0.device, theta0.dtype))
             for j, name in enumerate(self._learn[0]):
-                torch._foreach_mul_(b.views[name], grads)
-                sums = b.unit_sums(b.flat[name], theta0.dtype, self.scope == "tensor").to(theta0.device)
-                ids = b.unit_index if self.scope == "tensor" else b.unit_ids.to(theta0.device)
-                h0.index_add_(0, ids + j * units, sums)
-        reduce_hypergradients(h0, self._sharding_group)
+                if keep or normalize:
+                    # Dot products leave the tangent as it is: a trace lives on across steps.
+                    sums = torch.stack([_dot(z, g) for z, g in zip(b.views[name], grads, strict=True)])
+                    ids = b.unit_index
+                    if normalize:
+                        zsq = torch.stack([_dot(z, z) for z in b.views[name]])
+                        zz0.index_add_(0, ids.to(theta0.device) + j * units, zsq.to(theta0.device, theta0.dtype))
+                else:
+                    torch._foreach_mul_(b.views[name], grads)
+                    sums = b.unit_sums(b.flat[name], theta0.dtype, self.scope == "tensor")
+                    ids = b.unit_index if self.scope == "tensor" else b.unit_ids
+                h0.index_add_(0, ids.to(theta0.device) + j * units, sums.to(theta0.device, theta0.dtype))
+        if normalize:
+            both = torch.cat([h0, zz0, gg0])
+            reduce_hypergradients(both, self._sharding_group)
+            h0, zz0, gg0 = both.split([h0.numel(), zz0.numel(), units])
+            self._advance_ramp(ts, h0, units)
+            h0 = _cosine(h0, zz0 * gg0.repeat(len(self._learn[0])))
+        else:
+            reduce_hypergradients(h0, self._sharding_group)
+            self._advance_ramp(ts, h0, units)
         self._nonfinite = {}
         raw = h0
         hyper.append(self._guard(h0, ts, 0))
         for k in range(1, n - 1):
             tangent = ts["upper_tangent"][k - 1]
             # From the unguarded level below: a hypergradient built on a non-finite one is skipped too.
-            raw = torch.stack([torch.dot(raw, tangent[name]) for name in self._learn[k]])
-            hyper.append(self._guard(raw, ts, k))
+            raw_below = raw
+            raw = torch.stack([torch.dot(raw_below, tangent[name]) for name in self._learn[k]])
+            h = raw
+            if self.levels[k + 1].normalize:
+                h = _cosine(raw, torch.stack([raw_below.dot(raw_below) * tangent[n].dot(tangent[n]) for n in self._learn[k]]))
+            hyper.append(self._guard(h, ts, k))
         return hyper
+
+    def _advance_ramp(self, ts: dict, h0: Tensor, units: int) -> None:
+        """Double the ramp where the lr's hypergradient (summed over units) asks for a larger step."""
+        ramp = self._ramp_factor(ts)
+        if ramp is None:
+            return
+        j = self._learn[0].index("lr")
+        h_lr = h0[j * units : (j + 1) * units].sum()
+        grow = torch.isfinite(h_lr) & (h_lr < 0)
+        ramp.copy_(torch.where(grow, (ramp * RAMP_GROWTH).clamp_max(1.0), ramp))
 
     def _guard(self, h: Tensor, ts: dict, k: int) -> Tensor:
         finite = torch.isfinite(h)
@@ -531,8 +637,11 @@ class TowerOptimizer(torch.optim.Optimizer):
                 self._learn[k],
                 tangents,
             )
+            # The level above (k + 1) may learn from a trace of these tangents.
+            trace = self.levels[k + 1].trace if k + 1 < n else 0.0
+            kept = ts["upper_tangent"][k - 1]
             for name, tangent in tangents.items():
-                ts["upper_tangent"][k - 1][name] = tangent[0]
+                kept[name] = trace * kept[name] + tangent[0] if trace else tangent[0]
             self._keep_skipped(ts, k - 1, old, old_state)
             self._bound(theta, old, k - 1, ts)
 
@@ -613,6 +722,9 @@ class TowerOptimizer(torch.optim.Optimizer):
                     nat = to_natural(theta[j * units : (j + 1) * units], self._how(0, name))
                     vec = nat.to(device)[unit_index]
                     if name == "lr":
+                        ramp = self._ramp_factor(ts)
+                        if ramp is not None:
+                            vec = vec * ramp.to(vec.device, vec.dtype)
                         # A scheduler rewrites group["lr"]; it multiplies the learned step size.
                         factors = [g["lr"] / g["initial_lr"] if g["initial_lr"] else 1.0 for g in groups]
                         if any(f != 1.0 for f in factors):
@@ -646,6 +758,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                 theta,
                 learn,
                 b.views,
+                self.levels[1].trace if self.height else 0.0,
             )
 
     def _run_rule(
@@ -660,6 +773,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         theta: Tensor | None,
         learn: tuple[str, ...],
         out: dict[str, list[Tensor]],
+        trace: float = 0.0,
     ) -> None:
         """Run ``rule`` on ``params`` in place; write d(new params)/d(theta_j) into ``out[j]`` for each learned j.
 
@@ -668,6 +782,8 @@ class TowerOptimizer(torch.optim.Optimizer):
         copies, so the state and parameters are updated exactly once. A learning pass uses its
         tangent buffers as the rule's workspace (``work`` is then unused): the direction is built
         there and turned into the tangent in place, so a step needs no other parameter-sized memory.
+        With a ``trace`` the buffers hold ``Z_{t-1}``, which the step decays and adds to, so the direction
+        is built in a temporary instead.
         """
         if theta is None:
             _apply_step(params, rule.update(params, grads, state, work, hyper_fn(None), step), None)
@@ -679,9 +795,13 @@ class TowerOptimizer(torch.optim.Optimizer):
             s = state if last else {n: [t.clone() for t in ts_] for n, ts_ in state.items()}
             seed = torch.zeros_like(theta)
             seed[j * units : (j + 1) * units] = 1.0
-            work = {n: out[name] for n in rule.workspace_names}
+            if trace:
+                work = {n: [torch.empty_like(t) for t in params] for n in rule.workspace_names}
+            else:
+                work = {n: out[name] for n in rule.workspace_names}
             with fwAD.dual_level():
-                _apply_step(p, rule.update(p, grads, s, work, hyper_fn(fwAD.make_dual(theta, seed)), step), out[name])
+                hp = hyper_fn(fwAD.make_dual(theta, seed))
+                _apply_step(p, rule.update(p, grads, s, work, hp, step), out[name], trace)
 
     # ------------------------------------------------------------------ reading the tower
     @torch.no_grad()
@@ -704,12 +824,16 @@ class TowerOptimizer(torch.optim.Optimizer):
                     units = theta.numel() // len(names)
                     for j, name in enumerate(names):
                         nat = to_natural(theta[j * units : (j + 1) * units], self._how(k, name))
+                        if k == 0 and name == "lr" and self._ramped():  # the lr the weights use
+                            nat = nat * self._tower_state["ramp"].detach().double().cpu()
                         vals = nat.tolist()
                         entry[name] = vals[0] if (k > 0 or self.scope == "shared") else vals
                 else:
                     for name in names:
                         if k == 0:
                             vals = self._level0_unit_values()[name]
+                            if name == "lr" and self._ramped():
+                                vals = [v * self.levels[1].ramp for v in vals]
                             entry[name] = vals[0] if self.scope == "shared" else vals
                         else:
                             entry[name] = self.levels[k].full_values()[name]
@@ -769,7 +893,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         self._buckets = None  # tangent views are rebuilt on the next step
 
 
-def _apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None) -> None:
+def _apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None, trace: float = 0.0) -> None:
     """``params <- params * decay + direction * scale`` in place; with ``tangent``, also its tangent.
 
     When forward-mode AD reports that the direction does not depend on the learned hyperparameters
@@ -778,7 +902,8 @@ def _apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None) 
     The direction is then scaled into the increment in the tangent buffer, added to the parameters,
     and rescaled by ``d(scale) / scale`` into the tangent, all in place (with a log-parametrised step
     size that ratio is 1 and the tangent *is* the increment). Otherwise AD carries the tangent
-    through the whole update.
+    through the whole update. With a ``trace`` ``mu``, ``tangent`` holds ``Z_{t-1}`` and becomes
+    ``mu * Z_{t-1} + d(new params)/d(theta)``.
     """
     direction = step.direction
     if tangent is None or fwAD.unpack_dual(direction[0]).tangent is not None:
@@ -790,11 +915,14 @@ def _apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None) 
         if tangent is None:
             return
         out = [fwAD.unpack_dual(t).tangent for t in params]
+        out = [t if t is not None else torch.zeros_like(q) for t, q in zip(out, params, strict=True)]
         # The buffers may have carried the direction's tangent; write through their primal.
-        torch._foreach_copy_(
-            [fwAD.unpack_dual(t).primal for t in tangent],
-            [t if t is not None else torch.zeros_like(q) for t, q in zip(out, params, strict=True)],
-        )
+        primal = [fwAD.unpack_dual(t).primal for t in tangent]
+        if trace:
+            torch._foreach_mul_(primal, trace)
+            torch._foreach_add_(primal, out)
+        else:
+            torch._foreach_copy_(primal, out)
         return
     scale, d_scale = fwAD.unpack_dual(step.scale)
     decay_term = None
@@ -803,6 +931,22 @@ def _apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None) 
         if d_decay is not None:
             decay_term = torch._foreach_mul(params, scalars(d_decay))
         torch._foreach_mul_(params, scalars(decay))
+    if trace:
+        # The direction is in a temporary: scale it into the increment, apply it, and add its
+        # tangent (d_scale / scale times the increment) to the decayed trace.
+        torch._foreach_mul_(direction, scalars(scale))
+        torch._foreach_add_(params, direction)
+        torch._foreach_mul_(tangent, trace)
+        if d_scale is not None:
+            ratio = _ratio(d_scale, scale)
+            if ratio is None:
+                torch._foreach_mul_(direction, scalars(d_scale / scale))
+            elif any(r != 1.0 for r in ratio):
+                torch._foreach_mul_(direction, ratio)
+            torch._foreach_add_(tangent, direction)
+        if decay_term is not None:
+            torch._foreach_add_(tangent, decay_term)
+        return
     if direction is not tangent:
         torch._foreach_copy_(tangent, direction)
     ratio = _ratio(d_scale, scale)
@@ -819,6 +963,18 @@ def _apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None) 
             torch._foreach_mul_(tangent, scalars(d_scale))
     if decay_term is not None:
         torch._foreach_add_(tangent, decay_term)
+
+
+def _cosine(h: Tensor, norms_sq: Tensor) -> Tensor:
+    """``h / sqrt(norms_sq)``, and 0 where the norms are 0 (no signal yet)."""
+    return torch.where(norms_sq > 0, h / norms_sq.sqrt().clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``<a, b>`` over all elements, accumulated in at least float32."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def _ratio(d_scale: Tensor | None, scale: Tensor) -> list[float] | None:

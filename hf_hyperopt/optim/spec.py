@@ -3,7 +3,9 @@
 ``"adam(lr=1e-3)/sgd(lr=1e-5)"`` is Adam on the weights whose step size is learned by SGD with step
 size 1e-5. Each level is ``name`` or ``name(key=value, ...)``; keys are named as in ``torch.optim``
 (``lr``, ``momentum``, ``nesterov``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``, and ``alpha`` for
-RMSProp's smoothing constant) plus ``learn=lr+beta1`` to choose what the level above learns.
+RMSProp's smoothing constant) plus ``learn=lr+beta1`` to choose what the level above learns and, on
+a level above the weights, ``trace=0.9`` for the decay of the tangent trace it learns from and, on
+level 1, ``ramp=1e-3`` for where the weights' learned lr starts (see :class:`LevelConfig`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import re
 
 from ..levels import RULES
-from .engine import LevelConfig, validate_value
+from .engine import LevelConfig, validate_ramp, validate_trace, validate_value
 
 _LEVEL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
@@ -38,11 +40,12 @@ def parse_spec(spec: str) -> list[LevelConfig]:
         rule = RULES[name]
         values: dict[str, float] = {}
         learn = None
+        trace, ramp, normalize = 0.0, 1.0, False
         for item in _split_args(body or ""):
             if "=" not in item:
                 raise ValueError(f"{item.strip()!r} in level {k} ({name}) of {spec!r} is not key=value")
             key, _, raw = (s.strip() for s in item.partition("="))
-            allowed = [*rule.hyperparameters, "learn"]
+            allowed = [*rule.hyperparameters, "learn", "trace", "ramp", "normalize"]
             if key not in allowed:
                 raise ValueError(
                     f"unknown key {key!r} for {name} in tower spec {spec!r}; allowed: {', '.join(allowed)}"
@@ -56,9 +59,20 @@ def parse_spec(spec: str) -> list[LevelConfig]:
                             f"allowed: {', '.join(rule.learnable())}"
                         )
                 continue
+            if key == "trace":
+                trace = _parse_value(key, raw, "unit", name, spec)
+                validate_trace(k, rule, trace)
+                continue
+            if key == "normalize":
+                normalize = bool(_parse_value(key, raw, "flag", name, spec))
+                continue
+            if key == "ramp":
+                ramp = _parse_value(key, raw, "unit", name, spec)
+                validate_ramp(k, rule, ramp)
+                continue
             values[key] = _parse_value(key, raw, rule.hyperparameters[key].kind, name, spec)
             validate_value(k, rule, key, values[key])
-        levels.append(LevelConfig(rule, values, learn))
+        levels.append(LevelConfig(rule, values, learn, trace, ramp, normalize))
     return levels
 
 

@@ -1,0 +1,176 @@
+"""The horizon trace: ``Z_t = mu * Z_{t-1} + dw_{t+1}/dtheta_t`` and ``h_t = <g_{t+1}, Z_t>``, against
+written-out references; ``trace=0`` is the one-step hypergradient."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hf_hyperopt as hh
+
+
+def _grads(model) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.5, 0.9])
+def test_sgd_lr_learned_from_a_trace_of_updates(mu, float64, make_mlp, batches):
+    """SGD weights with log(lr) learned by SGD(kappa): dw_{t+1}/dlog(lr) is the update u_t itself, so the
+    trace is Z_t = mu Z_{t-1} + u_t and log(lr) moves by -kappa <g_{t+1}, Z_t>."""
+    kappa = 0.5
+    model = make_mlp()
+    opt = hh.tower(model.parameters(), f"sgd(lr=0.05)/sgd(lr={kappa},trace={mu})")
+    z, log_lr = None, math.log(0.05)
+    for x, y in batches(12):
+        F.mse_loss(model(x), y).backward()
+        g = _grads(model)
+        if z is not None:
+            log_lr -= kappa * sum(float((a * b).sum()) for a, b in zip(g, z, strict=True))
+        update = [-math.exp(log_lr) * t for t in g]
+        z = update if z is None else [mu * a + b for a, b in zip(z, update, strict=True)]
+        opt.step()
+        opt.zero_grad()
+        assert math.log(opt.hyperparameters()[0]["lr"]) == pytest.approx(log_lr, rel=1e-10, abs=1e-12)
+    assert log_lr != pytest.approx(math.log(0.05), abs=1e-3)
+
+
+def test_adam_trace_matches_the_sum_over_a_horizon(float64, make_mlp, batches):
+    """Adam weights: with the upper step size zero for the first steps the lr is constant, and the
+    hypergradient the upper level receives is <g_{t+1}, sum_s mu^(t-s) u_s> over Adam's own updates."""
+    mu, kappa = 0.8, 1e-3
+    model = make_mlp()
+    ref = make_mlp()
+    opt = hh.tower(model.parameters(), f"adam(lr=0.01)/sgd(lr={kappa},trace={mu})")
+    torch_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    z, log_lr = None, math.log(0.01)
+    for x, y in batches(10):
+        F.mse_loss(model(x), y).backward()
+        F.mse_loss(ref(x), y).backward()
+        g = _grads(ref)
+        if z is not None:
+            log_lr -= kappa * sum(float((a * b).sum()) for a, b in zip(g, z, strict=True))
+        for group in torch_opt.param_groups:
+            group["lr"] = math.exp(log_lr)
+        before = [p.detach().clone() for p in ref.parameters()]
+        torch_opt.step()
+        update = [p.detach() - b for p, b in zip(ref.parameters(), before, strict=True)]
+        z = update if z is None else [mu * a + b for a, b in zip(z, update, strict=True)]
+        opt.step()
+        opt.zero_grad()
+        torch_opt.zero_grad()
+        assert math.log(opt.hyperparameters()[0]["lr"]) == pytest.approx(log_lr, rel=1e-9, abs=1e-12)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_trace_on_a_level_above_the_first(float64, make_mlp, batches):
+    """A trace on level 2 decays the tangents of level 1's learned step size: with trace 0 it is the
+    one-step chain, and a trace changes what level 2 learns while every value stays finite."""
+    finals = {}
+    for mu in (0.0, 0.9):
+        model = make_mlp()
+        opt = hh.tower(model.parameters(), f"sgd(lr=0.05)/sgd(lr=0.1)/sgd(lr=0.1,trace={mu})")
+        for x, y in batches(15):
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        hp = opt.hyperparameters()
+        assert all(math.isfinite(v) for level in hp for v in level.values())
+        finals[mu] = hp[1]["lr"]
+    assert finals[0.0] != pytest.approx(finals[0.9], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("adam(trace=0.9)/adam", r"level 0 \(adam\): trace=0.9 belongs to a level above the weights"),
+        ("adam/adam(trace=1.0)", r"level 1 \(adam\): trace=1.0 is outside \[0, 1\)"),
+        ("adam/adam(trace=-0.1)", r"trace=-0.1 is outside \[0, 1\)"),
+        ("adam/adam(trace=x)", r"trace='x' for adam in 'adam/adam\(trace=x\)' is not a number"),
+    ],
+)
+def test_bad_trace_is_refused_with_the_value(spec, match):
+    with pytest.raises(ValueError, match=match):
+        hh.tower([torch.zeros(2, requires_grad=True)], spec)
+
+
+def test_trace_round_trips_through_the_spec():
+    opt = hh.tower([torch.zeros(2, requires_grad=True)], "adam(lr=0.001)/adam(lr=0.05,trace=0.9)")
+    assert opt.spec == "adam(lr=0.001)/adam(lr=0.05,trace=0.9)"
+    assert hh.tower([torch.zeros(2, requires_grad=True)], opt.spec).spec == opt.spec
+
+
+def test_normalized_hypergradient_is_the_cosine(float64, make_mlp, batches):
+    """normalize=true hands the level above cos(g_{t+1}, u_t) instead of <g_{t+1}, u_t>."""
+    kappa = 0.3
+    model = make_mlp()
+    opt = hh.tower(model.parameters(), f"sgd(lr=0.05)/sgd(lr={kappa},normalize=true)")
+    previous, log_lr = None, math.log(0.05)
+    for x, y in batches(12):
+        F.mse_loss(model(x), y).backward()
+        g = _grads(model)
+        if previous is not None:
+            dot = sum(float((a * b).sum()) for a, b in zip(g, previous, strict=True))
+            norms = math.sqrt(sum(float((a * a).sum()) for a in g) * sum(float((b * b).sum()) for b in previous))
+            log_lr -= kappa * dot / norms
+        previous = [-math.exp(log_lr) * t for t in g]
+        opt.step()
+        opt.zero_grad()
+        assert math.log(opt.hyperparameters()[0]["lr"]) == pytest.approx(log_lr, rel=1e-10, abs=1e-12)
+
+
+def test_ramp_doubles_while_the_hypergradient_asks_for_more(float64, make_mlp, batches):
+    """ramp=r: the weights' step size starts at r * lr and doubles at each step whose lr hypergradient is
+    negative, up to the learned lr itself; the level above learns as without a ramp."""
+    model, plain = make_mlp(), make_mlp()
+    opt = hh.tower(model.parameters(), "sgd(lr=0.05)/sgd(lr=0.0,ramp=0.125)")
+    assert opt.hyperparameters()[0]["lr"] == pytest.approx(0.05 * 0.125)
+    ref = torch.optim.SGD(plain.parameters(), lr=0.05 * 0.125)
+    previous, factor, grew = None, 0.125, 0
+    for x, y in batches(12):
+        F.mse_loss(model(x), y).backward()
+        F.mse_loss(plain(x), y).backward()
+        g = _grads(plain)
+        if previous is not None and sum(float((a * b).sum()) for a, b in zip(g, previous, strict=True)) > 0:
+            factor, grew = min(1.0, 2 * factor), grew + 1  # h = -lr <g_t, g_{t-1}> < 0
+        for group in ref.param_groups:
+            group["lr"] = 0.05 * factor
+        previous = g
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+        assert opt.hyperparameters()[0]["lr"] == pytest.approx(0.05 * factor, rel=1e-12)
+        for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    assert grew >= 3 and factor == 1.0
+
+
+def test_ramp_survives_a_checkpoint(make_mlp, batches):
+    model = make_mlp()
+    opt = hh.tower(model.parameters(), "adam(lr=0.01)/adam(lr=0.05,ramp=0.001)")
+    for x, y in batches(4):
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    other = hh.tower(make_mlp().parameters(), "adam(lr=0.01)/adam(lr=0.05,ramp=0.001)")
+    other.load_state_dict(opt.state_dict())
+    assert other.hyperparameters() == opt.hyperparameters()
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("adam/adam/adam(ramp=0.5)", r"level 2 \(adam\): ramp=0.5 applies to the weights' learned lr"),
+        ("adam/adam(ramp=0)", r"ramp=0.0 is outside \(0, 1\]"),
+        ("adam(learn=beta1)/adam(ramp=0.1)", r"ramp=0.1 ramps the weights' learned lr, but level 0 learns beta1"),
+        ("adam(normalize=true)/adam", r"level 0 \(adam\): normalize=true belongs to a level above the weights"),
+        ("adam/adam(normalize=maybe)", r"normalize='maybe' for adam .* is not a boolean"),
+    ],
+)
+def test_bad_ramp_or_normalize_is_refused(spec, match):
+    with pytest.raises(ValueError, match=match):
+        hh.tower([torch.zeros(2, requires_grad=True)], spec)
