@@ -9,5 +9,4 @@ from .sgd import SGDRule
 
 RULES: dict[str, type[Rule]] = {r.name: r for r in (SGDRule, AdamRule, AdamWRule, AdaGradRule, RMSPropRule, COCOBRule)}
 
-__all__ = ["RULES", "AdaGradRule", "AdamRule", "AdamWRule",
-    "COCOBRule", "HyperSpec", "RMSPropRule", "Rule", "SGDRule"]
+__all__ = ["RULES", "AdaGradRule", "AdamRule", "AdamWRule", "COCOBRule", "HyperSpec", "RMSPropRule", "Rule", "SGDRule"]

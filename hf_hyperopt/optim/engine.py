@@ -597,7 +597,9 @@ class TowerOptimizer(torch.optim.Optimizer):
             raw = torch.stack([torch.dot(raw_below, tangent[name]) for name in self._learn[k]])
             h = raw
             if self.levels[k + 1].normalize:
-                h = _cosine(raw, torch.stack([raw_below.dot(raw_below) * tangent[n].dot(tangent[n]) for n in self._learn[k]]))
+                h = _cosine(
+                    raw, torch.stack([raw_below.dot(raw_below) * tangent[n].dot(tangent[n]) for n in self._learn[k]])
+                )
             hyper.append(self._guard(h, ts, k))
         return hyper
 
