@@ -124,29 +124,34 @@ def test_normalized_hypergradient_is_the_cosine(float64, make_mlp, batches):
 
 def test_ramp_doubles_while_the_hypergradient_asks_for_more(float64, make_mlp, batches):
     """ramp=r: the weights' step size starts at r * lr and doubles at each step whose lr hypergradient is
-    negative, up to the learned lr itself; the level above learns as without a ramp."""
+    negative, up to the learned lr itself; the level above learns the lr only at the other steps."""
+    kappa = 0.5
     model, plain = make_mlp(), make_mlp()
-    opt = hh.tower(model.parameters(), "sgd(lr=0.05)/sgd(lr=0.0,ramp=0.125)")
+    opt = hh.tower(model.parameters(), f"sgd(lr=0.05)/sgd(lr={kappa},ramp=0.125)")
     assert opt.hyperparameters()[0]["lr"] == pytest.approx(0.05 * 0.125)
     ref = torch.optim.SGD(plain.parameters(), lr=0.05 * 0.125)
-    previous, factor, grew = None, 0.125, 0
-    for x, y in batches(12):
+    previous, factor, log_lr, grew, learned = None, 0.125, math.log(0.05), 0, 0
+    for x, y in batches(16):
         F.mse_loss(model(x), y).backward()
         F.mse_loss(plain(x), y).backward()
         g = _grads(plain)
-        if previous is not None and sum(float((a * b).sum()) for a, b in zip(g, previous, strict=True)) > 0:
-            factor, grew = min(1.0, 2 * factor), grew + 1  # h = -lr <g_t, g_{t-1}> < 0
+        if previous is not None:
+            h = sum(float((a * b).sum()) for a, b in zip(g, previous, strict=True))  # dL/dlog(lr)
+            if h < 0 and factor < 1.0:
+                factor, grew = min(1.0, 2 * factor), grew + 1
+            else:
+                log_lr, learned = log_lr - kappa * h, learned + 1
         for group in ref.param_groups:
-            group["lr"] = 0.05 * factor
-        previous = g
+            group["lr"] = math.exp(log_lr) * factor
+        previous = [-group["lr"] * t for t in g]
         opt.step()
         ref.step()
         opt.zero_grad()
         ref.zero_grad()
-        assert opt.hyperparameters()[0]["lr"] == pytest.approx(0.05 * factor, rel=1e-12)
+        assert opt.hyperparameters()[0]["lr"] == pytest.approx(math.exp(log_lr) * factor, rel=1e-10)
         for p, q in zip(model.parameters(), plain.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
-    assert grew >= 3 and factor == 1.0
+    assert grew == 3 and factor == 1.0 and learned >= 5
 
 
 def test_ramp_survives_a_checkpoint(make_mlp, batches):

@@ -558,6 +558,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         h0 = torch.zeros_like(theta0)
         keep = bool(self.levels[1].trace)
         normalize = self.levels[1].normalize
+        held = None
         if normalize:
             zz0, gg0 = torch.zeros_like(theta0), torch.zeros(units, dtype=theta0.dtype, device=theta0.device)
         for b in self._buckets:
@@ -582,14 +583,17 @@ class TowerOptimizer(torch.optim.Optimizer):
             both = torch.cat([h0, zz0, gg0])
             reduce_hypergradients(both, self._sharding_group)
             h0, zz0, gg0 = both.split([h0.numel(), zz0.numel(), units])
-            self._advance_ramp(ts, h0, units)
+            held = self._advance_ramp(ts, h0, units)
+            raw = h0
             h0 = _cosine(h0, zz0 * gg0.repeat(len(self._learn[0])))
         else:
             reduce_hypergradients(h0, self._sharding_group)
-            self._advance_ramp(ts, h0, units)
+            held = self._advance_ramp(ts, h0, units)
+            raw = h0
         self._nonfinite = {}
-        raw = h0
         hyper.append(self._guard(h0, ts, 0))
+        if held is not None:
+            self._nonfinite[0] = self._nonfinite[0] | held
         for k in range(1, n - 1):
             tangent = ts["upper_tangent"][k - 1]
             # From the unguarded level below: a hypergradient built on a non-finite one is skipped too.
@@ -603,15 +607,23 @@ class TowerOptimizer(torch.optim.Optimizer):
             hyper.append(self._guard(h, ts, k))
         return hyper
 
-    def _advance_ramp(self, ts: dict, h0: Tensor, units: int) -> None:
-        """Double the ramp where the lr's hypergradient (summed over units) asks for a larger step."""
+    def _advance_ramp(self, ts: dict, h0: Tensor, units: int) -> Tensor | None:
+        """Double the ramp while the lr's hypergradient (summed over units) asks for a larger step.
+
+        Returns the coordinates of theta[0] that the level above leaves alone this step (the lr's,
+        while the ramp grows), or None without a ramp. The level above learns the lr only once the
+        ramp has stopped growing, so a start that is already right is not overshot by both at once.
+        """
         ramp = self._ramp_factor(ts)
         if ramp is None:
-            return
+            return None
         j = self._learn[0].index("lr")
         h_lr = h0[j * units : (j + 1) * units].sum()
-        grow = torch.isfinite(h_lr) & (h_lr < 0)
+        grow = torch.isfinite(h_lr) & (h_lr < 0) & (ramp < 1.0)
         ramp.copy_(torch.where(grow, (ramp * RAMP_GROWTH).clamp_max(1.0), ramp))
+        held = torch.zeros_like(h0, dtype=torch.bool)
+        held[j * units : (j + 1) * units] = grow
+        return held
 
     def _guard(self, h: Tensor, ts: dict, k: int) -> Tensor:
         finite = torch.isfinite(h)
