@@ -42,6 +42,8 @@ def parse_spec(spec: str) -> list[LevelConfig]:
             if "=" not in item:
                 raise ValueError(f"{item.strip()!r} in level {k} ({name}) of {spec!r} is not key=value")
             key, _, raw = (s.strip() for s in item.partition("="))
+            if key in values or key == "learn" and learn is not None:
+                raise ValueError(f"{key!r} is given twice for {name} in tower spec {spec!r}; give each key once")
             allowed = [*rule.hyperparameters, "learn"]
             if key not in allowed:
                 raise ValueError(
