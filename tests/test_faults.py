@@ -9,7 +9,7 @@ docs/failures.md lists the same faults with their outcome. The sections:
 - SIGKILL at random moments of a run that checkpoints every step;
 - bad arguments (a tower spec with a key given twice, a negative weight decay).
 
-The bad inputs of ``scripts/finetune.py`` are rows of ``test_finetune_data.py``'s table.
+The bad inputs of ``scripts/finetune.py`` are the rows of ``BAD_DATA`` in ``test_finetune.py``.
 """
 
 from __future__ import annotations
@@ -341,6 +341,15 @@ def test_save_that_fails_halfway_resumes_from_the_last_complete_checkpoint(full_
         trainer.train(resume_from_checkpoint=True)
     _assert_like_the_full_run(trainer, full_run)
     assert read_trajectory(tmp_path / "hyper_trajectory.jsonl") == read_trajectory(full_run / "hyper_trajectory.jsonl")
+
+
+def test_resume_with_only_incomplete_checkpoints_is_refused(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3, "log_hi')  # torn
+    trainer = HyperTrainer(model=tiny_bert(), args=_args(tmp_path), train_dataset=_data())
+    with pytest.raises(ValueError, match="no complete checkpoint to resume from .* checkpoint-3"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 0 and not (tmp_path / "hyper_trajectory.jsonl").exists()
 
 
 def test_full_disk_while_writing_the_trajectory_stops_and_loses_no_step(full_run, tmp_path, monkeypatch):

@@ -41,8 +41,12 @@ def checked_tower_state(opt: Any, state_dict: dict[str, Any], tower_state: dict[
     Raises:
         ValueError: naming the first entry that does not fit ``opt``.
     """
-    params = _check_groups(opt, state_dict.get("param_groups") or [])
-    _check_param_state(opt, params, state_dict.get("state") or {})
+    groups = state_dict.get("param_groups") or []
+    params = _check_groups(opt, groups)
+    # Saved state is keyed by the ids listed in the saved groups (indices, or names under
+    # torch.distributed.checkpoint), matched to this optimizer's parameters by position, as torch.optim does.
+    index = dict(zip((i for g in groups for i in g["params"]), params, strict=True))
+    _check_param_state(opt, index, state_dict.get("state") or {})
     if not tower_state:
         return {}
     return _check_tower_state(opt, params, tower_state)
@@ -65,13 +69,11 @@ def _check_groups(opt: Any, groups: list[dict[str, Any]]) -> list[Tensor]:
     return [p for g in mine for p in g["params"]]
 
 
-def _check_param_state(opt: Any, params: list[Tensor], state: dict[Any, dict[str, Any]]) -> None:
-    # Saved state is keyed by the parameter's index over all groups, as torch.optim numbers them.
-    index = {i: p for i, p in enumerate(params)}
+def _check_param_state(opt: Any, index: dict[Any, Tensor], state: dict[Any, dict[str, Any]]) -> None:
     names = set(opt._rules[0].state_names)
     for key, entry in state.items():
         if key not in index:
-            raise ValueError(f"state_dict has state for parameter {key!r}; this optimizer has {len(params)} parameters")
+            raise ValueError(f"state_dict has state for parameter {key!r}, which none of its param groups lists")
         p = index[key]
         for name, value in entry.items():
             if not isinstance(value, Tensor) or not (name in names or name.startswith(_TANGENT)):

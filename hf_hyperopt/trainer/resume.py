@@ -38,9 +38,12 @@ class TowerNotRestoredWarning(UserWarning):
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` whose ``trainer_state.json`` parses, or ``None``.
+    """The newest ``checkpoint-N`` in ``output_dir`` whose ``trainer_state.json`` parses, or ``None`` if there is none.
 
     Incomplete newer folders (a run killed while saving) are skipped with a warning that names them.
+
+    Raises:
+        ValueError: if there are checkpoints and none of them is complete.
     """
     folder = Path(output_dir)
     if not folder.is_dir():
@@ -63,6 +66,11 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
                 stacklevel=3,
             )
         return str(path)
+    if skipped:
+        raise ValueError(
+            f"no complete checkpoint to resume from in {folder}: {', '.join(skipped)} have no readable "
+            f"{TRAINER_STATE} (the run stopped while saving them); start afresh or give resume_from_checkpoint a path"
+        )
     return None
 
 
