@@ -194,7 +194,7 @@ def test_bad_arguments_are_refused_before_anything_is_built(build, message):
 
 
 # ------------------------------------------------------------------------------------- Trainer checkpoints
-def _data(n: int = 32):
+def _data(n: int = 40):  # 5 steps an epoch: the 4-step run ends mid-epoch
     g = torch.Generator().manual_seed(0)
     x = torch.randint(2, 32, (n, 8), generator=g)
     return [{"input_ids": x[i], "labels": (x[i, 0] <= 16).long()} for i in range(n)]
@@ -455,3 +455,11 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     assert read_trajectory(out / "hyper_trajectory.jsonl") == read_trajectory(
         tmp_path / "ref" / "hyper_trajectory.jsonl"
     )
+
+
+def test_resume_from_the_last_checkpoint_of_a_finished_run_takes_no_step(full_run, tmp_path):
+    # Killed after its last checkpoint and before returning: a restart must not train one step more.
+    trainer = _resume(full_run, tmp_path, checkpoint="checkpoint-4")
+    assert trainer.state.global_step == 4
+    _assert_like_the_full_run(trainer, full_run)
+    assert read_trajectory(tmp_path / "hyper_trajectory.jsonl") == read_trajectory(full_run / "hyper_trajectory.jsonl")

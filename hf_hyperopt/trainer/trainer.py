@@ -247,6 +247,17 @@ class HyperTrainer(Trainer):
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or resume_from_checkpoint
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs):
+        epochs_trained, steps = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs
+        )
+        if max_steps > 0 and self.state.global_step >= max_steps:
+            # Resumed from the last checkpoint of a finished run (killed before it returned). Trainer would
+            # re-enter the unfinished epoch and take one step more than max_steps: there is nothing left to train.
+            logger.info("hf_hyperopt: resumed at step %d of %d: nothing left to train", self.state.global_step, max_steps)
+            epochs_trained = num_train_epochs
+        return epochs_trained, steps
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         try:
             super()._load_optimizer_and_scheduler(checkpoint)

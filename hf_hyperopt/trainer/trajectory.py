@@ -81,7 +81,7 @@ class TrajectoryWriter:
         """
         wanted = set(range(1, resume_step + 1))
         best: tuple[Path, list[dict[str, Any]], list[int], list[str]] | None = None
-        for src in [Path(source)] * (source is not None) + [self.path]:
+        for src in ([Path(source)] if source is not None else []) + [self.path]:
             if not src.is_file():
                 continue
             records, problems = salvage_trajectory(src)
