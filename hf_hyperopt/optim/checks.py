@@ -24,8 +24,6 @@ from torch import Tensor
 
 from .distributed import local_tensor
 
-_TANGENT = "hypertangent_"
-
 
 def checked_tower_state(opt: Any, state_dict: dict[str, Any], tower_state: dict[str, Any]) -> dict[str, Any]:
     """Check ``state_dict`` (its ``tower`` entry already removed) against ``opt``; return the tower state to load.
@@ -70,6 +68,8 @@ def _check_groups(opt: Any, groups: list[dict[str, Any]]) -> list[Tensor]:
 
 
 def _check_param_state(opt: Any, index: dict[Any, Tensor], state: dict[Any, dict[str, Any]]) -> None:
+    from .engine import _TANGENT  # the engine imports this module
+
     names = set(opt._rules[0].state_names)
     for key, entry in state.items():
         if key not in index:
