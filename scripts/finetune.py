@@ -46,9 +46,10 @@ accuracy and F1 for a two-class task; eval loss and perplexity for language mode
 per-step trajectory ``hyper_trajectory.jsonl`` and its plot, and a model card ``README.md`` that ends
 with the exact command that produced it.
 
-Bad input (a missing file, a column that is not there, an unknown task, a model that does not fit the
-task, a dataset that cannot be reached) stops the script with one line that names the problem,
-before any model is loaded.
+Bad input (a missing file, a column that is not there, an empty text or label cell, a train split with
+one class or a validation label it lacks, a classification head for another number of labels, an
+unknown task or any other bad argument, a model that does not fit the task, a dataset that cannot be
+reached) stops the script with one line that names the problem, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -165,6 +166,13 @@ class ModelArguments:
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "A tokenizer id or folder, if not the model's own."}
     )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={
+            "help": "Classification: replace the model's classification head when it has another number of labels "
+            "than the data (as run_glue.py's flag of that name)."
+        },
+    )
     tokenizer_vocab_size: int = field(
         default=4096,
         metadata={
@@ -251,6 +259,11 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 def parse_args(argv: list[str]):
     """Parse into ``(ModelArguments, DataArguments, HyperTrainingArguments)``; bad values exit with one line."""
     parser = make_parser()
+
+    def one_line(message: str):  # argparse prints its whole usage first; the message alone says it
+        raise InputError(message)
+
+    parser.error = one_line
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # raised by a dataclass's __post_init__ (e.g. an unknown --hyper_tower)
@@ -284,6 +297,10 @@ def check_args(model_args: ModelArguments, data_args: DataArguments) -> None:
         raise InputError("give --dataset_name (a Hub dataset) or --train_file (a local file)")
     if data_args.dataset_name is not None and data_args.train_file is not None:
         raise InputError("give --dataset_name or --train_file, not both")
+    for flag in ("max_train_samples", "max_eval_samples"):
+        n = getattr(data_args, flag)
+        if n is not None and n < 1:
+            raise InputError(f"--{flag} {n}: give a positive number of examples, or leave it out to use them all")
     allowed = (".csv", ".json", ".jsonl") + ((".txt",) if data_args.task == "clm" else ())
     for flag in ("train_file", "validation_file"):
         path = getattr(data_args, flag)
@@ -329,10 +346,42 @@ def load_raw_datasets(data_args: DataArguments, cache_dir: str | None = None):
         raise InputError(f"cannot load {what}: {type(e).__name__}: {first}{hint}") from None
     if "train" not in raw:
         raise InputError(f"the dataset has no 'train' split (it has {', '.join(raw)})")
-    if "validation" not in raw:
-        held_out = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=0)
-        raw = datasets.DatasetDict(train=held_out["train"], validation=held_out["test"])
     return raw
+
+
+def hold_out_validation(data_args: DataArguments, raw):
+    """``raw`` with a validation split: its own, or ``--validation_split_percentage`` of the train split."""
+    import datasets
+
+    if "validation" in raw:
+        return raw
+    held_out = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=0)
+    return datasets.DatasetDict(train=held_out["train"], validation=held_out["test"])
+
+
+def _source(data_args: DataArguments, split: str) -> str:
+    """How the user named ``split``: its file, or the split of the Hub dataset."""
+    path = data_args.train_file if split == "train" else data_args.validation_file
+    if path is not None:
+        return f"--{split}_file {path}"
+    return f"the {split} split of --dataset_name {data_args.dataset_name}"
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+
+
+def check_cells(data_args: DataArguments, raw, columns: list[str]) -> None:
+    """Every example has each of ``columns`` (texts, label): an empty cell exits naming its row."""
+    for split in raw:
+        for column in columns:
+            for row, value in enumerate(raw[split][column]):
+                if _missing(value):
+                    what = "label" if column == data_args.label_column_name else "text"
+                    raise InputError(
+                        f"{_source(data_args, split)}: row {row + 1} has an empty {column!r} cell; every example needs "
+                        f"its {what} (fill the cell or drop the row)"
+                    )
 
 
 def text_columns(data_args: DataArguments, columns: list[str]) -> list[str]:
@@ -378,14 +427,26 @@ def label_names(data_args: DataArguments, raw) -> list[str]:
             f"--label_column_name {data_args.label_column_name!r} holds floats: regression is not supported; give "
             "a column of class labels (strings or integers)"
         )
-    values = set(raw["train"].unique(data_args.label_column_name))
-    values |= set(raw["validation"].unique(data_args.label_column_name))
-    values.discard(None)
-    if len(values) < 2:
+    check_label_values(data_args, raw)
+    return [str(v) for v in sorted(set(raw["train"].unique(data_args.label_column_name)))]
+
+
+def check_label_values(data_args: DataArguments, raw) -> None:
+    """The train split has two classes or more, and the validation split no class the train split lacks."""
+    column = data_args.label_column_name
+    train = set(raw["train"].unique(column))
+    if len(train) < 2:
         raise InputError(
-            f"--label_column_name {data_args.label_column_name!r} has {len(values)} distinct value(s); need 2 or more"
+            f"{_source(data_args, 'train')}: --label_column_name {column!r} has {len(train)} distinct value(s) "
+            f"({', '.join(map(repr, sorted(train)))}); a classifier needs examples of 2 classes or more to train on"
         )
-    return [str(v) for v in sorted(values)]
+    unseen = set(raw["validation"].unique(column)) - train
+    if unseen:
+        raise InputError(
+            f"{_source(data_args, 'validation')}: label(s) {', '.join(map(repr, sorted(unseen)))} never occur in the "
+            f"train split, whose labels are {', '.join(map(repr, sorted(train)))}; add training examples of them or "
+            "drop them from the validation data"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -492,6 +553,32 @@ def load_config(model_args: ModelArguments, task: str, **kwargs):
     return config
 
 
+def check_head(model_args: ModelArguments, labels: list[str]) -> None:
+    """A checkpoint saved with a classification head must have one output per label of the data.
+
+    ``from_pretrained`` would otherwise fail on the head's shape after reading the weights. A model
+    saved without a head (``BertModel``, a masked-LM checkpoint) gets a new one of the right size.
+    """
+    from transformers import AutoConfig
+
+    if model_args.ignore_mismatched_sizes:
+        return
+    try:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path)  # as saved
+    except Exception:  # noqa: BLE001 - not a model: load_config reports it in one line
+        return
+    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        return
+    saved = config.num_labels
+    if saved == len(labels):
+        return
+    raise InputError(
+        f"--model_name_or_path {model_args.model_name_or_path} has a classification head for {saved} labels, the data "
+        f"has {len(labels)} ({', '.join(labels)}); give a model without a head, data with {saved} labels, or "
+        "--ignore_mismatched_sizes to replace the head"
+    )
+
+
 def train_bpe_tokenizer(files: list[str], vocab_size: int):
     """A byte-level BPE tokenizer (GPT-2's algorithm) trained on ``files``, as a fast HF tokenizer."""
     from tokenizers import ByteLevelBPETokenizer
@@ -526,7 +613,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     columns = raw["train"].column_names
     texts = text_columns(data_args, columns)
     if data_args.task == "classification":
+        if data_args.label_column_name in columns:
+            check_cells(data_args, raw, [*texts, data_args.label_column_name])
+        raw = _limit_splits(hold_out_validation(data_args, raw), data_args)
         labels = label_names(data_args, raw)
+        check_head(model_args, labels)
         config = load_config(
             model_args,
             "classification",
@@ -535,6 +626,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             label2id={name: i for i, name in enumerate(labels)},
         )
     else:
+        raw = hold_out_validation(data_args, raw)
         labels = []
         config = load_config(model_args, "clm")
     # Everything the user gave has been checked; from here on the work is expensive.
@@ -552,6 +644,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 def _limit(ds, n: int | None):
     return ds if n is None else ds.select(range(min(n, len(ds))))
+
+
+def _limit_splits(raw, data_args: DataArguments):
+    import datasets
+
+    return datasets.DatasetDict(
+        train=_limit(raw["train"], data_args.max_train_samples),
+        validation=_limit(raw["validation"], data_args.max_eval_samples),
+    )
 
 
 def _classification(model_args, data_args, training_args, raw, texts, labels, config):
@@ -573,10 +674,12 @@ def _classification(model_args, data_args, training_args, raw, texts, labels, co
 
     with training_args.main_process_first(desc="tokenize"):
         processed = {
-            split: _limit(raw[split], n).map(preprocess, batched=True, remove_columns=raw[split].column_names)
-            for split, n in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples))
+            split: raw[split].map(preprocess, batched=True, remove_columns=raw[split].column_names)
+            for split in ("train", "validation")
         }
-    model = AutoModelForSequenceClassification.from_pretrained(model_args.model_name_or_path, config=config)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes
+    )
     accuracy = Metric("accuracy")
     f1 = Metric("f1") if len(labels) == 2 else None
     sources = {"accuracy": accuracy.source} | ({"f1": f1.source} if f1 else {})

@@ -308,11 +308,64 @@ def test_missing_label_column(no_model_load, tiny_bert_dir, tmp_path):
     assert "--label_column_name 'label' is not a column of the data; its columns are text, stars" in _error(args)
 
 
-def test_unknown_task(capsys):
-    with pytest.raises(SystemExit) as info:
-        finetune.main(["--task", "translation"])
-    assert info.value.code == 2
-    assert "invalid choice: 'translation'" in capsys.readouterr().err
+def test_unknown_task(capsys, tmp_path):
+    message = _error(["--task", "translation", "--output_dir", str(tmp_path / "out")])
+    assert "invalid choice: 'translation'" in message and "classification" in message and "clm" in message
+    assert capsys.readouterr().err == ""  # no usage dump
+    assert not (tmp_path / "out").exists()
+
+
+def _csv(tmp_path: Path, name: str, rows: str) -> str:
+    path = tmp_path / name
+    path.write_text("text,label\n" + rows)
+    return str(path)
+
+
+TRAIN = "A fine day,comedy\nA foul day,tragedy\nA merry jest,comedy\nA bloody deed,tragedy\n"
+
+
+def _head_of_3(tiny_bert_dir: Path, tmp_path: Path) -> Path:
+    """``tiny_bert_dir`` with a classification head saved for 3 labels (only its config: nothing else is read)."""
+    path = tmp_path / "three-labels"
+    path.mkdir()
+    config = json.loads((tiny_bert_dir / "config.json").read_text())
+    config["id2label"] = {str(i): f"L{i}" for i in range(3)}
+    config["label2id"] = {f"L{i}": i for i in range(3)}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+# input -> (train rows, validation rows, extra arguments, what the one-line error must say)
+BAD_DATA = {
+    "an empty text cell": (TRAIN + ",comedy\n", TRAIN, [], "train.csv: row 5 has an empty 'text' cell"),
+    "an empty label cell": (TRAIN, "Hark,\n", [], "validation.csv: row 1 has an empty 'label' cell"),
+    "one class in train": (
+        "A fine day,comedy\nA merry jest,comedy\n",
+        TRAIN,
+        [],
+        "has 1 distinct value(s) ('comedy'); a classifier needs examples of 2 classes or more",
+    ),
+    "a validation label absent from train": (
+        TRAIN,
+        TRAIN + "A long day,history\n",
+        [],
+        "label(s) 'history' never occur in the train split, whose labels are 'comedy', 'tragedy'",
+    ),
+    "--max_train_samples 0": (TRAIN, TRAIN, ["--max_train_samples", "0"], "--max_train_samples 0: give a positive"),
+    "a head for 3 labels, data with 2": (TRAIN, TRAIN, ["HEAD3"], "has a classification head for 3 labels, the data has 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_is_one_line_before_any_model_loads(case, no_model_load, tiny_bert_dir, tmp_path):
+    train, validation, extra, expected = BAD_DATA[case]
+    model = _head_of_3(tiny_bert_dir, tmp_path) if extra == ["HEAD3"] else tiny_bert_dir
+    extra = [] if extra == ["HEAD3"] else extra
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", str(model), "--train_file", _csv(tmp_path, "train.csv", train),
+            "--validation_file", _csv(tmp_path, "validation.csv", validation), "--output_dir", str(out), *extra]  # fmt: skip
+    assert expected in _error(args)
+    assert not out.exists()  # nothing written that could be mistaken for a result
 
 
 def test_model_that_does_not_fit_the_task(no_model_load, tiny_bert_dir, tmp_path):

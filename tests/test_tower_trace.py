@@ -179,3 +179,18 @@ def test_ramp_survives_a_checkpoint(make_mlp, batches):
 def test_bad_ramp_or_normalize_is_refused(spec, match):
     with pytest.raises(ValueError, match=match):
         hh.tower([torch.zeros(2, requires_grad=True)], spec)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, 2.0])
+def test_a_damaged_ramp_factor_is_refused_on_load(bad, make_mlp, batches):
+    model = make_mlp()
+    opt = hh.tower(model.parameters(), "adam(lr=0.01)/adam(lr=0.05,ramp=0.001)")
+    x, y = batches(1)[0]
+    F.mse_loss(model(x), y).backward()
+    opt.step()
+    sd = opt.state_dict()
+    sd["tower"]["state"]["ramp"].fill_(bad)
+    before = opt.hyperparameters()
+    with pytest.raises(ValueError, match="ramp factor"):
+        opt.load_state_dict(sd)
+    assert opt.hyperparameters() == before

@@ -33,6 +33,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from ..levels.base import MODES, Hyper, Mode, Rule, Step, parametrisation, raw_bounds, scalars, to_natural, to_raw
+from .checks import checked_tower_state
 from .distributed import (
     TOWER_GROUP_KEY,
     keep_empty,
@@ -43,6 +44,7 @@ from .distributed import (
     standalone,
     wrap_like,
 )
+from .rollback import rollback_on_error
 
 SCOPES: tuple[str, ...] = ("shared", "group", "tensor")
 _TANGENT = "hypertangent_"
@@ -541,10 +543,11 @@ class TowerOptimizer(torch.optim.Optimizer):
         if not self._tower_state:
             self._init_tower_state(first.device, self._hyper_dtype(first.dtype))
         ts = self._tower_state
-        ts["step"] = [s + 1 for s in ts["step"]]
-        hypergrads = self._hypergradients(ts)
-        self._step_upper_levels(ts, hypergrads)
-        self._step_weights(ts)
+        with rollback_on_error(self):  # a step that raises leaves the learned values as they were
+            ts["step"] = [s + 1 for s in ts["step"]]
+            hypergrads = self._hypergradients(ts)
+            self._step_upper_levels(ts, hypergrads)
+            self._step_weights(ts)
         return loss
 
     def _hypergradients(self, ts: dict) -> list[Tensor]:
@@ -902,8 +905,9 @@ class TowerOptimizer(torch.optim.Optimizer):
                 )
         state_dict = {k: v for k, v in state_dict.items() if k != "tower"}
         state_dict["param_groups"] = [{k: v for k, v in g.items() if k != TOWER_GROUP_KEY} for g in groups]
+        tower_state = checked_tower_state(self, state_dict, tower["state"])  # raises before anything changes
         super().load_state_dict(state_dict)
-        self._tower_state = _clone_tree(tower["state"]) if tower["state"] else {}
+        self._tower_state = tower_state
         self._buckets = None  # tangent views are rebuilt on the next step
 
 

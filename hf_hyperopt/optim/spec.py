@@ -41,10 +41,14 @@ def parse_spec(spec: str) -> list[LevelConfig]:
         values: dict[str, float] = {}
         learn = None
         trace, ramp, normalize = 0.0, 1.0, False
+        seen: set[str] = set()
         for item in _split_args(body or ""):
             if "=" not in item:
                 raise ValueError(f"{item.strip()!r} in level {k} ({name}) of {spec!r} is not key=value")
             key, _, raw = (s.strip() for s in item.partition("="))
+            if key in seen:
+                raise ValueError(f"{key!r} is given twice for {name} in tower spec {spec!r}; give each key once")
+            seen.add(key)
             allowed = [*rule.hyperparameters, "learn", "trace", "ramp", "normalize"]
             if key not in allowed:
                 raise ValueError(

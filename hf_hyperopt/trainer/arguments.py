@@ -192,6 +192,11 @@ class HyperTrainingArguments(TrainingArguments):
             if self.hyper_scope not in SCOPES:
                 raise ValueError(f"--hyper_scope {self.hyper_scope!r} is not one of {', '.join(SCOPES)}")
             self._check_learn(optim)
+            if not 0.0 <= float(self.weight_decay) < float("inf"):
+                raise ValueError(
+                    f"--weight_decay {self.weight_decay!r} is not allowed with --optim {optim}: a tower optimizer "
+                    "needs a finite weight_decay >= 0"
+                )
             # The whole tower, built once on a one-element tensor: the spec parses, every value is in
             # range and learnable as asked (microseconds, before any model exists).
             tower([torch.zeros(1)], self.hyper_spec(), scope=self.hyper_scope)

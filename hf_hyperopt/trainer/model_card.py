@@ -32,6 +32,8 @@ def hyper_section(
     final: list[dict[str, float | list[float]]],
     plot: str | None = None,
     steps: int | None = None,
+    final_label: str = "final",
+    notes: list[str] | None = None,
 ) -> str:
     """Markdown for the hyperoptimizer section.
 
@@ -42,6 +44,8 @@ def hyper_section(
         final: ``hyperparameters()`` at the end of training.
         plot: the trajectory image, relative to the card (shown if given).
         steps: the number of optimizer steps taken.
+        final_label: the heading of the ``final`` column (e.g. ``step 6 (best checkpoint)``).
+        notes: more list items for the section (how the run was resumed, which weights were kept).
     """
     lines = [
         BEGIN,
@@ -57,7 +61,8 @@ def hyper_section(
     ]
     if steps is not None:
         lines.append(f"- Optimizer steps: {steps}")
-    lines += ["", "| level | hyperparameter | initial | final |", "|---|---|---|---|"]
+    lines += [f"- {note}" for note in notes or []]
+    lines += ["", f"| level | hyperparameter | initial | {final_label} |", "|---|---|---|---|"]
     for k, (start, end) in enumerate(zip(initial, final, strict=True)):
         for name in end:
             learned = "" if k < len(final) - 1 else " (fixed)"

@@ -35,6 +35,13 @@ from ..optim import OPTIMIZERS, TowerOptimizer
 from .arguments import HyperOptimizerNames, HyperTrainingArguments, is_hyper_optim
 from .model_card import add_hyper_section, hyper_section
 from .plotting import plot_trajectories
+from .resume import (
+    card_hyperparameters,
+    checkpoint_step,
+    last_complete_checkpoint,
+    unreadable_checkpoint,
+    warn_if_tower_not_restored,
+)
 from .trajectory import TRAJECTORY_NAME, TrajectoryWriter, hyper_log_keys, read_trajectory
 
 logger = logging.getLogger(__name__)
@@ -150,6 +157,7 @@ class HyperTrainer(Trainer):
                 "use FSDP (--fsdp) or DDP (torchrun)"
             )
         self._hyper_resumed_from: str | None = None
+        self._hyper_restarted_at: int | None = None  # the step a resume without the tower's state restarted at
         self._hyper_initial: list[dict[str, Any]] | None = None
         super().__init__(model, args, *pargs, **kwargs)
         self._hyper_callback = _HyperCallback(self)
@@ -232,9 +240,34 @@ class HyperTrainer(Trainer):
             # The checkpoint carries the trajectory up to its step, so it can be resumed elsewhere.
             shutil.copyfile(src, os.path.join(output_dir, TRAJECTORY_NAME))
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            # The newest checkpoint, if a killed save left it incomplete, would resume from step 0 or without
+            # the tower's state: take the newest complete one.
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or resume_from_checkpoint
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs):
+        epochs_trained, steps = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs
+        )
+        if max_steps > 0 and self.state.global_step >= max_steps:
+            # Resumed from the last checkpoint of a finished run (killed before it returned). Trainer would
+            # re-enter the unfinished epoch and take one step more than max_steps: there is nothing left to train.
+            logger.info("hf_hyperopt: resumed at step %d of %d: nothing left to train", self.state.global_step, max_steps)
+            epochs_trained = num_train_epochs
+        return epochs_trained, steps
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except Exception as e:  # noqa: BLE001 - a damaged optimizer.pt: one error naming the checkpoint
+            if checkpoint is None or self.tower is None:
+                raise
+            raise unreadable_checkpoint(checkpoint, e) from e
         self._hyper_resumed_from = checkpoint
+        if checkpoint is not None and warn_if_tower_not_restored(self.tower, checkpoint):
+            self._hyper_restarted_at = checkpoint_step(checkpoint)
 
     def create_model_card(self, *args, **kwargs) -> None:
         super().create_model_card(*args, **kwargs)
@@ -242,12 +275,15 @@ class HyperTrainer(Trainer):
         if t is None or not self.is_world_process_zero():
             return
         plot = PLOT_NAME if os.path.isfile(os.path.join(self.args.output_dir, PLOT_NAME)) else None
+        final, label, notes = card_hyperparameters(self, t)
         section = hyper_section(
             t.spec,
             t.scope,
             self._hyper_initial or t.hyperparameters(),
-            t.hyperparameters(),
+            final,
             plot=plot,
             steps=self.state.global_step,
+            final_label=label,
+            notes=notes,
         )
         add_hyper_section(os.path.join(self.args.output_dir, "README.md"), section)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -62,11 +63,7 @@ class TrajectoryWriter:
         """
         self.close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept: list[dict[str, Any]] = []
-        if resume_step > 0:
-            src = Path(source) if source is not None and Path(source).is_file() else self.path
-            if src.is_file():
-                kept = [r for r in read_trajectory(src) if r.get("step", 0) <= resume_step]
+        kept = self._resumed_records(resume_step, source) if resume_step > 0 else []
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             for record in kept:
@@ -75,6 +72,41 @@ class TrajectoryWriter:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+
+    def _resumed_records(self, resume_step: int, source: str | os.PathLike | None) -> list[dict[str, Any]]:
+        """Steps ``1..resume_step`` from the checkpoint's copy, else from the run's own file; warns about gaps.
+
+        The trajectory is a record, not training state: a damaged or missing copy does not stop the
+        resume. Unreadable lines are dropped and the steps that could not be found are named.
+        """
+        wanted = set(range(1, resume_step + 1))
+        best: tuple[Path, list[dict[str, Any]], list[int], list[str]] | None = None
+        for src in ([Path(source)] if source is not None else []) + [self.path]:
+            if not src.is_file():
+                continue
+            records, problems = salvage_trajectory(src)
+            kept = [r for r in records if r["step"] <= resume_step]
+            missing = sorted(wanted - {r["step"] for r in kept})
+            if best is None or len(missing) < len(best[2]):
+                best = (src, kept, missing, problems)
+            if not missing and not problems:
+                break
+        if best is None:
+            warnings.warn(
+                f"resuming at step {resume_step} without a trajectory file (neither {source} nor {self.path} "
+                f"exists): {self.path} starts at step {resume_step + 1}",
+                stacklevel=3,
+            )
+            return []
+        src, kept, missing, problems = best
+        if missing or problems:
+            warnings.warn(
+                f"resuming at step {resume_step} from the trajectory {src}: "
+                + "; ".join(problems + ([f"steps {_ranges(missing)} are missing"] if missing else []))
+                + f"; {self.path} keeps the {len(kept)} readable step(s)",
+                stacklevel=3,
+            )
+        return kept
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line, flushed and fsync'd before returning."""
@@ -117,6 +149,42 @@ def read_trajectory(path: str | os.PathLike) -> list[dict[str, Any]]:
                 break  # the step that was being written when the run stopped
             raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
     return records
+
+
+def salvage_trajectory(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every readable record of a trajectory file, and a description of each line that is not one.
+
+    Unlike :func:`read_trajectory`, a damaged line anywhere is skipped rather than refused: this is
+    for carrying a run's history over a resume, where a damaged record should cost that record only.
+    """
+    try:
+        lines = Path(path).read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError as e:
+        return [], [f"{path} cannot be read ({e.strerror or e})"]
+    records, bad = [], []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            bad.append(i + 1)
+    return records, ([f"line(s) {_ranges(bad)} of {path} are not trajectory records and are dropped"] if bad else [])
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
+    out: list[str] = []
+    for n in numbers:
+        if out and n == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+    return ", ".join(out)
 
 
 def trajectory_keys(records: Iterable[dict[str, Any]]) -> list[str]:

@@ -1,0 +1,152 @@
+"""What ``TowerOptimizer.load_state_dict`` checks before it changes anything.
+
+``torch.optim.Optimizer.load_state_dict`` checks the number of param groups and of parameters per
+group, then casts each state tensor to its parameter's dtype and device. It does not look at shapes
+or values: a state dict from a model with other parameter shapes loads and the next step fails
+halfway; one whose learned values are NaN loads and poisons the weights a step later. A tower's
+learned hyperparameters are what a checkpoint exists to keep, so everything is checked here, first:
+
+- the param groups and the number of parameters in each (as ``torch.optim``, with the counts named);
+- every per-parameter state tensor has its parameter's shape and finite values;
+- the tower's own state (learned values, the upper levels' state and tangents) has the layout this
+  tower expects and finite values; it is cast, as ``torch.optim`` casts parameter state, to the
+  tower's dtype (float32, float64 for float64 parameters) and to the parameters' device.
+
+Any difference raises ``ValueError`` naming the entry, what it holds and what this optimizer has.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .distributed import local_tensor
+
+
+def checked_tower_state(opt: Any, state_dict: dict[str, Any], tower_state: dict[str, Any]) -> dict[str, Any]:
+    """Check ``state_dict`` (its ``tower`` entry already removed) against ``opt``; return the tower state to load.
+
+    Args:
+        opt: the :class:`~hf_hyperopt.optim.engine.TowerOptimizer` being loaded.
+        state_dict: ``state`` and ``param_groups`` as ``torch.optim`` saves them.
+        tower_state: the saved tower state (``{}`` when the saved tower had not stepped).
+
+    Returns:
+        A copy of ``tower_state`` cast to the tower's dtype and the parameters' device.
+
+    Raises:
+        ValueError: naming the first entry that does not fit ``opt``.
+    """
+    groups = state_dict.get("param_groups") or []
+    params = _check_groups(opt, groups)
+    # Saved state is keyed by the ids listed in the saved groups (indices, or names under
+    # torch.distributed.checkpoint), matched to this optimizer's parameters by position, as torch.optim does.
+    index = dict(zip((i for g in groups for i in g["params"]), params, strict=True))
+    _check_param_state(opt, index, state_dict.get("state") or {})
+    if not tower_state:
+        return {}
+    return _check_tower_state(opt, params, tower_state)
+
+
+def _check_groups(opt: Any, groups: list[dict[str, Any]]) -> list[Tensor]:
+    mine = opt.param_groups
+    if len(groups) != len(mine):
+        raise ValueError(
+            f"state_dict has {len(groups)} param group(s), this optimizer has {len(mine)}: it was saved for a model "
+            "split into other groups"
+        )
+    for i, (saved, group) in enumerate(zip(groups, mine, strict=True)):
+        n_saved = len(saved.get("params", []))
+        if n_saved != len(group["params"]):
+            raise ValueError(
+                f"state_dict param group {i} has {n_saved} parameter(s), this optimizer's has {len(group['params'])}: "
+                "it was saved for another model"
+            )
+    return [p for g in mine for p in g["params"]]
+
+
+def _check_param_state(opt: Any, index: dict[Any, Tensor], state: dict[Any, dict[str, Any]]) -> None:
+    from .engine import _TANGENT  # the engine imports this module
+
+    names = set(opt._rules[0].state_names)
+    for key, entry in state.items():
+        if key not in index:
+            raise ValueError(f"state_dict has state for parameter {key!r}, which none of its param groups lists")
+        p = index[key]
+        for name, value in entry.items():
+            if not isinstance(value, Tensor) or not (name in names or name.startswith(_TANGENT)):
+                continue
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"state_dict state {name!r} of parameter {key} has shape {tuple(value.shape)}, the parameter "
+                    f"has shape {tuple(p.shape)}: it was saved for a model with other parameter shapes"
+                )
+            _check_finite(value, f"state {name!r} of parameter {key}")
+
+
+def _check_tower_state(opt: Any, params: list[Tensor], ts: dict[str, Any]) -> dict[str, Any]:
+    height = len(opt.levels) - 1
+    first = local_tensor(params[0]) if params else torch.empty(0)
+    dtype, device = opt._hyper_dtype(first.dtype), first.device
+
+    def cast(t: Tensor, what: str) -> Tensor:
+        if not isinstance(t, Tensor):
+            raise ValueError(f"state_dict tower {what} is a {type(t).__name__}, not a tensor")
+        _check_finite(t, f"tower {what}")
+        return t.detach().to(dtype=dtype, device=device, copy=True)
+
+    for key in ("theta", "upper_state", "upper_tangent", "step", "skipped"):
+        if key not in ts:
+            raise ValueError(f"state_dict tower state has no {key!r} entry: it is damaged or from another version")
+    thetas, uppers, tangents = ts["theta"], ts["upper_state"], ts["upper_tangent"]
+    for key, value, n in (("theta", thetas, height), ("upper_state", uppers, height), ("upper_tangent", tangents, height),
+                          ("step", ts["step"], height + 1)):  # fmt: skip
+        if len(value) != n:
+            raise ValueError(f"state_dict tower {key} has {len(value)} entries, this tower has {n} levels to fill")
+    out = dict(ts)
+    out["theta"] = []
+    for k, theta in enumerate(thetas):
+        units = opt._units() if k == 0 else 1
+        want = units * len(opt._learn[k])
+        if not isinstance(theta, Tensor) or theta.numel() != want:
+            got = theta.numel() if isinstance(theta, Tensor) else type(theta).__name__
+            raise ValueError(
+                f"state_dict tower: level {k} holds {got} learned value(s), this tower learns {want} "
+                f"({'+'.join(opt._learn[k])} x {units} unit(s), scope={opt.scope!r})"
+            )
+        out["theta"].append(cast(theta, f"learned values of level {k}"))
+    out["upper_state"], out["upper_tangent"] = [], []
+    for k in range(1, height + 1):
+        shape = tuple(out["theta"][k - 1].shape)
+        for key in ("upper_state", "upper_tangent"):
+            entry = {}
+            for name, t in ts[key][k - 1].items():
+                what = f"{key} {name!r} of level {k}"
+                if isinstance(t, Tensor) and tuple(t.shape) != shape:
+                    raise ValueError(f"state_dict tower {what} has shape {tuple(t.shape)}, expected {shape}")
+                entry[name] = cast(t, what)
+            out[key].append(entry)
+    if opt._ramped():
+        ramp = ts.get("ramp")
+        if not isinstance(ramp, Tensor) or ramp.numel() != 1:
+            raise ValueError(
+                "state_dict tower state has no ramp factor, but this tower ramps its lr (ramp= on level 1)"
+            )
+        out["ramp"] = cast(ramp, "ramp factor")
+        if not 0.0 < float(out["ramp"]) <= 1.0:
+            raise ValueError(f"state_dict tower ramp factor is {float(out['ramp'])!r}, outside (0, 1]")
+    out["skipped"] = ts["skipped"].detach().to(device=device, copy=True)
+    out["step"] = [int(s) for s in ts["step"]]
+    return out
+
+
+def _check_finite(t: Tensor, what: str) -> None:
+    local = local_tensor(t)
+    if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+        bad = int((~torch.isfinite(local)).sum())
+        raise ValueError(
+            f"state_dict {what} holds {bad} non-finite value(s) (NaN or inf): the checkpoint is damaged; load an "
+            "earlier one"
+        )

@@ -1,0 +1,185 @@
+"""Resuming a ``HyperTrainer`` run: what is checked so that a resume never silently changes the learned values.
+
+``Trainer`` resumes from whatever a checkpoint folder holds. For a tower optimizer the learned
+hyperparameters live in ``optimizer.pt``, so three things are handled here:
+
+- ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint: ``Trainer`` writes a
+  checkpoint's files one after another and ``trainer_state.json`` near the end, so a run killed while
+  saving leaves a folder without it (or with it torn); ``get_last_checkpoint`` would pick that folder
+  and resume from step 0 or without the optimizer.
+- A checkpoint whose optimizer state is not there (``save_only_model=True``, a file deleted) resumes
+  with a fresh tower: this warns, naming the learned values that are lost (read from the checkpoint's
+  trajectory), and the model card says from which step the values restarted.
+- A checkpoint whose optimizer state cannot be read (a truncated or corrupt file) stops the resume
+  with one error naming the checkpoint, before any step and before the trajectory file is touched.
+
+And for the model card: with ``load_best_model_at_end`` the saved weights are those of the best
+checkpoint, so the card's hyperparameters are those that checkpoint was trained with
+(:func:`hyperparameters_at`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .trajectory import TRAJECTORY_NAME, hyper_log_keys, salvage_trajectory
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+
+
+class TowerNotRestoredWarning(UserWarning):
+    """A run resumed from a checkpoint without the tower's state: its learned hyperparameters restart."""
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` whose ``trainer_state.json`` parses, or ``None`` if there is none.
+
+    Incomplete newer folders (a run killed while saving) are skipped with a warning that names them.
+
+    Raises:
+        ValueError: if there are checkpoints and none of them is complete.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = sorted(
+        ((int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))),
+        reverse=True,
+    )
+    skipped = []
+    for _, path in found:
+        try:
+            json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            skipped.append(path.name)
+            continue
+        if skipped:
+            warnings.warn(
+                f"resuming from {path.name}: the newer {', '.join(skipped)} in {folder} is incomplete (no readable "
+                f"{TRAINER_STATE}; the run stopped while saving it) and is skipped",
+                stacklevel=3,
+            )
+        return str(path)
+    if skipped:
+        raise ValueError(
+            f"no complete checkpoint to resume from in {folder}: {', '.join(skipped)} have no readable "
+            f"{TRAINER_STATE} (the run stopped while saving them); start afresh or give resume_from_checkpoint a path"
+        )
+    return None
+
+
+def warn_if_tower_not_restored(tower: Any, checkpoint: str) -> bool:
+    """Warn if loading ``checkpoint`` left ``tower`` fresh (its state was not in the checkpoint); True if so."""
+    if tower is None or tower._tower_state or not tower.height:
+        return False
+    initial = hyper_log_keys(tower.hyperparameters(), tower.scope)
+    saved = _last_record(os.path.join(checkpoint, TRAJECTORY_NAME))
+    lost = {k: saved[k] for k in initial if saved and saved.get(k) is not None}
+    what = (
+        "the values it had learned (" + ", ".join(f"{k}={v:.4g}" for k, v in lost.items()) + f" at step "
+        f"{saved.get('step')}, from its trajectory)"
+        if lost
+        else "the values it had learned"
+    )
+    warnings.warn(
+        f"{checkpoint} has no optimizer state (optimizer.pt and scheduler.pt are both needed): the tower {tower.spec} "
+        f"restarts from its initial hyperparameters (" + ", ".join(f"{k}={v:.4g}" for k, v in initial.items()) + ") "
+        f"instead of {what}, and its upper levels' state is lost. Resume from a checkpoint saved with its optimizer "
+        "(save_only_model=False) to continue exactly.",
+        TowerNotRestoredWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+def unreadable_checkpoint(checkpoint: str, error: Exception) -> Exception:
+    """The error to raise when the optimizer state of ``checkpoint`` fails to load (``error``)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    message = (
+        f"cannot resume from {checkpoint}: its optimizer state does not load ({type(error).__name__}: {first[:300]}). "
+        "Nothing was trained or overwritten; resume from an earlier checkpoint"
+    )
+    return ValueError(message) if isinstance(error, ValueError) else RuntimeError(message)
+
+
+def hyperparameters_at(
+    trajectory: str | os.PathLike, step: int, like: list[dict[str, Any]], scope: str
+) -> list[dict[str, Any]] | None:
+    """The tower's hyperparameters after optimizer step ``step``, from the trajectory file, shaped like ``like``.
+
+    Args:
+        trajectory: a ``hyper_trajectory.jsonl``.
+        step: the optimizer step (a checkpoint's ``N``).
+        like: :meth:`TowerOptimizer.hyperparameters` of the same tower (gives the names and the layout).
+        scope: the tower's scope (how per-group / per-tensor keys are suffixed).
+
+    Returns:
+        The values, or ``None`` if the file has no complete record of that step.
+    """
+    if not os.path.isfile(trajectory):
+        return None
+    record = next((r for r in salvage_trajectory(trajectory)[0] if r.get("step") == step), None)
+    if record is None or any(record.get(k) is None for k in hyper_log_keys(like, scope)):
+        return None
+    suffix = "tensor" if scope == "tensor" else "group"
+    out: list[dict[str, Any]] = []
+    for level, entry in enumerate(like):
+        values: dict[str, Any] = {}
+        for name, value in entry.items():
+            key = f"hyper/{level}/{name}"
+            values[name] = (
+                [record[f"{key}/{suffix}{i}"] for i in range(len(value))] if isinstance(value, list) else record[key]
+            )
+        out.append(values)
+    return out
+
+
+def card_hyperparameters(trainer: Any, tower: Any) -> tuple[list[dict[str, Any]], str, list[str]]:
+    """The hyperparameters the model card reports, the heading of their column, and notes on how they came about.
+
+    The card describes the saved weights: with ``load_best_model_at_end`` those of the best checkpoint,
+    so the values are read back from the trajectory at that checkpoint's step.
+    """
+    args, state = trainer.args, trainer.state
+    final, label, notes = tower.hyperparameters(), "final", []
+    if trainer._hyper_restarted_at is not None:
+        notes.append(
+            f"Resumed at step {trainer._hyper_restarted_at} from a checkpoint without the optimizer state: the learned "
+            "hyperparameters restarted there from their initial values (the trajectory shows the jump)"
+        )
+    best = state.best_model_checkpoint
+    step = checkpoint_step(best) if args.load_best_model_at_end and best else None
+    if step is None or step == state.global_step:
+        return final, label, notes
+    for path in (os.path.join(args.output_dir, TRAJECTORY_NAME), os.path.join(best, TRAJECTORY_NAME)):
+        values = hyperparameters_at(path, step, final, tower.scope)
+        if values is not None:
+            notes.append(
+                f"Weights: the best checkpoint (step {step} of {state.global_step}, by {args.metric_for_best_model}); "
+                "the hyperparameters below are those it was trained with"
+            )
+            return values, f"step {step} (best checkpoint)", notes
+    notes.append(
+        f"Weights: the best checkpoint (step {step}); its hyperparameters are not in the trajectory, so the values "
+        f"below are those of the last step ({state.global_step})"
+    )
+    return final, label, notes
+
+
+def checkpoint_step(checkpoint: str) -> int | None:
+    """``N`` for a folder named ``checkpoint-N``."""
+    m = _CHECKPOINT.match(Path(checkpoint).name)
+    return int(m.group(1)) if m else None
+
+
+def _last_record(path: str) -> dict[str, Any] | None:
+    if not os.path.isfile(path):
+        return None
+    records = salvage_trajectory(path)[0]
+    return records[-1] if records else None
