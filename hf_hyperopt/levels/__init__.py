@@ -3,10 +3,9 @@
 from .adagrad import AdaGradRule
 from .adam import AdamRule, AdamWRule
 from .base import HyperSpec, Rule
-from .cocob import COCOBRule
 from .rmsprop import RMSPropRule
 from .sgd import SGDRule
 
-RULES: dict[str, type[Rule]] = {r.name: r for r in (SGDRule, AdamRule, AdamWRule, AdaGradRule, RMSPropRule, COCOBRule)}
+RULES: dict[str, type[Rule]] = {r.name: r for r in (SGDRule, AdamRule, AdamWRule, AdaGradRule, RMSPropRule)}
 
-__all__ = ["RULES", "AdaGradRule", "AdamRule", "AdamWRule", "COCOBRule", "HyperSpec", "RMSPropRule", "Rule", "SGDRule"]
+__all__ = ["RULES", "AdaGradRule", "AdamRule", "AdamWRule", "HyperSpec", "RMSPropRule", "Rule", "SGDRule"]
