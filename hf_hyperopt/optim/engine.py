@@ -567,7 +567,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         for b in self._buckets:
             grads = [local_tensor(p.grad) for p in b.params]
             if normalize:
-                sums = torch.stack([_dot(g, g) for g in grads])
+                sums = _squared_norms(grads)
                 gg0.index_add_(0, b.unit_index.to(theta0.device), sums.to(theta0.device, theta0.dtype))
             for j, name in enumerate(self._learn[0]):
                 if keep or normalize:
@@ -575,7 +575,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                     sums = torch.stack([_dot(z, g) for z, g in zip(b.views[name], grads, strict=True)])
                     ids = b.unit_index
                     if normalize:
-                        zsq = torch.stack([_dot(z, z) for z in b.views[name]])
+                        zsq = _squared_norms(b.views[name])
                         zz0.index_add_(0, ids.to(theta0.device) + j * units, zsq.to(theta0.device, theta0.dtype))
                 else:
                     torch._foreach_mul_(b.views[name], grads)
@@ -986,6 +986,12 @@ def _apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None, 
 def _cosine(h: Tensor, norms_sq: Tensor) -> Tensor:
     """``h / sqrt(norms_sq)``, and 0 where the norms are 0 (no signal yet)."""
     return torch.where(norms_sq > 0, h / norms_sq.sqrt().clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
+
+
+def _squared_norms(tensors: list[Tensor]) -> Tensor:
+    """``|t|^2`` of each tensor, in one fused pass."""
+    norms = torch.stack(torch._foreach_norm(tensors))
+    return (norms.float() if norms.dtype in (torch.float16, torch.bfloat16) else norms).square()
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
