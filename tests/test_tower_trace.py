@@ -122,16 +122,18 @@ def test_normalized_hypergradient_is_the_cosine(float64, make_mlp, batches):
         assert math.log(opt.hyperparameters()[0]["lr"]) == pytest.approx(log_lr, rel=1e-10, abs=1e-12)
 
 
-def test_ramp_doubles_while_the_hypergradient_asks_for_more(float64, make_mlp, batches):
-    """ramp=r: the weights' step size starts at r * lr and doubles at each step whose lr hypergradient is
-    negative, up to the learned lr itself; the level above learns the lr only at the other steps."""
-    kappa = 0.5
+@pytest.mark.parametrize("tau", [1e-3, 10.0**-0.5])
+def test_ramp_probes_sizes_and_doubles(tau, float64, make_mlp, batches):
+    """ramp=tau: step 1 is a probe at 1e-6 lr; then the weights' step size is set where one step moves
+    the weights by tau of their norm (at most lr), and doubles at each step whose lr hypergradient is
+    negative, up to the learned lr; the level above learns the lr only at the other steps."""
+    kappa, lr = 0.5, 0.05
     model, plain = make_mlp(), make_mlp()
-    opt = hh.tower(model.parameters(), f"sgd(lr=0.05)/sgd(lr={kappa},ramp=0.125)")
-    assert opt.hyperparameters()[0]["lr"] == pytest.approx(0.05 * 0.125)
-    ref = torch.optim.SGD(plain.parameters(), lr=0.05 * 0.125)
-    previous, factor, log_lr, grew, learned = None, 0.125, math.log(0.05), 0, 0
-    for x, y in batches(16):
+    opt = hh.tower(model.parameters(), f"sgd(lr={lr})/sgd(lr={kappa},ramp={tau})")
+    assert opt.hyperparameters()[0]["lr"] == pytest.approx(lr * 1e-6)
+    ref = torch.optim.SGD(plain.parameters(), lr=lr * 1e-6)
+    previous, factor, log_lr, grew, learned = None, 1e-6, math.log(lr), 0, 0
+    for x, y in batches(20):
         F.mse_loss(model(x), y).backward()
         F.mse_loss(plain(x), y).backward()
         g = _grads(plain)
@@ -143,15 +145,23 @@ def test_ramp_doubles_while_the_hypergradient_asks_for_more(float64, make_mlp, b
                 log_lr, learned = log_lr - kappa * h, learned + 1
         for group in ref.param_groups:
             group["lr"] = math.exp(log_lr) * factor
-        previous = [-group["lr"] * t for t in g]
-        opt.step()
+        update = [-group["lr"] * t for t in g]
         ref.step()
+        if previous is None:  # the probe sizes the ramp
+            w = math.sqrt(sum(float((p * p).sum()) for p in plain.parameters()))
+            u = math.sqrt(sum(float((t * t).sum()) for t in update))
+            factor = min(1.0, tau * w / u * factor)
+            sized = factor
+        previous = update
+        opt.step()
         opt.zero_grad()
         ref.zero_grad()
         assert opt.hyperparameters()[0]["lr"] == pytest.approx(math.exp(log_lr) * factor, rel=1e-10)
         for p, q in zip(model.parameters(), plain.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
-    assert grew == 3 and factor == 1.0 and learned >= 5
+    assert learned >= 5
+    # A small tau starts below lr and grows; a large one is capped at lr at once.
+    assert (sized < 0.5 and grew >= 1) if tau < 0.01 else (sized == 1.0 and grew == 0)
 
 
 def test_ramp_survives_a_checkpoint(make_mlp, batches):
@@ -170,7 +180,7 @@ def test_ramp_survives_a_checkpoint(make_mlp, batches):
     ("spec", "match"),
     [
         ("adam/adam/adam(ramp=0.5)", r"level 2 \(adam\): ramp=0.5 applies to the weights' learned lr"),
-        ("adam/adam(ramp=0)", r"ramp=0.0 is outside \(0, 1\]"),
+        ("adam/adam(ramp=1.0)", r"ramp=1.0 is outside \[0, 1\)"),
         ("adam(learn=beta1)/adam(ramp=0.1)", r"ramp=0.1 ramps the weights' learned lr, but level 0 learns beta1"),
         ("adam(normalize=true)/adam", r"level 0 \(adam\): normalize=true belongs to a level above the weights"),
         ("adam/adam(normalize=maybe)", r"normalize='maybe' for adam .* is not a boolean"),

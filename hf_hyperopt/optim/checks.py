@@ -137,6 +137,7 @@ def _check_tower_state(opt: Any, params: list[Tensor], ts: dict[str, Any]) -> di
         out["ramp"] = cast(ramp, "ramp factor")
         if not 0.0 < float(out["ramp"]) <= 1.0:
             raise ValueError(f"state_dict tower ramp factor is {float(out['ramp'])!r}, outside (0, 1]")
+        out["ramp_sized"] = bool(ts.get("ramp_sized", True))
     out["skipped"] = ts["skipped"].detach().to(device=device, copy=True)
     out["step"] = [int(s) for s in ts["step"]]
     return out

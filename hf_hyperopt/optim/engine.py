@@ -68,18 +68,20 @@ class LevelConfig:
             instead of ``h_t`` (Baydin et al.'s multiplicative hypergradient descent): a signal in
             ``[-1, 1]`` whatever the scale of the learned value, so the level's step size means the
             same from any start.
-        ramp: for the level above the weights, where the weights' learned ``lr`` starts, as a
-            fraction of its initial value: the effective step size starts at ``ramp * lr`` and doubles
-            at every step whose hypergradient asks for a larger one, up to ``lr`` itself (it holds
-            otherwise). ``1`` (no ramp) is the paper's start. A ramp keeps a too-large initial ``lr``
-            from wrecking pretrained weights before the tower can react.
+        ramp: for the level above the weights, a safe start for the weights' learned ``lr``: the first
+            step is a probe at a millionth of ``lr``; from it the effective step size is set where one
+            step changes the weights by ``ramp`` of their norm (or to ``lr``, if that is smaller), and it
+            then doubles at every step whose hypergradient asks for a larger one, up to ``lr`` itself,
+            while the level above leaves the lr alone. ``0`` (no ramp) is the paper's start. A ramp
+            keeps a too-large initial ``lr`` from wrecking pretrained weights before the tower can
+            react, and costs a start that is already small nothing but the probe.
     """
 
     rule: type[Rule]
     values: dict[str, float] = field(default_factory=dict)
     learn: tuple[str, ...] | None = None
     trace: float = 0.0
-    ramp: float = 1.0
+    ramp: float = 0.0
     normalize: bool = False
 
     def full_values(self) -> dict[str, float]:
@@ -92,7 +94,7 @@ class LevelConfig:
             parts.append("learn=" + "+".join(self.learn))
         if self.trace:
             parts.append(f"trace={self.trace!r}")
-        if self.ramp != 1.0:
+        if self.ramp:
             parts.append(f"ramp={self.ramp!r}")
         if self.normalize:
             parts.append("normalize=true")
@@ -128,18 +130,20 @@ def validate_trace(level: int, rule: type[Rule], trace: float) -> None:
 
 
 def validate_ramp(level: int, rule: type[Rule], ramp: float) -> None:
-    """Raise ``ValueError`` unless ``ramp`` is in ``(0, 1]``, and ``< 1`` only on level 1."""
-    if not (isinstance(ramp, (int, float)) and math.isfinite(ramp) and 0.0 < ramp <= 1.0):
-        raise ValueError(f"level {level} ({rule.name}): ramp={ramp!r} is outside (0, 1]")
-    if ramp != 1.0 and level != 1:
+    """Raise ``ValueError`` unless ``ramp`` is in ``[0, 1)``, and non-zero only on level 1."""
+    if not (isinstance(ramp, (int, float)) and math.isfinite(ramp) and 0.0 <= ramp < 1.0):
+        raise ValueError(f"level {level} ({rule.name}): ramp={ramp!r} is outside [0, 1)")
+    if ramp and level != 1:
         raise ValueError(
             f"level {level} ({rule.name}): ramp={ramp!r} applies to the weights' learned lr, so it belongs "
             "to level 1 (the level that learns it)"
         )
 
 
-# The ramp's growth per agreeing step: from ramp=1e-3 the full step size is reached in ten such steps.
+# The ramp's growth per agreeing step: a thousandfold in ten such steps.
 RAMP_GROWTH = 2.0
+# The ramp's first step, as a fraction of lr: it only measures how far one step moves the weights.
+RAMP_PROBE = 1e-6
 
 
 def _aliases(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
@@ -424,13 +428,14 @@ class TowerOptimizer(torch.optim.Optimizer):
         ts["step"] = [0] * n  # host-side counts: bias corrections need no device read
         ts["skipped"] = torch.zeros(max(n - 1, 1), dtype=torch.int64, device=device)
         if self._ramped():
-            ts["ramp"] = torch.tensor([self.levels[1].ramp], dtype=dtype, device=device)
+            ts["ramp"] = torch.tensor([RAMP_PROBE], dtype=dtype, device=device)
+            ts["ramp_sized"] = False
         ts["spec"] = self.spec
         ts["scope"] = self.scope
         ts["mode"] = self.mode
 
     def _ramped(self) -> bool:
-        return self.height > 0 and self.levels[1].ramp != 1.0
+        return self.height > 0 and bool(self.levels[1].ramp)
 
     def _ramp_factor(self, ts: dict) -> Tensor | None:
         """The ramp's current factor on the weights' learned lr (a 1-element tensor), or None."""
@@ -548,6 +553,8 @@ class TowerOptimizer(torch.optim.Optimizer):
             hypergrads = self._hypergradients(ts)
             self._step_upper_levels(ts, hypergrads)
             self._step_weights(ts)
+            if self._ramped() and not ts["ramp_sized"]:
+                self._size_ramp(ts)
         return loss
 
     def _hypergradients(self, ts: dict) -> list[Tensor]:
@@ -610,6 +617,24 @@ class TowerOptimizer(torch.optim.Optimizer):
             hyper.append(self._guard(h, ts, k))
         return hyper
 
+    def _size_ramp(self, ts: dict) -> None:
+        """After the probe step: the factor at which one step moves the weights by ``ramp`` of their norm.
+
+        The probe's increment is the lr's tangent (the update is linear in the step size), so this
+        costs two norms, once; the answer is read on the host once, to know that it is set.
+        """
+        ww = torch.zeros(2, dtype=torch.float64, device=ts["ramp"].device)
+        for b in self._buckets:
+            ww[0] += _squared_norms(b.local).sum().to(ww.device, ww.dtype)
+            ww[1] += _squared_norms(b.views["lr"]).sum().to(ww.device, ww.dtype)
+        reduce_hypergradients(ww, self._sharding_group)
+        if not bool(ww[1] > 0):  # nothing moved (no gradient yet): probe again
+            return
+        ramp = ts["ramp"]
+        sized = self.levels[1].ramp * (ww[0] / ww[1]).sqrt() * ramp.double()
+        ramp.copy_(sized.clamp(max=1.0, min=torch.finfo(ramp.dtype).tiny).to(ramp.dtype))
+        ts["ramp_sized"] = True
+
     def _advance_ramp(self, ts: dict, h0: Tensor, units: int) -> Tensor | None:
         """Double the ramp while the lr's hypergradient (summed over units) asks for a larger step.
 
@@ -622,7 +647,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             return None
         j = self._learn[0].index("lr")
         h_lr = h0[j * units : (j + 1) * units].sum()
-        grow = torch.isfinite(h_lr) & (h_lr < 0) & (ramp < 1.0)
+        grow = torch.isfinite(h_lr) & (h_lr < 0) & (ramp < 1.0) & ts["ramp_sized"]
         ramp.copy_(torch.where(grow, (ramp * RAMP_GROWTH).clamp_max(1.0), ramp))
         held = torch.zeros_like(h0, dtype=torch.bool)
         held[j * units : (j + 1) * units] = grow
@@ -850,7 +875,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                         if k == 0:
                             vals = self._level0_unit_values()[name]
                             if name == "lr" and self._ramped():
-                                vals = [v * self.levels[1].ramp for v in vals]
+                                vals = [v * RAMP_PROBE for v in vals]
                             entry[name] = vals[0] if self.scope == "shared" else vals
                         else:
                             entry[name] = self.levels[k].full_values()[name]

@@ -32,6 +32,7 @@ def rollback_on_error(opt: Any) -> Iterator[None]:
         "upper_tangent": [dict(d) for d in ts["upper_tangent"]],
         "step": list(ts["step"]),
         "skipped": ts["skipped"].clone(),
+        "ramp": (ts["ramp"].clone(), ts["ramp_sized"]) if "ramp" in ts else None,
     }
     try:
         yield
@@ -44,6 +45,9 @@ def rollback_on_error(opt: Any) -> Iterator[None]:
         ts["upper_tangent"][:] = saved["upper_tangent"]
         ts["step"] = saved["step"]
         ts["skipped"].copy_(saved["skipped"])
+        if saved["ramp"] is not None:
+            ts["ramp"].copy_(saved["ramp"][0])
+            ts["ramp_sized"] = saved["ramp"][1]
         for bucket in opt._buckets or []:
             for flat in bucket.flat.values():
                 flat.zero_()

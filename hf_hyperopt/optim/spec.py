@@ -4,8 +4,9 @@
 size 1e-5. Each level is ``name`` or ``name(key=value, ...)``; keys are named as in ``torch.optim``
 (``lr``, ``momentum``, ``nesterov``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``, and ``alpha`` for
 RMSProp's smoothing constant) plus ``learn=lr+beta1`` to choose what the level above learns and, on
-a level above the weights, ``trace=0.9`` for the decay of the tangent trace it learns from and, on
-level 1, ``ramp=1e-3`` for where the weights' learned lr starts (see :class:`LevelConfig`).
+a level above the weights, ``trace=0.9`` for the decay of the tangent trace it learns from,
+``normalize=true`` to learn from its cosine and, on level 1, ``ramp=1e-3`` for a safe start of the
+weights' learned lr (see :class:`LevelConfig`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def parse_spec(spec: str) -> list[LevelConfig]:
         rule = RULES[name]
         values: dict[str, float] = {}
         learn = None
-        trace, ramp, normalize = 0.0, 1.0, False
+        trace, ramp, normalize = 0.0, 0.0, False
         seen: set[str] = set()
         for item in _split_args(body or ""):
             if "=" not in item:

@@ -254,7 +254,9 @@ class HyperTrainer(Trainer):
         if max_steps > 0 and self.state.global_step >= max_steps:
             # Resumed from the last checkpoint of a finished run (killed before it returned). Trainer would
             # re-enter the unfinished epoch and take one step more than max_steps: there is nothing left to train.
-            logger.info("hf_hyperopt: resumed at step %d of %d: nothing left to train", self.state.global_step, max_steps)
+            logger.info(
+                "hf_hyperopt: resumed at step %d of %d: nothing left to train", self.state.global_step, max_steps
+            )
             epochs_trained = num_train_epochs
         return epochs_trained, steps
 
