@@ -135,8 +135,12 @@ def _check_tower_state(opt: Any, params: list[Tensor], ts: dict[str, Any]) -> di
                 "state_dict tower state has no ramp factor, but this tower ramps its lr (ramp= on level 1)"
             )
         out["ramp"] = cast(ramp, "ramp factor")
-        if not 0.0 < float(out["ramp"]) <= 1.0:
-            raise ValueError(f"state_dict tower ramp factor is {float(out['ramp'])!r}, outside (0, 1]")
+        if not float(out["ramp"]) > 0.0:
+            raise ValueError(f"state_dict tower ramp factor is {float(out['ramp'])!r}; it must be > 0")
+        active = ts.get("ramp_active")
+        if not isinstance(active, Tensor) or active.numel() != 1:
+            raise ValueError("state_dict tower state has no ramp_active flag, but this tower ramps its lr")
+        out["ramp_active"] = active.detach().to(device=device, dtype=torch.bool, copy=True)
         out["ramp_sized"] = bool(ts.get("ramp_sized", True))
     out["skipped"] = ts["skipped"].detach().to(device=device, copy=True)
     out["step"] = [int(s) for s in ts["step"]]

@@ -68,13 +68,15 @@ class LevelConfig:
             instead of ``h_t`` (Baydin et al.'s multiplicative hypergradient descent): a signal in
             ``[-1, 1]`` whatever the scale of the learned value, so the level's step size means the
             same from any start.
-        ramp: for the level above the weights, a safe start for the weights' learned ``lr``: the first
-            step is a probe at a millionth of ``lr``; from it the effective step size is set where one
-            step changes the weights by ``ramp`` of their norm (or to ``lr``, if that is smaller), and it
-            then doubles at every step whose hypergradient asks for a larger one, up to ``lr`` itself,
-            while the level above leaves the lr alone. ``0`` (no ramp) is the paper's start. A ramp
-            keeps a too-large initial ``lr`` from wrecking pretrained weights before the tower can
-            react, and costs a start that is already small nothing but the probe.
+        ramp: for the level above the weights, a search for the scale of the weights' learned ``lr``
+            before the level above learns it. The first step is a probe at a millionth of ``lr``; from
+            it the effective step size starts where one step changes the weights by ``ramp`` of their
+            norm (or at ``lr``, if that is smaller), doubles at every step whose hypergradient asks for
+            a larger one, and at the first step that does not, steps back by sqrt(2) (between the last
+            size that helped and the first that did not) and hands over to the level above, which
+            leaves the lr alone until then. ``0`` (no ramp) is the paper's start. The search keeps a
+            too-large ``lr`` from wrecking pretrained weights and lifts a too-small one in a few
+            steps instead of hundreds.
     """
 
     rule: type[Rule]
@@ -142,6 +144,7 @@ def validate_ramp(level: int, rule: type[Rule], ramp: float) -> None:
 
 # The ramp's growth per agreeing step: a thousandfold in ten such steps.
 RAMP_GROWTH = 2.0
+RAMP_MAX = 1e12  # keeps the product with a learned lr (at most 1e6) finite in float32
 # The ramp's first step, as a fraction of lr: it only measures how far one step moves the weights.
 RAMP_PROBE = 1e-6
 
@@ -430,6 +433,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         if self._ramped():
             ts["ramp"] = torch.tensor([RAMP_PROBE], dtype=dtype, device=device)
             ts["ramp_sized"] = False
+            ts["ramp_active"] = torch.ones(1, dtype=torch.bool, device=device)
         ts["spec"] = self.spec
         ts["scope"] = self.scope
         ts["mode"] = self.mode
@@ -640,17 +644,24 @@ class TowerOptimizer(torch.optim.Optimizer):
 
         Returns the coordinates of theta[0] that the level above leaves alone this step (the lr's,
         while the ramp grows), or None without a ramp. The level above learns the lr only once the
-        ramp has stopped growing, so a start that is already right is not overshot by both at once.
+        search has ended, so the two never push the same way at once. Elementwise: no device read.
         """
         ramp = self._ramp_factor(ts)
         if ramp is None:
             return None
         j = self._learn[0].index("lr")
         h_lr = h0[j * units : (j + 1) * units].sum()
-        grow = torch.isfinite(h_lr) & (h_lr < 0) & (ramp < 1.0) & ts["ramp_sized"]
-        ramp.copy_(torch.where(grow, (ramp * RAMP_GROWTH).clamp_max(1.0), ramp))
+        if not ts["ramp_sized"]:  # the probe step: nothing to decide yet
+            return torch.zeros_like(h0, dtype=torch.bool)
+        active = ts["ramp_active"]
+        more = torch.isfinite(h_lr) & (h_lr < 0)
+        grow, stop = active & more, active & ~more
+        back = ramp / math.sqrt(RAMP_GROWTH)
+        ramp.copy_(torch.where(grow, (ramp * RAMP_GROWTH).clamp_max(RAMP_MAX), torch.where(stop, back, ramp)))
+        searching = active.clone()  # the step that ends the search is the search's too
+        active &= more
         held = torch.zeros_like(h0, dtype=torch.bool)
-        held[j * units : (j + 1) * units] = grow
+        held[j * units : (j + 1) * units] = searching
         return held
 
     def _guard(self, h: Tensor, ts: dict, k: int) -> Tensor:

@@ -21,13 +21,13 @@ from ..levels import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, Rule, SGDRul
 from .engine import LevelConfig, TowerOptimizer
 from .spec import parse_spec
 
-# The level above the weights when none is given. In the default mode the learned step size is a
-# logarithm and Adam normalises its hypergradient, so each step moves lr by a few percent whatever
-# its scale: this is what lets one setting start anywhere from 1e-7 to 1e-1. The hyper step size
-# 0.05 was chosen by scripts/sensitivity.py (results/sensitivity_digits_hyper_short.md): with 300
-# steps, adam(lr=0.01) climbs too slowly from a small initial lr (15% test accuracy from 1e-7), while
-# adam(lr=0.05) stays within 1% of its best over all of 1e-7 .. 1e-1. gdtuo mode uses the paper's choice.
-DEFAULT_HYPER = {"default": "adam(lr=0.05)", "gdtuo": "sgd(lr=1e-5)"}
+# The level above the weights when none is given. The learned step size is a logarithm and the level
+# learns from the cosine between the next gradient and the last update (normalize=true), a signal
+# whose size does not follow the lr; Adam then moves log(lr) by at most its step size per step, in
+# whichever direction the cosine keeps. Without the cosine, Adam's second moment remembers the large
+# hypergradients of a large lr and slows every later move. Evidence and the sweeps that chose it:
+# results/README.md (benchmarks/sensitivity.py). gdtuo mode uses the paper's choice.
+DEFAULT_HYPER = {"default": "adam(lr=0.05,normalize=true)", "gdtuo": "sgd(lr=1e-5)"}
 
 _DEFAULT = "default"
 

@@ -32,7 +32,7 @@ def rollback_on_error(opt: Any) -> Iterator[None]:
         "upper_tangent": [dict(d) for d in ts["upper_tangent"]],
         "step": list(ts["step"]),
         "skipped": ts["skipped"].clone(),
-        "ramp": (ts["ramp"].clone(), ts["ramp_sized"]) if "ramp" in ts else None,
+        "ramp": (ts["ramp"].clone(), ts["ramp_sized"], ts["ramp_active"].clone()) if "ramp" in ts else None,
     }
     try:
         yield
@@ -48,6 +48,7 @@ def rollback_on_error(opt: Any) -> Iterator[None]:
         if saved["ramp"] is not None:
             ts["ramp"].copy_(saved["ramp"][0])
             ts["ramp_sized"] = saved["ramp"][1]
+            ts["ramp_active"].copy_(saved["ramp"][2])
         for bucket in opt._buckets or []:
             for flat in bucket.flat.values():
                 flat.zero_()
