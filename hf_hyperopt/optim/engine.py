@@ -64,10 +64,12 @@ class LevelConfig:
             hypergradient it learns from: ``Z_t = mu * Z_{t-1} + dw_{t+1}/dtheta_t`` and
             ``h_t = <g_{t+1}, Z_t>`` (MARTHE's first-order horizon). ``0`` is the paper's one-step
             hypergradient; values near 1 sum the signal over about ``1 / (1 - mu)`` steps.
-        normalize: for a level above the weights, learn from the cosine ``h_t / (|g_{t+1}| |Z_t|)``
-            instead of ``h_t`` (Baydin et al.'s multiplicative hypergradient descent): a signal in
-            ``[-1, 1]`` whatever the scale of the learned value, so the level's step size means the
-            same from any start.
+        normalize: for a level above the weights, learn from ``h_t / |Z_t|``, the slope of the next
+            loss along the last update per unit length, instead of ``h_t``: the tangent grows with the
+            learned value (an update is proportional to the step size), so ``h_t`` does too, and an
+            adaptive level above would remember the hypergradients of a large step size long after it
+            has come down. The slope keeps its size whatever the step size, and still shrinks as the
+            gradients do when training converges.
         ramp: for the level above the weights, a search for the scale of the weights' learned ``lr``
             before the level above learns it. The first step is a probe at a millionth of ``lr``; from
             it the effective step size starts where one step changes the weights by ``ramp`` of their
@@ -574,12 +576,9 @@ class TowerOptimizer(torch.optim.Optimizer):
         normalize = self.levels[1].normalize
         held = None
         if normalize:
-            zz0, gg0 = torch.zeros_like(theta0), torch.zeros(units, dtype=theta0.dtype, device=theta0.device)
+            zz0 = torch.zeros_like(theta0)
         for b in self._buckets:
             grads = [local_tensor(p.grad) for p in b.params]
-            if normalize:
-                sums = _squared_norms(grads)
-                gg0.index_add_(0, b.unit_index.to(theta0.device), sums.to(theta0.device, theta0.dtype))
             for j, name in enumerate(self._learn[0]):
                 if keep or normalize:
                     # Dot products leave the tangent as it is: a trace lives on across steps.
@@ -594,12 +593,12 @@ class TowerOptimizer(torch.optim.Optimizer):
                     ids = b.unit_index if self.scope == "tensor" else b.unit_ids
                 h0.index_add_(0, ids.to(theta0.device) + j * units, sums.to(theta0.device, theta0.dtype))
         if normalize:
-            both = torch.cat([h0, zz0, gg0])
+            both = torch.cat([h0, zz0])
             reduce_hypergradients(both, self._sharding_group)
-            h0, zz0, gg0 = both.split([h0.numel(), zz0.numel(), units])
+            h0, zz0 = both.split([h0.numel(), zz0.numel()])
             held = self._advance_ramp(ts, h0, units)
             raw = h0
-            h0 = _cosine(h0, zz0 * gg0.repeat(len(self._learn[0])))
+            h0 = _per_length(h0, zz0)
         else:
             reduce_hypergradients(h0, self._sharding_group)
             held = self._advance_ramp(ts, h0, units)
@@ -615,9 +614,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             raw = torch.stack([torch.dot(raw_below, tangent[name]) for name in self._learn[k]])
             h = raw
             if self.levels[k + 1].normalize:
-                h = _cosine(
-                    raw, torch.stack([raw_below.dot(raw_below) * tangent[n].dot(tangent[n]) for n in self._learn[k]])
-                )
+                h = _per_length(raw, torch.stack([tangent[n].dot(tangent[n]) for n in self._learn[k]]))
             hyper.append(self._guard(h, ts, k))
         return hyper
 
@@ -1019,8 +1016,8 @@ def _apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None, 
         torch._foreach_add_(tangent, decay_term)
 
 
-def _cosine(h: Tensor, norms_sq: Tensor) -> Tensor:
-    """``h / sqrt(norms_sq)``, and 0 where the norms are 0 (no signal yet)."""
+def _per_length(h: Tensor, norms_sq: Tensor) -> Tensor:
+    """``h / sqrt(norms_sq)``, and 0 where the norm is 0 (no step taken yet)."""
     return torch.where(norms_sq > 0, h / norms_sq.sqrt().clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
 
 
