@@ -162,7 +162,9 @@ class HyperCallback(TrainerCallback):
             return
         if self.initial is None:
             self.initial = t.hyperparameters() if state.global_step == 0 else _initial_from_config(t)
-        if not state.is_world_process_zero:
+        # TrainerState.is_world_process_zero is reset to True when train() starts (transformers 5.x), so
+        # ask the arguments, as Trainer.is_world_process_zero does.
+        if not (state.is_world_process_zero and args.process_index == 0):
             return
         logger.info("hf_hyperopt: training with the tower %s (scope=%s)", started_spec(t), t.scope)
         path = os.path.join(args.output_dir, TRAJECTORY_NAME)

@@ -1,0 +1,100 @@
+"""HyperCallback on a plain ``Trainer``, ``hf_hyperopt.unwrap`` through Accelerate, and the Accelerate example.
+
+A user with a ready tower and a stock ``Trainer`` (or TRL trainer) adds ``callbacks=[HyperCallback()]``;
+a user with a plain Accelerate loop reads the tower through ``hf_hyperopt.unwrap``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_bert
+from transformers import Trainer, TrainingArguments
+
+import hf_hyperopt as hh
+from hf_hyperopt.trainer import read_trajectory
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def classification_data(n: int = 64, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(2, VOCAB, (n, 8), generator=g)
+    y = (x[:, 0] <= VOCAB // 2).long()
+    return [{"input_ids": x[i], "labels": y[i]} for i in range(n)]
+
+
+def plain_args(tmp_path: Path, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path), report_to="none", max_steps=8, logging_steps=2, disable_tqdm=True,
+                per_device_train_batch_size=8, save_strategy="no", lr_scheduler_type="constant", seed=0)  # fmt: skip
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def test_plain_trainer_with_the_callback_logs_writes_the_trajectory_plot_and_card(tmp_path):
+    opt_kw = {"lr": 3e-3, "hyper": "adam(lr=0.05)"}
+    trainer = Trainer(model=tiny_bert(), args=plain_args(tmp_path), train_dataset=classification_data(),
+                      optimizer_cls_and_kwargs=(hh.HyperAdam, opt_kw), callbacks=[hh.HyperCallback()])  # fmt: skip
+    trainer.train()
+    trainer.save_state()
+    logged = [r for r in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if "loss" in r]
+    assert len(logged) == 4 and all("hyper/0/lr" in r and "hyper/1/lr" in r for r in logged)
+    # The effective step size, not the schedule's constant 3e-3: the tower has moved it.
+    assert all(r["learning_rate"] == r["hyper/0/lr"] for r in logged)
+    assert logged[-1]["hyper/0/lr"] != pytest.approx(3e-3, rel=1e-4)
+    records = read_trajectory(tmp_path / "hyper_trajectory.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert {r["step"]: r["hyper/0/lr"] for r in records if r["step"] % 2 == 0} == {
+        r["step"]: r["hyper/0/lr"] for r in logged
+    }
+    assert (tmp_path / "hyper_trajectories.png").stat().st_size > 0
+    card = (tmp_path / "README.md").read_text()
+    # Every weight-level value the run started from, torch defaults included.
+    assert "`adam(lr=0.003,beta1=0.9,beta2=0.999,eps=1e-08,weight_decay=0.0,learn=lr)/adam(lr=0.05)`" in card
+
+
+def test_attached_callback_survives_create_model_card_and_reaches_reporters_first(tmp_path):
+    trainer = Trainer(model=tiny_bert(), args=plain_args(tmp_path, max_steps=4), train_dataset=classification_data(),
+                      optimizer_cls_and_kwargs=(hh.HyperSGD, {"lr": 0.1, "hyper": "sgd(lr=1e-3)"}))  # fmt: skip
+    callback = hh.HyperCallback().attach(trainer)
+    assert trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+    trainer.create_model_card(model_name="tiny")  # rewrites README.md; the section must come back
+    card = (tmp_path / "README.md").read_text()
+    assert card.count("## Hyperoptimizer") == 1 and "sgd(lr=0.1,momentum=0.0,weight_decay=0.0,nesterov=false" in card
+
+
+def test_without_a_tower_the_callback_does_nothing(tmp_path):
+    trainer = Trainer(model=tiny_bert(), args=plain_args(tmp_path, max_steps=2), train_dataset=classification_data(),
+                      callbacks=[hh.HyperCallback()])  # fmt: skip
+    trainer.train()
+    assert not (tmp_path / "hyper_trajectory.jsonl").exists()
+    assert all(not k.startswith("hyper/") for r in trainer.state.log_history for k in r)
+
+
+def test_unwrap_reaches_the_tower_through_accelerate_and_refuses_a_plain_optimizer():
+    from accelerate import Accelerator
+
+    model = torch.nn.Linear(3, 2)
+    opt = hh.HyperAdam(model.parameters(), lr=1e-3)
+    prepared = Accelerator(cpu=True).prepare(opt)
+    with pytest.raises(AttributeError):
+        prepared.hyperparameters()  # what users hit without unwrap
+    assert hh.unwrap(prepared) is opt and hh.unwrap(opt) is opt
+    assert hh.unwrap(prepared).hyperparameters() == opt.hyperparameters()
+    with pytest.raises(ValueError, match="no tower optimizer inside AcceleratedOptimizer -> SGD"):
+        hh.unwrap(Accelerator(cpu=True).prepare(torch.optim.SGD(model.parameters(), lr=0.1)))
+
+
+def test_accelerate_example_trains_and_learns_its_step_size():
+    spec = importlib.util.spec_from_file_location("accelerate_loop", EXAMPLES / "accelerate_loop.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(steps=60, lr=1e-4)
+    # From 1e-4 the default tower raises the step size, and the loss falls below the targets' variance.
+    assert out["lr"] > 3 * out["initial_lr"]
+    assert out["loss"] < 0.6
