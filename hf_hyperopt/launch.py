@@ -40,13 +40,12 @@ from collections.abc import Sequence
 
 from .trainer.arguments import HYPER_OPTIMIZERS, HyperSettings
 
-USAGE = """usage: python -m hf_hyperopt.launch (SCRIPT.py | -m MODULE) [SCRIPT ARGS...]
-              [--optim {%s}] [--hyper_tower SPEC] [--hyper_learn NAMES] [--hyper_scope {shared,group,tensor}]
+_CHOICES = ",".join(HYPER_OPTIMIZERS)
+USAGE = f"""usage: python -m hf_hyperopt.launch (SCRIPT.py | -m MODULE) [SCRIPT ARGS...]
+              [--optim {{{_CHOICES}}}] [--hyper_tower SPEC] [--hyper_learn NAMES] [--hyper_scope {{shared,group,tensor}}]
 
 Runs a Hugging Face training script (stock TrainingArguments / Trainer, or TRL's) with a tower
-optimizer. See `python -c "import hf_hyperopt.launch as l; help(l)"` or docs/trainer-and-launcher.md.""" % ",".join(
-    HYPER_OPTIMIZERS
-)
+optimizer. See docs/trainer-and-launcher.md."""
 
 _HYPER_FLAGS = ("hyper_tower", "hyper_learn", "hyper_scope")
 _SCHEDULE_FLAGS = ("--lr_scheduler_type", "--lr-scheduler-type")

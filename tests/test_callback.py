@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -35,12 +36,14 @@ def plain_args(tmp_path: Path, **kw) -> TrainingArguments:
     return TrainingArguments(**base)
 
 
-def test_plain_trainer_with_the_callback_logs_writes_the_trajectory_plot_and_card(tmp_path):
+def test_plain_trainer_with_the_callback_logs_writes_the_trajectory_plot_and_card(tmp_path, caplog):
+    caplog.set_level(logging.INFO)  # a script's logging.basicConfig(level=logging.INFO)
     opt_kw = {"lr": 3e-3, "hyper": "adam(lr=0.05)"}
     trainer = Trainer(model=tiny_bert(), args=plain_args(tmp_path), train_dataset=classification_data(),
                       optimizer_cls_and_kwargs=(hh.HyperAdam, opt_kw), callbacks=[hh.HyperCallback()])  # fmt: skip
     trainer.train()
     trainer.save_state()
+    assert "hf_hyperopt: training with the tower adam(lr=0.003,beta1=0.9" in caplog.text
     logged = [r for r in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if "loss" in r]
     assert len(logged) == 4 and all("hyper/0/lr" in r and "hyper/1/lr" in r for r in logged)
     # The effective step size, not the schedule's constant 3e-3: the tower has moved it.

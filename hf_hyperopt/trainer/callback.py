@@ -28,6 +28,7 @@ hf_hyperopt.launch`` do that.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 from typing import Any
@@ -42,12 +43,23 @@ from .model_card import add_hyper_section, hyper_section
 from .plotting import plot_trajectories
 from .trajectory import TRAJECTORY_NAME, TrajectoryWriter, hyper_log_keys, read_trajectory
 
+logger = logging.getLogger(__name__)
 # The Trainer's own start-of-training lines ("***** Running training *****") go to this logger, which
-# the example scripts turn on (set_verbosity_info); the tower line belongs beside them.
-logger = hf_logging.get_logger("transformers.trainer")
+# transformers' example scripts turn on (set_verbosity_info) while leaving Python's root logger at WARNING.
+_trainer_logger = hf_logging.get_logger("transformers.trainer")
 
 PLOT_NAME = "hyper_trajectories.png"
 CARD_NAME = "README.md"
+
+
+def _info(msg: str, *args: Any) -> None:
+    """Log ``msg`` where the script shows INFO lines: Python's logging if it is on for us, else transformers'.
+
+    transformers' loggers do not propagate to the root logger, and scripts turn on one or the other
+    (``logging.basicConfig(level=INFO)``, or ``transformers.utils.logging.set_verbosity_info()``);
+    logging on just one of the two hides the line from half of them, on both doubles it.
+    """
+    (logger if logger.isEnabledFor(logging.INFO) else _trainer_logger).info(msg, *args)
 
 
 def effective_learning_rate(tower: TowerOptimizer, schedule_lr: float | None = None) -> float:
@@ -166,7 +178,7 @@ class HyperCallback(TrainerCallback):
         # ask the arguments, as Trainer.is_world_process_zero does.
         if not (state.is_world_process_zero and args.process_index == 0):
             return
-        logger.info("hf_hyperopt: training with the tower %s (scope=%s)", started_spec(t), t.scope)
+        _info("hf_hyperopt: training with the tower %s (scope=%s)", started_spec(t), t.scope)
         path = os.path.join(args.output_dir, TRAJECTORY_NAME)
         source = None
         if state.global_step > 0:
