@@ -42,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -84,7 +85,7 @@ def synthetic_batches(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[d
             for i in range(n)]  # fmt: skip
 
 
-def make_trainers(args: argparse.Namespace, out: str) -> dict[str, tuple[Trainer, StepTimer]]:
+def make_trainers(args: BenchmarkTrainerArguments, out: str) -> dict[str, tuple[Trainer, StepTimer]]:
     path = minilm_path()
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
@@ -114,7 +115,7 @@ def make_trainers(args: argparse.Namespace, out: str) -> dict[str, tuple[Trainer
     return trainers
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: BenchmarkTrainerArguments) -> list[dict]:
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as out:
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def write(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> None:
+def write(rows: list[dict], args: BenchmarkTrainerArguments, argv: list[str]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "benchmark_trainer.csv", "w", newline="") as f:
@@ -223,7 +224,7 @@ def sweep_model(seed: int):
     return BertForSequenceClassification(cfg)
 
 
-def run_sweep(args: argparse.Namespace) -> list[dict]:
+def run_sweep(args: BenchmarkTrainerArguments) -> list[dict]:
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     lrs = tuple(args.lrs) if args.lrs else SWEEP_LRS[1::2] if args.quick else SWEEP_LRS
@@ -252,7 +253,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def write_sweep(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> None:
+def write_sweep(rows: list[dict], args: BenchmarkTrainerArguments, argv: list[str]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{args.name}.csv", "w", newline="") as f:
@@ -284,26 +285,33 @@ def write_sweep(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> 
     print("\n".join(lines))
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--seq_len", type=int, default=64)
-    p.add_argument("--blocks", type=int, default=16, help="interleaved blocks per optimizer (even: A B B A ...)")
-    p.add_argument("--block", type=int, default=4, help="steps per block (the first is not counted)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
-    p.add_argument("--out", default="results", help="folder for benchmark_trainer.{csv,md}")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 2 blocks of 3 steps, batch 4 x 32")
-    p.add_argument("--sweep", action="store_true", help="robustness of the Trainer settings to the initial lr")
-    p.add_argument("--seeds", type=int, default=2, help="--sweep: seeds per point")
-    p.add_argument("--sweep_steps", type=int, default=60, help="--sweep: optimizer steps per run")
-    p.add_argument("--lrs", type=float, nargs="+", default=None, help="--sweep: initial learning rates")
-    p.add_argument("--name", default="trainer_defaults", help="--sweep: results file stem")
-    return p
+@dataclass
+class BenchmarkTrainerArguments:
+    batch_size: int = 16
+    seq_len: int = 64
+    blocks: int = field(default=16, metadata={"help": "interleaved blocks per optimizer (even: A B B A ...)"})
+    block: int = field(default=4, metadata={"help": "steps per block (the first is not counted)"})
+    threads: int = field(default=1, metadata={"help": "torch threads (1: steadier on a shared machine)"})
+    out: str = field(default="results", metadata={"help": "folder for benchmark_trainer.{csv,md}"})
+    quick: bool = field(default=False, metadata={"help": "a smoke run: 2 blocks of 3 steps, batch 4 x 32"})
+    sweep: bool = field(default=False, metadata={"help": "robustness of the Trainer settings to the initial lr"})
+    seeds: int = field(default=2, metadata={"help": "--sweep: seeds per point"})
+    sweep_steps: int = field(default=60, metadata={"help": "--sweep: optimizer steps per run"})
+    lrs: list[float] | None = field(default=None, metadata={"help": "--sweep: initial learning rates"})
+    name: str = field(default="trainer_defaults", metadata={"help": "--sweep: results file stem"})
+
+
+def make_parser():
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(
+        BenchmarkTrainerArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
-    args = make_parser().parse_args(argv)
+    (args,) = make_parser().parse_args_into_dataclasses(args=argv)
     if args.sweep:
         if args.quick:
             args.sweep_steps = 10
