@@ -24,7 +24,7 @@ Commands (run from the repository root; each writes ``<out>/sensitivity_<task>.{
     python -m benchmarks.sensitivity --task digits --quick --out /tmp/sens
 
 Learning rates: the ``lr`` methods sweep ``--lrs`` (default 1e-7 .. 1e-1, one per decade);
-Prodigy and D-Adaptation take a multiplier of their estimated step size whose natural value is 1, so
+Prodigy, D-Adaptation and DoG take a multiplier of their estimated step size whose natural value is 1, so
 they sweep ``--multipliers`` (default 1e-3 .. 1e3, the same number of decades).
 
 Summary columns (``sensitivity_<task>.md``): best and worst mean metric over the sweep, the number of
@@ -102,6 +102,24 @@ def _dadapt(params, lr, steps):
     return dadaptation.DAdaptAdam(params, lr=lr), None
 
 
+def _mechanic(params, lr, steps):
+    from mechanic_pytorch import mechanize
+
+    # Mechanic learns a scale on the base optimizer's update; the base AdamW's lr is the knob left.
+    return mechanize(torch.optim.AdamW)(params, lr=lr, weight_decay=0.0), None
+
+
+def _dog(params, lr, steps):
+    import logging
+
+    import dog
+
+    # DoG's lr is a multiplier c of its estimated step size (natural value 1, as Prodigy's); it warns
+    # on any other value, which is the point of this sweep.
+    logging.getLogger(dog.dog.__name__).setLevel(logging.ERROR)
+    return dog.DoG(params, lr=lr, weight_decay=0.0), None
+
+
 def _hyper_adam_default(params, lr, steps):
     return hh.HyperAdam(params, lr=lr), None
 
@@ -119,6 +137,8 @@ PEERS: dict[str, Method] = {
     "schedule_free": Method("schedule_free", "schedule-free AdamW", _schedule_free),
     "prodigy": Method("prodigy", "Prodigy", _prodigy, scale="multiplier"),
     "dadapt_adam": Method("dadapt_adam", "D-Adaptation Adam", _dadapt, scale="multiplier"),
+    "mechanic": Method("mechanic", "Mechanic (AdamW base)", _mechanic),
+    "dog": Method("dog", "DoG", _dog, scale="multiplier"),
     "gdtuo_adam_sgd": Method("gdtuo_adam_sgd", "reference gdtuo Adam / SGD(1e-5)", None, reference="adam/sgd(1e-5)"),
 }
 
@@ -153,6 +173,8 @@ METHOD_SETS = {
         "schedule_free",
         "prodigy",
         "dadapt_adam",
+        "mechanic",
+        "dog",
         "gdtuo_adam_sgd",
         "hyper_adam",
         "hyper_adam/adam(0.01)",
@@ -160,7 +182,8 @@ METHOD_SETS = {
         "hyper_adam/adam(0.05)/adam/adam",
     ],
     "tower_sweep": ["adamw", *TOWERS],
-    "quick": ["adamw", "adamw_linear", "schedule_free", "prodigy", "dadapt_adam", "gdtuo_adam_sgd", "hyper_adam"],
+    "quick": ["adamw", "adamw_linear", "schedule_free", "prodigy", "dadapt_adam", "mechanic", "dog", "gdtuo_adam_sgd",
+              "hyper_adam"],  # fmt: skip
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,6 +197,11 @@ def final_lr(opt: torch.optim.Optimizer) -> float:
         lr = opt.hyperparameters()[0]["lr"]
         return float(lr if isinstance(lr, float) else lr[0])
     g = opt.param_groups[0]
+    if "_mechanic" in opt.state:  # Mechanic: the base lr times its learned scale
+        return float(g["lr"] * opt.state["_mechanic"]["s"].sum())
+    if "eta" in g:  # DoG: its step size (one for the whole group)
+        eta = g["eta"][0] if isinstance(g["eta"], list) else g["eta"]
+        return float(eta.max() if torch.is_tensor(eta) else eta)
     return float(g["lr"] * g.get("d", 1.0))
 
 

@@ -147,3 +147,16 @@ def test_paper_table_quick_agrees_with_reference(tmp_path):
         assert float(r["hf_error_mean"]) == pytest.approx(float(r["ref_error_mean"]), abs=0.5)
     assert any(r["mode"] == "default" for r in rows)
     assert "| stack |" in (tmp_path / "paper_table.md").read_text()
+
+
+def test_sensitivity_quick_runs_the_mechanic_and_dog_peers(tmp_path):
+    pytest.importorskip("mechanic_pytorch")
+    pytest.importorskip("dog")
+    args = sensitivity.SensitivityArguments(task="digits", methods=["mechanic", "dog"], quick=True, out=str(tmp_path))
+    rows = sensitivity.main(args)
+    # Mechanic sweeps the base AdamW lr, DoG a multiplier of its own step size (natural value 1).
+    assert {(r["method"], r["scale"], r["lr"]) for r in rows} == {
+        ("mechanic", "lr", 1e-4), ("mechanic", "lr", 1e-2), ("dog", "multiplier", 0.1), ("dog", "multiplier", 1.0)
+    }  # fmt: skip
+    assert all(r["final_lr"] > 0 and not r["diverged"] for r in rows)
+    assert all(0.0 <= r["metric"] <= 100.0 for r in rows)
