@@ -77,7 +77,7 @@ class HyperTrainingArguments(TrainingArguments):
 
         <weight level from the usual arguments>/<hyper_tower>
 
-    e.g. ``adam(lr=5e-05,beta1=0.9,beta2=0.999,eps=1e-08)/adam(lr=0.01)``. The weight level takes
+    e.g. ``adam(lr=5e-05,beta1=0.9,beta2=0.999,eps=1e-08,learn=lr)/adam(lr=0.05)``. The weight level takes
     ``learning_rate -> lr``, ``adam_beta1/adam_beta2 -> beta1/beta2`` and ``adam_epsilon -> eps``
     (Adam, AdamW), ``weight_decay`` for the decay param group (biases and norms get 0, as in
     ``Trainer``), and the rest through ``optim_args`` as ``transformers`` does: SGD's
@@ -87,19 +87,14 @@ class HyperTrainingArguments(TrainingArguments):
 
     - ``optim="hyper_adamw"``: the ``Trainer``'s default algorithm (AdamW), with its step size learned.
       Any standard ``OptimizerNames`` value still works and then nothing is learned.
-    - ``hyper_tower=None`` resolves to ``hf_hyperopt.DEFAULT_HYPER["default"]`` (an Adam level whose
-      step size the tower sensitivity benchmark chooses): it learns ``log(lr)`` with normalised steps,
-      so the step size moves by a fixed fraction per step whatever its scale and one setting recovers
-      from an initial ``learning_rate`` that is orders of magnitude off. The paper's ``sgd(lr=1e-5)``
-      barely moves a Trainer's step size (same table as below).
-    - ``hyper_learn=None`` resolves to ``"lr"`` and ``hyper_scope=None`` to ``"shared"``, the cheapest
-      of the settings that measured equally robust: in ``results/trainer_defaults.md`` (``python
-      scripts/benchmark_trainer.py --sweep --seeds 1 --sweep_steps 300``) learn ``lr`` or
-      ``lr+beta1`` in any scope trains from every initial learning rate from 1e-6 to 1e-2 (plain
-      AdamW: 1e-4 to 1e-2), and in ``results/trainer_defaults_high_lr.md`` (3 seeds at 3e-2 and 1e-1)
-      every setting fails (held-out loss at chance, ``lr+beta1`` a hair closer to it). ``shared``
-      learns one scalar and logs one key; each extra learned name costs a gradient-sized buffer and
-      a forward-mode pass per step.
+    - ``hyper_tower=None`` resolves to ``hf_hyperopt.DEFAULT_HYPER["default"]``: an Adam level that
+      learns ``log(lr)`` with normalised steps, so the step size moves by a fixed fraction per step
+      whatever its scale and one setting recovers from an initial ``learning_rate`` that is orders of
+      magnitude off. The paper's ``sgd(lr=1e-5)`` barely moves a ``Trainer``'s step size.
+    - ``hyper_learn=None`` resolves to ``"lr"`` and ``hyper_scope=None`` to ``"shared"``: the cheapest
+      of the settings that ``python -m benchmarks.benchmark_trainer --sweep`` measured equally robust
+      to the initial learning rate (``results/README.md``). ``shared`` learns one scalar and logs one
+      key; each extra learned name costs a gradient-sized buffer and a forward-mode pass per step.
     - ``lr_scheduler_type=None``: with a tower optimizer and no schedule asked for, the schedule is
       ``constant`` (the tower owns the step size); with ``warmup_steps`` > 0 it is
       ``constant_with_warmup``. A schedule given explicitly *multiplies* the learned step size: the
