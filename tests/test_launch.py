@@ -108,13 +108,24 @@ def test_a_standard_optim_is_left_alone(tmp_path):
     assert all(not k.startswith("hyper/") for r in logged(out) for k in r)
 
 
-def test_torchrun_two_processes_write_one_trajectory(tmp_path):
+# --standalone: a rendezvous on localhost with a free port. --use_cpu: Accelerate's MULTI_CPU (gloo).
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_processes_train_one_tower_and_write_one_trajectory(launcher, tmp_path):
     out = tmp_path / "out"
-    # --standalone: a rendezvous on localhost with a free port; --use_cpu: Accelerate's MULTI_CPU (gloo).
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-         "hf_hyperopt.launch", str(SCRIPTS / "run_tiny_classification.py"), "--output_dir", str(out),
-         "--max_steps", "6", "--per_device_train_batch_size", "4", "--use_cpu", "true", *COMMON,
-         "--optim", "hyper_adamw"], tmp_path)  # fmt: skip
+    proc = run([sys.executable, *LAUNCHERS[launcher], "-m", "hf_hyperopt.launch",
+                str(SCRIPTS / "run_tiny_classification.py"), "--output_dir", str(out), "--max_steps", "6",
+                "--per_device_train_batch_size", "4", "--use_cpu", "true", *COMMON, "--optim", "hyper_adamw"],
+               tmp_path)  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in text  # two ranks
+    assert text.count("hf_hyperopt: training with the tower") == 1  # rank 0 only
     rows = logged(out)
     assert len(rows) == 3 and all("hyper/0/lr" in r and "hyper/1/lr" in r for r in rows)
     assert [r["step"] for r in read_trajectory(out / "hyper_trajectory.jsonl")] == list(range(1, 7))
