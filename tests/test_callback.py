@@ -101,3 +101,21 @@ def test_accelerate_example_trains_and_learns_its_step_size():
     # From 1e-4 the default tower raises the step size, and the loss falls below the targets' variance.
     assert out["lr"] > 3 * out["initial_lr"]
     assert out["loss"] < 0.6
+
+
+def test_plain_trainer_resume_keeps_the_trajectory_up_to_the_checkpoint(tmp_path):
+    def make() -> Trainer:
+        args = plain_args(tmp_path, save_strategy="steps", save_steps=4)
+        return Trainer(model=tiny_bert(), args=args, train_dataset=classification_data(),
+                       optimizer_cls_and_kwargs=(hh.HyperAdam, {"lr": 3e-3}), callbacks=[hh.HyperCallback()])  # fmt: skip
+
+    make().train()
+    full = read_trajectory(tmp_path / "hyper_trajectory.jsonl")
+    assert read_trajectory(tmp_path / "checkpoint-4" / "hyper_trajectory.jsonl") == full[:4]
+    (tmp_path / "hyper_trajectory.jsonl").write_text("not a trajectory of this run\n")
+    make().train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    resumed = read_trajectory(tmp_path / "hyper_trajectory.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 9)) and resumed[:4] == full[:4]
+    assert resumed == full  # and the resumed steps are the ones the first run took (CPU: bit for bit)
+    # The card's starting values are the tower's configuration, not the checkpoint's learned ones.
+    assert "| 0 | lr | 0.003 |" in (tmp_path / "README.md").read_text()

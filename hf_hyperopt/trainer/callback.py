@@ -172,8 +172,11 @@ class HyperCallback(TrainerCallback):
         t = self.tower
         if t is None:
             return
-        if self.initial is None:
-            self.initial = t.hyperparameters() if state.global_step == 0 else _initial_from_config(t)
+        if state.global_step == 0:
+            self.initial = t.hyperparameters()
+        elif self.initial is None:
+            # Resumed, and nobody recorded the start (HyperTrainer does, before loading the checkpoint).
+            self.initial = _initial_from_config(t)
         # TrainerState.is_world_process_zero is reset to True when train() starts (transformers 5.x), so
         # ask the arguments, as Trainer.is_world_process_zero does.
         if not (state.is_world_process_zero and args.process_index == 0):
