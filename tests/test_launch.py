@@ -15,9 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from tiny_models import tiny_bert
+from transformers import Trainer, TrainingArguments
 
-from hf_hyperopt.launch import split_argv
-from hf_hyperopt.trainer import read_trajectory
+from hf_hyperopt.launch import configure_trainer, split_argv
+from hf_hyperopt.trainer import HyperCallback, HyperTrainingArguments, read_trajectory
 
 SCRIPTS = Path(__file__).parent / "stock_scripts"
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +81,39 @@ def test_bad_flags_stop_the_launcher_before_the_script_runs(tmp_path):
                    "--optim", "hyper_adam", "--hyper_scope", "layer"], tmp_path, ok=False)  # fmt: skip
     assert proc.returncode != 0 and "--hyper_scope 'layer' is not one of" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _trainer(tmp_path: Path, **kw):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", **kw.pop("args", {}))
+    return Trainer(model=tiny_bert(), args=args, **kw)
+
+
+def test_configure_trainer_builds_the_tower_from_the_stock_arguments(tmp_path):
+    settings, _, _ = split_argv(["--optim", "hyper_sgd", "--hyper_tower", "adam(lr=0.02)"])
+    trainer = _trainer(tmp_path, args={"learning_rate": 0.1, "optim_args": "momentum=0.9", "warmup_steps": 2})
+    configure_trainer(trainer, settings, explicit_schedule=False)
+    cls, kwargs = trainer.optimizer_cls_and_kwargs
+    assert cls.__name__ == "HyperSGD" and kwargs["lr"] == 0.1 and kwargs["momentum"] == 0.9
+    assert kwargs["hyper"] == "adam(lr=0.02)" and kwargs["learn"] == "lr" and kwargs["scope"] == "shared"
+    assert str(trainer.args.lr_scheduler_type.value) == "constant_with_warmup" and trainer.args.optim == "hyper_sgd"
+    assert isinstance(trainer.callback_handler.callbacks[0], HyperCallback)
+
+    explicit = _trainer(tmp_path, args={"lr_scheduler_type": "cosine"})
+    configure_trainer(explicit, settings, explicit_schedule=True)
+    assert str(explicit.args.lr_scheduler_type.value) == "cosine"  # multiplies the learned step size
+
+
+def test_configure_trainer_refuses_what_it_cannot_honour(tmp_path):
+    settings, _, _ = split_argv(["--optim", "hyper_adam"])
+    own = _trainer(tmp_path, optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))
+    with pytest.raises(ValueError, match="passes its own optimizer"):
+        configure_trainer(own, settings, explicit_schedule=False)
+    hyper_args = HyperTrainingArguments(output_dir=str(tmp_path), report_to="none", optim="hyper_adam")
+    with pytest.raises(ValueError, match="already uses HyperTrainingArguments"):
+        configure_trainer(Trainer(model=tiny_bert(), args=hyper_args), settings, explicit_schedule=False)
+    bad = _trainer(tmp_path, args={"optim_args": "dampening=0.5"})
+    with pytest.raises(ValueError, match="optim_args dampening=0.5 is not taken by --optim hyper_adam"):
+        configure_trainer(bad, settings, explicit_schedule=False)
 
 
 # ------------------------------------------------------------------ runs
