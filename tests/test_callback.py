@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_models import VOCAB, tiny_bert
-from transformers import Trainer, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 import hf_hyperopt as hh
 from hf_hyperopt.trainer import read_trajectory
@@ -119,3 +119,24 @@ def test_plain_trainer_resume_keeps_the_trajectory_up_to_the_checkpoint(tmp_path
     assert resumed == full  # and the resumed steps are the ones the first run took (CPU: bit for bit)
     # The card's starting values are the tower's configuration, not the checkpoint's learned ones.
     assert "| 0 | lr | 0.003 |" in (tmp_path / "README.md").read_text()
+
+
+def test_trl_sft_trainer_with_a_ready_tower_and_the_callback(tmp_path):
+    pytest.importorskip("trl")
+    from trl import SFTConfig, SFTTrainer
+
+    spec = importlib.util.spec_from_file_location("sft_tiny", Path(__file__).parent / "stock_scripts" / "sft_tiny.py")
+    sft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sft)
+    tokenizer = sft.make_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))  # fmt: skip
+    config = SFTConfig(output_dir=str(tmp_path), report_to="none", max_steps=4, logging_steps=2, max_length=16,
+                       per_device_train_batch_size=8, lr_scheduler_type="constant", bf16=False, disable_tqdm=True,
+                       save_strategy="no")  # fmt: skip
+    trainer = SFTTrainer(model=model, args=config, train_dataset=sft.make_dataset(), processing_class=tokenizer,
+                         optimizer_cls_and_kwargs=(hh.HyperAdamW, {"lr": 3e-3}), callbacks=[hh.HyperCallback()])  # fmt: skip
+    trainer.train()
+    assert [r["step"] for r in read_trajectory(tmp_path / "hyper_trajectory.jsonl")] == [1, 2, 3, 4]
+    assert all("hyper/0/lr" in r for r in trainer.state.log_history if "loss" in r)
