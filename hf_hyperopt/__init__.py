@@ -14,12 +14,13 @@ from .optim import (
     parse_spec,
     tower,
 )
+from .unwrap import unwrap
 
 __version__ = "0.1.0"
 
 # The Trainer integration imports transformers, which takes seconds: load it on first use so that
 # `import hf_hyperopt` stays light for plain PyTorch users.
-_TRAINER_EXPORTS = ("HyperTrainer", "HyperTrainingArguments")
+_TRAINER_EXPORTS = ("HyperCallback", "HyperTrainer", "HyperTrainingArguments")
 
 
 def __getattr__(name: str):
@@ -35,6 +36,7 @@ __all__ = [
     "HyperAdaGrad",
     "HyperAdam",
     "HyperAdamW",
+    "HyperCallback",
     "HyperRMSProp",
     "HyperSGD",
     "HyperTrainer",
@@ -43,4 +45,5 @@ __all__ = [
     "__version__",
     "parse_spec",
     "tower",
+    "unwrap",
 ]

@@ -86,15 +86,11 @@ TEXT_PAIRS = (
 ENCODER_ONLY = ("bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta", "mpnet")
 
 # The demos: prepended to the command line when no model or data is given, so any of them can be overridden.
-# Sized for a 2-core CPU: MiniLM takes 3 epochs of 150 steps of 16 speeches cut to 64 tokens (the median speech
-# is ~30 tokens); GPT-2 (2 layers, width 128) 140 steps of 16 x 128 tokens. The initial learning rates are
-# deliberately poor: 1e-5 is 10x below the best fixed rate for MiniLM here (1e-4, results/sweep_adamw.md),
-# 1e-5 is ~100x below what the small GPT-2 wants. The tower's Adam at lr 0.1 moves log(lr) by at most
-# ~0.1 a step; on this task the hypergradient is mostly minibatch noise while the loss sits near ln 2, so
-# the learned rate needs about one epoch to reach the best fixed rate, and the demo trains three (one
-# epoch was not enough: 63.00% against AdamW's 70.67%). Starting MiniLM *above* its best rate does not work
-# on this task: from 3e-4 (where AdamW collapses to one class) the tower lowers the rate too slowly to avoid
-# the collapse (model_cards/README.md).
+# Sized for a small CPU. The initial learning rates are deliberately poor (below the best fixed rate) to show
+# the tower recovering; the upper Adam level's step size bounds how fast log(lr) moves, and the classification
+# demo trains for several epochs because its hypergradient is mostly minibatch noise while the loss sits near
+# ln 2. How the demos compare with fixed-rate AdamW, and why they are sized as they are: results/README.md and
+# model_cards/README.md.
 DEMO_ARGS: dict[str, list[str]] = {
     "classification": [
         "--model_name_or_path", DEMO_MODEL,

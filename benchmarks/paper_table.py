@@ -15,8 +15,8 @@ scikit-learn. The paper trains the SGD and AdaGrad stacks 6x longer than the Ada
 
 Commands (from the repository root; writes ``<out>/paper_table.{csv,json,md}``)::
 
-    nice python scripts/paper_table.py --seeds 0 1 2          # ~30 min on one busy CPU core
-    python scripts/paper_table.py --quick --out /tmp/paper    # seconds (what tests/test_evidence.py runs)
+    nice python -m benchmarks.paper_table --seeds 0 1 2          # ~30 min on one busy CPU core
+    python -m benchmarks.paper_table --quick --out /tmp/paper    # seconds (what tests/test_evidence.py runs)
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import torch
 
 import hf_hyperopt as hh
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sensitivity import Task, digits_task, git_commit  # noqa: E402
+from .provenance import git_commit
+from .tasks import Task, digits_task
 
 
 @dataclass(frozen=True)

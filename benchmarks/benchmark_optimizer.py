@@ -5,13 +5,13 @@ Usage::
     # The real run: a BERT built from the all-MiniLM-L6-v2 config (22.7M parameters), 2 torch threads.
     # Writes results/benchmark_optimizer.{csv,md}. Most of its time is the compat=gdtuo row, whose betas
     # are learned through forward-mode AD of the whole Adam rule (see the results for how slow that is).
-    HF_HUB_OFFLINE=1 python scripts/benchmark_optimizer.py
+    HF_HUB_OFFLINE=1 python -m benchmarks.benchmark_optimizer
 
     # An MLP 4096-4096-1024-10 (21.0M parameters) instead, as in the paper's MLP setting.
-    HF_HUB_OFFLINE=1 python scripts/benchmark_optimizer.py --model mlp
+    HF_HUB_OFFLINE=1 python -m benchmarks.benchmark_optimizer --model mlp
 
     # A one-minute smoke run on a tiny model (what tests/test_benchmark_optimizer.py runs).
-    HF_HUB_OFFLINE=1 python scripts/benchmark_optimizer.py --quick --output-dir /tmp/bench
+    HF_HUB_OFFLINE=1 python -m benchmarks.benchmark_optimizer --quick --output-dir /tmp/bench
 
 Two measurements, each a table of medians with ratios to ``torch.optim.AdamW(foreach=True)``:
 
@@ -47,7 +47,6 @@ Memory, all exact counts of tensor bytes (no RSS sampling):
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import gc
@@ -134,22 +133,27 @@ class Setup:
     notes: list[str] = field(default_factory=list)
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("bert", "mlp"), default="bert", help="model to benchmark on")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: bert 8, mlp 256)")
-    parser.add_argument("--seq-len", type=int, default=128, help="sequence length for --model bert")
-    parser.add_argument("--opt-reps", type=int, default=7, help="repetitions of the optimizer-step benchmark")
-    parser.add_argument("--train-reps", type=int, default=5, help="repetitions of the training-step benchmark")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method before timing")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads for the run (default 2; 1 with --quick)"
+@dataclass
+class BenchmarkOptimizerArguments:
+    model: str = field(default="bert", metadata={"help": "model to benchmark on", "choices": ["bert", "mlp"]})
+    batch_size: int | None = field(default=None, metadata={"help": "batch size (default: bert 8, mlp 256)"})
+    seq_len: int = field(default=128, metadata={"help": "sequence length for --model bert"})
+    opt_reps: int = field(default=7, metadata={"help": "repetitions of the optimizer-step benchmark"})
+    train_reps: int = field(default=5, metadata={"help": "repetitions of the training-step benchmark"})
+    warmup: int = field(default=2, metadata={"help": "untimed steps per method before timing"})
+    threads: int | None = field(
+        default=None, metadata={"help": "torch.set_num_threads for the run (default 2; 1 with --quick)"}
     )
-    parser.add_argument("--no-reference", action="store_true", help="skip the gdtuo reference implementation")
-    parser.add_argument("--quick", action="store_true", help="tiny model, 3 repetitions: a smoke run (~1 minute)")
-    parser.add_argument("--output-dir", default=str(REPO / "results"), help="where the CSV and Markdown go")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser
+    no_reference: bool = field(default=False, metadata={"help": "skip the gdtuo reference implementation"})
+    quick: bool = field(default=False, metadata={"help": "tiny model, 3 repetitions: a smoke run (~1 minute)"})
+    output_dir: str = field(default=str(REPO / "results"), metadata={"help": "where the CSV and Markdown go"})
+    seed: int = 0
+
+
+def make_parser():
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(BenchmarkOptimizerArguments, description=__doc__.split("\n\n")[0])
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -508,7 +512,7 @@ def write_outputs(out_dir: Path, opt_rows: list[dict], train_rows: list[dict], m
     md = [
         "# Optimizer benchmark",
         "",
-        "Written by `scripts/benchmark_optimizer.py`; medians, ratios to `torch.optim.AdamW(foreach=True)`.",
+        "Written by `benchmarks/benchmark_optimizer.py`; medians, ratios to `torch.optim.AdamW(foreach=True)`.",
         "",
         *(f"- {k}: {v}" for k, v in meta.items()),
         "",
@@ -526,7 +530,7 @@ def write_outputs(out_dir: Path, opt_rows: list[dict], train_rows: list[dict], m
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
-    args = make_parser().parse_args(argv)
+    (args,) = make_parser().parse_args_into_dataclasses(args=argv)
     for name in ("opt_reps", "train_reps", "threads", "seq_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
@@ -569,7 +573,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         else f"tiny {setup.model} (--quick), batch {setup.batch_size}"
     )
     meta = {
-        "command": "python scripts/benchmark_optimizer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.benchmark_optimizer " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": f"{describe}; {n_params:,} parameters (float32, {n_params * 4 / 2**20:.0f} MB)",
         "hf_hyperopt": provenance(),
         "repetitions": f"optimizer step {setup.opt_reps}, training step {setup.train_reps} (after {setup.warmup} warm-up)",

