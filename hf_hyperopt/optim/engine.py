@@ -44,6 +44,7 @@ from .distributed import (
     standalone,
     wrap_like,
 )
+from .ramp import RAMP_PROBE, advance_ramp, init_ramp, size_ramp, validate_ramp
 from .rollback import rollback_on_error
 
 SCOPES: tuple[str, ...] = ("shared", "group", "tensor")
@@ -131,24 +132,6 @@ def validate_trace(level: int, rule: type[Rule], trace: float) -> None:
             f"level 0 ({rule.name}): trace={trace!r} belongs to a level above the weights (it shapes the "
             "hypergradient that level learns from); move it to level 1"
         )
-
-
-def validate_ramp(level: int, rule: type[Rule], ramp: float) -> None:
-    """Raise ``ValueError`` unless ``ramp`` is in ``[0, 1)``, and non-zero only on level 1."""
-    if not (isinstance(ramp, (int, float)) and math.isfinite(ramp) and 0.0 <= ramp < 1.0):
-        raise ValueError(f"level {level} ({rule.name}): ramp={ramp!r} is outside [0, 1)")
-    if ramp and level != 1:
-        raise ValueError(
-            f"level {level} ({rule.name}): ramp={ramp!r} applies to the weights' learned lr, so it belongs "
-            "to level 1 (the level that learns it)"
-        )
-
-
-# The ramp's growth per agreeing step: a thousandfold in ten such steps.
-RAMP_GROWTH = 2.0
-RAMP_MAX = 1e12  # keeps the product with a learned lr (at most 1e6) finite in float32
-# The ramp's first step, as a fraction of lr: it only measures how far one step moves the weights.
-RAMP_PROBE = 1e-6
 
 
 def _aliases(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
@@ -253,7 +236,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             for name, v in values.items():
                 validate_value(k, cfg.rule, name, v)
             validate_trace(k, cfg.rule, cfg.trace)
-            validate_ramp(k, cfg.rule, cfg.ramp)
+            validate_ramp(k, cfg.rule.name, cfg.ramp)
             if cfg.normalize and k == 0:
                 raise ValueError(
                     f"level 0 ({cfg.rule.name}): normalize=true belongs to a level above the weights (it shapes "
@@ -433,9 +416,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         ts["step"] = [0] * n  # host-side counts: bias corrections need no device read
         ts["skipped"] = torch.zeros(max(n - 1, 1), dtype=torch.int64, device=device)
         if self._ramped():
-            ts["ramp"] = torch.tensor([RAMP_PROBE], dtype=dtype, device=device)
-            ts["ramp_sized"] = False
-            ts["ramp_active"] = torch.ones(1, dtype=torch.bool, device=device)
+            init_ramp(ts, dtype, device)
         ts["spec"] = self.spec
         ts["scope"] = self.scope
         ts["mode"] = self.mode
@@ -619,46 +600,22 @@ class TowerOptimizer(torch.optim.Optimizer):
         return hyper
 
     def _size_ramp(self, ts: dict) -> None:
-        """After the probe step: the factor at which one step moves the weights by ``ramp`` of their norm.
-
-        The probe's increment is the lr's tangent (the update is linear in the step size), so this
-        costs two norms, once; the answer is read on the host once, to know that it is set.
-        """
-        ww = torch.zeros(2, dtype=torch.float64, device=ts["ramp"].device)
+        """After the probe step: two norms, once (see :mod:`.ramp`)."""
+        sq = torch.zeros(2, dtype=torch.float64, device=ts["ramp"].device)
         for b in self._buckets:
-            ww[0] += _squared_norms(b.local).sum().to(ww.device, ww.dtype)
-            ww[1] += _squared_norms(b.views["lr"]).sum().to(ww.device, ww.dtype)
-        reduce_hypergradients(ww, self._sharding_group)
-        if not bool(ww[1] > 0):  # nothing moved (no gradient yet): probe again
-            return
-        ramp = ts["ramp"]
-        sized = self.levels[1].ramp * (ww[0] / ww[1]).sqrt() * ramp.double()
-        ramp.copy_(sized.clamp(max=1.0, min=torch.finfo(ramp.dtype).tiny).to(ramp.dtype))
-        ts["ramp_sized"] = True
+            sq[0] += _squared_norms(b.local).sum().to(sq.device, sq.dtype)
+            sq[1] += _squared_norms(b.views["lr"]).sum().to(sq.device, sq.dtype)
+        reduce_hypergradients(sq, self._sharding_group)
+        size_ramp(ts, self.levels[1].ramp, sq[0], sq[1])
 
     def _advance_ramp(self, ts: dict, h0: Tensor, units: int) -> Tensor | None:
-        """Double the ramp while the lr's hypergradient (summed over units) asks for a larger step.
-
-        Returns the coordinates of theta[0] that the level above leaves alone this step (the lr's,
-        while the ramp grows), or None without a ramp. The level above learns the lr only once the
-        search has ended, so the two never push the same way at once. Elementwise: no device read.
-        """
-        ramp = self._ramp_factor(ts)
-        if ramp is None:
+        """The coordinates of theta[0] the level above leaves alone this step (the lr's, while the ramp
+        searches), or None without a ramp."""
+        if self._ramp_factor(ts) is None:
             return None
         j = self._learn[0].index("lr")
-        h_lr = h0[j * units : (j + 1) * units].sum()
-        if not ts["ramp_sized"]:  # the probe step: nothing to decide yet
-            return torch.zeros_like(h0, dtype=torch.bool)
-        active = ts["ramp_active"]
-        more = torch.isfinite(h_lr) & (h_lr < 0)
-        grow, stop = active & more, active & ~more
-        back = ramp / math.sqrt(RAMP_GROWTH)
-        ramp.copy_(torch.where(grow, (ramp * RAMP_GROWTH).clamp_max(RAMP_MAX), torch.where(stop, back, ramp)))
-        searching = active.clone()  # the step that ends the search is the search's too
-        active &= more
         held = torch.zeros_like(h0, dtype=torch.bool)
-        held[j * units : (j + 1) * units] = searching
+        held[j * units : (j + 1) * units] = advance_ramp(ts, h0[j * units : (j + 1) * units].sum())
         return held
 
     def _guard(self, h: Tensor, ts: dict, k: int) -> Tensor:

@@ -5,7 +5,7 @@ size 1e-5. Each level is ``name`` or ``name(key=value, ...)``; keys are named as
 (``lr``, ``momentum``, ``nesterov``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``, and ``alpha`` for
 RMSProp's smoothing constant) plus ``learn=lr+beta1`` to choose what the level above learns and, on
 a level above the weights, ``trace=0.9`` for the decay of the tangent trace it learns from,
-``normalize=true`` to learn from its cosine and, on level 1, ``ramp=1e-3`` for a safe start of the
+``normalize=true`` to learn from the slope along the update and, on level 1, ``ramp=1e-3`` for a safe start of the
 weights' learned lr (see :class:`LevelConfig`).
 """
 
@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 
 from ..levels import RULES
-from .engine import LevelConfig, TowerOptimizer, validate_ramp, validate_trace, validate_value
+from .engine import LevelConfig, TowerOptimizer, validate_trace, validate_value
+from .ramp import validate_ramp
 
 _LEVEL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
@@ -73,7 +74,7 @@ def parse_spec(spec: str) -> list[LevelConfig]:
                 continue
             if key == "ramp":
                 ramp = _parse_value(key, raw, "unit", name, spec)
-                validate_ramp(k, rule, ramp)
+                validate_ramp(k, rule.name, ramp)
                 continue
             values[key] = _parse_value(key, raw, rule.hyperparameters[key].kind, name, spec)
             validate_value(k, rule, key, values[key])
@@ -126,7 +127,7 @@ def started_spec(tower: TowerOptimizer) -> str:
 
     :attr:`TowerOptimizer.spec` leaves out values equal to ``torch.optim``'s defaults (it is the
     tower's identity in checkpoints); a reader of a model card or a plot legend wants them all, e.g.
-    ``adam(lr=0.001,beta1=0.9,beta2=0.999,eps=1e-08,weight_decay=0.0,learn=lr)/adam(lr=0.05)``.
+    ``adam(lr=0.001,beta1=0.9,beta2=0.999,eps=1e-08,weight_decay=0.0,learn=lr)/adam(lr=0.05,normalize=true)``.
     The levels above the weights are written as given.
     """
     bottom, *above = tower.levels

@@ -77,7 +77,7 @@ class HyperTrainingArguments(TrainingArguments):
 
         <weight level from the usual arguments>/<hyper_tower>
 
-    e.g. ``adam(lr=5e-05,beta1=0.9,beta2=0.999,eps=1e-08,learn=lr)/adam(lr=0.05)``. The weight level takes
+    e.g. ``adam(lr=5e-05,beta1=0.9,beta2=0.999,eps=1e-08,learn=lr)/adam(lr=0.05,normalize=true)``. The weight level takes
     ``learning_rate -> lr``, ``adam_beta1/adam_beta2 -> beta1/beta2`` and ``adam_epsilon -> eps``
     (Adam, AdamW), ``weight_decay`` for the decay param group (biases and norms get 0, as in
     ``Trainer``), and the rest through ``optim_args`` as ``transformers`` does: SGD's
@@ -88,9 +88,10 @@ class HyperTrainingArguments(TrainingArguments):
     - ``optim="hyper_adamw"``: the ``Trainer``'s default algorithm (AdamW), with its step size learned.
       Any standard ``OptimizerNames`` value still works and then nothing is learned.
     - ``hyper_tower=None`` resolves to ``hf_hyperopt.DEFAULT_HYPER["default"]``: an Adam level that
-      learns ``log(lr)`` with normalised steps, so the step size moves by a fixed fraction per step
-      whatever its scale and one setting recovers from an initial ``learning_rate`` that is orders of
-      magnitude off. The paper's ``sgd(lr=1e-5)`` barely moves a ``Trainer``'s step size.
+      learns ``log(lr)`` from the slope of the loss along the last update (``normalize=true``), so
+      the step size moves by a bounded fraction per step whatever its scale and one setting recovers
+      from an initial ``learning_rate`` that is orders of magnitude off. The paper's ``sgd(lr=1e-5)``
+      barely moves a ``Trainer``'s step size.
     - ``hyper_learn=None`` resolves to ``"lr"`` and ``hyper_scope=None`` to ``"shared"``: the cheapest
       of the settings that ``python -m benchmarks.benchmark_trainer --sweep`` measured equally robust
       to the initial learning rate (``results/README.md``). ``shared`` learns one scalar and logs one
@@ -258,7 +259,9 @@ class HyperSettings:
                 ``weight_decay``), or a ``tower`` that does not parse.
         """
         if self.optim not in HYPER_OPTIMIZERS:
-            raise ValueError(f"--optim {self.optim!r} is not a tower optimizer; choose one of {', '.join(HYPER_OPTIMIZERS)}")
+            raise ValueError(
+                f"--optim {self.optim!r} is not a tower optimizer; choose one of {', '.join(HYPER_OPTIMIZERS)}"
+            )
         scope = "shared" if self.scope is None else self.scope
         if scope not in SCOPES:
             raise ValueError(f"--hyper_scope {scope!r} is not one of {', '.join(SCOPES)}")
