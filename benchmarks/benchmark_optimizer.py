@@ -81,6 +81,8 @@ OPT_METHODS: dict[str, tuple[str, str | None]] = {
     "D-Adaptation Adam": ("peer.dadapt_adam", None),
     "adam (height 0)": ("adam(lr=0.001)", None),
     "hyper_adam default: adam/adam": ("adam(lr=0.001)/" + hh.DEFAULT_HYPER["default"], None),
+    "adam/adam, one-step h (0.1.0 default)": ("adam(lr=0.001)/adam(lr=0.05)", None),
+    "adam/adam, trace=0.9": ("adam(lr=0.001)/adam(lr=0.05,normalize=true,trace=0.9)", None),
     "adam/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)", None),
     "adam/sgd/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)/sgd(lr=0.001)", None),
     "adam/sgd/sgd/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)/sgd(lr=0.001)/sgd(lr=0.001)", None),

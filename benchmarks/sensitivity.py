@@ -182,8 +182,17 @@ METHOD_SETS = {
         "hyper_adam/adam(0.05)/adam/adam",
     ],
     "tower_sweep": ["adamw", *TOWERS],
-    "quick": ["adamw", "adamw_linear", "schedule_free", "prodigy", "dadapt_adam", "mechanic", "dog", "gdtuo_adam_sgd",
-              "hyper_adam"],  # fmt: skip
+    "quick": [
+        "adamw",
+        "adamw_linear",
+        "schedule_free",
+        "prodigy",
+        "dadapt_adam",
+        "mechanic",
+        "dog",
+        "gdtuo_adam_sgd",
+        "hyper_adam",
+    ],  # fmt: skip
 }
 
 # ---------------------------------------------------------------------------------------------------

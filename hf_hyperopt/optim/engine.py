@@ -561,13 +561,13 @@ class TowerOptimizer(torch.optim.Optimizer):
         for b in self._buckets:
             grads = [local_tensor(p.grad) for p in b.params]
             for j, name in enumerate(self._learn[0]):
-                if keep or normalize:
+                if normalize:
+                    zsq = _squared_norms(b.views[name])
+                    zz0.index_add_(0, b.unit_index.to(theta0.device) + j * units, zsq.to(theta0.device, theta0.dtype))
+                if keep:
                     # Dot products leave the tangent as it is: a trace lives on across steps.
                     sums = torch.stack([_dot(z, g) for z, g in zip(b.views[name], grads, strict=True)])
                     ids = b.unit_index
-                    if normalize:
-                        zsq = _squared_norms(b.views[name])
-                        zz0.index_add_(0, ids.to(theta0.device) + j * units, zsq.to(theta0.device, theta0.dtype))
                 else:
                     torch._foreach_mul_(b.views[name], grads)
                     sums = b.unit_sums(b.flat[name], theta0.dtype, self.scope == "tensor")
