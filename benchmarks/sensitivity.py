@@ -234,7 +234,14 @@ def _loop(task: Task, model: nn.Module, seed: int, opt, sched) -> dict:
             break
         losses.append(loss.item())
         loss.backward()
-        opt.step()
+        try:
+            opt.step()
+        except (AssertionError, RuntimeError, ValueError) as e:
+            # A peer that gives up on non-finite statistics (DoG asserts) has diverged: record it as such
+            # instead of losing the whole sweep.
+            print(f"  {type(opt).__name__} stopped at step {len(losses)}: {type(e).__name__}: {e}", file=sys.stderr)
+            losses.append(float("inf"))
+            break
         if sched is not None:
             sched.step()
         opt.zero_grad(set_to_none=True)
