@@ -166,33 +166,27 @@ def methods_registry() -> dict[str, Method]:
     return out
 
 
+# The peers and the default tower: the quick smoke set; "all" adds the towers of other heights.
+_PEERS_AND_DEFAULT = [
+    "adamw",
+    "adamw_linear",
+    "schedule_free",
+    "prodigy",
+    "dadapt_adam",
+    "mechanic",
+    "dog",
+    "gdtuo_adam_sgd",
+    "hyper_adam",
+]
 METHOD_SETS = {
     "all": [
-        "adamw",
-        "adamw_linear",
-        "schedule_free",
-        "prodigy",
-        "dadapt_adam",
-        "mechanic",
-        "dog",
-        "gdtuo_adam_sgd",
-        "hyper_adam",
+        *_PEERS_AND_DEFAULT,
         "hyper_adam/adam(0.01)",
         "hyper_adam/adam(0.05)/adam(0.01)",
         "hyper_adam/adam(0.05)/adam/adam",
     ],
     "tower_sweep": ["adamw", *TOWERS],
-    "quick": [
-        "adamw",
-        "adamw_linear",
-        "schedule_free",
-        "prodigy",
-        "dadapt_adam",
-        "mechanic",
-        "dog",
-        "gdtuo_adam_sgd",
-        "hyper_adam",
-    ],  # fmt: skip
+    "quick": _PEERS_AND_DEFAULT,
 }
 
 # ---------------------------------------------------------------------------------------------------

@@ -90,9 +90,14 @@ def test_trace_on_a_level_above_the_first(float64, make_mlp, batches):
         ("adam/adam(trace=1.0)", r"level 1 \(adam\): trace=1.0 is outside \[0, 1\)"),
         ("adam/adam(trace=-0.1)", r"trace=-0.1 is outside \[0, 1\)"),
         ("adam/adam(trace=x)", r"trace='x' for adam in 'adam/adam\(trace=x\)' is not a number"),
+        ("adam/adam/adam(ramp=0.5)", r"level 2 \(adam\): ramp=0.5 applies to the weights' learned lr"),
+        ("adam/adam(ramp=1.0)", r"ramp=1.0 is outside \[0, 1\)"),
+        ("adam(learn=beta1)/adam(ramp=0.1)", r"ramp=0.1 ramps the weights' learned lr, but level 0 learns beta1"),
+        ("adam(normalize=true)/adam", r"level 0 \(adam\): normalize=true belongs to a level above the weights"),
+        ("adam/adam(normalize=maybe)", r"normalize='maybe' for adam .* is not a boolean"),
     ],
 )
-def test_bad_trace_is_refused_with_the_value(spec, match):
+def test_bad_level_option_is_refused_with_the_value(spec, match):
     with pytest.raises(ValueError, match=match):
         hh.tower([torch.zeros(2, requires_grad=True)], spec)
 
@@ -178,21 +183,6 @@ def test_ramp_survives_a_checkpoint(make_mlp, batches):
     other = hh.tower(make_mlp().parameters(), "adam(lr=0.01)/adam(lr=0.05,ramp=0.001)")
     other.load_state_dict(opt.state_dict())
     assert other.hyperparameters() == opt.hyperparameters()
-
-
-@pytest.mark.parametrize(
-    ("spec", "match"),
-    [
-        ("adam/adam/adam(ramp=0.5)", r"level 2 \(adam\): ramp=0.5 applies to the weights' learned lr"),
-        ("adam/adam(ramp=1.0)", r"ramp=1.0 is outside \[0, 1\)"),
-        ("adam(learn=beta1)/adam(ramp=0.1)", r"ramp=0.1 ramps the weights' learned lr, but level 0 learns beta1"),
-        ("adam(normalize=true)/adam", r"level 0 \(adam\): normalize=true belongs to a level above the weights"),
-        ("adam/adam(normalize=maybe)", r"normalize='maybe' for adam .* is not a boolean"),
-    ],
-)
-def test_bad_ramp_or_normalize_is_refused(spec, match):
-    with pytest.raises(ValueError, match=match):
-        hh.tower([torch.zeros(2, requires_grad=True)], spec)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), 0.0, -1.0])
