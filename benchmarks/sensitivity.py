@@ -154,6 +154,9 @@ TOWERS: dict[str, str] = {
     "hyper_adam/adam(0.05)/adam(0.01)": "adam(lr=0.05)/adam(lr=0.01)",
     "hyper_adam/adam(0.02)/adam/adam": "adam(lr=0.02)/adam(lr=0.01)/adam(lr=0.01)",
     "hyper_adam/adam(0.05)/adam/adam": "adam(lr=0.05)/adam(lr=0.01)/adam(lr=0.01)",
+    # the default with the level options that are off by default
+    "hyper_adam+ramp": "adam(lr=0.05,normalize=true,ramp=0.001)",
+    "hyper_adam+trace": "adam(lr=0.05,normalize=true,trace=0.9)",
 }
 
 
