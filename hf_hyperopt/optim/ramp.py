@@ -3,9 +3,12 @@
 ``ramp=tau`` on level 1 (see :class:`~hf_hyperopt.optim.engine.LevelConfig`). The first step is a probe
 at ``RAMP_PROBE * lr``; from the probe's increment (the lr's tangent: the update is linear in the
 step size) the factor on the learned lr is set where one step moves the weights by ``tau`` of their
-norm, at most 1. While the lr's hypergradient asks for a larger step, the factor doubles; at the first
-step that does not, it steps back by ``sqrt(RAMP_GROWTH)`` (between the last size that helped and the
-first that did not) and the search ends. The level above leaves the lr alone for the whole search.
+norm, at most 1. While the lr's hypergradient asks for a larger step, the factor doubles, up to 1 (the
+initial lr); at the first step that does not, it steps back by ``sqrt(RAMP_GROWTH)`` (between the last
+size that helped and the first that did not) and the search ends, as it does on reaching 1. The level
+above leaves the lr alone for the whole search. The search never goes above the initial lr: the
+one-step hypergradient of a model trained from scratch keeps asking for more well past the best step
+size, so an open-ended search would overshoot there.
 
 State, in the tower state: ``ramp`` (the factor, a 1-element tensor), ``ramp_sized`` (host bool) and
 ``ramp_active`` (a 1-element bool tensor, so that the search needs no device read).
@@ -20,8 +23,6 @@ from torch import Tensor
 
 # Growth per agreeing step: a thousandfold in ten such steps.
 RAMP_GROWTH = 2.0
-# Keeps the product with a learned lr (at most 1e6) finite in float32.
-RAMP_MAX = 1e12
 # The probe step, as a fraction of lr: it only measures how far one step moves the weights.
 RAMP_PROBE = 1e-6
 
@@ -56,6 +57,7 @@ def size_ramp(ts: dict, tau: float, weights_sq: Tensor, probe_sq: Tensor) -> Non
     sized = tau * (weights_sq / probe_sq).sqrt() * ramp.double()
     ramp.copy_(sized.clamp(max=1.0, min=torch.finfo(ramp.dtype).tiny).to(ramp.dtype))
     ts["ramp_sized"] = True
+    ts["ramp_active"] &= ramp < 1.0  # a start at the initial lr has nothing to search
 
 
 def advance_ramp(ts: dict, h_lr: Tensor) -> Tensor:
@@ -69,7 +71,7 @@ def advance_ramp(ts: dict, h_lr: Tensor) -> Tensor:
     more = torch.isfinite(h_lr) & (h_lr < 0)
     grow, stop = active & more, active & ~more
     back = ramp / math.sqrt(RAMP_GROWTH)
-    ramp.copy_(torch.where(grow, (ramp * RAMP_GROWTH).clamp_max(RAMP_MAX), torch.where(stop, back, ramp)))
+    ramp.copy_(torch.where(grow, (ramp * RAMP_GROWTH).clamp_max(1.0), torch.where(stop, back, ramp)))
     searching = active.clone()  # the step that ends the search is the search's too
-    active &= more
+    active &= more & (ramp < 1.0)
     return searching
