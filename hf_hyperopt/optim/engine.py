@@ -71,15 +71,13 @@ class LevelConfig:
             adaptive level above would remember the hypergradients of a large step size long after it
             has come down. The slope keeps its size whatever the step size, and still shrinks as the
             gradients do when training converges.
-        ramp: for the level above the weights, a search for the scale of the weights' learned ``lr``
-            before the level above learns it. The first step is a probe at a millionth of ``lr``; from
-            it the effective step size starts where one step changes the weights by ``ramp`` of their
-            norm (or at ``lr``, if that is smaller), doubles at every step whose hypergradient asks for
-            a larger one, and at the first step that does not, steps back by sqrt(2) (between the last
-            size that helped and the first that did not) and hands over to the level above, which
-            leaves the lr alone until then. ``0`` (no ramp) is the paper's start. The search keeps a
-            too-large ``lr`` from wrecking pretrained weights and lifts a too-small one in a few
-            steps instead of hundreds.
+        ramp: for the level above the weights, safe first steps for the weights' learned ``lr``: a
+            probe step at a millionth of ``lr``, then the effective step size starts where one step
+            changes the weights by ``ramp`` of their norm (or at ``lr``, if that is smaller) and
+            doubles while the hypergradient asks for a larger one, up to ``lr``; at the first step
+            that does not, it steps back by sqrt(2). The level above leaves the lr alone until then
+            (:mod:`.ramp`). ``0`` (no ramp) is the paper's start. It keeps a too-large initial ``lr``
+            from wrecking pretrained weights before the tower can react.
     """
 
     rule: type[Rule]
