@@ -364,7 +364,11 @@ def _source(data_args: DataArguments, split: str) -> str:
 
 
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+    return (
+        value is None
+        or (isinstance(value, float) and math.isnan(value))
+        or (isinstance(value, str) and not value.strip())
+    )
 
 
 def check_cells(data_args: DataArguments, raw, columns: list[str]) -> None:

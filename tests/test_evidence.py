@@ -117,9 +117,7 @@ def test_sensitivity_rejects_unknown_method_before_training():
         sensitivity.resolve_methods(["adamw", "adamx"])
 
 
-@pytest.mark.skipif(
-    not (DATA / "shakespeare_lm" / "train.txt").exists(), reason="data/shakespeare_lm not built"
-)
+@pytest.mark.skipif(not (DATA / "shakespeare_lm" / "train.txt").exists(), reason="data/shakespeare_lm not built")
 def test_sensitivity_quick_gpt2_reports_perplexity_and_skips_reference(tmp_path):
     args = sensitivity.SensitivityArguments(
         task="gpt2", methods=["adamw", "gdtuo_adam_sgd", "hyper_adam"], quick=True, out=str(tmp_path)

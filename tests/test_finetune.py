@@ -352,7 +352,12 @@ BAD_DATA = {
         "label(s) 'history' never occur in the train split, whose labels are 'comedy', 'tragedy'",
     ),
     "--max_train_samples 0": (TRAIN, TRAIN, ["--max_train_samples", "0"], "--max_train_samples 0: give a positive"),
-    "a head for 3 labels, data with 2": (TRAIN, TRAIN, ["HEAD3"], "has a classification head for 3 labels, the data has 2"),
+    "a head for 3 labels, data with 2": (
+        TRAIN,
+        TRAIN,
+        ["HEAD3"],
+        "has a classification head for 3 labels, the data has 2",
+    ),
 }
 
 

@@ -37,7 +37,9 @@ def _env() -> dict[str, str]:
 def run(cmd: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=400)
     if ok and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -52,10 +54,24 @@ def logged(out: Path) -> list[dict]:
 # ------------------------------------------------------------------ the command line
 def test_split_argv_takes_only_the_launchers_flags():
     settings, rest, explicit = split_argv(
-        ["--output_dir", "o", "--optim=hyper_sgd", "--hyper-tower", "adam(lr=0.01)", "--hyper_scope", "group",
-         "--learning_rate", "0.1"]  # fmt: skip
+        [
+            "--output_dir",
+            "o",
+            "--optim=hyper_sgd",
+            "--hyper-tower",
+            "adam(lr=0.01)",
+            "--hyper_scope",
+            "group",
+            "--learning_rate",
+            "0.1",
+        ]  # fmt: skip
     )
-    assert (settings.optim, settings.tower, settings.learn, settings.scope) == ("hyper_sgd", "adam(lr=0.01)", "lr", "group")
+    assert (settings.optim, settings.tower, settings.learn, settings.scope) == (
+        "hyper_sgd",
+        "adam(lr=0.01)",
+        "lr",
+        "group",
+    )
     assert rest == ["--output_dir", "o", "--learning_rate", "0.1"] and not explicit
     assert split_argv(["--optim", "adamw_torch", "--lr_scheduler_type=cosine"]) == (
         None, ["--optim", "adamw_torch", "--lr_scheduler_type=cosine"], True)  # fmt: skip

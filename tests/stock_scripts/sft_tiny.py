@@ -37,8 +37,15 @@ def main() -> None:
     tokenizer = make_tokenizer()
     torch.manual_seed(config.seed)
     model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=16,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=make_dataset(), processing_class=tokenizer)
     trainer.train()
