@@ -102,6 +102,14 @@ def test_bad_level_option_is_refused_with_the_value(spec, match):
         hh.tower([torch.zeros(2, requires_grad=True)], spec)
 
 
+def test_level_options_in_a_hyper_spec_belong_to_the_levels_above():
+    """``hyper=`` is parsed on its own, so its first level is level 1 of the tower: the options are accepted there."""
+    opt = hh.HyperAdam([torch.zeros(2, requires_grad=True)], hyper="adam(lr=0.05,normalize=true,trace=0.9,ramp=0.001)")
+    assert opt.spec == "adam/adam(lr=0.05,trace=0.9,ramp=0.001,normalize=true)"
+    with pytest.raises(ValueError, match=r"level 2 \(sgd\): ramp=0.5 applies to the weights' learned lr"):
+        hh.HyperAdam([torch.zeros(2, requires_grad=True)], hyper="adam/sgd(ramp=0.5)")
+
+
 def test_trace_round_trips_through_the_spec():
     opt = hh.tower([torch.zeros(2, requires_grad=True)], "adam(lr=0.001)/adam(lr=0.05,trace=0.9)")
     assert opt.spec == "adam(lr=0.001)/adam(lr=0.05,trace=0.9)"

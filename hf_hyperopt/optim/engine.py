@@ -121,15 +121,28 @@ def validate_value(level: int, rule: type[Rule], name: str, value: float) -> Non
         raise ValueError(f"level {level} ({rule.name}): {name}={value!r} is outside [0, 1)")
 
 
-def validate_trace(level: int, rule: type[Rule], trace: float) -> None:
-    """Raise ``ValueError`` unless ``trace`` is a decay in ``[0, 1)`` on a level above the weights."""
+def validate_level_options(
+    level: int, name: str, trace: float, ramp: float, normalize: bool, *, placed: bool = True
+) -> None:
+    """Raise ``ValueError`` for a level option out of range or on a level where it means nothing.
+
+    ``trace`` (a decay in ``[0, 1)``) and ``normalize`` shape the hypergradient a level learns from,
+    so they belong to a level above the weights; ``ramp`` is checked by :func:`.ramp.validate_ramp`.
+    The spec parser checks the ranges (``placed=False``: a ``hyper=`` spec is parsed on its own, so
+    its first level is not the weights'); the tower's constructor, which knows each level's place,
+    checks both.
+    """
     if not (isinstance(trace, (int, float)) and math.isfinite(trace) and 0.0 <= trace < 1.0):
-        raise ValueError(f"level {level} ({rule.name}): trace={trace!r} is outside [0, 1)")
-    if trace and level == 0:
-        raise ValueError(
-            f"level 0 ({rule.name}): trace={trace!r} belongs to a level above the weights (it shapes the "
-            "hypergradient that level learns from); move it to level 1"
-        )
+        raise ValueError(f"level {level} ({name}): trace={trace!r} is outside [0, 1)")
+    if placed and level == 0:
+        for key, value in (("trace", trace), ("normalize", normalize)):
+            if value:
+                shown = "true" if value is True else repr(value)
+                raise ValueError(
+                    f"level 0 ({name}): {key}={shown} belongs to a level above the weights (it shapes the "
+                    "hypergradient that level learns from); move it to level 1"
+                )
+    validate_ramp(level, name, ramp, placed=placed)
 
 
 def _aliases(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
@@ -233,13 +246,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             values = cfg.full_values()
             for name, v in values.items():
                 validate_value(k, cfg.rule, name, v)
-            validate_trace(k, cfg.rule, cfg.trace)
-            validate_ramp(k, cfg.rule.name, cfg.ramp)
-            if cfg.normalize and k == 0:
-                raise ValueError(
-                    f"level 0 ({cfg.rule.name}): normalize=true belongs to a level above the weights (it shapes "
-                    "the hypergradient that level learns from); move it to level 1"
-                )
+            validate_level_options(k, cfg.rule.name, cfg.trace, cfg.ramp, cfg.normalize)
             self._learn.append(self._resolve_learn(k, cfg, values))
             options: dict[str, bool] = {"nesterov": bool(values.get("nesterov", 0.0))}
             if "momentum" in self._learn[k]:
@@ -553,7 +560,6 @@ class TowerOptimizer(torch.optim.Optimizer):
         h0 = torch.zeros_like(theta0)
         keep = bool(self.levels[1].trace)
         normalize = self.levels[1].normalize
-        held = None
         if normalize:
             zz0 = torch.zeros_like(theta0)
         for b in self._buckets:
@@ -571,17 +577,16 @@ class TowerOptimizer(torch.optim.Optimizer):
                     sums = b.unit_sums(b.flat[name], theta0.dtype, self.scope == "tensor")
                     ids = b.unit_index if self.scope == "tensor" else b.unit_ids
                 h0.index_add_(0, ids.to(theta0.device) + j * units, sums.to(theta0.device, theta0.dtype))
-        if normalize:
+        if normalize:  # one reduction for both sums
             both = torch.cat([h0, zz0])
             reduce_hypergradients(both, self._sharding_group)
             h0, zz0 = both.split([h0.numel(), zz0.numel()])
-            held = self._advance_ramp(ts, h0, units)
-            raw = h0
-            h0 = _per_length(h0, zz0)
         else:
             reduce_hypergradients(h0, self._sharding_group)
-            held = self._advance_ramp(ts, h0, units)
-            raw = h0
+        held = self._advance_ramp(ts, h0, units)
+        raw = h0  # the true hypergradient: what the levels above chain through
+        if normalize:
+            h0 = _per_length(h0, zz0)
         self._nonfinite = {}
         hyper.append(self._guard(h0, ts, 0))
         if held is not None:

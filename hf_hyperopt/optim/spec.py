@@ -14,8 +14,7 @@ from __future__ import annotations
 import re
 
 from ..levels import RULES
-from .engine import LevelConfig, TowerOptimizer, validate_trace, validate_value
-from .ramp import validate_ramp
+from .engine import LevelConfig, TowerOptimizer, validate_level_options, validate_value
 
 _LEVEL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
@@ -67,17 +66,16 @@ def parse_spec(spec: str) -> list[LevelConfig]:
                 continue
             if key == "trace":
                 trace = _parse_value(key, raw, "unit", name, spec)
-                validate_trace(k, rule, trace)
                 continue
             if key == "normalize":
                 normalize = bool(_parse_value(key, raw, "flag", name, spec))
                 continue
             if key == "ramp":
                 ramp = _parse_value(key, raw, "unit", name, spec)
-                validate_ramp(k, rule.name, ramp)
                 continue
             values[key] = _parse_value(key, raw, rule.hyperparameters[key].kind, name, spec)
             validate_value(k, rule, key, values[key])
+        validate_level_options(k, name, trace, ramp, normalize, placed=False)
         levels.append(LevelConfig(rule, values, learn, trace, ramp, normalize))
     return levels
 
