@@ -942,38 +942,28 @@ def _apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None, 
         if d_decay is not None:
             decay_term = torch._foreach_mul(params, scalars(d_decay))
         torch._foreach_mul_(params, scalars(decay))
-    if trace:
-        # The direction is in a temporary: scale it into the increment, apply it, and add its
-        # tangent (d_scale / scale times the increment) to the decayed trace.
-        torch._foreach_mul_(direction, scalars(scale))
-        torch._foreach_add_(params, direction)
-        torch._foreach_mul_(tangent, trace)
-        if d_scale is not None:
-            ratio = _ratio(d_scale, scale)
-            if ratio is None:
-                torch._foreach_mul_(direction, scalars(d_scale / scale))
-            elif any(r != 1.0 for r in ratio):
-                torch._foreach_mul_(direction, ratio)
-            torch._foreach_add_(tangent, direction)
-        if decay_term is not None:
-            torch._foreach_add_(tangent, decay_term)
-        return
-    if direction is not tangent:
-        torch._foreach_copy_(tangent, direction)
+    # This step's tangent is built in `step_tangent`: the tangent buffer itself, or, when the buffer
+    # holds a trace, the temporary the direction was built in.
+    step_tangent = direction if trace else tangent
+    if step_tangent is not direction:
+        torch._foreach_copy_(step_tangent, direction)
     ratio = _ratio(d_scale, scale)
     if ratio is not None:
-        torch._foreach_mul_(tangent, scalars(scale))
-        torch._foreach_add_(params, tangent)
+        torch._foreach_mul_(step_tangent, scalars(scale))
+        torch._foreach_add_(params, step_tangent)
         if any(r != 1.0 for r in ratio):
-            torch._foreach_mul_(tangent, ratio)
+            torch._foreach_mul_(step_tangent, ratio)
     else:
-        torch._foreach_add_(params, torch._foreach_mul(tangent, scalars(scale)))
+        torch._foreach_add_(params, torch._foreach_mul(step_tangent, scalars(scale)))
         if d_scale is None:
-            torch._foreach_zero_(tangent)
+            torch._foreach_zero_(step_tangent)
         else:
-            torch._foreach_mul_(tangent, scalars(d_scale))
+            torch._foreach_mul_(step_tangent, scalars(d_scale))
     if decay_term is not None:
-        torch._foreach_add_(tangent, decay_term)
+        torch._foreach_add_(step_tangent, decay_term)
+    if trace:
+        torch._foreach_mul_(tangent, trace)
+        torch._foreach_add_(tangent, step_tangent)
 
 
 def _per_length(h: Tensor, norms_sq: Tensor) -> Tensor:
