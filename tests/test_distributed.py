@@ -264,6 +264,35 @@ def test_tower_survives_the_distributed_checkpoint_state_dict_api():
     assert opt2.hyperparameters() == expected
 
 
+def test_dcp_checkpoint_with_one_step_count_loads(tmp_path):
+    """A DCP checkpoint written when the tower kept one step count loads into the template of a fresh
+    optimizer (what Accelerate does): DCP refuses a template key the checkpoint lacks, so the per-tensor
+    counts live under the tower's existing ``step`` key rather than in new ``state[i]["step"]`` keys."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    model, data = _tiny()
+    opt = hh.tower(model.parameters(), ADAM2)
+    _train(model, opt, data[:3])
+    sd = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = sd["param_groups"][0]["hyper_tower"]["state"]["step"]
+    assert steps == [[3] * 4, 3]
+    steps[0] = 3  # the old layout
+    dcp.save({"optim": sd}, checkpoint_id=tmp_path)
+    _train(model, opt, data[3:])
+
+    model2, _ = _tiny()
+    model2.load_state_dict(saved_model)
+    opt2 = hh.tower(model2.parameters(), ADAM2)
+    template = {"optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(template, checkpoint_id=tmp_path)
+    set_optimizer_state_dict(model2, opt2, template["optim"])
+    assert opt2._tower_state["step"] == [[3] * 4, 3]
+    _train(model2, opt2, data[3:])
+    assert opt2.hyperparameters() == opt.hyperparameters()
+
+
 def test_state_dict_without_a_tower_anywhere_is_refused():
     model, data = _tiny()
     opt = hh.tower(model.parameters(), ADAM2)

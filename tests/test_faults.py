@@ -77,6 +77,16 @@ def _fewer_params(sd, make_mlp, batches):
     return sd
 
 
+def _steps(level0, *upper):
+    """A fault that replaces the saved step counts."""
+
+    def apply(sd, *_):
+        sd["tower"]["state"]["step"] = [level0, *upper]
+        return sd
+
+    return apply
+
+
 # fault -> (how the saved state dict is damaged, what the error says)
 STATE_DICT_FAULTS = {
     "from a model with other shapes": (_other_shapes, "has shape"),
@@ -86,6 +96,9 @@ STATE_DICT_FAULTS = {
     "nan weight state": (lambda sd, *_: _set("state.0.exp_avg_sq", math.nan)(sd), "state 'exp_avg_sq' of parameter 0"),
     "inf tangent": (lambda sd, *_: _set("state.1.hypertangent_lr", math.inf)(sd), "hypertangent_lr"),
     "more learned values than the tower has": (_more_learned_values, "holds 2 learned value(s), this tower learns 1"),
+    "step counts for fewer parameters": (_steps([2, 2, 2], 2), "hold 3 entries, one per parameter"),
+    "negative step count": (_steps([2, 2, -1, 2], 2), "step count of parameter 2 is -1"),
+    "fractional step count": (_steps([2, 2, 2, 2], 2.5), "step count of level 1 is 2.5, not a whole number"),
 }
 
 
@@ -152,7 +165,7 @@ def test_a_step_that_raises_leaves_the_tower_as_it_was(make_mlp, batches, monkey
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
     monkeypatch.undo()
     opt.step()  # and it steps normally afterwards
-    assert opt._tower_state["step"] == [s + 1 for s in steps]
+    assert opt._tower_state["step"] == [[s + 1 for s in steps[0]], *[s + 1 for s in steps[1:]]]
 
 
 def _nan_grad(model, x, y, value):

@@ -7,10 +7,13 @@ import math
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.func import functional_call
 
 import hf_hyperopt as hh
+from hf_hyperopt.levels import AdamRule
+from hf_hyperopt.levels.base import Hyper
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -150,3 +153,37 @@ def test_one_tangent_buffer_per_learned_weight_level_hyperparameter(build, names
         # Nothing else parameter-sized beyond the algorithm's own buffers.
         others = set(opt.state[p]) - tangents
         assert others <= {"exp_avg", "exp_avg_sq", "momentum_buffer", "square_avg", "sum"}
+
+
+def test_adam_rule_with_one_step_count_per_tensor_is_the_rule_run_per_tensor(float64):
+    """The weight level hands the rule one step count per tensor when its tensors have taken different
+    numbers of steps; the bias corrections, and the tangents in beta1 and beta2 that they feed, must then
+    be those of each tensor stepped alone with its own count."""
+    g = torch.Generator().manual_seed(0)
+    params, grads, m = ([torch.randn(3, 2, generator=g) for _ in range(3)] for _ in range(3))
+    v = [torch.rand(3, 2, generator=g) for _ in range(3)]
+    counts = [1, 4, 7]
+
+    def step(idx: list[int], count, learned: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(idx)
+        values = {"lr": 0.01, "beta1": 0.8, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.0}
+        with fwAD.dual_level():
+            hp = {k: torch.full((n,), x) for k, x in values.items()}
+            hp[learned] = fwAD.make_dual(hp[learned], torch.ones(n))
+            p = [params[i] for i in idx]
+            state = {"exp_avg": [m[i].clone() for i in idx], "exp_avg_sq": [v[i].clone() for i in idx]}
+            work = {"direction": [torch.empty_like(t) for t in p]}
+            out = AdamRule().update(
+                p, [grads[i] for i in idx], state, work, Hyper(hp, frozenset({"weight_decay"})), count
+            )
+            new = [q + d * s for q, d, s in zip(p, out.direction, out.scale.unbind(0), strict=True)]
+            return [(fwAD.unpack_dual(t).primal, fwAD.unpack_dual(t).tangent) for t in new]
+
+    for learned in ("beta1", "beta2"):
+        together = step([0, 1, 2], torch.tensor(counts, dtype=torch.float64), learned)
+        alone = [step([i], c, learned)[0] for i, c in enumerate(counts)]
+        for (w, dw), (w1, dw1) in zip(together, alone, strict=True):
+            torch.testing.assert_close(w, w1, rtol=1e-14, atol=0)
+            torch.testing.assert_close(dw, dw1, rtol=1e-12, atol=0)
+        # One count for all would not do: the bias correction of step 1 is not that of step 7.
+        assert not torch.allclose(step([2], 1, learned)[0][1], alone[2][1])

@@ -6,11 +6,14 @@ float32 on the CPU, as a Trainer checkpoint would be: ``state_dict`` -> ``torch.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import hf_hyperopt as hh
+from hf_hyperopt.optim.distributed import TOWER_GROUP_KEY
 
 STEPS, STOP = 12, 5
 
@@ -92,3 +95,50 @@ def test_resume_continues_momentum_of_upper_levels(tmp_path, make_mlp, batches):
     fresh.load_state_dict(loaded)
     assert fresh.hyperparameters() == opt.hyperparameters()
     assert torch.equal(fresh.state_dict()["tower"]["state"]["upper_state"][0]["exp_avg"], upper["exp_avg"])
+
+
+def test_checkpoint_with_one_step_count_loads_and_resumes(tmp_path, make_mlp, batches):
+    """A checkpoint written before the weight level counted steps per tensor (one count for the tower).
+
+    Each tensor with saved state takes the old count; one without state (no gradient yet) takes 0, as in
+    ``torch.optim``. Here every tensor but ``extra`` had a gradient at every step, so the converted counts
+    are the true ones and the resumed run is the run that never stopped.
+    """
+    data = batches(STEPS)
+
+    def build(model, extra):
+        return hh.tower([*model.parameters(), extra], "adam(lr=0.01)/adam(lr=0.01)")
+
+    def run(model, extra, opt, part, first):
+        for t, (x, y) in enumerate(part, start=first):
+            out = model(x)
+            F.mse_loss(out + extra if t >= STOP else out, y).backward()  # `extra` joins after the checkpoint
+            opt.step()
+            opt.zero_grad()
+
+    model, extra = make_mlp(), torch.nn.Parameter(torch.zeros(3))
+    opt = build(model, extra)
+    run(model, extra, opt, data, 0)
+
+    first, extra1 = make_mlp(), torch.nn.Parameter(torch.zeros(3))
+    opt1 = build(first, extra1)
+    run(first, extra1, opt1, data[:STOP], 0)
+    sd = copy.deepcopy(opt1.state_dict())
+    for tower in (sd["tower"], sd["param_groups"][0][TOWER_GROUP_KEY]):
+        steps = tower["state"]["step"]
+        assert steps == [[STOP] * 4 + [0], STOP]
+        steps[0] = STOP  # the old layout: every level counted every step
+    torch.save({"model": first.state_dict(), "extra": extra1.detach(), "optimizer": sd}, tmp_path / "old.pt")
+
+    ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
+    second, extra2 = make_mlp(seed=123), torch.nn.Parameter(torch.zeros(3))
+    second.load_state_dict(ckpt["model"])
+    extra2.data.copy_(ckpt["extra"])
+    opt2 = build(second, extra2)
+    opt2.load_state_dict(ckpt["optimizer"])
+    assert opt2._tower_state["step"] == [[STOP] * 4 + [0], STOP]
+    run(second, extra2, opt2, data[STOP:], STOP)
+    assert opt2.hyperparameters() == opt.hyperparameters()
+    for p, q in zip([*model.parameters(), extra], [*second.parameters(), extra2], strict=True):
+        assert torch.equal(p, q)
+    assert opt2.state_dict()["tower"]["state"]["step"] == [[STEPS] * 4 + [STEPS - STOP], STEPS]

@@ -98,3 +98,47 @@ def test_plain_algorithm_without_tower(float64, make_mlp, batches):
     for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=RTOL, atol=1e-10)
         assert set(opt.state[p]) == {"exp_avg", "exp_avg_sq"}
+
+
+@pytest.mark.parametrize("case", ["adam", "adamw"])
+def test_zero_hyper_step_counts_steps_per_tensor(case, float64, make_mlp, batches):
+    """A tensor with a gradient only every third step: its bias corrections count its own steps.
+
+    ``torch.optim`` counts ``state[p]["step"]`` per tensor, and a tensor without a gradient takes no
+    step; one count for the whole tower corrected this tensor's moments as if it had stepped every time.
+    """
+    level0, torch_cls, kwargs = CASES[case]
+    data = batches(STEPS)
+    models = [make_mlp(), make_mlp()]
+    extras = [torch.nn.Parameter(torch.full((3,), 0.1)) for _ in models]
+    ref = torch_cls([*models[0].parameters(), extras[0]], **kwargs)
+    opt = hh.tower([*models[1].parameters(), extras[1]], level0.format(wd="") + "/sgd(lr=0)")
+    for model, extra, o in zip(models, extras, (ref, opt), strict=True):
+        for t, (x, y) in enumerate(data):
+            out = model(x)
+            F.mse_loss(out + extra if t % 3 == 0 else out, y).backward()
+            o.step()
+            o.zero_grad()  # to None: `extra` has no gradient two steps in three
+    for p, q in zip([*models[1].parameters(), extras[1]], [*models[0].parameters(), extras[0]], strict=True):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=1e-10)
+    assert not torch.equal(extras[1], torch.full((3,), 0.1))
+
+
+@pytest.mark.parametrize("case", ["adam", "adamw"])
+def test_zero_hyper_step_param_group_added_later(case, float64, make_mlp, batches):
+    """A group added after 20 steps starts at step 1, as in ``torch.optim``: its first step is full size."""
+    level0, torch_cls, kwargs = CASES[case]
+    data = batches(STEPS)
+    models = [make_mlp(), make_mlp()]
+    ref = torch_cls(models[0][0].parameters(), **kwargs)
+    opt = hh.tower(models[1][0].parameters(), level0.format(wd="") + "/sgd(lr=0)")
+    for model, o in zip(models, (ref, opt), strict=True):
+        for t, (x, y) in enumerate(data):
+            if t == 20:
+                o.add_param_group({"params": list(model[2].parameters())})
+            F.mse_loss(model(x), y).backward()
+            o.step()
+            model.zero_grad()
+    for p, q in zip(models[1].parameters(), models[0].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=1e-10)
+    assert not torch.equal(models[1][2].weight, make_mlp()[2].weight)

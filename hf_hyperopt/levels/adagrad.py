@@ -33,7 +33,7 @@ class AdaGradRule(Rule):
             state["sum"].fill_(0.1)
         return state
 
-    def update(self, params, grads, state, work, hp: Hyper, step: int) -> Step:
+    def update(self, params, grads, state, work, hp: Hyper, step: int | Tensor) -> Step:
         if not hp.zero("weight_decay"):
             grads = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"])))
         sums = state["sum"]

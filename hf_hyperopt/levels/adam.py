@@ -18,9 +18,11 @@ class AdamRule(Rule):
         v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \quad
         w_t = w_{t-1} - \frac{\eta}{1-\beta_1^t} \, \frac{m_t}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}
 
-    Adam adds :math:`\lambda w_{t-1}` to the gradient; AdamW multiplies :math:`w_{t-1}` by
-    :math:`1 - \eta\lambda` first. Every symbol above is a hyperparameter and can be learned; the
-    bias corrections depend on :math:`\beta_1, \beta_2`, so their hypergradients include them.
+    :math:`t` counts the steps in which the tensor had a gradient (``torch.optim``'s
+    ``state[p]["step"]``), so ``step`` may hold one count per tensor. Adam adds :math:`\lambda w_{t-1}`
+    to the gradient; AdamW multiplies :math:`w_{t-1}` by :math:`1 - \eta\lambda` first. Every symbol
+    above but :math:`t` is a hyperparameter and can be learned; the bias corrections depend on
+    :math:`\beta_1, \beta_2`, so their hypergradients include them.
     """
 
     name = "adam"
@@ -41,7 +43,7 @@ class AdamRule(Rule):
             state["exp_avg_sq"].fill_(values["eps"])
         return state
 
-    def update(self, params, grads, state, work, hp: Hyper, step: int) -> Step:
+    def update(self, params, grads, state, work, hp: Hyper, step: int | Tensor) -> Step:
         lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
         decay = None

@@ -230,7 +230,7 @@ class Rule:
         state: dict[str, list[Tensor]],
         work: dict[str, list[Tensor]],
         hp: Hyper,
-        step: int,
+        step: int | Tensor,
     ) -> Step:
         """Take one step: update ``state`` in place and say how ``params`` change (never touch them).
 
@@ -241,6 +241,8 @@ class Rule:
             work: ``workspace_names`` mapped to scratch buffers aligned with ``params``; contents are
                 undefined on entry. The returned direction may be one of them.
             hp: the hyperparameters, one value per tensor; may carry forward-mode tangents.
-            step: the 1-based step count of this level.
+            step: the 1-based step count: an int, or at the weight level, whose tensors count only
+                the steps in which they had a gradient (as ``torch.optim`` counts ``state[p]["step"]``)
+                and may disagree, a 1-D tensor with one count per tensor, like the hyperparameters.
         """
         raise NotImplementedError

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from torch import Tensor
 
 from .base import Hyper, HyperSpec, Rule, Step, addcmul_, copy_, scalars, sqrt_
 
@@ -30,7 +31,7 @@ class RMSPropRule(Rule):
     square_lr = True
     gdtuo_learn = ("lr", "alpha")
 
-    def update(self, params, grads, state, work, hp: Hyper, step: int) -> Step:
+    def update(self, params, grads, state, work, hp: Hyper, step: int | Tensor) -> Step:
         if not hp.zero("weight_decay"):
             grads = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"])))
         alpha = hp["alpha"]

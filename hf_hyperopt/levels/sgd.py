@@ -40,7 +40,7 @@ class SGDRule(Rule):
             return {}
         return super().init_state(p, values)
 
-    def update(self, params, grads, state, work, hp: Hyper, step: int) -> Step:
+    def update(self, params, grads, state, work, hp: Hyper, step: int | Tensor) -> Step:
         d, owned = grads, False  # owned: d is a temporary the engine may scale in place
         if not hp.zero("weight_decay"):
             d, owned = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"]))), True

@@ -8,15 +8,24 @@ learned hyperparameters are what a checkpoint exists to keep, so everything is c
 
 - the param groups and the number of parameters in each (as ``torch.optim``, with the counts named);
 - every per-parameter state tensor has its parameter's shape and finite values;
-- the tower's own state (learned values, the upper levels' state and tangents) has the layout this
-  tower expects and finite values; it is cast, as ``torch.optim`` casts parameter state, to the
-  tower's dtype (float32, float64 for float64 parameters) and to the parameters' device.
+- the tower's own state (learned values, the upper levels' state and tangents, the step counts) has
+  the layout this tower expects and finite values; it is cast, as ``torch.optim`` casts parameter
+  state, to the tower's dtype (float32, float64 for float64 parameters) and to the parameters' device.
+
+Step counts: ``step[0]`` holds one count per weight tensor (the steps in which it had a gradient, as
+``torch.optim`` counts ``state[p]["step"]``), ``step[k]`` one count for level ``k``. Checkpoints written
+before the weight level counted per tensor hold one count at ``step[0]``; each tensor with saved state
+(every tensor that had taken a step) takes that count, a tensor without state 0, as it would have in
+``torch.optim``. The counts live in the tower entry rather than in ``state[i]``: a
+``torch.distributed.checkpoint`` load fills a template taken from a fresh optimizer and refuses any key
+the checkpoint lacks, and the tower entry's ``step`` key is there in old checkpoints and new ones.
 
 Any difference raises ``ValueError`` naming the entry, what it holds and what this optimizer has.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -44,10 +53,12 @@ def checked_tower_state(opt: Any, state_dict: dict[str, Any], tower_state: dict[
     # Saved state is keyed by the ids listed in the saved groups (indices, or names under
     # torch.distributed.checkpoint), matched to this optimizer's parameters by position, as torch.optim does.
     index = dict(zip((i for g in groups for i in g["params"]), params, strict=True))
-    _check_param_state(opt, index, state_dict.get("state") or {})
+    state = state_dict.get("state") or {}
+    _check_param_state(opt, index, state)
     if not tower_state:
         return {}
-    return _check_tower_state(opt, params, tower_state)
+    stepped = [bool(state.get(i)) for g in groups for i in g["params"]]
+    return _check_tower_state(opt, params, tower_state, stepped)
 
 
 def _check_groups(opt: Any, groups: list[dict[str, Any]]) -> list[Tensor]:
@@ -86,7 +97,7 @@ def _check_param_state(opt: Any, index: dict[Any, Tensor], state: dict[Any, dict
             _check_finite(value, f"state {name!r} of parameter {key}")
 
 
-def _check_tower_state(opt: Any, params: list[Tensor], ts: dict[str, Any]) -> dict[str, Any]:
+def _check_tower_state(opt: Any, params: list[Tensor], ts: dict[str, Any], stepped: list[bool]) -> dict[str, Any]:
     height = len(opt.levels) - 1
     first = local_tensor(params[0]) if params else torch.empty(0)
     dtype, device = opt._hyper_dtype(first.dtype), first.device
@@ -143,8 +154,33 @@ def _check_tower_state(opt: Any, params: list[Tensor], ts: dict[str, Any]) -> di
         out["ramp_active"] = active.detach().to(device=device, dtype=torch.bool, copy=True)
         out["ramp_sized"] = bool(ts.get("ramp_sized", True))
     out["skipped"] = ts["skipped"].detach().to(device=device, copy=True)
-    out["step"] = [int(s) for s in ts["step"]]
+    out["step"] = _checked_steps(ts["step"], stepped)
     return out
+
+
+def _checked_steps(steps: list[Any], stepped: list[bool]) -> list[Any]:
+    """The step counts to load: per weight tensor at level 0, converted from one count if need be."""
+    upper = [_count(s, f"step count of level {k}") for k, s in enumerate(steps[1:], start=1)]
+    level0 = steps[0]
+    if not isinstance(level0, (list, tuple)):  # written before the weight level counted per tensor
+        count = _count(level0, "step count of level 0")
+        return [[count if s else 0 for s in stepped], *upper]
+    if len(level0) != len(stepped):
+        raise ValueError(
+            f"state_dict tower step counts of level 0 hold {len(level0)} entries, one per parameter; this "
+            f"optimizer has {len(stepped)} parameters"
+        )
+    return [[_count(c, f"step count of parameter {i}") for i, c in enumerate(level0)], *upper]
+
+
+def _count(value: Any, what: str) -> int:
+    try:
+        count = operator.index(value)  # an int, or a one-element integer tensor
+    except TypeError:
+        raise ValueError(f"state_dict tower {what} is {value!r}, not a whole number") from None
+    if count < 0:
+        raise ValueError(f"state_dict tower {what} is {count}; a step count must be >= 0")
+    return count
 
 
 def _check_finite(t: Tensor, what: str) -> None:

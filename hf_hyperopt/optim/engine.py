@@ -160,10 +160,17 @@ def _aliases(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
 
 
 class _Bucket:
-    """The weight-level tensors of one (device, dtype), with index tensors and flat tangent storage."""
+    """The weight-level tensors of one (device, dtype), with index tensors and flat tangent storage.
 
-    def __init__(self, params: list[Tensor], units: list[int], groups: list[int], learn: tuple[str, ...]):
+    ``positions`` are the tensors' places in the optimizer's parameter list (every group's params,
+    in order): where their step counts are kept.
+    """
+
+    def __init__(
+        self, params: list[Tensor], units: list[int], groups: list[int], positions: list[int], learn: tuple[str, ...]
+    ):
         self.params = params
+        self.positions = positions
         self.local = [local_tensor(p) for p in params]
         device = self.local[0].device
         self.unit_index = torch.tensor(units, device=device)
@@ -377,6 +384,9 @@ class TowerOptimizer(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        if started:  # the new tensors have taken no step yet, as in torch.optim
+            counts = self._tower_state["step"]
+            counts[0] = [*counts[0], *[0] * len(group["params"])]
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults, state and param_groups, which would lose the tower on
@@ -392,6 +402,9 @@ class TowerOptimizer(torch.optim.Optimizer):
             return 1
         if self.scope == "group":
             return len(self.param_groups)
+        return self._n_params()
+
+    def _n_params(self) -> int:
         return sum(len(g["params"]) for g in self.param_groups)
 
     def _init_tower_state(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -418,7 +431,10 @@ class TowerOptimizer(torch.optim.Optimizer):
         ts["theta"] = thetas
         ts["upper_state"] = uppers
         ts["upper_tangent"] = tangents
-        ts["step"] = [0] * n  # host-side counts: bias corrections need no device read
+        # Host-side step counts, so that bias corrections need no device read. The weight level keeps
+        # one per parameter tensor (in param_groups order), counting the steps in which it had a gradient,
+        # as torch.optim counts state[p]["step"]; every level above steps once per step.
+        ts["step"] = [[0] * self._n_params(), *[0] * (n - 1)]
         ts["skipped"] = torch.zeros(max(n - 1, 1), dtype=torch.int64, device=device)
         if self._ramped():
             init_ramp(ts, dtype, device)
@@ -457,8 +473,8 @@ class TowerOptimizer(torch.optim.Optimizer):
         return torch.float64 if dtype == torch.float64 else torch.float32
 
     # ------------------------------------------------------------------ buckets
-    def _collect(self) -> list[tuple[Tensor, int, int]]:
-        """(param, unit, group) for every parameter that has a gradient this step."""
+    def _collect(self) -> list[tuple[Tensor, int, int, int]]:
+        """(param, unit, group, position) for every parameter that has a gradient this step."""
         out, offset = [], 0
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
@@ -469,11 +485,11 @@ class TowerOptimizer(torch.optim.Optimizer):
                             f"{tuple(p.shape)} has one); use a dense layer, e.g. nn.Embedding(..., sparse=False)"
                         )
                     unit = 0 if self.scope == "shared" else gi if self.scope == "group" else offset + pi
-                    out.append((p, unit, gi))
+                    out.append((p, unit, gi, offset + pi))
             offset += len(group["params"])
         return out
 
-    def _zero_idle_tangents(self, entries: list[tuple[Tensor, int, int]]) -> None:
+    def _zero_idle_tangents(self, entries: list[tuple[Tensor, int, int, int]]) -> None:
         """Clear the tangents of parameters that have no gradient this step.
 
         Such a parameter does not move, so its tangent dw_{t+1}/dtheta_t is zero; the one it kept from
@@ -488,15 +504,16 @@ class TowerOptimizer(torch.optim.Optimizer):
                         if key.startswith(_TANGENT):
                             buf.zero_()
 
-    def _build_buckets(self, entries: list[tuple[Tensor, int, int]]) -> list[_Bucket]:
-        by_key: dict[tuple, list[tuple[Tensor, int, int]]] = defaultdict(list)
+    def _build_buckets(self, entries: list[tuple[Tensor, int, int, int]]) -> list[_Bucket]:
+        by_key: dict[tuple, list[tuple[Tensor, int, int, int]]] = defaultdict(list)
         for e in entries:
             t = local_tensor(e[0])
             by_key[(t.device, t.dtype)].append(e)
         learn0 = self._learn[0] if self.height else ()
         buckets = []
         for items in by_key.values():
-            b = _Bucket([e[0] for e in items], [e[1] for e in items], [e[2] for e in items], learn0)
+            params, units, groups, positions = (list(column) for column in zip(*items, strict=True))
+            b = _Bucket(params, units, groups, positions, learn0)
             for p, t in zip(b.params, b.local, strict=False):
                 st = self.state[p]
                 if not any(n in st for n in self._rules[0].state_names):
@@ -541,13 +558,33 @@ class TowerOptimizer(torch.optim.Optimizer):
             self._init_tower_state(first.device, self._hyper_dtype(first.dtype))
         ts = self._tower_state
         with rollback_on_error(self):  # a step that raises leaves the learned values as they were
-            ts["step"] = [s + 1 for s in ts["step"]]
+            self._count_step(ts)
             hypergrads = self._hypergradients(ts)
             self._step_upper_levels(ts, hypergrads)
             self._step_weights(ts)
             if self._ramped() and not ts["ramp_sized"]:
                 self._size_ramp(ts)
         return loss
+
+    def _count_step(self, ts: dict) -> None:
+        """One more step for every level above the weights and for each tensor that has a gradient.
+
+        New lists rather than in-place increments, so that :func:`.rollback.rollback_on_error`'s copy of
+        the old ones stays as it was.
+        """
+        counts = list(ts["step"][0])
+        for b in self._buckets:
+            for i in b.positions:
+                counts[i] += 1
+        ts["step"] = [counts, *[s + 1 for s in ts["step"][1:]]]
+
+    def _weight_steps(self, ts: dict, b: _Bucket) -> int | Tensor:
+        """The step counts of a bucket's tensors: one int when they agree (the usual case), else one per tensor."""
+        counts = [ts["step"][0][i] for i in b.positions]
+        if all(c == counts[0] for c in counts):
+            return counts[0]
+        dtype, device = _constant_dtype_device(b.local[0])
+        return torch.tensor(counts, dtype=dtype, device=device)
 
     def _hypergradients(self, ts: dict) -> list[Tensor]:
         """h[k] = dL/dtheta[k] for every level that has learned hyperparameters, bottom-up, guarded."""
@@ -764,7 +801,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                 state,
                 b.work,
                 self._level0_hyper_fn(ts, b),
-                ts["step"][0],
+                self._weight_steps(ts, b),
                 theta,
                 learn,
                 b.views,
@@ -779,7 +816,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         state: dict[str, list[Tensor]],
         work: dict[str, list[Tensor]],
         hyper_fn: Callable[[Tensor | None], Hyper],
-        step: int,
+        step: int | Tensor,
         theta: Tensor | None,
         learn: tuple[str, ...],
         out: dict[str, list[Tensor]],

@@ -30,6 +30,7 @@ def rollback_on_error(opt: Any) -> Iterator[None]:
         "upper_state": [{n: v.clone() for n, v in d.items()} for d in ts["upper_state"]],
         # Tangent entries are replaced by new tensors, never written in place: keeping the references suffices.
         "upper_tangent": [dict(d) for d in ts["upper_tangent"]],
+        # The counts (one per weight tensor at level 0) are replaced by new lists, never changed in place.
         "step": list(ts["step"]),
         "skipped": ts["skipped"].clone(),
         "ramp": (ts["ramp"].clone(), ts["ramp_sized"], ts["ramp_active"].clone()) if "ramp" in ts else None,
