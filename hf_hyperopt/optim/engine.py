@@ -534,9 +534,17 @@ class TowerOptimizer(torch.optim.Optimizer):
         raise KeyError("parameter not in any group")
 
     # ------------------------------------------------------------------ the step
+    # Under torch.compile the step runs eagerly, behind one graph break: it is driven from the host
+    # (step counts, bucket caches, Python floats read from CPU hyperparameters for the fast _foreach
+    # overloads, forward-mode dual levels), so Dynamo would break the graph at every one of those, and
+    # across the breaks it lost the step's changes to the optimizer's attributes (the first compiled
+    # step failed on buckets it had just built). Run eagerly, it is the step the tests check.
+    @torch.compiler.disable(reason="the tower's step is host-driven; it runs eagerly behind one graph break")
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
         """Take one step of every level (top first), then of the weights.
+
+        Under ``torch.compile`` the step runs eagerly (one graph break), as it does outside.
 
         Args:
             closure: reevaluates the model and returns the loss, as in ``torch.optim``.
