@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import hf_hyperopt as hh
+from hf_hyperopt.optim.optimizers import default_hyper
 
 
 def _grads(model) -> list[torch.Tensor]:
@@ -134,40 +135,38 @@ def test_normalized_hypergradient_is_the_slope_along_the_update(float64, make_ml
         assert math.log(opt.hyperparameters()[0]["lr"]) == pytest.approx(log_lr, rel=1e-10, abs=1e-12)
 
 
-@pytest.mark.parametrize(("lr", "tau"), [(0.05, 1e-3), (0.05, 10.0**-0.5), (1e-6, 1e-3)])
-def test_ramp_probes_sizes_and_searches(lr, tau, float64, make_mlp, batches):
-    """ramp=tau: step 1 is a probe at 1e-6 lr; then the weights' step size starts where one step moves
-    the weights by tau of their norm (at most lr) and doubles, up to lr, while the lr hypergradient is
-    negative; it steps back by sqrt(2) at the first step it is not, and only then does the level above
-    learn."""
+@pytest.mark.parametrize(("lr", "tau"), [(0.05, 1e-3), (1e-6, 1e-3), (1e-4, 1e-2)])
+def test_ramp_probes_sizes_and_approaches(lr, tau, float64, make_mlp, batches):
+    """ramp=tau: step 1 is a probe at 1e-6 lr; the target is the step size at which one step moves the
+    weights by tau of their norm. A larger lr starts there; a smaller one doubles every step up to it,
+    whatever the hypergradient says. The level above learns the lr only once the target is reached."""
     kappa = 0.5
     model, plain = make_mlp(), make_mlp()
     opt = hh.tower(model.parameters(), f"sgd(lr={lr})/sgd(lr={kappa},ramp={tau})")
     assert opt.hyperparameters()[0]["lr"] == pytest.approx(lr * 1e-6)
     ref = torch.optim.SGD(plain.parameters(), lr=lr * 1e-6)
-    previous, factor, log_lr, active, grew, learned = None, 1e-6, math.log(lr), True, 0, 0
+    previous, factor, target, log_lr, active, grew, learned = None, 1e-6, None, math.log(lr), True, 0, 0
     for x, y in batches(24):
         F.mse_loss(model(x), y).backward()
         F.mse_loss(plain(x), y).backward()
         g = _grads(plain)
         if previous is not None:
             h = sum(float((a * b).sum()) for a, b in zip(g, previous, strict=True))  # dL/dlog(lr)
-            if active and h < 0:
-                factor, grew = min(1.0, 2 * factor), grew + 1
-                active = factor < 1.0
-            elif active:
-                factor, active = factor / math.sqrt(2), False
+            if active:
+                factor, grew = min(target, 2 * factor), grew + 1
+                active = factor < target
             else:
                 log_lr, learned = log_lr - kappa * h, learned + 1
         for group in ref.param_groups:
             group["lr"] = math.exp(log_lr) * factor
         update = [-group["lr"] * t for t in g]
+        w = math.sqrt(sum(float((p.detach() ** 2).sum()) for p in plain.parameters()))  # before the step
         ref.step()
-        if previous is None:  # the probe sizes the ramp
-            w = math.sqrt(sum(float((p * p).sum()) for p in plain.parameters()))
+        if previous is None:  # the probe sets the target
             u = math.sqrt(sum(float((t * t).sum()) for t in update))
-            factor = sized = min(1.0, tau * w / u * factor)
-            active = sized < 1.0
+            target = tau * w / u * factor
+            factor = min(1.0, target)
+            active = factor < target
         previous = update
         opt.step()
         opt.zero_grad()
@@ -175,14 +174,25 @@ def test_ramp_probes_sizes_and_searches(lr, tau, float64, make_mlp, batches):
         assert opt.hyperparameters()[0]["lr"] == pytest.approx(math.exp(log_lr) * factor, rel=1e-10)
         for p, q in zip(model.parameters(), plain.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
-    if lr > 1e-3 and tau < 0.1:
-        assert grew >= 1
+    assert not active and learned >= 5  # the target was reached and the level above took over
     if lr > 1e-3:
-        assert not active and learned >= 5  # the search ended and the level above took over
-    if tau > 0.1:
-        assert sized == 1.0  # a start below tau of the weights is kept
-    if lr < 1e-3:
-        assert grew == 0 and factor == 1.0  # a start below the search's is kept: the search never exceeds lr
+        assert grew == 0 and target < 1.0  # a too-large lr starts at the target: no step at lr
+    else:
+        assert grew == math.ceil(math.log2(target)) and target > 1.0  # doubled up to the target
+
+
+def test_ramp_keeps_the_initial_lr_of_weights_that_are_all_zero(batches):
+    """Zero weights have no scale to size a step by: after the probe the lr is the one given."""
+    model = torch.nn.Linear(8, 2)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    opt = hh.tower(model.parameters(), "adam(lr=0.01)/adam(lr=0.05,ramp=0.001)")
+    x = torch.randn(4, 8)
+    for _ in range(2):
+        F.mse_loss(model(x), torch.ones(4, 2)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt._tower_state["ramp"].item() == 1.0 and not opt._tower_state["ramp_active"].item()
 
 
 def test_ramp_survives_a_checkpoint(make_mlp, batches):
@@ -195,18 +205,40 @@ def test_ramp_survives_a_checkpoint(make_mlp, batches):
     other = hh.tower(make_mlp().parameters(), "adam(lr=0.01)/adam(lr=0.05,ramp=0.001)")
     other.load_state_dict(opt.state_dict())
     assert other.hyperparameters() == opt.hyperparameters()
+    # Saved before the ramp had a target (its search ended): it loads, and the factor stays.
+    sd = opt.state_dict()
+    del sd["tower"]["state"]["ramp_target"]
+    other.load_state_dict(sd)
+    assert other.hyperparameters() == opt.hyperparameters()
+    assert other._tower_state["ramp_target"].item() == opt._tower_state["ramp"].item()
 
 
+@pytest.mark.parametrize("key", ["ramp", "ramp_target"])
 @pytest.mark.parametrize("bad", [float("nan"), 0.0, -1.0])
-def test_a_damaged_ramp_factor_is_refused_on_load(bad, make_mlp, batches):
+def test_a_damaged_ramp_factor_is_refused_on_load(bad, key, make_mlp, batches):
     model = make_mlp()
     opt = hh.tower(model.parameters(), "adam(lr=0.01)/adam(lr=0.05,ramp=0.001)")
     x, y = batches(1)[0]
     F.mse_loss(model(x), y).backward()
     opt.step()
     sd = opt.state_dict()
-    sd["tower"]["state"]["ramp"].fill_(bad)
+    sd["tower"]["state"][key].fill_(bad)
     before = opt.hyperparameters()
-    with pytest.raises(ValueError, match="ramp factor"):
+    with pytest.raises(ValueError, match="ramp factor" if key == "ramp" else "ramp target"):
         opt.load_state_dict(sd)
     assert opt.hyperparameters() == before
+
+
+def test_the_default_tower_ramps_only_a_learned_lr():
+    """The default's ramp sizes the learned lr: a weight level that learns only momentum gets the default
+    without it (not an error about an option the user never wrote); one that learns lr keeps it."""
+    w = [torch.zeros(2, requires_grad=True)]
+    assert hh.HyperSGD(w, lr=0.1, momentum=0.5, learn="momentum").levels[1].ramp == 0.0
+    assert hh.HyperSGD(w, lr=0.1, momentum=0.5, learn="lr+momentum").levels[1].ramp == 1e-3
+    assert default_hyper(learn="momentum") == "adam(lr=0.05,normalize=true)"
+    args = hh.HyperTrainingArguments(
+        output_dir="o", optim="hyper_sgd", optim_args="momentum=0.9", hyper_learn="momentum", report_to="none"
+    )
+    assert args.hyper_settings.tower == "adam(lr=0.05,normalize=true)"
+    with pytest.raises(ValueError, match="ramp=0.001 ramps the weights' learned lr"):  # written by the user: refused
+        hh.HyperSGD(w, lr=0.1, momentum=0.5, learn="momentum", hyper="adam(ramp=0.001)")

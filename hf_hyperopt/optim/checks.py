@@ -153,6 +153,14 @@ def _check_tower_state(opt: Any, params: list[Tensor], ts: dict[str, Any], stepp
             raise ValueError("state_dict tower state has no ramp_active flag, but this tower ramps its lr")
         out["ramp_active"] = active.detach().to(device=device, dtype=torch.bool, copy=True)
         out["ramp_sized"] = bool(ts.get("ramp_sized", True))
+        target = ts.get("ramp_target")
+        if target is None:  # saved before the ramp had a target: it searched up to the initial lr
+            target = torch.ones_like(out["ramp"]) if bool(out["ramp_active"]) else out["ramp"].clone()
+        elif not isinstance(target, Tensor) or target.numel() != 1:
+            raise ValueError("state_dict tower ramp_target must be a 1-element tensor")
+        out["ramp_target"] = cast(target, "ramp target")
+        if not float(out["ramp_target"]) > 0.0:
+            raise ValueError(f"state_dict tower ramp target is {float(out['ramp_target'])!r}; it must be > 0")
     out["skipped"] = ts["skipped"].detach().to(device=device, copy=True)
     out["step"] = _checked_steps(ts["step"], stepped)
     return out

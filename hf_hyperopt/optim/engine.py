@@ -71,13 +71,12 @@ class LevelConfig:
             adaptive level above would remember the hypergradients of a large step size long after it
             has come down. The slope keeps its size whatever the step size, and still shrinks as the
             gradients do when training converges.
-        ramp: for the level above the weights, safe first steps for the weights' learned ``lr``: a
-            probe step at a millionth of ``lr``, then the effective step size starts where one step
-            changes the weights by ``ramp`` of their norm (or at ``lr``, if that is smaller) and
-            doubles while the hypergradient asks for a larger one, up to ``lr``; at the first step
-            that does not, it steps back by sqrt(2). The level above leaves the lr alone until then
-            (:mod:`.ramp`). ``0`` (no ramp) is the paper's start. It keeps a too-large initial ``lr``
-            from wrecking pretrained weights before the tower can react.
+        ramp: for the level above the weights, where the weights' learned ``lr`` starts: after a
+            probe step at a millionth of ``lr``, at the step size that changes the weights by
+            ``ramp`` of their norm, at once from a larger ``lr`` and doubling every step from a
+            smaller one; the level above learns the lr from there (:mod:`.ramp`). ``0`` (no ramp) is
+            the paper's start at ``lr``. A too-large ``lr`` then never wrecks pretrained weights, and
+            a too-small one costs a few steps, not hundreds.
     """
 
     rule: type[Rule]
@@ -648,10 +647,15 @@ class TowerOptimizer(torch.optim.Optimizer):
         return hyper
 
     def _size_ramp(self, ts: dict) -> None:
-        """After the probe step: two norms, once (see :mod:`.ramp`)."""
+        """After the probe step: two norms, once (see :mod:`.ramp`).
+
+        The weights' norm is taken before the probe (the weights less its increment, the lr's tangent),
+        one tensor at a time, so that weights that started at zero read as zero.
+        """
         sq = torch.zeros(2, dtype=torch.float64, device=ts["ramp"].device)
         for b in self._buckets:
-            sq[0] += _squared_norms(b.local).sum().to(sq.device, sq.dtype)
+            for w, d in zip(b.local, b.views["lr"], strict=True):
+                sq[0] += (w - d).square().sum().to(sq.device, sq.dtype)
             sq[1] += _squared_norms(b.views["lr"]).sum().to(sq.device, sq.dtype)
         reduce_hypergradients(sq, self._sharding_group)
         size_ramp(ts, self.levels[1].ramp, sq[0], sq[1])
@@ -663,7 +667,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             return None
         j = self._learn[0].index("lr")
         held = torch.zeros_like(h0, dtype=torch.bool)
-        held[j * units : (j + 1) * units] = advance_ramp(ts, h0[j * units : (j + 1) * units].sum())
+        held[j * units : (j + 1) * units] = advance_ramp(ts, h0.device)
         return held
 
     def _guard(self, h: Tensor, ts: dict, k: int) -> Tensor:

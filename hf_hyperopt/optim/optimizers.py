@@ -13,6 +13,7 @@ Levels above the weights are written without parameters. ``hyper=None`` gives th
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
@@ -21,15 +22,28 @@ from ..levels import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, Rule, SGDRul
 from .engine import LevelConfig, TowerOptimizer
 from .spec import parse_spec
 
-# The level above the weights when none is given. The learned step size is a logarithm and the level
-# learns from the cosine between the next gradient and the last update (normalize=true), a signal
-# whose size does not follow the lr; Adam then moves log(lr) by at most its step size per step, in
-# whichever direction the cosine keeps. Without the cosine, Adam's second moment remembers the large
-# hypergradients of a large lr and slows every later move. Evidence and the sweeps that chose it:
-# results/README.md (benchmarks/sensitivity.py). gdtuo mode uses the paper's choice.
-DEFAULT_HYPER = {"default": "adam(lr=0.05,normalize=true)", "gdtuo": "sgd(lr=1e-5)"}
+# The level above the weights when none is given. It learns log(lr) from the slope of the next loss
+# along the last update (normalize=true), a signal whose size does not follow the lr, so Adam moves
+# log(lr) by at most its step size per step in whichever direction the slope keeps. ramp=0.001 starts
+# the learned lr where one step moves the weights by 0.1% of their norm, reached geometrically from a
+# smaller initial lr and at once from a larger one, so the initial lr decides little. Evidence and the
+# sweeps that chose it: results/README.md (benchmarks/sensitivity.py). gdtuo mode uses the paper's choice.
+DEFAULT_HYPER = {"default": "adam(lr=0.05,ramp=0.001,normalize=true)", "gdtuo": "sgd(lr=1e-5)"}
 
 _DEFAULT = "default"
+
+
+def default_hyper(compat: str | None = None, learn: str | Iterable[str] | None = None) -> str:
+    """``DEFAULT_HYPER`` for a weight level that learns ``learn``: without a learned ``lr``, no ramp.
+
+    The ramp sizes the weights' learned step size, so a tower that learns only, say, ``momentum`` takes
+    the default without it rather than an error about an option the user never wrote.
+    """
+    spec = DEFAULT_HYPER.get(compat or "default", DEFAULT_HYPER["default"])
+    names = _learn_tuple(learn)
+    if names is None or "lr" in names:
+        return spec
+    return "/".join(dataclasses.replace(c, ramp=0.0).to_spec() for c in parse_spec(spec))
 
 
 def _learn_tuple(learn: str | Iterable[str] | None) -> tuple[str, ...] | None:
@@ -50,7 +64,7 @@ class _HyperOptimizer(TowerOptimizer):
         bound = params is not None
         if isinstance(hyper, str) and hyper == _DEFAULT:
             # An unknown compat falls back here; TowerOptimizer refuses it with the allowed values.
-            hyper = DEFAULT_HYPER.get(compat or "default", DEFAULT_HYPER["default"]) if bound else None
+            hyper = default_hyper(compat, learn) if bound else None
         above = _levels_of(hyper)
         self._above = above
         if not bound:

@@ -33,7 +33,9 @@ def rollback_on_error(opt: Any) -> Iterator[None]:
         # The counts (one per weight tensor at level 0) are replaced by new lists, never changed in place.
         "step": list(ts["step"]),
         "skipped": ts["skipped"].clone(),
-        "ramp": (ts["ramp"].clone(), ts["ramp_sized"], ts["ramp_active"].clone()) if "ramp" in ts else None,
+        "ramp": (ts["ramp"].clone(), ts["ramp_sized"], ts["ramp_active"].clone(), ts["ramp_target"].clone())
+        if "ramp" in ts
+        else None,
     }
     try:
         yield
@@ -50,6 +52,7 @@ def rollback_on_error(opt: Any) -> Iterator[None]:
             ts["ramp"].copy_(saved["ramp"][0])
             ts["ramp_sized"] = saved["ramp"][1]
             ts["ramp_active"].copy_(saved["ramp"][2])
+            ts["ramp_target"].copy_(saved["ramp"][3])
         for bucket in opt._buckets or []:
             for flat in bucket.flat.values():
                 flat.zero_()

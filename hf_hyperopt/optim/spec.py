@@ -5,8 +5,8 @@ size 1e-5. Each level is ``name`` or ``name(key=value, ...)``; keys are named as
 (``lr``, ``momentum``, ``nesterov``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``, and ``alpha`` for
 RMSProp's smoothing constant) plus ``learn=lr+beta1`` to choose what the level above learns and, on
 a level above the weights, ``trace=0.9`` for the decay of the tangent trace it learns from,
-``normalize=true`` to learn from the slope along the update and, on level 1, ``ramp=1e-3`` for a safe start of the
-weights' learned lr (see :class:`LevelConfig`).
+``normalize=true`` to learn from the slope along the update and, on level 1, ``ramp=1e-3`` to start
+the weights' learned lr at a step sized by the weights (see :class:`LevelConfig`).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def started_spec(tower: TowerOptimizer) -> str:
 
     :attr:`TowerOptimizer.spec` leaves out values equal to ``torch.optim``'s defaults (it is the
     tower's identity in checkpoints); a reader of a model card or a plot legend wants them all, e.g.
-    ``adam(lr=0.001,beta1=0.9,beta2=0.999,eps=1e-08,weight_decay=0.0,learn=lr)/adam(lr=0.05,normalize=true)``.
+    ``adam(lr=0.001,beta1=0.9,beta2=0.999,eps=1e-08,weight_decay=0.0,learn=lr)/adam(lr=0.05,ramp=0.001,normalize=true)``.
     The levels above the weights are written as given.
     """
     bottom, *above = tower.levels

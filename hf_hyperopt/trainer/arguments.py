@@ -18,7 +18,8 @@ from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
 from ..levels import RULES
-from ..optim import DEFAULT_HYPER, SCOPES, parse_spec, tower
+from ..optim import SCOPES, parse_spec, tower
+from ..optim.optimizers import default_hyper
 
 
 class HyperOptimizerNames(str, Enum):
@@ -77,7 +78,7 @@ class HyperTrainingArguments(TrainingArguments):
 
         <weight level from the usual arguments>/<hyper_tower>
 
-    e.g. ``adam(lr=5e-05,beta1=0.9,beta2=0.999,eps=1e-08,learn=lr)/adam(lr=0.05,normalize=true)``. The weight level takes
+    e.g. ``adam(lr=5e-05,beta1=0.9,beta2=0.999,eps=1e-08,learn=lr)/adam(lr=0.05,ramp=0.001,normalize=true)``. The weight level takes
     ``learning_rate -> lr``, ``adam_beta1/adam_beta2 -> beta1/beta2`` and ``adam_epsilon -> eps``
     (Adam, AdamW), ``weight_decay`` for the decay param group (biases and norms get 0, as in
     ``Trainer``), and the rest through ``optim_args`` as ``transformers`` does: SGD's
@@ -89,9 +90,10 @@ class HyperTrainingArguments(TrainingArguments):
       Any standard ``OptimizerNames`` value still works and then nothing is learned.
     - ``hyper_tower=None`` resolves to ``hf_hyperopt.DEFAULT_HYPER["default"]``: an Adam level that
       learns ``log(lr)`` from the slope of the loss along the last update (``normalize=true``), so
-      the step size moves by a bounded fraction per step whatever its scale and one setting recovers
-      from an initial ``learning_rate`` that is orders of magnitude off. The paper's ``sgd(lr=1e-5)``
-      barely moves a ``Trainer``'s step size.
+      the step size moves by a bounded fraction per step whatever its scale, after a ramp
+      (``ramp=0.001``) that starts the step size where one step moves the weights by 0.1% of their
+      norm: a ``learning_rate`` above that never takes a step, one below it doubles up to it. The
+      paper's ``sgd(lr=1e-5)`` barely moves a ``Trainer``'s step size.
     - ``hyper_learn=None`` resolves to ``"lr"`` and ``hyper_scope=None`` to ``"shared"``: the cheapest
       of the settings that ``python -m benchmarks.benchmark_trainer --sweep`` measured equally robust
       to the initial learning rate (``results/README.md``). ``shared`` learns one scalar and logs one
@@ -281,7 +283,7 @@ class HyperSettings:
                 "no-decay param group (biases, norms) starts at weight_decay=0 and a step size is learned on a "
                 "log scale; learn lr, and set --weight_decay"
             )
-        tower_spec = DEFAULT_HYPER["default"] if self.tower is None else self.tower
+        tower_spec = default_hyper(None, learn) if self.tower is None else self.tower
         # Parsed under the weight level, so that an error numbers the levels as the tower does.
         parse_spec(f"{rule.name}(learn={learn})/{tower_spec}")
         return HyperSettings(self.optim, tower_spec, learn, scope)
