@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from state_compare import same_state
 from tiny_models import tiny_bert
 
 import hf_hyperopt as hh
@@ -102,16 +103,6 @@ STATE_DICT_FAULTS = {
 }
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
 @pytest.mark.parametrize("fault", list(STATE_DICT_FAULTS))
 def test_damaged_state_dict_is_refused_and_changes_nothing(fault, make_mlp, batches):
     damage, message = STATE_DICT_FAULTS[fault]
@@ -121,7 +112,7 @@ def test_damaged_state_dict_is_refused_and_changes_nothing(fault, make_mlp, batc
     with pytest.raises(ValueError, match="state_dict") as err:
         opt.load_state_dict(bad)
     assert message in str(err.value)
-    assert _same(opt.state_dict(), before)
+    assert same_state(opt.state_dict(), before)
     x, y = batches(3)[-1]
     F.mse_loss(model(x), y).backward()
     opt.step()  # the optimizer still trains, and its learned values are finite
@@ -161,7 +152,7 @@ def test_a_step_that_raises_leaves_the_tower_as_it_was(make_mlp, batches, monkey
     with pytest.raises(RuntimeError, match="simulated"):
         opt.step()
     assert opt.hyperparameters() == hyper and opt._tower_state["step"] == steps
-    assert _same(opt._tower_state["upper_state"], upper)
+    assert same_state(opt._tower_state["upper_state"], upper)
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
     monkeypatch.undo()
     opt.step()  # and it steps normally afterwards

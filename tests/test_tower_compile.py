@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from state_compare import same_state
 
 import hf_hyperopt as hh
 
@@ -28,16 +29,6 @@ def _training_step(model, opt):
         return loss.detach()
 
     return step
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +80,7 @@ def test_a_step_that_raises_inside_a_compiled_function_changes_nothing(make_mlp,
     # are zeroed (the next hypergradient is then zero, as after a step that did not move the weights).
     for entry in before["state"].values():
         entry["hypertangent_lr"].zero_()
-    assert _same(opt.state_dict(), before)
+    assert same_state(opt.state_dict(), before)
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
 
     monkeypatch.undo()
