@@ -154,9 +154,9 @@ TOWERS: dict[str, str] = {
     "hyper_adam/adam(0.05)/adam(0.01)": "adam(lr=0.05)/adam(lr=0.01)",
     "hyper_adam/adam(0.02)/adam/adam": "adam(lr=0.02)/adam(lr=0.01)/adam(lr=0.01)",
     "hyper_adam/adam(0.05)/adam/adam": "adam(lr=0.05)/adam(lr=0.01)/adam(lr=0.01)",
-    # the default with the level options that are off by default
-    "hyper_adam+ramp": "adam(lr=0.05,normalize=true,ramp=0.001)",
-    "hyper_adam+trace": "adam(lr=0.05,normalize=true,trace=0.9)",
+    # the default without its ramp, and with the trace (off by default)
+    "hyper_adam-ramp": "adam(lr=0.05,normalize=true)",
+    "hyper_adam+trace": "adam(lr=0.05,ramp=0.001,normalize=true,trace=0.9)",
 }
 
 
@@ -486,6 +486,17 @@ class SensitivityArguments:
             "to <out>/sensitivity_<task>[_<tag>].*; train nothing"
         },
     )
+    drop: list[str] = field(
+        default_factory=list,
+        metadata={"help": "with --merge: leave out the runs of these methods (superseded by a later run)"},
+    )
+    rename: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "with --merge: OLD=NEW renames method OLD's runs to the registered method NEW (a default "
+            "that has since changed keeps its rows under the name it has now)"
+        },
+    )
 
 
 def make_task(args: SensitivityArguments) -> Task:
@@ -518,12 +529,22 @@ def replot(json_path: Path) -> None:
     write_results(rows, task, meta, json_path.parent, json_path.stem)
 
 
-def merge(paths: list[Path], out: Path, tag: str) -> list[dict]:
+def merge(
+    paths: list[Path], out: Path, tag: str, drop: list[str] | None = None, rename: list[str] | None = None
+) -> list[dict]:
     """Write the runs of several results JSONs of one task as one sweep (table, plot, CSVs, JSON).
 
     A (method, learning rate, seed) run present in more than one file is an error: which to keep is
-    the caller's decision, not this function's.
+    the caller's decision, not this function's: ``drop`` names methods whose runs are left out, and
+    ``rename`` (``OLD=NEW``) gives method OLD's runs the name and label of the registered method NEW.
     """
+    registry = methods_registry()
+    renames: dict[str, str] = {}
+    for pair in rename or ():
+        old, sep, new = pair.partition("=")
+        if not sep or new not in registry:
+            raise ValueError(f"--rename {pair!r}: give OLD=NEW with NEW one of {', '.join(registry)}")
+        renames[old] = new
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"--merge: no such results file: {', '.join(missing)} (give sensitivity_*.json files)")
@@ -532,10 +553,16 @@ def merge(paths: list[Path], out: Path, tag: str) -> list[dict]:
     keys = {(m["task"], m["metric"], m["higher_is_better"], m["steps"]) for m in metas}
     if len(keys) != 1:
         raise ValueError(f"--merge: the files are not runs of one task setting (task, metric, steps): {sorted(keys)}")
-    rows = [r for f in files for r in f["runs"]]
+    dropped = set(drop or ())
+    for f in files:
+        for r in f["runs"]:
+            if r["method"] in renames:
+                new = registry[renames[r["method"]]]
+                r["method"], r["family"] = new.name, new.family
+    rows = [r for f in files for r in f["runs"] if r["method"] not in dropped]
     seen: dict[tuple, str] = {}
     for path, f in zip(paths, files, strict=True):
-        for r in f["runs"]:
+        for r in (r for r in f["runs"] if r["method"] not in dropped):
             key = (r["method"], r["lr"], r["seed"])
             if key in seen:
                 raise ValueError(f"--merge: run {key} is in both {seen[key]} and {path}")
@@ -546,7 +573,7 @@ def merge(paths: list[Path], out: Path, tag: str) -> list[dict]:
         {"file": str(p), "command": m.get("command"), "commit": m.get("commit")}
         for p, m in zip(paths, metas, strict=True)
     ]
-    meta |= {"merged_from": sources}
+    meta |= {"merged_from": sources, "dropped_methods": sorted(dropped), "renamed_methods": renames}
     meta |= {"command": " ".join(sys.argv), "commit": ", ".join(dict.fromkeys(m.get("commit", "?") for m in metas))}
     task = Task(meta["task"], meta["metric"], meta["higher_is_better"], meta["steps"], *([None] * 4), 0.0)
     write_results(rows, task, meta, out, f"sensitivity_{task.name}{'_' + tag if tag else ''}")
@@ -571,7 +598,7 @@ def main(args: SensitivityArguments) -> list[dict]:
         replot(Path(args.replot))
         return []
     if args.merge:
-        return merge([Path(p) for p in args.merge], Path(args.out), args.tag)
+        return merge([Path(p) for p in args.merge], Path(args.out), args.tag, args.drop, args.rename)
     methods = resolve_methods(args.methods)  # raises on a bad name before any work
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

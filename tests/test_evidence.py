@@ -75,6 +75,14 @@ def test_sensitivity_merge_writes_one_sweep_and_refuses_overlaps(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such.json"):
         sensitivity.merge([parts[0], tmp_path / "no-such.json"], tmp_path / "again", "")
 
+    # A superseded method's runs are dropped; a renamed one takes the registered name and label.
+    rows = sensitivity.merge(parts, tmp_path / "m2", "", drop=["adamw"], rename=["hyper_adam=hyper_adam-ramp"])
+    assert {(r["method"], r["family"]) for r in rows} == {
+        ("hyper_adam-ramp", "tower h1: adam/adam(lr=0.05,normalize=true)")
+    }
+    with pytest.raises(ValueError, match="--rename 'hyper_adam=nope'"):
+        sensitivity.merge(parts, tmp_path / "m3", "", rename=["hyper_adam=nope"])
+
 
 def test_sensitivity_tower_learns_its_step_size():
     """On the quick digits task the default tower moves lr away from its initial value; AdamW does not."""
