@@ -17,6 +17,11 @@ def _grads(model) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
+def _dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
+    """<xs, ys> over lists of tensors, as one Python float."""
+    return sum(float((a * b).sum()) for a, b in zip(xs, ys, strict=True))
+
+
 @pytest.mark.parametrize("mu", [0.0, 0.5, 0.9])
 def test_sgd_lr_learned_from_a_trace_of_updates(mu, float64, make_mlp, batches):
     """SGD weights with log(lr) learned by SGD(kappa): dw_{t+1}/dlog(lr) is the update u_t itself, so the
@@ -29,7 +34,7 @@ def test_sgd_lr_learned_from_a_trace_of_updates(mu, float64, make_mlp, batches):
         F.mse_loss(model(x), y).backward()
         g = _grads(model)
         if z is not None:
-            log_lr -= kappa * sum(float((a * b).sum()) for a, b in zip(g, z, strict=True))
+            log_lr -= kappa * _dot(g, z)
         update = [-math.exp(log_lr) * t for t in g]
         z = update if z is None else [mu * a + b for a, b in zip(z, update, strict=True)]
         opt.step()
@@ -52,7 +57,7 @@ def test_adam_trace_matches_the_sum_over_a_horizon(float64, make_mlp, batches):
         F.mse_loss(ref(x), y).backward()
         g = _grads(ref)
         if z is not None:
-            log_lr -= kappa * sum(float((a * b).sum()) for a, b in zip(g, z, strict=True))
+            log_lr -= kappa * _dot(g, z)
         for group in torch_opt.param_groups:
             group["lr"] = math.exp(log_lr)
         before = [p.detach().clone() for p in ref.parameters()]
@@ -127,8 +132,7 @@ def test_normalized_hypergradient_is_the_slope_along_the_update(float64, make_ml
         F.mse_loss(model(x), y).backward()
         g = _grads(model)
         if previous is not None:
-            dot = sum(float((a * b).sum()) for a, b in zip(g, previous, strict=True))
-            log_lr -= kappa * dot / math.sqrt(sum(float((b * b).sum()) for b in previous))
+            log_lr -= kappa * _dot(g, previous) / math.sqrt(_dot(previous, previous))
         previous = [-math.exp(log_lr) * t for t in g]
         opt.step()
         opt.zero_grad()
@@ -151,19 +155,18 @@ def test_ramp_probes_sizes_and_approaches(lr, tau, float64, make_mlp, batches):
         F.mse_loss(plain(x), y).backward()
         g = _grads(plain)
         if previous is not None:
-            h = sum(float((a * b).sum()) for a, b in zip(g, previous, strict=True))  # dL/dlog(lr)
-            if active:
+            if active:  # the approach does not read the hypergradient
                 factor, grew = min(target, 2 * factor), grew + 1
                 active = factor < target
             else:
-                log_lr, learned = log_lr - kappa * h, learned + 1
+                log_lr, learned = log_lr - kappa * _dot(g, previous), learned + 1  # dL/dlog(lr)
         for group in ref.param_groups:
             group["lr"] = math.exp(log_lr) * factor
         update = [-group["lr"] * t for t in g]
-        w = math.sqrt(sum(float((p.detach() ** 2).sum()) for p in plain.parameters()))  # before the step
+        weights = [p.detach().clone() for p in plain.parameters()] if previous is None else None  # before the probe
         ref.step()
         if previous is None:  # the probe sets the target
-            u = math.sqrt(sum(float((t * t).sum()) for t in update))
+            w, u = math.sqrt(_dot(weights, weights)), math.sqrt(_dot(update, update))
             target = tau * w / u * factor
             factor = min(1.0, target)
             active = factor < target
