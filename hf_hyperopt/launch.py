@@ -185,6 +185,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         # As `python SCRIPT.py` does: the script's folder first on the import path.
         sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
         runpy.run_path(script, run_name="__main__")
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy the default process group a finished script left open, as torch asks of every program.
+
+    Stock scripts end without it; a rank that then exits while the group's threads still run can die in
+    interpreter shutdown ("terminate called without an active exception", SIGABRT) after training
+    succeeded, and the launcher reports the whole run as failed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
