@@ -172,6 +172,7 @@ sys.path.insert(0, {scripts!r})
 import finetune
 for argv in json.loads(open({runs!r}).read()):
     finetune.main(argv)
+finetune.close_process_group()
 """
 
 
