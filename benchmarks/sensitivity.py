@@ -157,6 +157,8 @@ TOWERS: dict[str, str] = {
     # the default without its ramp, and with the trace (off by default)
     "hyper_adam-ramp": "adam(lr=0.05,normalize=true)",
     "hyper_adam+trace": "adam(lr=0.05,ramp=0.001,normalize=true,trace=0.9)",
+    # the default with another step size at its top level (the default's is 0.05)
+    **{f"hyper_adam(top={lr})": f"adam(lr={lr},ramp=0.001,normalize=true)" for lr in ("0.01", "0.02", "0.1", "0.2")},
 }
 
 
