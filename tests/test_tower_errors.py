@@ -27,6 +27,8 @@ def params():
         ("lion(lr=1e-4)/sgd", "'lion'", "sgd, adam, adamw, adagrad, rmsprop"),
         ("adam(momentum=0.9)/sgd", "'momentum'", "lr, beta1, beta2, eps, weight_decay, learn"),
         ("adam(learn=lr+momentum)/sgd", "'momentum'", "lr, beta1, beta2, eps, weight_decay"),
+        ("adam(learn=lr+lr)/sgd", "learn=lr+lr", "twice"),
+        ("adam(learn=)/sgd", "learn= is empty", "lr, beta1, beta2, eps, weight_decay"),
         ("adam(lr=-1e-3)/sgd", "lr=-0.001", ">= 0"),
         ("adam(beta1=1.0)/sgd", "beta1=1.0", "[0, 1)"),
         ("adam(beta2=-0.1)/sgd", "beta2=-0.1", "[0, 1)"),
@@ -130,3 +132,19 @@ def test_upper_level_cannot_step(params):
     upper = hh.HyperSGD(lr=1e-5)
     with pytest.raises(RuntimeError, match="no parameters"):
         upper.step()
+
+
+def test_learn_names_get_one_check_from_every_entry_point(params):
+    """A spec string, an optimizer's ``learn=`` and ``--hyper_learn`` refuse a bad name with the same words."""
+    from hf_hyperopt.trainer import HyperTrainingArguments
+
+    expected = "learn=lr+gamma: 'gamma' is not a hyperparameter of adam that can be learned; allowed: lr, beta1"
+    entry_points = [
+        lambda: hh.parse_spec("adam(learn=lr+gamma)/sgd"),
+        lambda: hh.HyperAdam(params, learn="lr+gamma"),
+        lambda: HyperTrainingArguments(output_dir="unused", optim="hyper_adam", hyper_learn="lr+gamma"),
+    ]
+    for build in entry_points:
+        with pytest.raises(ValueError) as err:
+            build()
+        assert expected in str(err.value)

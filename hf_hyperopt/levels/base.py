@@ -11,6 +11,7 @@ it), and obtains hypergradients by running the rule under forward-mode autograd
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -215,6 +216,27 @@ class Rule:
     @classmethod
     def learnable(cls) -> tuple[str, ...]:
         return tuple(n for n, s in cls.hyperparameters.items() if s.kind != "flag")
+
+    @classmethod
+    def check_learn(cls, names: Iterable[str]) -> tuple[str, ...]:
+        """``names`` as a tuple, if they are a valid ``learn=`` for this rule; else ``ValueError``.
+
+        The one check of ``learn=`` names: spec strings, the optimizers' ``learn=`` argument and
+        ``--hyper_learn`` all come through here, and prefix the message with where the names came from.
+        """
+        names = tuple(names)
+        allowed = ", ".join(cls.learnable())
+        if not names:
+            raise ValueError(f"learn= is empty; name at least one of {allowed}, joined by '+'")
+        for name in names:
+            if name not in cls.learnable():
+                raise ValueError(
+                    f"learn={'+'.join(names)}: {name!r} is not a hyperparameter of {cls.name} that can be learned; "
+                    f"allowed: {allowed}, joined by '+'"
+                )
+        if len(set(names)) != len(names):
+            raise ValueError(f"learn={'+'.join(names)} names a hyperparameter twice")
+        return names
 
     def gdtuo_learned(self, values: dict[str, float]) -> tuple[str, ...]:
         return self.gdtuo_learn

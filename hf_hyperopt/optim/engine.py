@@ -298,18 +298,10 @@ class TowerOptimizer(torch.optim.Optimizer):
             if cfg.learn is not None
             else (cfg.rule(self.mode).gdtuo_learned(values) if self.mode == "gdtuo" else ("lr",))
         )
-        allowed = cfg.rule.learnable()
-        for name in learn:
-            if name not in allowed:
-                raise ValueError(
-                    f"level {k} ({cfg.rule.name}): learn={name!r} is not a hyperparameter of {cfg.rule.name}; "
-                    f"allowed: {', '.join(allowed)}"
-                )
-        if not learn:
-            raise ValueError(f"level {k} ({cfg.rule.name}): learn= is empty; name at least one of {', '.join(allowed)}")
-        if len(set(learn)) != len(learn):
-            raise ValueError(f"level {k} ({cfg.rule.name}): learn={'+'.join(learn)} names a hyperparameter twice")
-        return tuple(learn)
+        try:
+            return cfg.rule.check_learn(learn)
+        except ValueError as err:
+            raise ValueError(f"level {k} ({cfg.rule.name}): {err}") from None
 
     def _check_scope(self) -> None:
         for name in self._learn[0] if len(self.levels) > 1 else ():

@@ -56,13 +56,10 @@ def parse_spec(spec: str) -> list[LevelConfig]:
                     f"unknown key {key!r} for {name} in tower spec {spec!r}; allowed: {', '.join(allowed)}"
                 )
             if key == "learn":
-                learn = tuple(s.strip() for s in raw.split("+") if s.strip())
-                for h in learn:
-                    if h not in rule.learnable():
-                        raise ValueError(
-                            f"learn={raw!r} for {name} in {spec!r} names {h!r}, which {name} does not have; "
-                            f"allowed: {', '.join(rule.learnable())}"
-                        )
+                try:
+                    learn = rule.check_learn(s.strip() for s in raw.split("+") if s.strip())
+                except ValueError as err:
+                    raise ValueError(f"level {k} ({name}) of tower spec {spec!r}: {err}") from None
                 continue
             if key == "trace":
                 trace = _parse_value(key, raw, "unit", name, spec)

@@ -269,14 +269,10 @@ class HyperSettings:
             raise ValueError(f"--hyper_scope {scope!r} is not one of {', '.join(SCOPES)}")
         learn = "lr" if self.learn is None else self.learn
         rule = RULES[HyperOptimizerNames(self.optim).rule_name]
-        names = [s.strip() for s in str(learn).split("+")]
-        allowed = rule.learnable()
-        for name in names:
-            if name not in allowed:
-                raise ValueError(
-                    f"--hyper_learn {learn!r}: {name!r} is not a hyperparameter of {rule.name} "
-                    f"(--optim {self.optim}); allowed: {', '.join(allowed)}, joined by '+'"
-                )
+        try:
+            names = rule.check_learn(s.strip() for s in str(learn).split("+") if s.strip())
+        except ValueError as err:
+            raise ValueError(f"--hyper_learn {learn!r} with --optim {self.optim}: {err}") from None
         if "weight_decay" in names:
             raise ValueError(
                 f"--hyper_learn {learn!r}: weight_decay cannot be learned under the Trainer, whose "
