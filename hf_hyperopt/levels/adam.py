@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, Step, addcmul_, copy_, scalars, sqrt_
+from .base import Hyper, HyperSpec, Rule, Step, Tangent, addcmul_, copy_, coupled_decay, scalars, sqrt_
 
 
 class AdamRule(Rule):
@@ -35,6 +35,7 @@ class AdamRule(Rule):
     }
     state_names = ("exp_avg", "exp_avg_sq")
     gdtuo_learn = ("lr", "beta1", "beta2")
+    writes_tangents = True
 
     def init_state(self, p: Tensor, values: dict[str, float]) -> dict[str, Tensor]:
         state = super().init_state(p, values)
@@ -43,29 +44,80 @@ class AdamRule(Rule):
             state["exp_avg_sq"].fill_(values["eps"])
         return state
 
-    def update(self, params, grads, state, work, hp: Hyper, step: int | Tensor) -> Step:
+    def update(self, params, grads, state, work, hp: Hyper, step: int | Tensor, tangents=None) -> Step:
         lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
-        decay = None
+        want = tangents or {}
+        decay, coupled = None, False
         if not hp.zero("weight_decay"):
             if self.options.get("decoupled"):
                 decay = 1.0 - lr * hp["weight_decay"]
             else:
-                grads = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"])))
+                grads, coupled = coupled_decay(grads, params, hp["weight_decay"]), True
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2 = 1.0 - beta2**step
+        t_beta1, t_beta2, t_eps = want.get("beta1"), want.get("beta2"), want.get("eps")
+        t_wd = want.get("weight_decay") if coupled else None
+        # Tangents that read the moments' history are started before the moments move.
+        if t_beta1 is not None:  # dm/dbeta1 = m_{t-1} - g
+            torch._foreach_copy_(t_beta1, exp_avgs)
+            torch._foreach_sub_(t_beta1, grads)
+        if t_beta2 is not None:
+            # dv/dbeta2 = v_{t-1} - g^2; bc2 in sqrt(v / bc2) adds c v, c = t beta2^(t-1) / bc2. Both
+            # are linear in v_{t-1} and g^2, so their sum is written from them now.
+            c = step * beta2 ** (step - 1) / bias_correction2
+            torch._foreach_copy_(t_beta2, exp_avg_sqs)
+            torch._foreach_mul_(t_beta2, scalars(1.0 + c * beta2))
+            addcmul_(t_beta2, grads, grads, c * (1.0 - beta2) - 1.0)
         torch._foreach_lerp_(exp_avgs, grads, scalars(1.0 - beta1))
         torch._foreach_mul_(exp_avg_sqs, scalars(beta2))
         addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-        bias_correction1 = 1.0 - beta1**step
-        bias_correction2 = 1.0 - beta2**step
-        # m / (sqrt(v) / sqrt(bc2) + eps), built in the workspace without allocating.
+        # m / (sqrt(v) / sqrt(bc2) + eps), built in the workspace without allocating; each tangent
+        # takes its factors (1 / sqrt(v), 1 / denominator, the direction) as they pass through it.
         direction = work["direction"]
         copy_(direction, exp_avg_sqs)
-        sqrt_(direction)
-        torch._foreach_div_(direction, scalars(bias_correction2.sqrt()))
+        sqrt_(direction, divides=t_beta2 is not None or t_wd is not None)
+        if t_beta2 is not None:
+            torch._foreach_div_(t_beta2, direction)
+        if t_wd is not None:
+            torch._foreach_copy_(t_wd, grads)
+            torch._foreach_div_(t_wd, direction)
+        root_bc2 = bias_correction2.sqrt()
+        torch._foreach_div_(direction, scalars(root_bc2))
         torch._foreach_add_(direction, scalars(hp["eps"]))
         torch._foreach_reciprocal_(direction)
+        for t in (t_beta1, t_beta2):
+            if t is not None:
+                torch._foreach_mul_(t, direction)
+        if t_eps is not None:
+            torch._foreach_copy_(t_eps, direction)
+        if t_wd is not None:
+            # d(direction)/d(weight_decay) = w / denom * ((1 - beta1) - (1 - beta2) m g / (denom sqrt(v bc2)))
+            torch._foreach_mul_(t_wd, exp_avgs)
+            torch._foreach_mul_(t_wd, direction)
+            torch._foreach_mul_(t_wd, scalars((beta2 - 1.0) / root_bc2))
+            torch._foreach_add_(t_wd, scalars(1.0 - beta1))
+            torch._foreach_mul_(t_wd, direction)
+            torch._foreach_mul_(t_wd, params)
         torch._foreach_mul_(direction, exp_avgs)
-        return Step(direction, -lr / bias_correction1, decay)
+        for t in (t_beta2, t_eps):
+            if t is not None:
+                torch._foreach_mul_(t, direction)
+        scale = -lr / bias_correction1
+        written = {}
+        for name in want:
+            if name == "lr":
+                wd = hp["weight_decay"] if decay is not None else None
+                written[name] = Tangent(direction=-1.0 / bias_correction1, params=None if wd is None else -wd)
+            elif name == "beta1":  # through m, and through bc1 in the step size
+                written[name] = Tangent(own=scale, direction=scale * step * beta1 ** (step - 1) / bias_correction1)
+            elif name == "beta2":
+                written[name] = Tangent(own=-0.5 * scale / root_bc2)
+            elif name == "eps":
+                written[name] = Tangent(own=-scale)
+            elif name == "weight_decay":
+                written[name] = Tangent(own=scale) if coupled else Tangent(params=-lr)
+        return Step(direction, scale, decay, written)
 
 
 class AdamWRule(AdamRule):

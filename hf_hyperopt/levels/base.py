@@ -4,14 +4,18 @@ A *level* is one optimizer in a tower. Its update rule is written once, as in-pl
 (``torch._foreach_*``) maths over lists of tensors, with every hyperparameter given as a 1-D tensor
 holding one value per tensor in the list. The tower engine runs the same rule on the model's weights
 (the bottom level) and on the vector of learned hyperparameters of the level below (every level above
-it), and obtains hypergradients by running the rule under forward-mode autograd
-(``torch.autograd.forward_ad``). No rule contains a derivative.
+it). A hypergradient needs the tangent of the update with respect to each learned hyperparameter: a
+built-in rule writes it beside the update, in the same ``_foreach`` maths and from the same
+intermediate results (:class:`Tangent`), because forward-mode autograd (``torch.autograd.forward_ad``)
+through a whole update costs hundreds of optimizer steps' time and memory once anything but the step
+size is learned. Forward mode stays the fallback for a rule that does not write tangents, and the
+reference the written ones are tested against.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -119,6 +123,13 @@ class Hyper:
     def zero(self, name: str) -> bool:
         return name in self._zero
 
+    def unpack(self) -> tuple[Hyper, dict[str, Tensor | None]]:
+        """The values without their forward-mode tangents, and the tangents; call inside the dual level."""
+        values, tangents = {}, {}
+        for name, v in self._values.items():
+            values[name], tangents[name] = fwAD.unpack_dual(v)
+        return Hyper(values, self._zero), tangents
+
 
 def scalars(x: Tensor) -> list[float] | list[Tensor]:
     """A per-tensor hyperparameter vector in the form ``_foreach_*`` ops take as per-tensor scalars.
@@ -144,6 +155,13 @@ def copy_(dst: list[Tensor], src: list[Tensor]) -> None:
         torch._foreach_copy_(dst, src)
 
 
+def coupled_decay(grads: list[Tensor], params: list[Tensor], weight_decay: Tensor) -> list[Tensor]:
+    """``grads + weight_decay * params`` as new tensors (an L2 penalty added to the gradient)."""
+    out = torch._foreach_mul(params, scalars(weight_decay))
+    torch._foreach_add_(out, grads)
+    return out
+
+
 def addcmul_(self: list[Tensor], t1: list[Tensor], t2: list[Tensor], value: Tensor) -> None:
     """``self += value * t1 * t2`` with a per-tensor ``value`` that may carry a tangent."""
     v = scalars(value)
@@ -151,6 +169,22 @@ def addcmul_(self: list[Tensor], t1: list[Tensor], t2: list[Tensor], value: Tens
         torch._foreach_addcmul_(self, t1, t2, v)
     else:
         torch._foreach_addcmul_(self, t1, torch._foreach_mul(t2, v))
+
+
+@dataclass
+class Tangent:
+    """The derivative of the new parameters with respect to one hyperparameter (its natural value).
+
+    ``d(new params)/d(name) = buffer * own + direction * direction + params * params``: per-tensor
+    vectors (``None``: no such term), where ``buffer`` is what the rule wrote into the name's tangent
+    buffer, ``direction`` the returned :attr:`Step.direction` and ``params`` the parameters before the
+    step. Leaving the last products to the engine lets it build them in place, in the order that needs
+    no parameter-sized temporary, and chain them to the learned coordinate with the same multiplication.
+    """
+
+    own: Tensor | None = None
+    direction: Tensor | None = None
+    params: Tensor | None = None
 
 
 @dataclass
@@ -168,17 +202,19 @@ class Step:
     direction: list[Tensor]
     scale: Tensor
     decay: Tensor | None = None
+    tangents: dict[str, Tangent] = field(default_factory=dict)
 
 
-def sqrt_(tensors: list[Tensor]) -> list[Tensor]:
+def sqrt_(tensors: list[Tensor], divides: bool = False) -> list[Tensor]:
     """In-place square root of non-negative tensors, with a zero (not NaN) tangent at exact zeros.
 
     An exact-zero second moment (an embedding row that no batch has used) has an exact-zero tangent
     too, and forward-mode AD of ``sqrt`` gives 0 / (2 sqrt(0)) = NaN there, which would poison the
     whole hypergradient sum. Raising the values to the dtype's smallest normal number first (the
     clamp's tangent is 0 where it binds) changes sqrt(0) to ~1e-19 in float32, far below any eps.
+    ``divides``: a written tangent will divide by the root (the same guard, so 0 / root is 0).
     """
-    if fwAD.unpack_dual(tensors[0]).tangent is not None:  # without a tangent sqrt(0) = 0 is fine
+    if divides or fwAD.unpack_dual(tensors[0]).tangent is not None:  # else sqrt(0) = 0 is fine
         torch._foreach_clamp_min_(tensors, torch.finfo(tensors[0].dtype).tiny)
     torch._foreach_sqrt_(tensors)
     return tensors
@@ -196,6 +232,8 @@ class Rule:
             that a step allocates no parameter-sized memory of its own.
         square_lr: ``gdtuo`` mode stores this level's step size as its square root (RMSProp).
         gdtuo_raw: ``gdtuo`` mode stores these rates raw (SGD's momentum).
+        writes_tangents: :meth:`update` takes ``tangents`` and writes them; otherwise the engine
+            obtains them by forward-mode AD through :meth:`update`.
     """
 
     name: ClassVar[str]
@@ -207,6 +245,7 @@ class Rule:
     gdtuo_raw: ClassVar[tuple[str, ...]] = ()
     # What the reference implementation learns for this level (gdtuo mode).
     gdtuo_learn: ClassVar[tuple[str, ...]] = ("lr",)
+    writes_tangents: ClassVar[bool] = False
 
     def __init__(self, mode: Mode = "default", **options: bool):
         self.mode = mode
@@ -231,6 +270,7 @@ class Rule:
         work: dict[str, list[Tensor]],
         hp: Hyper,
         step: int | Tensor,
+        tangents: dict[str, list[Tensor]] | None = None,
     ) -> Step:
         """Take one step: update ``state`` in place and say how ``params`` change (never touch them).
 
@@ -244,5 +284,12 @@ class Rule:
             step: the 1-based step count: an int, or at the weight level, whose tensors count only
                 the steps in which they had a gradient (as ``torch.optim`` counts ``state[p]["step"]``)
                 and may disagree, a 1-D tensor with one count per tensor, like the hyperparameters.
+            tangents: only for a rule with ``writes_tangents``: the learned hyperparameters' names
+                mapped to parameter-sized buffers aligned with ``params`` (contents undefined on
+                entry). The rule returns a :class:`Tangent` for each name in :attr:`Step.tangents`
+                and writes into the buffer of those with an ``own`` term, holding the state's history,
+                the gradients and the parameters constant (the paper's one-step hypergradient).
+                The step size only scales the direction, so ``lr`` never has an ``own`` term and the
+                engine may build the direction in its buffer (``work["direction"]`` is then it).
         """
         raise NotImplementedError
