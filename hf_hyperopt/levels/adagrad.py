@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, Step, Tangent, copy_, coupled_decay, scalars, sqrt_
+from .base import Hyper, HyperSpec, Rule, Step, Tangent, copy_, coupled_decay, div_into, scalars, sqrt_into
 
 
 class AdaGradRule(Rule):
@@ -42,36 +42,33 @@ class AdaGradRule(Rule):
         sums = state["sum"]
         torch._foreach_addcmul_(sums, grads, grads)
         direction = work["direction"]
-        copy_(direction, sums)
         eps = scalars(hp["eps"])
         in_sqrt = self.options.get("eps_in_sqrt")
         if in_sqrt:
+            copy_(direction, sums)
             torch._foreach_add_(direction, eps)
             torch._foreach_sqrt_(direction)
         else:
-            sqrt_(direction, divides=t_wd is not None)
+            sqrt_into(direction, sums, divides=t_wd is not None)
         # The tangents take their factors (the root, 1 / denominator, the direction) as they pass.
         if t_wd is not None:
             # d(direction)/d(weight_decay) = w / denom * (1 - g^2 / (denom root))
-            torch._foreach_copy_(t_wd, grads)
+            div_into(t_wd, grads, direction)
             torch._foreach_mul_(t_wd, grads)
-            torch._foreach_div_(t_wd, direction)
         if not in_sqrt:
             torch._foreach_add_(direction, eps)
-        torch._foreach_reciprocal_(direction)
-        if t_eps is not None:  # -direction / denom, and / (2 denom) more inside the root
-            torch._foreach_copy_(t_eps, direction)
+        if t_eps is not None:  # -g / denom^2, and / (2 denom) more inside the root
+            div_into(t_eps, grads, direction)
+            torch._foreach_div_(t_eps, direction)
             if in_sqrt:
-                torch._foreach_mul_(t_eps, direction)
+                torch._foreach_div_(t_eps, direction)
         if t_wd is not None:
-            torch._foreach_mul_(t_wd, direction)
+            torch._foreach_div_(t_wd, direction)
             torch._foreach_neg_(t_wd)
             torch._foreach_add_(t_wd, 1.0)
-            torch._foreach_mul_(t_wd, direction)
+            torch._foreach_div_(t_wd, direction)
             torch._foreach_mul_(t_wd, params)
-        torch._foreach_mul_(direction, grads)
-        if t_eps is not None:
-            torch._foreach_mul_(t_eps, direction)
+        div_into(direction, grads, direction)
         scale = -hp["lr"]
         written = {}
         for name in want:

@@ -7,7 +7,20 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, Step, Tangent, addcmul_, copy_, coupled_decay, scalars, sqrt_
+from .base import (
+    Hyper,
+    HyperSpec,
+    Rule,
+    Step,
+    Tangent,
+    add_scaled_,
+    addcmul_,
+    coupled_decay,
+    div_into,
+    mul_into,
+    scalars,
+    sqrt_into,
+)
 
 
 class AdamRule(Rule):
@@ -56,67 +69,69 @@ class AdamRule(Rule):
                 grads, coupled = coupled_decay(grads, params, hp["weight_decay"]), True
         bias_correction1 = 1.0 - beta1**step
         bias_correction2 = 1.0 - beta2**step
+        root_bc2 = bias_correction2.sqrt()
+        scale = -lr / bias_correction1
         t_beta1, t_beta2, t_eps = want.get("beta1"), want.get("beta2"), want.get("eps")
         t_wd = want.get("weight_decay") if coupled else None
-        # Tangents that read the moments' history are started before the moments move.
-        if t_beta1 is not None:  # dm/dbeta1 = m_{t-1} - g
-            torch._foreach_copy_(t_beta1, exp_avgs)
-            torch._foreach_sub_(t_beta1, grads)
+        # Tangents that read the moments' history are started before the moments move. Each is
+        # written times its constant factor and the chain to theta (``f``), folded into passes it
+        # makes anyway.
+        if t_beta1 is not None:
+            # dm/dbeta1 = m_{t-1} - g; bc1 in the step size adds c m, c = t beta1^(t-1) / bc1. Both
+            # are linear in m_{t-1} and g, so their sum is written from them now: times 1 / denom below.
+            c = step * beta1 ** (step - 1) / bias_correction1
+            f = scale * hp.chain("beta1")
+            mul_into(t_beta1, exp_avgs, f * (1.0 + c * beta1))
+            add_scaled_(t_beta1, grads, f * (c * (1.0 - beta1) - 1.0))
         if t_beta2 is not None:
-            # dv/dbeta2 = v_{t-1} - g^2; bc2 in sqrt(v / bc2) adds c v, c = t beta2^(t-1) / bc2. Both
-            # are linear in v_{t-1} and g^2, so their sum is written from them now.
+            # dv/dbeta2 = v_{t-1} - g^2; bc2 in sqrt(v / bc2) adds c v, c = t beta2^(t-1) / bc2: as for
+            # beta1. Times -direction / (2 sqrt(v bc2) denom) below.
             c = step * beta2 ** (step - 1) / bias_correction2
-            torch._foreach_copy_(t_beta2, exp_avg_sqs)
-            torch._foreach_mul_(t_beta2, scalars(1.0 + c * beta2))
-            addcmul_(t_beta2, grads, grads, c * (1.0 - beta2) - 1.0)
+            f = -0.5 * scale / root_bc2 * hp.chain("beta2")
+            mul_into(t_beta2, exp_avg_sqs, f * (1.0 + c * beta2))
+            addcmul_(t_beta2, grads, grads, f * (c * (1.0 - beta2) - 1.0))
         torch._foreach_lerp_(exp_avgs, grads, scalars(1.0 - beta1))
         torch._foreach_mul_(exp_avg_sqs, scalars(beta2))
         addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
         # m / (sqrt(v) / sqrt(bc2) + eps), built in the workspace without allocating; each tangent
         # takes its factors (1 / sqrt(v), 1 / denominator, the direction) as they pass through it.
         direction = work["direction"]
-        copy_(direction, exp_avg_sqs)
-        sqrt_(direction, divides=t_beta2 is not None or t_wd is not None)
+        sqrt_into(direction, exp_avg_sqs, divides=t_beta2 is not None or t_wd is not None)
         if t_beta2 is not None:
             torch._foreach_div_(t_beta2, direction)
         if t_wd is not None:
-            torch._foreach_copy_(t_wd, grads)
-            torch._foreach_div_(t_wd, direction)
-        root_bc2 = bias_correction2.sqrt()
+            div_into(t_wd, grads, direction)
         torch._foreach_div_(direction, scalars(root_bc2))
         torch._foreach_add_(direction, scalars(hp["eps"]))
-        torch._foreach_reciprocal_(direction)
         for t in (t_beta1, t_beta2):
             if t is not None:
-                torch._foreach_mul_(t, direction)
-        if t_eps is not None:
-            torch._foreach_copy_(t_eps, direction)
+                torch._foreach_div_(t, direction)
+        if t_eps is not None:  # -m / denom^2
+            div_into(t_eps, exp_avgs, direction)
+            torch._foreach_div_(t_eps, direction)
         if t_wd is not None:
             # d(direction)/d(weight_decay) = w / denom * ((1 - beta1) - (1 - beta2) m g / (denom sqrt(v bc2)))
             torch._foreach_mul_(t_wd, exp_avgs)
-            torch._foreach_mul_(t_wd, direction)
-            torch._foreach_mul_(t_wd, scalars((beta2 - 1.0) / root_bc2))
-            torch._foreach_add_(t_wd, scalars(1.0 - beta1))
-            torch._foreach_mul_(t_wd, direction)
+            torch._foreach_div_(t_wd, direction)
+            f = scale * hp.chain("weight_decay")
+            torch._foreach_mul_(t_wd, scalars(f * (beta2 - 1.0) / root_bc2))
+            torch._foreach_add_(t_wd, scalars(f * (1.0 - beta1)))
+            torch._foreach_div_(t_wd, direction)
             torch._foreach_mul_(t_wd, params)
-        torch._foreach_mul_(direction, exp_avgs)
-        for t in (t_beta2, t_eps):
-            if t is not None:
-                torch._foreach_mul_(t, direction)
-        scale = -lr / bias_correction1
+        div_into(direction, exp_avgs, direction)
+        if t_beta2 is not None:
+            torch._foreach_mul_(t_beta2, direction)
         written = {}
         for name in want:
             if name == "lr":
                 wd = hp["weight_decay"] if decay is not None else None
                 written[name] = Tangent(direction=-1.0 / bias_correction1, params=None if wd is None else -wd)
-            elif name == "beta1":  # through m, and through bc1 in the step size
-                written[name] = Tangent(own=scale, direction=scale * step * beta1 ** (step - 1) / bias_correction1)
-            elif name == "beta2":
-                written[name] = Tangent(own=-0.5 * scale / root_bc2)
+            elif name in ("beta1", "beta2") or name == "weight_decay" and coupled:
+                written[name] = Tangent(chained=True)
             elif name == "eps":
                 written[name] = Tangent(own=-scale)
             elif name == "weight_decay":
-                written[name] = Tangent(own=scale) if coupled else Tangent(params=-lr)
+                written[name] = Tangent(params=-lr)
         return Step(direction, scale, decay, written)
 
 

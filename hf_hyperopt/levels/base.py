@@ -111,11 +111,12 @@ class Hyper:
     tensor and is not learned, so a rule may skip the work it would multiply (weight decay, momentum).
     """
 
-    __slots__ = ("_values", "_zero")
+    __slots__ = ("_chain", "_values", "_zero")
 
-    def __init__(self, values: dict[str, Tensor], zero: frozenset[str]):
+    def __init__(self, values: dict[str, Tensor], zero: frozenset[str], chain: dict[str, Tensor] | None = None):
         self._values = values
         self._zero = zero
+        self._chain = chain or {}
 
     def __getitem__(self, name: str) -> Tensor:
         return self._values[name]
@@ -123,12 +124,21 @@ class Hyper:
     def zero(self, name: str) -> bool:
         return name in self._zero
 
-    def unpack(self) -> tuple[Hyper, dict[str, Tensor | None]]:
-        """The values without their forward-mode tangents, and the tangents; call inside the dual level."""
-        values, tangents = {}, {}
+    def chain(self, name: str) -> Tensor:
+        """d(value)/d(theta) per tensor for a learned ``name``: what a written tangent is multiplied by."""
+        return self._chain[name]
+
+    def unpack(self, learn: tuple[str, ...]) -> Hyper:
+        """These values without their forward-mode tangents, the tangents of ``learn`` as :meth:`chain`.
+
+        Call inside the dual level in which the values were built.
+        """
+        values, chain = {}, {}
         for name, v in self._values.items():
-            values[name], tangents[name] = fwAD.unpack_dual(v)
-        return Hyper(values, self._zero), tangents
+            values[name], tangent = fwAD.unpack_dual(v)
+            if name in learn:
+                chain[name] = tangent if tangent is not None else torch.zeros_like(values[name])
+        return Hyper(values, self._zero, chain)
 
 
 def scalars(x: Tensor) -> list[float] | list[Tensor]:
@@ -143,6 +153,53 @@ def scalars(x: Tensor) -> list[float] | list[Tensor]:
     if x.device.type == "cpu" and fwAD.unpack_dual(x).tangent is None:
         return x.tolist()
     return list(x.unbind(0))
+
+
+def _one_pass(*lists: list[Tensor]) -> bool:
+    """Whether ``out=`` ops tensor by tensor may stand in for a copy and an in-place ``_foreach`` op.
+
+    On the CPU ``_foreach_*`` ops run tensor by tensor anyway, so an op that writes its result into
+    another buffer costs no more calls and saves a pass over memory. On an accelerator the fused
+    ``_foreach`` kernels are fewer launches, and forward-mode AD flows only through them.
+    """
+    return all(t[0].device.type == "cpu" and fwAD.unpack_dual(t[0]).tangent is None for t in lists)
+
+
+def sqrt_into(dst: list[Tensor], src: list[Tensor], divides: bool = False) -> list[Tensor]:
+    """``dst[i] = sqrt(src[i])``, guarded as :func:`sqrt_`."""
+    if not _one_pass(dst, src):
+        copy_(dst, src)
+        return sqrt_(dst, divides)
+    for d, s in zip(dst, src, strict=True):
+        if divides:
+            torch.clamp_min(s, torch.finfo(s.dtype).tiny, out=d).sqrt_()
+        else:
+            torch.sqrt(s, out=d)
+    return dst
+
+
+def mul_into(dst: list[Tensor], src: list[Tensor], alpha: Tensor) -> None:
+    """``dst[i] = src[i] * alpha[i]`` (``alpha`` a per-tensor vector without a tangent)."""
+    a = scalars(alpha)
+    if _one_pass(dst, src) and a and isinstance(a[0], float):
+        for d, s, x in zip(dst, src, a, strict=True):
+            torch.mul(s, x, out=d)
+    else:
+        torch._foreach_copy_(dst, src)
+        torch._foreach_mul_(dst, a)
+
+
+def div_into(dst: list[Tensor], num: list[Tensor], den: list[Tensor]) -> None:
+    """``dst[i] = num[i] / den[i]``; ``dst`` may be ``den``."""
+    if _one_pass(dst, num, den):
+        for d, n, q in zip(dst, num, den, strict=True):
+            torch.div(n, q, out=d)
+    elif dst is den:
+        torch._foreach_reciprocal_(dst)
+        torch._foreach_mul_(dst, num)
+    else:
+        copy_(dst, num)
+        torch._foreach_div_(dst, den)
 
 
 def copy_(dst: list[Tensor], src: list[Tensor]) -> None:
@@ -160,6 +217,19 @@ def coupled_decay(grads: list[Tensor], params: list[Tensor], weight_decay: Tenso
     out = torch._foreach_mul(params, scalars(weight_decay))
     torch._foreach_add_(out, grads)
     return out
+
+
+def add_scaled_(dst: list[Tensor], src: list[Tensor], alpha: Tensor) -> None:
+    """``dst += alpha * src`` with one ``alpha`` per tensor; without a temporary when they are host floats."""
+    a = scalars(alpha)
+    if a and isinstance(a[0], float):
+        if all(x == a[0] for x in a):
+            torch._foreach_add_(dst, src, alpha=a[0])
+        else:
+            for d, s, x in zip(dst, src, a, strict=True):
+                d.add_(s, alpha=x)
+    else:
+        torch._foreach_add_(dst, torch._foreach_mul(src, a))
 
 
 def addcmul_(self: list[Tensor], t1: list[Tensor], t2: list[Tensor], value: Tensor) -> None:
@@ -185,6 +255,9 @@ class Tangent:
     own: Tensor | None = None
     direction: Tensor | None = None
     params: Tensor | None = None
+    # The buffer already holds its term times d(value)/d(theta) (``Hyper.chain``): a rule that scales
+    # the buffer by a constant anyway folds the chain into that pass and saves the engine one.
+    chained: bool = False
 
 
 @dataclass
@@ -193,10 +266,10 @@ class Step:
 
     ``direction`` is a list of tensors that the engine may scale in place (the rule's workspace or a
     temporary, never state or gradients); ``scale`` and ``decay`` are per-tensor vectors
-    (``decay=None`` means 1). Keeping the last multiplication factored lets the
-    engine apply it in place and, when forward-mode AD reports that ``direction`` does not depend on
-    the learned hyperparameters (the common case of a learned step size), write the tangent of this
-    product straight into its buffers instead of letting AD allocate it.
+    (``decay=None`` means 1). Keeping the last multiplication factored lets the engine apply it in
+    place and write the tangent of this product straight into its buffers: from ``tangents`` (one
+    :class:`Tangent` per learned name, when the rule writes them) or, under forward-mode AD, when AD
+    reports that ``direction`` does not depend on the learned hyperparameters (a learned step size).
     """
 
     direction: list[Tensor]

@@ -604,18 +604,21 @@ class TowerOptimizer(torch.optim.Optimizer):
         theta0 = ts["theta"][0]
         units = self._units()
         h0 = torch.zeros_like(theta0)
-        keep = bool(self.levels[1].trace)
+        trace = bool(self.levels[1].trace)
         normalize = self.levels[1].normalize
         if normalize:
             zz0 = torch.zeros_like(theta0)
         for b in self._buckets:
             grads = [local_tensor(p.grad) for p in b.params]
+            # A trace lives on across steps, so it is read without being overwritten; on the CPU a dot
+            # per tensor is also the cheaper read (the buffer once, no write), on an accelerator the
+            # fused product and one flat sum are two kernels instead of one per tensor.
+            keep = trace or b.local[0].device.type == "cpu"
             for j, name in enumerate(self._learn[0]):
                 if normalize:
                     zsq = _squared_norms(b.views[name])
                     zz0.index_add_(0, b.unit_index.to(theta0.device) + j * units, zsq.to(theta0.device, theta0.dtype))
                 if keep:
-                    # Dot products leave the tangent as it is: a trace lives on across steps.
                     sums = torch.stack([_dot(z, g) for z, g in zip(b.views[name], grads, strict=True)])
                     ids = b.unit_index
                 else:

@@ -22,10 +22,10 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from ..levels.base import Hyper, Rule, Step, Tangent, scalars
+from ..levels.base import Hyper, Rule, Step, Tangent, add_scaled_, scalars
 
 # A step size's tangent is the increment over the step size: d(scale) / scale is 1 up to rounding
-# with a log-parametrised lr, and then needs no pass over the tangent.
+# with a log-parametrised lr, and then the scaled direction is the tangent.
 _UNIT_RATIO_TOL = 1e-12
 
 
@@ -57,19 +57,14 @@ def run_rule(
         forward_ad(rule, params, grads, state, hyper_fn, step, theta, learn, out, trace)
 
 
-def chain_factors(hyper_fn: Callable[[Tensor | None], Hyper], theta: Tensor, learn: tuple[str, ...]):
-    """The hyperparameters at ``theta`` and, per learned name, d(value)/d(theta) for each tensor.
+def chained_hyper(hyper_fn: Callable[[Tensor | None], Hyper], theta: Tensor, learn: tuple[str, ...]) -> Hyper:
+    """The hyperparameters at ``theta``, with d(value)/d(theta) per tensor of each learned one (``hp.chain``).
 
     One forward-mode pass with every entry of theta seeded at once: each value reads only its own
     name's entries, and each tensor only its own unit's.
     """
     with fwAD.dual_level():
-        hp, tangents = hyper_fn(fwAD.make_dual(theta, torch.ones_like(theta))).unpack()
-    chain = {}
-    for name in learn:
-        t = tangents[name]
-        chain[name] = t if t is not None else torch.zeros_like(hp[name])
-    return hp, chain
+        return hyper_fn(fwAD.make_dual(theta, torch.ones_like(theta))).unpack(learn)
 
 
 def written(
@@ -86,7 +81,7 @@ def written(
     trace: float = 0.0,
 ) -> None:
     """:func:`run_rule` for a rule that writes its tangents."""
-    hp, chain = chain_factors(hyper_fn, theta, learn)
+    hp = chained_hyper(hyper_fn, theta, learn)
     # A trace keeps Z_{t-1} in the buffers, so this step's tangents are built beside them.
     bufs = {n: [torch.empty_like(t) for t in params] for n in learn} if trace else out
     work = dict(work)
@@ -98,7 +93,7 @@ def written(
     missing = [n for n in learn if n not in st.tangents]
     if missing:
         raise RuntimeError(f"{type(rule).__name__}.update wrote no tangent for {', '.join(missing)}")
-    _apply_written(params, st, bufs, chain, "lr" if "lr" in learn else None)
+    _apply_written(params, st, bufs, hp, "lr" if "lr" in learn else None)
     if trace:
         for name in learn:
             torch._foreach_mul_(out[name], trace)
@@ -106,7 +101,7 @@ def written(
 
 
 def _apply_written(
-    params: list[Tensor], step: Step, bufs: dict[str, list[Tensor]], chain: dict[str, Tensor], held: str | None
+    params: list[Tensor], step: Step, bufs: dict[str, list[Tensor]], hp: Hyper, held: str | None
 ) -> None:
     """``params <- params * decay + direction * scale`` in place, and each tangent chained to theta.
 
@@ -117,15 +112,15 @@ def _apply_written(
     direction = step.direction
     for name, tangent in step.tangents.items():
         if name != held:
-            _combine(bufs[name], tangent, chain[name], direction, params)
+            _combine(bufs[name], tangent, hp.chain(name), direction, params)
     if held is None:
         if step.decay is not None:
             torch._foreach_mul_(params, scalars(step.decay))
         torch._foreach_mul_(direction, scalars(step.scale))
         torch._foreach_add_(params, direction)
         return
-    tangent, c = step.tangents[held], chain[held]
-    if tangent.own is not None:
+    tangent, c = step.tangents[held], hp.chain(held)
+    if tangent.own is not None or tangent.chained:
         raise RuntimeError("a step size's tangent has no term of its own: it only scales the direction")
     params_term = torch._foreach_mul(params, scalars(tangent.params * c)) if tangent.params is not None else None
     if step.decay is not None:
@@ -135,13 +130,11 @@ def _apply_written(
         torch._foreach_copy_(buf, direction)
     d_scale = tangent.direction * c if tangent.direction is not None else None
     ratio = _ratio(d_scale, step.scale)
-    if ratio is not None:
+    if ratio is not None and all(abs(r - 1.0) <= _UNIT_RATIO_TOL for r in ratio):
         torch._foreach_mul_(buf, scalars(step.scale))
         torch._foreach_add_(params, buf)
-        if any(abs(r - 1.0) > _UNIT_RATIO_TOL for r in ratio):
-            torch._foreach_mul_(buf, ratio)
     else:
-        torch._foreach_add_(params, torch._foreach_mul(buf, scalars(step.scale)))
+        add_scaled_(params, buf, step.scale)
         if d_scale is None:
             torch._foreach_zero_(buf)
         else:
@@ -152,8 +145,8 @@ def _apply_written(
 
 def _combine(buf: list[Tensor], tangent: Tangent, c: Tensor, direction: list[Tensor], params: list[Tensor]) -> None:
     """``buf <- (buf * own + direction * direction_coef + params * params_coef) * c``, one temporary at most."""
-    started = tangent.own is not None
-    if started:
+    started = tangent.own is not None or tangent.chained
+    if tangent.own is not None:
         torch._foreach_mul_(buf, scalars(tangent.own * c))
     for source, coef in ((direction, tangent.direction), (params, tangent.params)):
         if coef is None:
