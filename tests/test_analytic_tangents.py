@@ -251,3 +251,30 @@ def test_tower_with_written_tangents_matches_forward_ad(spec, compat, scope, flo
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert h_written == pytest.approx(h_ad, rel=1e-8)
     assert h_written != pytest.approx(start, rel=1e-6)  # the levels above did learn
+
+
+def test_accelerator_code_paths_match(monkeypatch, float64, make_mlp, batches):
+    """Off the CPU the hyperparameters reach the ``_foreach`` ops as 0-dim tensors, the one-pass
+    ``out=`` ops give way to copies and in-place ops, and the step size's ratio cannot be read for
+    free. The same towers on the CPU with those paths forced must give the same numbers."""
+    import hf_hyperopt.levels.adagrad as adagrad_mod
+    import hf_hyperopt.levels.adam as adam_mod
+    import hf_hyperopt.levels.base as base_mod
+    import hf_hyperopt.levels.rmsprop as rmsprop_mod
+    import hf_hyperopt.levels.sgd as sgd_mod
+
+    expected = [_train(spec, compat, scope, True, make_mlp, batches) for spec, compat, scope in TOWERS]
+
+    def as_tensors(x):
+        return list(x.unbind(0))
+
+    for module in (base_mod, adam_mod, sgd_mod, adagrad_mod, rmsprop_mod, tangents):
+        if hasattr(module, "scalars"):
+            monkeypatch.setattr(module, "scalars", as_tensors)
+    monkeypatch.setattr(base_mod, "_one_pass", lambda *lists: False)
+    monkeypatch.setattr(tangents, "_ratio", lambda d_scale, scale: None)
+    for (spec, compat, scope), (w_cpu, h_cpu, _) in zip(TOWERS, expected, strict=True):
+        w, h, _ = _train(spec, compat, scope, True, make_mlp, batches)
+        for a, b in zip(w, w_cpu, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        assert h == pytest.approx(h_cpu, rel=1e-8), spec
