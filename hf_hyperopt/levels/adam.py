@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -13,12 +14,15 @@ from .base import (
     Rule,
     Step,
     Tangent,
-    add_scaled_,
     addcmul_,
+    addcmul_into,
     coupled_decay,
     div_into,
-    mul_into,
+    lincomb_into,
+    product_into,
+    quotient_into,
     scalars,
+    scaled_root_into,
     sqrt_into,
 )
 
@@ -73,66 +77,81 @@ class AdamRule(Rule):
         scale = -lr / bias_correction1
         t_beta1, t_beta2, t_eps = want.get("beta1"), want.get("beta2"), want.get("eps")
         t_wd = want.get("weight_decay") if coupled else None
-        # Tangents that read the moments' history are started before the moments move. Each is
-        # written times its constant factor and the chain to theta (``f``), folded into passes it
-        # makes anyway.
+        # The learned lr's tangent is the direction times this: the direction is built with it
+        # (one pass fewer than scaling it afterwards), where that can be read for free.
+        lr_factor = None
+        if "lr" in want:
+            k = -hp.chain("lr") / bias_correction1
+            if k.device.type == "cpu" and all(math.isfinite(x) and x != 0.0 for x in k.tolist()):
+                lr_factor = k
+        # Tangents that read the moments' history are started before the moments move; constant
+        # factors and the chain to theta (f) fold into passes made anyway.
         if t_beta1 is not None:
             # dm/dbeta1 = m_{t-1} - g; bc1 in the step size adds c m, c = t beta1^(t-1) / bc1. Both
-            # are linear in m_{t-1} and g, so their sum is written from them now: times 1 / denom below.
+            # are linear in m_{t-1} and g, so their sum is written from them now; / denom below.
             c = step * beta1 ** (step - 1) / bias_correction1
-            f = scale * hp.chain("beta1")
-            mul_into(t_beta1, exp_avgs, f * (1.0 + c * beta1))
-            add_scaled_(t_beta1, grads, f * (c * (1.0 - beta1) - 1.0))
+            k1 = 1.0 + c * beta1
+            lincomb_into(t_beta1, exp_avgs, grads, (c * (1.0 - beta1) - 1.0) / k1)
+            f1 = scale * hp.chain("beta1") * k1
         if t_beta2 is not None:
             # dv/dbeta2 = v_{t-1} - g^2; bc2 in sqrt(v / bc2) adds c v, c = t beta2^(t-1) / bc2: as for
-            # beta1. Times -direction / (2 sqrt(v bc2) denom) below.
+            # beta1. Times -direction / (2 sqrt(v / bc2) denom bc2) below.
             c = step * beta2 ** (step - 1) / bias_correction2
-            f = -0.5 * scale / root_bc2 * hp.chain("beta2")
-            mul_into(t_beta2, exp_avg_sqs, f * (1.0 + c * beta2))
-            addcmul_(t_beta2, grads, grads, f * (c * (1.0 - beta2) - 1.0))
+            k1 = 1.0 + c * beta2
+            addcmul_into(t_beta2, exp_avg_sqs, grads, grads, (c * (1.0 - beta2) - 1.0) / k1)
+            f2 = -0.5 * scale * hp.chain("beta2") * k1 / bias_correction2
+            if lr_factor is not None:
+                f2 = f2 / lr_factor
         torch._foreach_lerp_(exp_avgs, grads, scalars(1.0 - beta1))
         torch._foreach_mul_(exp_avg_sqs, scalars(beta2))
         addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
         # m / (sqrt(v) / sqrt(bc2) + eps), built in the workspace without allocating; each tangent
-        # takes its factors (1 / sqrt(v), 1 / denominator, the direction) as they pass through it.
+        # takes its factors (1 / sqrt(v / bc2), 1 / denominator, the direction) as they pass.
         direction = work["direction"]
-        sqrt_into(direction, exp_avg_sqs, divides=t_beta2 is not None or t_wd is not None)
+        if t_beta2 is not None or t_wd is not None:  # they divide by the root: keep it off zero
+            scaled_root_into(direction, exp_avg_sqs, 1.0 / bias_correction2)
+        else:
+            sqrt_into(direction, exp_avg_sqs)
+            torch._foreach_div_(direction, scalars(root_bc2))
         if t_beta2 is not None:
             torch._foreach_div_(t_beta2, direction)
         if t_wd is not None:
             div_into(t_wd, grads, direction)
-        torch._foreach_div_(direction, scalars(root_bc2))
         torch._foreach_add_(direction, scalars(hp["eps"]))
-        for t in (t_beta1, t_beta2):
-            if t is not None:
-                torch._foreach_div_(t, direction)
+        if t_beta1 is not None:
+            quotient_into(t_beta1, t_beta1, direction, f1)
+        if t_beta2 is not None:
+            torch._foreach_div_(t_beta2, direction)
         if t_eps is not None:  # -m / denom^2
             div_into(t_eps, exp_avgs, direction)
             torch._foreach_div_(t_eps, direction)
         if t_wd is not None:
             # d(direction)/d(weight_decay) = w / denom * ((1 - beta1) - (1 - beta2) m g / (denom sqrt(v bc2)))
+            f = scale * hp.chain("weight_decay")
             torch._foreach_mul_(t_wd, exp_avgs)
             torch._foreach_div_(t_wd, direction)
-            f = scale * hp.chain("weight_decay")
-            torch._foreach_mul_(t_wd, scalars(f * (beta2 - 1.0) / root_bc2))
+            torch._foreach_mul_(t_wd, scalars(f * (beta2 - 1.0) / bias_correction2))
             torch._foreach_add_(t_wd, scalars(f * (1.0 - beta1)))
             torch._foreach_div_(t_wd, direction)
             torch._foreach_mul_(t_wd, params)
-        div_into(direction, exp_avgs, direction)
+        quotient_into(direction, exp_avgs, direction, lr_factor)
         if t_beta2 is not None:
-            torch._foreach_mul_(t_beta2, direction)
+            product_into(t_beta2, t_beta2, direction, f2)
         written = {}
         for name in want:
             if name == "lr":
                 wd = hp["weight_decay"] if decay is not None else None
-                written[name] = Tangent(direction=-1.0 / bias_correction1, params=None if wd is None else -wd)
+                coef = -1.0 / bias_correction1
+                written[name] = Tangent(
+                    direction=coef if lr_factor is None else coef / lr_factor, params=None if wd is None else -wd
+                )
             elif name in ("beta1", "beta2") or name == "weight_decay" and coupled:
                 written[name] = Tangent(chained=True)
             elif name == "eps":
                 written[name] = Tangent(own=-scale)
             elif name == "weight_decay":
                 written[name] = Tangent(params=-lr)
-        return Step(direction, scale, decay, written)
+        return Step(direction, scale if lr_factor is None else scale / lr_factor, decay, written)
 
 
 class AdamWRule(AdamRule):

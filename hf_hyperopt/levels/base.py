@@ -197,9 +197,87 @@ def div_into(dst: list[Tensor], num: list[Tensor], den: list[Tensor]) -> None:
     elif dst is den:
         torch._foreach_reciprocal_(dst)
         torch._foreach_mul_(dst, num)
+    elif dst is num:
+        torch._foreach_div_(dst, den)
     else:
         copy_(dst, num)
         torch._foreach_div_(dst, den)
+
+
+def _floats(alpha: Tensor | None) -> list[float] | None:
+    a = None if alpha is None else scalars(alpha)
+    return a if a and isinstance(a[0], float) else None
+
+
+def lincomb_into(dst: list[Tensor], x: list[Tensor], y: list[Tensor], alpha: Tensor) -> None:
+    """``dst[i] = x[i] + alpha[i] * y[i]``."""
+    a = _floats(alpha)
+    if a is not None and _one_pass(dst, x, y):
+        for d, s, t, v in zip(dst, x, y, a, strict=True):
+            torch.add(s, t, alpha=v, out=d)
+    else:
+        torch._foreach_copy_(dst, x)
+        add_scaled_(dst, y, alpha)
+
+
+def addcmul_into(dst: list[Tensor], x: list[Tensor], t1: list[Tensor], t2: list[Tensor], value: Tensor) -> None:
+    """``dst[i] = x[i] + value[i] * t1[i] * t2[i]``."""
+    a = _floats(value)
+    if a is not None and _one_pass(dst, x, t1, t2):
+        for d, s, u, w, v in zip(dst, x, t1, t2, a, strict=True):
+            torch.addcmul(s, u, w, value=v, out=d)
+    else:
+        torch._foreach_copy_(dst, x)
+        addcmul_(dst, t1, t2, value)
+
+
+def _zero(like: Tensor) -> Tensor:
+    return torch.zeros((), dtype=like.dtype, device=like.device)
+
+
+def quotient_into(dst: list[Tensor], num: list[Tensor], den: list[Tensor], alpha: Tensor | None = None) -> None:
+    """``dst[i] = alpha[i] * num[i] / den[i]`` (``alpha=None``: 1); ``dst`` may be ``num`` or ``den``."""
+    a = _floats(alpha)
+    if alpha is None or a is not None and _one_pass(dst, num, den):
+        if alpha is None:
+            div_into(dst, num, den)
+            return
+        zero = _zero(dst[0])
+        for d, n, q, v in zip(dst, num, den, a, strict=True):
+            torch.addcdiv(zero, n, q, value=v, out=d)
+    else:
+        div_into(dst, num, den)
+        torch._foreach_mul_(dst, scalars(alpha))
+
+
+def product_into(dst: list[Tensor], t1: list[Tensor], t2: list[Tensor], alpha: Tensor) -> None:
+    """``dst[i] = alpha[i] * t1[i] * t2[i]``; ``dst`` may be ``t1`` or ``t2``."""
+    a = _floats(alpha)
+    if a is not None and _one_pass(dst, t1, t2):
+        zero = _zero(dst[0])
+        for d, u, w, v in zip(dst, t1, t2, a, strict=True):
+            torch.addcmul(zero, u, w, value=v, out=d)
+    else:
+        if dst is t2:
+            t1, t2 = t2, t1
+        if dst is not t1:
+            torch._foreach_copy_(dst, t1)
+        torch._foreach_mul_(dst, t2)
+        torch._foreach_mul_(dst, scalars(alpha))
+
+
+def scaled_root_into(dst: list[Tensor], src: list[Tensor], inv_square: Tensor) -> None:
+    """``dst[i] = sqrt(src[i] * inv_square[i])``, raised off zero as :func:`sqrt_` does for a divisor
+    (one pass fewer than the root and then the division, which the update itself keeps, as torch.optim
+    computes it)."""
+    a = _floats(inv_square)
+    if a is not None and _one_pass(dst, src):
+        tiny = torch.tensor(torch.finfo(src[0].dtype).tiny, dtype=src[0].dtype)
+        for d, s, v in zip(dst, src, a, strict=True):
+            torch.add(tiny, s, alpha=v, out=d).sqrt_()
+    else:
+        sqrt_into(dst, src, divides=True)
+        torch._foreach_mul_(dst, scalars(inv_square.sqrt()))
 
 
 def copy_(dst: list[Tensor], src: list[Tensor]) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor
 from ..levels.base import Hyper, Rule, Step, Tangent, add_scaled_, scalars
 
 # A step size's tangent is the increment over the step size: d(scale) / scale is 1 up to rounding
-# with a log-parametrised lr, and then the scaled direction is the tangent.
+# with a log-parametrised lr, and then the increment is the tangent.
 _UNIT_RATIO_TOL = 1e-12
 
 
@@ -129,8 +129,12 @@ def _apply_written(
     if not _same(buf, direction):
         torch._foreach_copy_(buf, direction)
     d_scale = tangent.direction * c if tangent.direction is not None else None
-    ratio = _ratio(d_scale, step.scale)
-    if ratio is not None and all(abs(r - 1.0) <= _UNIT_RATIO_TOL for r in ratio):
+    if d_scale is not None and _near_one(d_scale):  # the rule built the direction as the tangent
+        if _near_one(step.scale):
+            torch._foreach_add_(params, buf)
+        else:
+            add_scaled_(params, buf, step.scale)
+    elif d_scale is not None and _near_one(_ratio(d_scale, step.scale)):
         torch._foreach_mul_(buf, scalars(step.scale))
         torch._foreach_add_(params, buf)
     else:
@@ -262,6 +266,13 @@ def apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None, t
     if trace:
         torch._foreach_mul_(tangent, trace)
         torch._foreach_add_(tangent, step_tangent)
+
+
+def _near_one(x: Tensor | list[float] | None) -> bool:
+    """Whether every entry is 1 up to rounding, when that can be read for free (on the CPU)."""
+    if isinstance(x, Tensor):
+        x = x.tolist() if x.device.type == "cpu" else None
+    return x is not None and all(abs(r - 1.0) <= _UNIT_RATIO_TOL for r in x)
 
 
 def _ratio(d_scale: Tensor | None, scale: Tensor) -> list[float] | None:
