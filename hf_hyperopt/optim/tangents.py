@@ -25,8 +25,9 @@ from torch import Tensor
 from ..levels.base import Hyper, Rule, Step, Tangent, add_scaled_, scalars
 
 # A step size's tangent is the increment over the step size: d(scale) / scale is 1 up to rounding
-# with a log-parametrised lr, and then the increment is the tangent.
-_UNIT_RATIO_TOL = 1e-12
+# with a log-parametrised lr, and then the increment is the tangent. Rounding: a few units in the
+# last place of the hyperparameters' dtype (float32 for learned values of float32 weights).
+_ROUNDING = 4
 
 
 def run_rule(
@@ -134,7 +135,7 @@ def _apply_written(
             torch._foreach_add_(params, buf)
         else:
             add_scaled_(params, buf, step.scale)
-    elif d_scale is not None and _near_one(_ratio(d_scale, step.scale)):
+    elif d_scale is not None and _near_one(d_scale / step.scale):
         torch._foreach_mul_(buf, scalars(step.scale))
         torch._foreach_add_(params, buf)
     else:
@@ -268,11 +269,12 @@ def apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None, t
         torch._foreach_add_(tangent, step_tangent)
 
 
-def _near_one(x: Tensor | list[float] | None) -> bool:
-    """Whether every entry is 1 up to rounding, when that can be read for free (on the CPU)."""
-    if isinstance(x, Tensor):
-        x = x.tolist() if x.device.type == "cpu" else None
-    return x is not None and all(abs(r - 1.0) <= _UNIT_RATIO_TOL for r in x)
+def _near_one(x: Tensor | None) -> bool:
+    """Whether every entry is 1 up to its dtype's rounding, when that can be read for free (on the CPU)."""
+    if x is None or x.device.type != "cpu":
+        return False
+    tol = _ROUNDING * torch.finfo(x.dtype).eps
+    return all(abs(r - 1.0) <= tol for r in x.tolist())
 
 
 def _ratio(d_scale: Tensor | None, scale: Tensor) -> list[float] | None:
