@@ -22,7 +22,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from ..levels.base import Hyper, Rule, Step, Tangent, add_scaled_, scalars
+from ..levels.base import Hyper, Rule, Step, Tangent, add_scaled_, mul_into, scalars
 
 # A step size's tangent is the increment over the step size: d(scale) / scale is 1 up to rounding
 # with a log-parametrised lr, and then the increment is the tangent. Rounding: a few units in the
@@ -107,8 +107,9 @@ def _apply_written(
     """``params <- params * decay + direction * scale`` in place, and each tangent chained to theta.
 
     Every tangent but the step size's reads the direction and the parameters as they are, so it is
-    finished first. The step size's is the direction itself: it is scaled into the increment in its
-    buffer, added to the parameters and rescaled into the tangent, in place.
+    finished first. The step size's is the direction itself, in its buffer: a rule may have built it
+    as the tangent already (then the parameters take it times ``scale``); otherwise it is scaled into
+    the increment, added to the parameters and rescaled into the tangent, in place.
     """
     direction = step.direction
     for name, tangent in step.tangents.items():
@@ -156,12 +157,10 @@ def _combine(buf: list[Tensor], tangent: Tangent, c: Tensor, direction: list[Ten
     for source, coef in ((direction, tangent.direction), (params, tangent.params)):
         if coef is None:
             continue
-        factor = scalars(coef * c)
         if started:
-            torch._foreach_add_(buf, torch._foreach_mul(source, factor))
+            add_scaled_(buf, source, coef * c)
         else:
-            torch._foreach_copy_(buf, source)
-            torch._foreach_mul_(buf, factor)
+            mul_into(buf, source, coef * c)
             started = True
     if not started:
         torch._foreach_zero_(buf)
