@@ -442,5 +442,8 @@ class Rule:
                 the gradients and the parameters constant (the paper's one-step hypergradient).
                 The step size only scales the direction, so ``lr`` never has an ``own`` term and the
                 engine may build the direction in its buffer (``work["direction"]`` is then it).
+                ``hp.chain(name)`` is then d(value)/d(theta) per tensor, which a rule may fold
+                into its own passes (``Tangent.chained``; for ``lr``, a direction built as the
+                lr's tangent, with ``scale`` and the lr's coefficient divided by that factor).
         """
         raise NotImplementedError
