@@ -278,3 +278,38 @@ def test_accelerator_code_paths_match(monkeypatch, float64, make_mlp, batches):
         for a, b in zip(w, w_cpu, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
         assert h == pytest.approx(h_cpu, rel=1e-8), spec
+
+
+class _OldStyleMomentumSGD(SGDRule):
+    """A user's rule as written before rules wrote tangents: ``update`` without ``tangents``."""
+
+    name = "old_sgd"
+    writes_tangents = False
+
+    def update(self, params, grads, state, work, hp, step):
+        return super().update(params, grads, state, work, hp, step)
+
+
+def test_a_rule_without_written_tangents_learns_by_forward_ad(float64, make_mlp, batches):
+    """The fallback: a ``Rule`` subclass that does not write tangents gets them from forward-mode AD,
+    and learns what the built-in rule learns with written ones."""
+    from hf_hyperopt.optim.engine import LevelConfig, TowerOptimizer
+
+    out = []
+    for rule in (_OldStyleMomentumSGD, SGDRule):
+        model = make_mlp()
+        levels = [
+            LevelConfig(rule, {"lr": 0.05, "momentum": 0.5}, learn=("lr", "momentum")),
+            LevelConfig(AdamRule, {"lr": 0.01}),
+        ]
+        opt = TowerOptimizer(model.parameters(), levels)
+        for x, y in batches(8):
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        out.append(([p.detach().clone() for p in model.parameters()], _flat(opt.hyperparameters())))
+    (w_ad, h_ad), (w, h) = out
+    for a, b in zip(w_ad, w, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert h_ad == pytest.approx(h, rel=1e-8)
+    assert h != pytest.approx([0.05, 0.5, 0.01], rel=1e-6)
