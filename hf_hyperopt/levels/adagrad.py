@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, Step, copy_, scalars, sqrt_
+from .base import Hyper, HyperSpec, Rule, Step, Tangent, copy_, coupled_decay, div_into, scalars, sqrt_into
 
 
 class AdaGradRule(Rule):
@@ -26,6 +26,7 @@ class AdaGradRule(Rule):
         "weight_decay": HyperSpec(0.0, "step", "L2 penalty added to the gradient"),
     }
     state_names = ("sum",)
+    writes_tangents = True
 
     def init_state(self, p: Tensor, values: dict[str, float]) -> dict[str, Tensor]:
         state = super().init_state(p, values)
@@ -33,20 +34,48 @@ class AdaGradRule(Rule):
             state["sum"].fill_(0.1)
         return state
 
-    def update(self, params, grads, state, work, hp: Hyper, step: int | Tensor) -> Step:
+    def update(self, params, grads, state, work, hp: Hyper, step: int | Tensor, tangents=None) -> Step:
+        want = tangents or {}
         if not hp.zero("weight_decay"):
-            grads = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"])))
+            grads = coupled_decay(grads, params, hp["weight_decay"])
+        t_eps, t_wd = want.get("eps"), want.get("weight_decay")
         sums = state["sum"]
         torch._foreach_addcmul_(sums, grads, grads)
         direction = work["direction"]
-        copy_(direction, sums)
         eps = scalars(hp["eps"])
-        if self.options.get("eps_in_sqrt"):
+        in_sqrt = self.options.get("eps_in_sqrt")
+        if in_sqrt:
+            copy_(direction, sums)
             torch._foreach_add_(direction, eps)
             torch._foreach_sqrt_(direction)
         else:
-            sqrt_(direction)
+            sqrt_into(direction, sums, divides=t_wd is not None)
+        # The tangents take their factors (the root, 1 / denominator, the direction) as they pass.
+        if t_wd is not None:
+            # d(direction)/d(weight_decay) = w / denom * (1 - g^2 / (denom root))
+            div_into(t_wd, grads, direction)
+            torch._foreach_mul_(t_wd, grads)
+        if not in_sqrt:
             torch._foreach_add_(direction, eps)
-        torch._foreach_reciprocal_(direction)
-        torch._foreach_mul_(direction, grads)
-        return Step(direction, -hp["lr"])
+        if t_eps is not None:  # -g / denom^2, and / (2 denom) more inside the root
+            div_into(t_eps, grads, direction)
+            torch._foreach_div_(t_eps, direction)
+            if in_sqrt:
+                torch._foreach_div_(t_eps, direction)
+        if t_wd is not None:
+            torch._foreach_div_(t_wd, direction)
+            torch._foreach_neg_(t_wd)
+            torch._foreach_add_(t_wd, 1.0)
+            torch._foreach_div_(t_wd, direction)
+            torch._foreach_mul_(t_wd, params)
+        div_into(direction, grads, direction)
+        scale = -hp["lr"]
+        written = {}
+        for name in want:
+            if name == "lr":
+                written[name] = Tangent(direction=-torch.ones_like(scale))
+            elif name == "eps":
+                written[name] = Tangent(own=-0.5 * scale if in_sqrt else -scale)
+            elif name == "weight_decay":
+                written[name] = Tangent(own=scale)
+        return Step(direction, scale, tangents=written)

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, Step, addcmul_, copy_, scalars, sqrt_
+from .base import (
+    Hyper,
+    HyperSpec,
+    Rule,
+    Step,
+    Tangent,
+    addcmul_,
+    addcmul_into,
+    coupled_decay,
+    div_into,
+    lincomb_into,
+    product_into,
+    quotient_into,
+    scalars,
+    scaled_root_into,
+    sqrt_into,
+)
 
 
 class AdamRule(Rule):
@@ -35,6 +52,7 @@ class AdamRule(Rule):
     }
     state_names = ("exp_avg", "exp_avg_sq")
     gdtuo_learn = ("lr", "beta1", "beta2")
+    writes_tangents = True
 
     def init_state(self, p: Tensor, values: dict[str, float]) -> dict[str, Tensor]:
         state = super().init_state(p, values)
@@ -43,29 +61,97 @@ class AdamRule(Rule):
             state["exp_avg_sq"].fill_(values["eps"])
         return state
 
-    def update(self, params, grads, state, work, hp: Hyper, step: int | Tensor) -> Step:
+    def update(self, params, grads, state, work, hp: Hyper, step: int | Tensor, tangents=None) -> Step:
         lr, beta1, beta2 = hp["lr"], hp["beta1"], hp["beta2"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
-        decay = None
+        want = tangents or {}
+        decay, coupled = None, False
         if not hp.zero("weight_decay"):
             if self.options.get("decoupled"):
                 decay = 1.0 - lr * hp["weight_decay"]
             else:
-                grads = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"])))
+                grads, coupled = coupled_decay(grads, params, hp["weight_decay"]), True
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2 = 1.0 - beta2**step
+        root_bc2 = bias_correction2.sqrt()
+        scale = -lr / bias_correction1
+        t_beta1, t_beta2, t_eps = want.get("beta1"), want.get("beta2"), want.get("eps")
+        t_wd = want.get("weight_decay") if coupled else None
+        # The learned lr's tangent is the direction times this: the direction is built with it
+        # (one pass fewer than scaling it afterwards), where that can be read for free.
+        lr_factor = None
+        if "lr" in want:
+            k = -hp.chain("lr") / bias_correction1
+            if k.device.type == "cpu" and all(math.isfinite(x) and x != 0.0 for x in k.tolist()):
+                lr_factor = k
+        # Tangents that read the moments' history are started before the moments move; constant
+        # factors and the chain to theta (f) fold into passes made anyway.
+        if t_beta1 is not None:
+            # dm/dbeta1 = m_{t-1} - g; bc1 in the step size adds c m, c = t beta1^(t-1) / bc1. Both
+            # are linear in m_{t-1} and g, so their sum is written from them now; / denom below.
+            c = step * beta1 ** (step - 1) / bias_correction1
+            k1 = 1.0 + c * beta1
+            lincomb_into(t_beta1, exp_avgs, grads, (c * (1.0 - beta1) - 1.0) / k1)
+            f1 = scale * hp.chain("beta1") * k1
+        if t_beta2 is not None:
+            # dv/dbeta2 = v_{t-1} - g^2; bc2 in sqrt(v / bc2) adds c v, c = t beta2^(t-1) / bc2: as for
+            # beta1. Times -direction / (2 sqrt(v / bc2) denom bc2) below.
+            c = step * beta2 ** (step - 1) / bias_correction2
+            k1 = 1.0 + c * beta2
+            addcmul_into(t_beta2, exp_avg_sqs, grads, grads, (c * (1.0 - beta2) - 1.0) / k1)
+            f2 = -0.5 * scale * hp.chain("beta2") * k1 / bias_correction2
+            if lr_factor is not None:
+                f2 = f2 / lr_factor
         torch._foreach_lerp_(exp_avgs, grads, scalars(1.0 - beta1))
         torch._foreach_mul_(exp_avg_sqs, scalars(beta2))
         addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-        bias_correction1 = 1.0 - beta1**step
-        bias_correction2 = 1.0 - beta2**step
-        # m / (sqrt(v) / sqrt(bc2) + eps), built in the workspace without allocating.
+        # m / (sqrt(v) / sqrt(bc2) + eps), built in the workspace without allocating; each tangent
+        # takes its factors (1 / sqrt(v / bc2), 1 / denominator, the direction) as they pass.
         direction = work["direction"]
-        copy_(direction, exp_avg_sqs)
-        sqrt_(direction)
-        torch._foreach_div_(direction, scalars(bias_correction2.sqrt()))
+        if t_beta2 is not None or t_wd is not None:  # they divide by the root: keep it off zero
+            scaled_root_into(direction, exp_avg_sqs, 1.0 / bias_correction2)
+        else:
+            sqrt_into(direction, exp_avg_sqs)
+            torch._foreach_div_(direction, scalars(root_bc2))
+        if t_beta2 is not None:
+            torch._foreach_div_(t_beta2, direction)
+        if t_wd is not None:
+            div_into(t_wd, grads, direction)
         torch._foreach_add_(direction, scalars(hp["eps"]))
-        torch._foreach_reciprocal_(direction)
-        torch._foreach_mul_(direction, exp_avgs)
-        return Step(direction, -lr / bias_correction1, decay)
+        if t_beta1 is not None:
+            quotient_into(t_beta1, t_beta1, direction, f1)
+        if t_beta2 is not None:
+            torch._foreach_div_(t_beta2, direction)
+        if t_eps is not None:  # -m / denom^2
+            div_into(t_eps, exp_avgs, direction)
+            torch._foreach_div_(t_eps, direction)
+        if t_wd is not None:
+            # d(direction)/d(weight_decay) = w / denom * ((1 - beta1) - (1 - beta2) m g / (denom sqrt(v bc2)))
+            f = scale * hp.chain("weight_decay")
+            torch._foreach_mul_(t_wd, exp_avgs)
+            torch._foreach_div_(t_wd, direction)
+            torch._foreach_mul_(t_wd, scalars(f * (beta2 - 1.0) / bias_correction2))
+            torch._foreach_add_(t_wd, scalars(f * (1.0 - beta1)))
+            torch._foreach_div_(t_wd, direction)
+            torch._foreach_mul_(t_wd, params)
+        quotient_into(direction, exp_avgs, direction, lr_factor)
+        if t_beta2 is not None:
+            product_into(t_beta2, t_beta2, direction, f2)
+        written = {}
+        for name in want:
+            if name == "lr":
+                wd = hp["weight_decay"] if decay is not None else None
+                coef = -1.0 / bias_correction1
+                written[name] = Tangent(
+                    direction=coef if lr_factor is None else coef / lr_factor, params=None if wd is None else -wd
+                )
+            elif name in ("beta1", "beta2") or name == "weight_decay" and coupled:
+                written[name] = Tangent(chained=True)
+            elif name == "eps":
+                written[name] = Tangent(own=-scale)
+            elif name == "weight_decay":
+                written[name] = Tangent(params=-lr)
+        return Step(direction, scale if lr_factor is None else scale / lr_factor, decay, written)
 
 
 class AdamWRule(AdamRule):

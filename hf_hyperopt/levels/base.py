@@ -4,15 +4,19 @@ A *level* is one optimizer in a tower. Its update rule is written once, as in-pl
 (``torch._foreach_*``) maths over lists of tensors, with every hyperparameter given as a 1-D tensor
 holding one value per tensor in the list. The tower engine runs the same rule on the model's weights
 (the bottom level) and on the vector of learned hyperparameters of the level below (every level above
-it), and obtains hypergradients by running the rule under forward-mode autograd
-(``torch.autograd.forward_ad``). No rule contains a derivative.
+it). A hypergradient needs the tangent of the update with respect to each learned hyperparameter: a
+built-in rule writes it beside the update, in the same ``_foreach`` maths and from the same
+intermediate results (:class:`Tangent`), because forward-mode autograd (``torch.autograd.forward_ad``)
+through a whole update costs hundreds of optimizer steps' time and memory once anything but the step
+size is learned. Forward mode stays the fallback for a rule that does not write tangents, and the
+reference the written ones are tested against.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -108,17 +112,34 @@ class Hyper:
     tensor and is not learned, so a rule may skip the work it would multiply (weight decay, momentum).
     """
 
-    __slots__ = ("_values", "_zero")
+    __slots__ = ("_chain", "_values", "_zero")
 
-    def __init__(self, values: dict[str, Tensor], zero: frozenset[str]):
+    def __init__(self, values: dict[str, Tensor], zero: frozenset[str], chain: dict[str, Tensor] | None = None):
         self._values = values
         self._zero = zero
+        self._chain = chain or {}
 
     def __getitem__(self, name: str) -> Tensor:
         return self._values[name]
 
     def zero(self, name: str) -> bool:
         return name in self._zero
+
+    def chain(self, name: str) -> Tensor:
+        """d(value)/d(theta) per tensor for a learned ``name``: what a written tangent is multiplied by."""
+        return self._chain[name]
+
+    def unpack(self, learn: tuple[str, ...]) -> Hyper:
+        """These values without their forward-mode tangents, the tangents of ``learn`` as :meth:`chain`.
+
+        Call inside the dual level in which the values were built.
+        """
+        values, chain = {}, {}
+        for name, v in self._values.items():
+            values[name], tangent = fwAD.unpack_dual(v)
+            if name in learn:
+                chain[name] = tangent if tangent is not None else torch.zeros_like(values[name])
+        return Hyper(values, self._zero, chain)
 
 
 def scalars(x: Tensor) -> list[float] | list[Tensor]:
@@ -135,6 +156,131 @@ def scalars(x: Tensor) -> list[float] | list[Tensor]:
     return list(x.unbind(0))
 
 
+def _one_pass(*lists: list[Tensor]) -> bool:
+    """Whether ``out=`` ops tensor by tensor may stand in for a copy and an in-place ``_foreach`` op.
+
+    On the CPU ``_foreach_*`` ops run tensor by tensor anyway, so an op that writes its result into
+    another buffer costs no more calls and saves a pass over memory. On an accelerator the fused
+    ``_foreach`` kernels are fewer launches, and forward-mode AD flows only through them.
+    """
+    return all(t[0].device.type == "cpu" and fwAD.unpack_dual(t[0]).tangent is None for t in lists)
+
+
+def sqrt_into(dst: list[Tensor], src: list[Tensor], divides: bool = False) -> list[Tensor]:
+    """``dst[i] = sqrt(src[i])``, guarded as :func:`sqrt_`."""
+    if not _one_pass(dst, src):
+        copy_(dst, src)
+        return sqrt_(dst, divides)
+    for d, s in zip(dst, src, strict=True):
+        if divides:
+            torch.clamp_min(s, torch.finfo(s.dtype).tiny, out=d).sqrt_()
+        else:
+            torch.sqrt(s, out=d)
+    return dst
+
+
+def mul_into(dst: list[Tensor], src: list[Tensor], alpha: Tensor) -> None:
+    """``dst[i] = src[i] * alpha[i]`` (``alpha`` a per-tensor vector without a tangent)."""
+    a = scalars(alpha)
+    if _one_pass(dst, src) and a and isinstance(a[0], float):
+        for d, s, x in zip(dst, src, a, strict=True):
+            torch.mul(s, x, out=d)
+    else:
+        torch._foreach_copy_(dst, src)
+        torch._foreach_mul_(dst, a)
+
+
+def div_into(dst: list[Tensor], num: list[Tensor], den: list[Tensor]) -> None:
+    """``dst[i] = num[i] / den[i]``; ``dst`` may be ``den``."""
+    if _one_pass(dst, num, den):
+        for d, n, q in zip(dst, num, den, strict=True):
+            torch.div(n, q, out=d)
+    elif dst is den:
+        torch._foreach_reciprocal_(dst)
+        torch._foreach_mul_(dst, num)
+    elif dst is num:
+        torch._foreach_div_(dst, den)
+    else:
+        copy_(dst, num)
+        torch._foreach_div_(dst, den)
+
+
+def _floats(alpha: Tensor | None) -> list[float] | None:
+    a = None if alpha is None else scalars(alpha)
+    return a if a and isinstance(a[0], float) else None
+
+
+def lincomb_into(dst: list[Tensor], x: list[Tensor], y: list[Tensor], alpha: Tensor) -> None:
+    """``dst[i] = x[i] + alpha[i] * y[i]``."""
+    a = _floats(alpha)
+    if a is not None and _one_pass(dst, x, y):
+        for d, s, t, v in zip(dst, x, y, a, strict=True):
+            torch.add(s, t, alpha=v, out=d)
+    else:
+        torch._foreach_copy_(dst, x)
+        add_scaled_(dst, y, alpha)
+
+
+def addcmul_into(dst: list[Tensor], x: list[Tensor], t1: list[Tensor], t2: list[Tensor], value: Tensor) -> None:
+    """``dst[i] = x[i] + value[i] * t1[i] * t2[i]``."""
+    a = _floats(value)
+    if a is not None and _one_pass(dst, x, t1, t2):
+        for d, s, u, w, v in zip(dst, x, t1, t2, a, strict=True):
+            torch.addcmul(s, u, w, value=v, out=d)
+    else:
+        torch._foreach_copy_(dst, x)
+        addcmul_(dst, t1, t2, value)
+
+
+def _zero(like: Tensor) -> Tensor:
+    return torch.zeros((), dtype=like.dtype, device=like.device)
+
+
+def quotient_into(dst: list[Tensor], num: list[Tensor], den: list[Tensor], alpha: Tensor | None = None) -> None:
+    """``dst[i] = alpha[i] * num[i] / den[i]`` (``alpha=None``: 1); ``dst`` may be ``num`` or ``den``."""
+    a = _floats(alpha)
+    if alpha is None or a is not None and _one_pass(dst, num, den):
+        if alpha is None:
+            div_into(dst, num, den)
+            return
+        zero = _zero(dst[0])
+        for d, n, q, v in zip(dst, num, den, a, strict=True):
+            torch.addcdiv(zero, n, q, value=v, out=d)
+    else:
+        div_into(dst, num, den)
+        torch._foreach_mul_(dst, scalars(alpha))
+
+
+def product_into(dst: list[Tensor], t1: list[Tensor], t2: list[Tensor], alpha: Tensor) -> None:
+    """``dst[i] = alpha[i] * t1[i] * t2[i]``; ``dst`` may be ``t1`` or ``t2``."""
+    a = _floats(alpha)
+    if a is not None and _one_pass(dst, t1, t2):
+        zero = _zero(dst[0])
+        for d, u, w, v in zip(dst, t1, t2, a, strict=True):
+            torch.addcmul(zero, u, w, value=v, out=d)
+    else:
+        if dst is t2:
+            t1, t2 = t2, t1
+        if dst is not t1:
+            torch._foreach_copy_(dst, t1)
+        torch._foreach_mul_(dst, t2)
+        torch._foreach_mul_(dst, scalars(alpha))
+
+
+def scaled_root_into(dst: list[Tensor], src: list[Tensor], inv_square: Tensor) -> None:
+    """``dst[i] = sqrt(src[i] * inv_square[i])``, raised off zero as :func:`sqrt_` does for a divisor
+    (one pass fewer than the root and then the division, which the update itself keeps, as torch.optim
+    computes it)."""
+    a = _floats(inv_square)
+    if a is not None and _one_pass(dst, src):
+        tiny = torch.tensor(torch.finfo(src[0].dtype).tiny, dtype=src[0].dtype)
+        for d, s, v in zip(dst, src, a, strict=True):
+            torch.add(tiny, s, alpha=v, out=d).sqrt_()
+    else:
+        sqrt_into(dst, src, divides=True)
+        torch._foreach_mul_(dst, scalars(inv_square.sqrt()))
+
+
 def copy_(dst: list[Tensor], src: list[Tensor]) -> None:
     """``dst[i] = src[i]``; forward-mode AD has no rule for ``_foreach_copy_``, so a source that
     carries a tangent is added onto zeros instead."""
@@ -143,6 +289,26 @@ def copy_(dst: list[Tensor], src: list[Tensor]) -> None:
         torch._foreach_add_(dst, src)
     else:
         torch._foreach_copy_(dst, src)
+
+
+def coupled_decay(grads: list[Tensor], params: list[Tensor], weight_decay: Tensor) -> list[Tensor]:
+    """``grads + weight_decay * params`` as new tensors (an L2 penalty added to the gradient)."""
+    out = torch._foreach_mul(params, scalars(weight_decay))
+    torch._foreach_add_(out, grads)
+    return out
+
+
+def add_scaled_(dst: list[Tensor], src: list[Tensor], alpha: Tensor) -> None:
+    """``dst += alpha * src`` with one ``alpha`` per tensor; without a temporary when they are host floats."""
+    a = scalars(alpha)
+    if a and isinstance(a[0], float):
+        if all(x == a[0] for x in a):
+            torch._foreach_add_(dst, src, alpha=a[0])
+        else:
+            for d, s, x in zip(dst, src, a, strict=True):
+                d.add_(s, alpha=x)
+    else:
+        torch._foreach_add_(dst, torch._foreach_mul(src, a))
 
 
 def addcmul_(self: list[Tensor], t1: list[Tensor], t2: list[Tensor], value: Tensor) -> None:
@@ -155,31 +321,52 @@ def addcmul_(self: list[Tensor], t1: list[Tensor], t2: list[Tensor], value: Tens
 
 
 @dataclass
+class Tangent:
+    """The derivative of the new parameters with respect to one hyperparameter (its natural value).
+
+    ``d(new params)/d(name) = buffer * own + direction * direction + params * params``: per-tensor
+    vectors (``None``: no such term), where ``buffer`` is what the rule wrote into the name's tangent
+    buffer, ``direction`` the returned :attr:`Step.direction` and ``params`` the parameters before the
+    step. Leaving the last products to the engine lets it build them in place, in the order that needs
+    no parameter-sized temporary, and chain them to the learned coordinate with the same multiplication.
+    """
+
+    own: Tensor | None = None
+    direction: Tensor | None = None
+    params: Tensor | None = None
+    # The buffer already holds its term times d(value)/d(theta) (``Hyper.chain``): a rule that scales
+    # the buffer by a constant anyway folds the chain into that pass and saves the engine one.
+    chained: bool = False
+
+
+@dataclass
 class Step:
     """What a rule's update returns: the new parameters are ``params * decay + direction * scale``.
 
     ``direction`` is a list of tensors that the engine may scale in place (the rule's workspace or a
     temporary, never state or gradients); ``scale`` and ``decay`` are per-tensor vectors
-    (``decay=None`` means 1). Keeping the last multiplication factored lets the
-    engine apply it in place and, when forward-mode AD reports that ``direction`` does not depend on
-    the learned hyperparameters (the common case of a learned step size), write the tangent of this
-    product straight into its buffers instead of letting AD allocate it.
+    (``decay=None`` means 1). Keeping the last multiplication factored lets the engine apply it in
+    place and write the tangent of this product straight into its buffers: from ``tangents`` (one
+    :class:`Tangent` per learned name, when the rule writes them) or, under forward-mode AD, when AD
+    reports that ``direction`` does not depend on the learned hyperparameters (a learned step size).
     """
 
     direction: list[Tensor]
     scale: Tensor
     decay: Tensor | None = None
+    tangents: dict[str, Tangent] = field(default_factory=dict)
 
 
-def sqrt_(tensors: list[Tensor]) -> list[Tensor]:
+def sqrt_(tensors: list[Tensor], divides: bool = False) -> list[Tensor]:
     """In-place square root of non-negative tensors, with a zero (not NaN) tangent at exact zeros.
 
     An exact-zero second moment (an embedding row that no batch has used) has an exact-zero tangent
     too, and forward-mode AD of ``sqrt`` gives 0 / (2 sqrt(0)) = NaN there, which would poison the
     whole hypergradient sum. Raising the values to the dtype's smallest normal number first (the
     clamp's tangent is 0 where it binds) changes sqrt(0) to ~1e-19 in float32, far below any eps.
+    ``divides``: a written tangent will divide by the root (the same guard, so 0 / root is 0).
     """
-    if fwAD.unpack_dual(tensors[0]).tangent is not None:  # without a tangent sqrt(0) = 0 is fine
+    if divides or fwAD.unpack_dual(tensors[0]).tangent is not None:  # else sqrt(0) = 0 is fine
         torch._foreach_clamp_min_(tensors, torch.finfo(tensors[0].dtype).tiny)
     torch._foreach_sqrt_(tensors)
     return tensors
@@ -197,6 +384,8 @@ class Rule:
             that a step allocates no parameter-sized memory of its own.
         square_lr: ``gdtuo`` mode stores this level's step size as its square root (RMSProp).
         gdtuo_raw: ``gdtuo`` mode stores these rates raw (SGD's momentum).
+        writes_tangents: :meth:`update` takes ``tangents`` and writes them; otherwise the engine
+            obtains them by forward-mode AD through :meth:`update`.
     """
 
     name: ClassVar[str]
@@ -208,6 +397,7 @@ class Rule:
     gdtuo_raw: ClassVar[tuple[str, ...]] = ()
     # What the reference implementation learns for this level (gdtuo mode).
     gdtuo_learn: ClassVar[tuple[str, ...]] = ("lr",)
+    writes_tangents: ClassVar[bool] = False
 
     def __init__(self, mode: Mode = "default", **options: bool):
         self.mode = mode
@@ -253,6 +443,7 @@ class Rule:
         work: dict[str, list[Tensor]],
         hp: Hyper,
         step: int | Tensor,
+        tangents: dict[str, list[Tensor]] | None = None,
     ) -> Step:
         """Take one step: update ``state`` in place and say how ``params`` change (never touch them).
 
@@ -266,5 +457,15 @@ class Rule:
             step: the 1-based step count: an int, or at the weight level, whose tensors count only
                 the steps in which they had a gradient (as ``torch.optim`` counts ``state[p]["step"]``)
                 and may disagree, a 1-D tensor with one count per tensor, like the hyperparameters.
+            tangents: only for a rule with ``writes_tangents``: the learned hyperparameters' names
+                mapped to parameter-sized buffers aligned with ``params`` (contents undefined on
+                entry). The rule returns a :class:`Tangent` for each name in :attr:`Step.tangents`
+                and writes into the buffer of those with an ``own`` term, holding the state's history,
+                the gradients and the parameters constant (the paper's one-step hypergradient).
+                The step size only scales the direction, so ``lr`` never has an ``own`` term and the
+                engine may build the direction in its buffer (``work["direction"]`` is then it).
+                ``hp.chain(name)`` is then d(value)/d(theta) per tensor, which a rule may fold
+                into its own passes (``Tangent.chained``; for ``lr``, a direction built as the
+                lr's tangent, with ``scale`` and the lr's coefficient divided by that factor).
         """
         raise NotImplementedError

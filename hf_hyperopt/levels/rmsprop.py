@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, Step, addcmul_, copy_, scalars, sqrt_
+from .base import Hyper, HyperSpec, Rule, Step, Tangent, addcmul_, copy_, coupled_decay, div_into, scalars, sqrt_into
 
 
 class RMSPropRule(Rule):
@@ -29,24 +29,64 @@ class RMSPropRule(Rule):
     }
     state_names = ("square_avg",)
     square_lr = True
+    writes_tangents = True
     gdtuo_learn = ("lr", "alpha")
 
-    def update(self, params, grads, state, work, hp: Hyper, step: int | Tensor) -> Step:
+    def update(self, params, grads, state, work, hp: Hyper, step: int | Tensor, tangents=None) -> Step:
+        want = tangents or {}
         if not hp.zero("weight_decay"):
-            grads = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"])))
+            grads = coupled_decay(grads, params, hp["weight_decay"])
         alpha = hp["alpha"]
+        t_alpha, t_eps, t_wd = want.get("alpha"), want.get("eps"), want.get("weight_decay")
         square_avgs = state["square_avg"]
+        if t_alpha is not None:  # dv/dalpha = v_{t-1} - g^2, read before v moves
+            torch._foreach_copy_(t_alpha, square_avgs)
+            torch._foreach_addcmul_(t_alpha, grads, grads, value=-1.0)
         torch._foreach_mul_(square_avgs, scalars(alpha))
         addcmul_(square_avgs, grads, grads, 1.0 - alpha)
         direction = work["direction"]
-        copy_(direction, square_avgs)
         eps = scalars(hp["eps"])
-        if self.options.get("eps_in_sqrt"):
+        in_sqrt = self.options.get("eps_in_sqrt")
+        if in_sqrt:
+            copy_(direction, square_avgs)
             torch._foreach_add_(direction, eps)
             torch._foreach_sqrt_(direction)
         else:
-            sqrt_(direction)
+            sqrt_into(direction, square_avgs, divides=t_alpha is not None or t_wd is not None)
+        # The tangents take their factors (the root, 1 / denominator, the direction) as they pass.
+        if t_alpha is not None:
+            torch._foreach_div_(t_alpha, direction)
+        if t_wd is not None:
+            # d(direction)/d(weight_decay) = w / denom * (1 - (1 - alpha) g^2 / (denom root))
+            div_into(t_wd, grads, direction)
+            torch._foreach_mul_(t_wd, grads)
+        if not in_sqrt:
             torch._foreach_add_(direction, eps)
-        torch._foreach_reciprocal_(direction)
-        torch._foreach_mul_(direction, grads)
-        return Step(direction, -hp["lr"])
+        if t_alpha is not None:
+            torch._foreach_div_(t_alpha, direction)
+        if t_eps is not None:  # -g / denom^2, and / (2 denom) more inside the root
+            div_into(t_eps, grads, direction)
+            torch._foreach_div_(t_eps, direction)
+            if in_sqrt:
+                torch._foreach_div_(t_eps, direction)
+        if t_wd is not None:
+            torch._foreach_div_(t_wd, direction)
+            torch._foreach_mul_(t_wd, scalars(alpha - 1.0))
+            torch._foreach_add_(t_wd, 1.0)
+            torch._foreach_div_(t_wd, direction)
+            torch._foreach_mul_(t_wd, params)
+        div_into(direction, grads, direction)
+        if t_alpha is not None:
+            torch._foreach_mul_(t_alpha, direction)
+        scale = -hp["lr"]
+        written = {}
+        for name in want:
+            if name == "lr":
+                written[name] = Tangent(direction=-torch.ones_like(scale))
+            elif name == "alpha":
+                written[name] = Tangent(own=-0.5 * scale)
+            elif name == "eps":
+                written[name] = Tangent(own=-0.5 * scale if in_sqrt else -scale)
+            elif name == "weight_decay":
+                written[name] = Tangent(own=scale)
+        return Step(direction, scale, tangents=written)

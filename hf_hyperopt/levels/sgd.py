@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, Step, copy_, scalars
+from .base import Hyper, HyperSpec, Rule, Step, Tangent, copy_, coupled_decay, scalars
 
 
 class SGDRule(Rule):
@@ -30,6 +30,7 @@ class SGDRule(Rule):
     }
     state_names = ("momentum_buffer",)
     gdtuo_raw = ("momentum",)
+    writes_tangents = True
 
     def gdtuo_learned(self, values: dict[str, float]) -> tuple[str, ...]:
         # The reference learns its momentum only when it starts non-zero.
@@ -40,20 +41,40 @@ class SGDRule(Rule):
             return {}
         return super().init_state(p, values)
 
-    def update(self, params, grads, state, work, hp: Hyper, step: int | Tensor) -> Step:
+    def update(self, params, grads, state, work, hp: Hyper, step: int | Tensor, tangents=None) -> Step:
+        want = tangents or {}
         d, owned = grads, False  # owned: d is a temporary the engine may scale in place
         if not hp.zero("weight_decay"):
-            d, owned = torch._foreach_add(grads, torch._foreach_mul(params, scalars(hp["weight_decay"]))), True
+            d, owned = coupled_decay(grads, params, hp["weight_decay"]), True
+        wd_factor = None  # d(direction)/d(weight_decay) = params * wd_factor (None: 1)
+        t_momentum = want.get("momentum")
         if not hp.zero("momentum"):
             momentum = scalars(hp["momentum"])
             bufs = state["momentum_buffer"]
+            if t_momentum is not None:  # db/dmomentum = b_{t-1}
+                torch._foreach_copy_(t_momentum, bufs)
             torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, d)
             if self.options.get("nesterov"):
-                d, owned = torch._foreach_add(d, torch._foreach_mul(bufs, momentum)), True
+                nd = torch._foreach_mul(bufs, momentum)
+                torch._foreach_add_(nd, d)
+                d, owned = nd, True
+                wd_factor = 1.0 + hp["momentum"]
+                if t_momentum is not None:  # d(d + momentum b)/dmomentum = b + momentum b_{t-1}
+                    torch._foreach_mul_(t_momentum, momentum)
+                    torch._foreach_add_(t_momentum, bufs)
             else:
                 d, owned = bufs, False
         if not owned:
             copy_(work["direction"], d)
             d = work["direction"]
-        return Step(d, -hp["lr"])
+        scale = -hp["lr"]
+        written = {}
+        for name in want:
+            if name == "lr":
+                written[name] = Tangent(direction=-torch.ones_like(scale))
+            elif name == "momentum":
+                written[name] = Tangent(own=scale)
+            elif name == "weight_decay":
+                written[name] = Tangent(params=scale if wd_factor is None else scale * wd_factor)
+        return Step(d, scale, tangents=written)

@@ -1,4 +1,4 @@
-"""The tower engine: optimizers that learn their own hyperparameters by forward-mode AD."""
+"""The tower engine: optimizers that learn their own hyperparameters from one-step hypergradients."""
 
 from .engine import SCOPES, LevelConfig, TowerOptimizer
 from .optimizers import (

@@ -7,9 +7,10 @@ through ``w_{t+1}``, so::
 
     dL_{t+1}/dtheta_t = < g_{t+1}, dw_{t+1}/dtheta_t >
 
-The engine computes the *tangent* ``dw_{t+1}/dtheta_t`` while it takes step ``t``, by running the
-level's rule under forward-mode autograd with ``theta`` as a dual number, and keeps it (one buffer the
-size of ``w`` per learned hyperparameter). At step ``t+1`` the hypergradient is one multi-tensor
+The engine computes the *tangent* ``dw_{t+1}/dtheta_t`` while it takes step ``t`` and keeps it (one
+buffer the size of ``w`` per learned hyperparameter): the level's rule writes it beside its update, or,
+for a rule that does not, forward-mode autograd runs the rule with ``theta`` as a dual number
+(:mod:`.tangents`). At step ``t+1`` the hypergradient is one multi-tensor
 product and a sum. The paper obtains the same number by reverse mode through a graph that spans two
 steps, which needs ``backward(create_graph=True)`` and non-leaf weights; forward mode needs neither,
 so the weights stay ordinary ``nn.Parameter`` leaves and the training loop stays ordinary.
@@ -29,10 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from ..levels.base import MODES, Hyper, Mode, Rule, Step, parametrisation, raw_bounds, scalars, to_natural, to_raw
+from ..levels.base import MODES, Hyper, Mode, Rule, parametrisation, raw_bounds, to_natural, to_raw
 from .checks import checked_tower_state
 from .distributed import (
     TOWER_GROUP_KEY,
@@ -46,6 +46,7 @@ from .distributed import (
 )
 from .ramp import RAMP_PROBE, advance_ramp, init_ramp, size_ramp, validate_ramp
 from .rollback import rollback_on_error
+from .tangents import run_rule
 
 SCOPES: tuple[str, ...] = ("shared", "group", "tensor")
 _TANGENT = "hypertangent_"
@@ -512,7 +513,8 @@ class TowerOptimizer(torch.optim.Optimizer):
                     for name, buf in self._rules[0].init_state(t, values).items():
                         st[name] = wrap_like(p, buf)
             b.attach_tangents(self.state)
-            if not learn0:  # a learning level builds its direction in its tangent buffers instead
+            if not learn0 or "lr" not in learn0 and self._rules[0].writes_tangents:
+                # A learned lr's tangent buffer is the workspace (or, by forward AD, each learned name's).
                 b.work = {n: [torch.empty_like(t) for t in b.local] for n in self._rules[0].workspace_names}
             buckets.append(b)
         self._sharding_group = sharding_group([e[0] for e in entries])
@@ -594,18 +596,21 @@ class TowerOptimizer(torch.optim.Optimizer):
         theta0 = ts["theta"][0]
         units = self._units()
         h0 = torch.zeros_like(theta0)
-        keep = bool(self.levels[1].trace)
+        trace = bool(self.levels[1].trace)
         normalize = self.levels[1].normalize
         if normalize:
             zz0 = torch.zeros_like(theta0)
         for b in self._buckets:
             grads = [local_tensor(p.grad) for p in b.params]
+            # A trace lives on across steps, so it is read without being overwritten; on the CPU a dot
+            # per tensor is also the cheaper read (the buffer once, no write), on an accelerator the
+            # fused product and one flat sum are two kernels instead of one per tensor.
+            keep = trace or b.local[0].device.type == "cpu"
             for j, name in enumerate(self._learn[0]):
                 if normalize:
                     zsq = _squared_norms(b.views[name])
                     zz0.index_add_(0, b.unit_index.to(theta0.device) + j * units, zsq.to(theta0.device, theta0.dtype))
                 if keep:
-                    # Dot products leave the tangent as it is: a trace lives on across steps.
                     sums = torch.stack([_dot(z, g) for z, g in zip(b.views[name], grads, strict=True)])
                     ids = b.unit_index
                 else:
@@ -676,7 +681,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             old_state = {name: v.clone() for name, v in ts["upper_state"][k - 1].items()}
             hp_fn = self._upper_hyper_fn(ts, k)
             tangents = {name: [torch.empty_like(theta)] for name in self._learn[k]}
-            self._run_rule(
+            run_rule(
                 self._rules[k],
                 [theta],
                 [hypergrads[k - 1]],
@@ -798,7 +803,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                 if n in self.state[b.params[0]]
             }
             theta = ts["theta"][0] if learn else None
-            self._run_rule(
+            run_rule(
                 self._rules[0],
                 b.local,
                 grads,
@@ -811,48 +816,6 @@ class TowerOptimizer(torch.optim.Optimizer):
                 b.views,
                 self.levels[1].trace if self.height else 0.0,
             )
-
-    def _run_rule(
-        self,
-        rule: Rule,
-        params: list[Tensor],
-        grads: list[Tensor],
-        state: dict[str, list[Tensor]],
-        work: dict[str, list[Tensor]],
-        hyper_fn: Callable[[Tensor | None], Hyper],
-        step: int | Tensor,
-        theta: Tensor | None,
-        learn: tuple[str, ...],
-        out: dict[str, list[Tensor]],
-        trace: float = 0.0,
-    ) -> None:
-        """Run ``rule`` on ``params`` in place; write d(new params)/d(theta_j) into ``out[j]`` for each learned j.
-
-        One forward-mode pass per learned name: the theta entries of that name get tangent 1 (all
-        units at once, since each tensor reads only its own unit). All but the last pass run on
-        copies, so the state and parameters are updated exactly once. A learning pass uses its
-        tangent buffers as the rule's workspace (``work`` is then unused): the direction is built
-        there and turned into the tangent in place, so a step needs no other parameter-sized memory.
-        With a ``trace`` the buffers hold ``Z_{t-1}``, which the step decays and adds to, so the direction
-        is built in a temporary instead.
-        """
-        if theta is None:
-            _apply_step(params, rule.update(params, grads, state, work, hyper_fn(None), step), None)
-            return
-        units = theta.numel() // len(learn)
-        for j, name in enumerate(learn):
-            last = j == len(learn) - 1
-            p = params if last else [t.clone() for t in params]
-            s = state if last else {n: [t.clone() for t in ts_] for n, ts_ in state.items()}
-            seed = torch.zeros_like(theta)
-            seed[j * units : (j + 1) * units] = 1.0
-            if trace:
-                work = {n: [torch.empty_like(t) for t in params] for n in rule.workspace_names}
-            else:
-                work = {n: out[name] for n in rule.workspace_names}
-            with fwAD.dual_level():
-                hp = hyper_fn(fwAD.make_dual(theta, seed))
-                _apply_step(p, rule.update(p, grads, s, work, hp, step), out[name], trace)
 
     # ------------------------------------------------------------------ reading the tower
     @torch.no_grad()
@@ -945,68 +908,6 @@ class TowerOptimizer(torch.optim.Optimizer):
         self._buckets = None  # tangent views are rebuilt on the next step
 
 
-def _apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None, trace: float = 0.0) -> None:
-    """``params <- params * decay + direction * scale`` in place; with ``tangent``, also its tangent.
-
-    When forward-mode AD reports that the direction does not depend on the learned hyperparameters
-    (a learned step size), the tangent of this last product is ``params * d(decay) + direction *
-    d(scale)``: the product rule of one multiplication, with ``d(scale)`` and ``d(decay)`` from AD.
-    The direction is then scaled into the increment in the tangent buffer, added to the parameters,
-    and rescaled by ``d(scale) / scale`` into the tangent, all in place (with a log-parametrised step
-    size that ratio is 1 and the tangent *is* the increment). Otherwise AD carries the tangent
-    through the whole update. With a ``trace`` ``mu``, ``tangent`` holds ``Z_{t-1}`` and becomes
-    ``mu * Z_{t-1} + d(new params)/d(theta)``.
-    """
-    direction = step.direction
-    if tangent is None or fwAD.unpack_dual(direction[0]).tangent is not None:
-        # No tangent wanted, or one AD carries through the whole product (direction depends on theta).
-        if step.decay is not None:
-            torch._foreach_mul_(params, scalars(step.decay))
-        torch._foreach_mul_(direction, scalars(step.scale))
-        torch._foreach_add_(params, direction)
-        if tangent is None:
-            return
-        out = [fwAD.unpack_dual(t).tangent for t in params]
-        out = [t if t is not None else torch.zeros_like(q) for t, q in zip(out, params, strict=True)]
-        # The buffers may have carried the direction's tangent; write through their primal.
-        primal = [fwAD.unpack_dual(t).primal for t in tangent]
-        if trace:
-            torch._foreach_mul_(primal, trace)
-            torch._foreach_add_(primal, out)
-        else:
-            torch._foreach_copy_(primal, out)
-        return
-    scale, d_scale = fwAD.unpack_dual(step.scale)
-    decay_term = None
-    if step.decay is not None:
-        decay, d_decay = fwAD.unpack_dual(step.decay)
-        if d_decay is not None:
-            decay_term = torch._foreach_mul(params, scalars(d_decay))
-        torch._foreach_mul_(params, scalars(decay))
-    # This step's tangent is built in `step_tangent`: the tangent buffer itself, or, when the buffer
-    # holds a trace, the temporary the direction was built in.
-    step_tangent = direction if trace else tangent
-    if step_tangent is not direction:
-        torch._foreach_copy_(step_tangent, direction)
-    ratio = _ratio(d_scale, scale)
-    if ratio is not None:
-        torch._foreach_mul_(step_tangent, scalars(scale))
-        torch._foreach_add_(params, step_tangent)
-        if any(r != 1.0 for r in ratio):
-            torch._foreach_mul_(step_tangent, ratio)
-    else:
-        torch._foreach_add_(params, torch._foreach_mul(step_tangent, scalars(scale)))
-        if d_scale is None:
-            torch._foreach_zero_(step_tangent)
-        else:
-            torch._foreach_mul_(step_tangent, scalars(d_scale))
-    if decay_term is not None:
-        torch._foreach_add_(step_tangent, decay_term)
-    if trace:
-        torch._foreach_mul_(tangent, trace)
-        torch._foreach_add_(tangent, step_tangent)
-
-
 def _per_length(h: Tensor, norms_sq: Tensor) -> Tensor:
     """``h / sqrt(norms_sq)``, and 0 where the norm is 0 (no step taken yet)."""
     return torch.where(norms_sq > 0, h / norms_sq.sqrt().clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
@@ -1023,14 +924,6 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     if a.dtype in (torch.float16, torch.bfloat16):
         a, b = a.float(), b.float()
     return torch.dot(a.reshape(-1), b.reshape(-1))
-
-
-def _ratio(d_scale: Tensor | None, scale: Tensor) -> list[float] | None:
-    """``d_scale / scale`` as floats when it can be read for free (on the CPU) and is finite."""
-    if d_scale is None or scale.device.type != "cpu" or d_scale.device.type != "cpu":
-        return None
-    ratio = (d_scale / scale).tolist()
-    return ratio if all(math.isfinite(r) for r in ratio) else None
 
 
 def _constant_dtype_device(like: Tensor) -> tuple[torch.dtype, torch.device]:

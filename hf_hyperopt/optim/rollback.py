@@ -9,7 +9,7 @@ per step, nothing the size of the model.
 
 What cannot be put back cheaply: the weight level's update runs in place over the parameters and
 their state, as in ``torch.optim``; an error in the middle of it leaves them partly updated. The
-per-parameter tangents are consumed (multiplied by the gradients) when the hypergradient is formed, so
+per-parameter tangents may be consumed (multiplied by the gradients) when the hypergradient is formed, so
 after a failed step they are zeroed: the next step's hypergradient is then zero, as after a step in
 which the parameters did not move, and the learned values do not move on a half-formed one.
 """

@@ -97,7 +97,7 @@ class HyperTrainingArguments(TrainingArguments):
     - ``hyper_learn=None`` resolves to ``"lr"`` and ``hyper_scope=None`` to ``"shared"``: the cheapest
       of the settings that ``python -m benchmarks.benchmark_trainer --sweep`` measured equally robust
       to the initial learning rate (``results/README.md``). ``shared`` learns one scalar and logs one
-      key; each extra learned name costs a gradient-sized buffer and a forward-mode pass per step.
+      key; each extra learned name costs a gradient-sized buffer and a few multi-tensor passes per step.
     - ``lr_scheduler_type=None``: with a tower optimizer and no schedule asked for, the schedule is
       ``constant`` (the tower owns the step size); with ``warmup_steps`` > 0 it is
       ``constant_with_warmup``. A schedule given explicitly *multiplies* the learned step size: the
