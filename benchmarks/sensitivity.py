@@ -569,10 +569,10 @@ def merge(
             if key in seen:
                 raise ValueError(f"--merge: run {key} is in both {seen[key]} and {path}")
             seen[key] = str(path)
-    meta = dict(metas[0])
-    meta.pop("args", None)
+    # What describes one run (its default, a note on it) stays with that file's entry in merged_from.
+    meta = {k: v for k, v in metas[0].items() if k not in ("args", "default_hyper", "note")}
     sources = [
-        {"file": str(p), "command": m.get("command"), "commit": m.get("commit")}
+        {"file": str(p), **{k: m[k] for k in ("command", "commit", "default_hyper", "note") if k in m}}
         for p, m in zip(paths, metas, strict=True)
     ]
     meta |= {"merged_from": sources, "dropped_methods": sorted(dropped), "renamed_methods": renames}
