@@ -102,6 +102,9 @@ def test_each_hyper_optimizer_trains_learns_and_logs(optim, tmp_path):
     by_step = {r["step"]: r for r in records}
     assert all(by_step[r["step"]]["hyper/0/lr"] == r["hyper/0/lr"] for r in logs)
     assert (tmp_path / "hyper_trajectories.png").stat().st_size > 1000
+    # The card starts the weight level at the lr the run was given, not at the ramp's probe step.
+    card = (tmp_path / "README.md").read_text()
+    assert f"| 0 | lr | {initial:.4g} |" in card, card
 
 
 def test_logged_keys_reach_trainer_state_json_and_group_scope_suffixes(tmp_path):

@@ -819,12 +819,16 @@ class TowerOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ reading the tower
     @torch.no_grad()
-    def hyperparameters(self) -> list[dict[str, float | list[float]]]:
+    def hyperparameters(self, given: bool = False) -> list[dict[str, float | list[float]]]:
         """Every level's learned hyperparameters in natural units, bottom level first.
 
         Level 0 values are floats in the shared scope and lists (one per group, or per tensor) in the
         other scopes; levels above hold one float each. The top level reports its fixed values of the
         hyperparameters it would learn (``lr`` by default).
+
+        A ramped ``lr`` is reported as the weights use it: before the first step, the probe step's
+        (a millionth of the lr given). ``given=True`` reports, before the first step, the values the
+        tower was given instead (what a model card calls the start).
         """
         out: list[dict[str, float | list[float]]] = []
         n = len(self.levels)
@@ -846,7 +850,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                     for name in names:
                         if k == 0:
                             vals = self._level0_unit_values()[name]
-                            if name == "lr" and self._ramped():
+                            if name == "lr" and self._ramped() and not given:
                                 vals = [v * RAMP_PROBE for v in vals]
                             entry[name] = vals[0] if self.scope == "shared" else vals
                         else:

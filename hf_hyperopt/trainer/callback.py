@@ -189,7 +189,7 @@ class HyperCallback(TrainerCallback):
         if t is None:
             return
         if state.global_step == 0:
-            self.initial = t.hyperparameters()
+            self.initial = t.hyperparameters(given=True)
         elif self.initial is None:
             # Resumed, and nobody recorded the start (HyperTrainer does, before loading the checkpoint).
             self.initial = _initial_from_config(t)

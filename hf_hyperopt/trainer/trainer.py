@@ -148,7 +148,7 @@ class HyperTrainer(Trainer):
         t = unwrap_tower(optimizer)
         if t is not None and self._hyper_callback.initial is None:
             # Before a checkpoint is loaded into it: the values the run started from.
-            self._hyper_callback.initial = t.hyperparameters()
+            self._hyper_callback.initial = t.hyperparameters(given=True)
         return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
