@@ -159,6 +159,11 @@ TOWERS: dict[str, str] = {
     "hyper_adam+trace": "adam(lr=0.05,ramp=0.001,normalize=true,trace=0.9)",
     # the default with another step size at its top level (the default's is 0.05)
     **{f"hyper_adam(top={lr})": f"adam(lr={lr},ramp=0.001,normalize=true)" for lr in ("0.01", "0.02", "0.1", "0.2")},
+    # ... and with a top that averages its hypergradients over ~100 steps instead of ~10
+    **{
+        f"hyper_adam(top={lr},beta1=0.99)": f"adam(lr={lr},beta1=0.99,ramp=0.001,normalize=true)"
+        for lr in ("0.02", "0.05", "0.1", "0.2")
+    },
 }
 
 
