@@ -27,7 +27,7 @@ CASES: dict[str, tuple[type[Rule], dict[str, bool], dict[str, float]]] = {
     "adam": (AdamRule, {}, {"lr": 0.01, "beta1": 0.8, "beta2": 0.95, "eps": 1e-3}),
     "adam-wd": (AdamRule, {}, {"lr": 0.01, "beta1": 0.8, "beta2": 0.95, "eps": 1e-3, "weight_decay": 0.1}),
     "adamw": (AdamWRule, {}, {"lr": 0.01, "beta1": 0.8, "beta2": 0.95, "eps": 1e-3, "weight_decay": 0.1}),
-    "adam-gdtuo": (AdamRule, {"gdtuo_init": True, "eps_in_sqrt": True}, {"lr": 0.01, "eps": 1e-3}),
+    "adam-gdtuo": (AdamRule, {"gdtuo_init": True}, {"lr": 0.01, "eps": 1e-3}),
     "adagrad": (AdaGradRule, {}, {"lr": 0.1, "eps": 1e-3}),
     "adagrad-wd": (AdaGradRule, {}, {"lr": 0.1, "eps": 1e-3, "weight_decay": 0.05}),
     "adagrad-gdtuo": (AdaGradRule, {"gdtuo_init": True, "eps_in_sqrt": True}, {"lr": 0.1, "eps": 1e-3}),
@@ -196,13 +196,31 @@ def test_zero_second_moment_has_a_zero_tangent():
         assert torch.isfinite(out[n][0]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("beta", [0.625003, 0.8, 0.9, 0.95])
+def test_betas_hold_still_after_a_first_step_that_carries_no_information_about_them(dtype, beta):
+    """At a tensor's first step Adam's update is g / (|g| + eps) whatever the betas are, so their tangents
+    are exactly 0; rounding noise there would become a full step of the level above under normalize."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 5, dtype=dtype))
+    spec = f"adam(lr=0.01,beta1={beta},beta2={beta},learn=beta1+beta2)/adam(lr=0.01,normalize=true)"
+    opt = hh.tower([w], spec)
+    seen = []
+    for _ in range(2):
+        w.grad = torch.randn_like(w)
+        opt.step()
+        seen.append(opt.hyperparameters()[0])
+    assert seen[1] == seen[0]
+
+
 # The tower end to end: the written path against forward AD through every level, over steps in which
 # one tensor has no gradient (so the per-tensor step counts differ), in every scope, with the ramp,
 # a trace, normalisation, and three levels.
 TOWERS = [
     ("adam(lr=0.01,weight_decay=0.01,learn=lr+beta1+beta2+eps+weight_decay)/adam(lr=0.01)", None, "shared"),
     ("adamw(lr=0.01,learn=lr+beta1+beta2+eps+weight_decay)/adam(lr=0.01,ramp=0.001)", None, "tensor"),
-    # Not the betas under normalize: at step 1 their tangents are 0 but for rounding, which h / |Z| scales up.
+    # Not the betas under normalize: at step 1 forward AD's tangents are rounding noise (the written ones are
+    # exactly 0), which h / |Z| scales up.
     ("adamw(lr=0.01,eps=1e-3,learn=eps+weight_decay)/adam(lr=0.01,normalize=true,trace=0.9)", None, "group"),
     ("adam(lr=0.01)/sgd(lr=1e-5)", "gdtuo", "shared"),
     (
@@ -313,3 +331,29 @@ def test_a_rule_without_written_tangents_learns_by_forward_ad(float64, make_mlp,
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert h_ad == pytest.approx(h, rel=1e-8)
     assert h != pytest.approx([0.05, 0.5, 0.01], rel=1e-6)
+
+
+def test_a_user_rule_with_a_second_workspace_buffer_learns_its_lr():
+    """The direction's workspace is the lr's tangent buffer; the rule's other workspace buffers stay its own."""
+    from hf_hyperopt.levels.base import Step, Tangent
+    from hf_hyperopt.optim.engine import LevelConfig, TowerOptimizer
+
+    class SignSGD(SGDRule):
+        name = "signsgd"
+        workspace_names = ("direction", "scratch")
+
+        def update(self, params, grads, state, work, hp, step, tangents=None):
+            torch._foreach_copy_(work["scratch"], grads)
+            torch._foreach_sign_(work["scratch"])
+            torch._foreach_copy_(work["direction"], work["scratch"])
+            scale = -hp["lr"]
+            written = {n: Tangent(direction=-torch.ones_like(scale)) for n in tangents or {}}
+            return Step(work["direction"], scale, tangents=written)
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    opt = TowerOptimizer([w], [LevelConfig(SignSGD, {"lr": 0.05}, learn=("lr",)), LevelConfig(AdamRule, {"lr": 0.01})])
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    assert opt.hyperparameters()[0]["lr"] != pytest.approx(0.05)

@@ -268,9 +268,11 @@ def product_into(dst: list[Tensor], t1: list[Tensor], t2: list[Tensor], alpha: T
 
 
 def scaled_root_into(dst: list[Tensor], src: list[Tensor], inv_square: Tensor) -> None:
-    """``dst[i] = sqrt(src[i] * inv_square[i])``, raised off zero as :func:`sqrt_` does for a divisor
-    (one pass fewer than the root and then the division, which the update itself keeps, as torch.optim
-    computes it)."""
+    """``dst[i] = sqrt(src[i] * inv_square[i])``, raised off zero as :func:`sqrt_` does for a divisor.
+
+    One pass fewer than the root and then the division (torch.optim's order, which an update keeps when
+    nothing divides by the root); the two orders differ in the last bits.
+    """
     a = _floats(inv_square)
     if a is not None and _one_pass(dst, src):
         tiny = torch.tensor(torch.finfo(src[0].dtype).tiny, dtype=src[0].dtype)

@@ -513,9 +513,12 @@ class TowerOptimizer(torch.optim.Optimizer):
                     for name, buf in self._rules[0].init_state(t, values).items():
                         st[name] = wrap_like(p, buf)
             b.attach_tangents(self.state)
-            if not learn0 or "lr" not in learn0 and self._rules[0].writes_tangents:
-                # A learned lr's tangent buffer is the workspace (or, by forward AD, each learned name's).
-                b.work = {n: [torch.empty_like(t) for t in b.local] for n in self._rules[0].workspace_names}
+            rule0 = self._rules[0]
+            if not learn0 or rule0.writes_tangents:
+                # A learned lr's tangent buffer is the direction's workspace (forward AD, below, works in
+                # the tangent buffers of each learned name instead).
+                kept = ("direction",) if "lr" in learn0 else ()
+                b.work = {n: [torch.empty_like(t) for t in b.local] for n in rule0.workspace_names if n not in kept}
             buckets.append(b)
         self._sharding_group = sharding_group([e[0] for e in entries])
         return buckets

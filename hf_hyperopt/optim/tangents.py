@@ -5,7 +5,8 @@ hyperparameter beside its update (:class:`~hf_hyperopt.levels.base.Tangent`); th
 the learned coordinate theta with one scalar per tensor, d(value)/d(theta), which forward-mode AD
 gives cheaply on the tiny vector of hyperparameters (it holds the parametrisation, the ramp's factor
 and a scheduler's). One update, no copies of the parameters or state, and no parameter-sized memory
-beyond the tangent buffers and one temporary.
+beyond the tangent buffers and one temporary; with a trace, one more per learned name while the step
+runs (the new tangents are built beside the kept ones).
 
 Any other rule gets its tangents from forward-mode AD through the whole update (:func:`forward_ad`),
 one pass per learned name, all but the last on copies of the parameters and state. That is the
