@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, Step, Tangent, copy_, coupled_decay, div_into, scalars, sqrt_into
+from .base import Hyper, HyperSpec, Rule, Step, Tangent, coupled_decay, rooted_direction
 
 
 class AdaGradRule(Rule):
@@ -42,33 +42,8 @@ class AdaGradRule(Rule):
         sums = state["sum"]
         torch._foreach_addcmul_(sums, grads, grads)
         direction = work["direction"]
-        eps = scalars(hp["eps"])
-        in_sqrt = self.options.get("eps_in_sqrt")
-        if in_sqrt:
-            copy_(direction, sums)
-            torch._foreach_add_(direction, eps)
-            torch._foreach_sqrt_(direction)
-        else:
-            sqrt_into(direction, sums, divides=t_wd is not None)
-        # The tangents take their factors (the root, 1 / denominator, the direction) as they pass.
-        if t_wd is not None:
-            # d(direction)/d(weight_decay) = w / denom * (1 - g^2 / (denom root))
-            div_into(t_wd, grads, direction)
-            torch._foreach_mul_(t_wd, grads)
-        if not in_sqrt:
-            torch._foreach_add_(direction, eps)
-        if t_eps is not None:  # -g / denom^2, and / (2 denom) more inside the root
-            div_into(t_eps, grads, direction)
-            torch._foreach_div_(t_eps, direction)
-            if in_sqrt:
-                torch._foreach_div_(t_eps, direction)
-        if t_wd is not None:
-            torch._foreach_div_(t_wd, direction)
-            torch._foreach_neg_(t_wd)
-            torch._foreach_add_(t_wd, 1.0)
-            torch._foreach_div_(t_wd, direction)
-            torch._foreach_mul_(t_wd, params)
-        div_into(direction, grads, direction)
+        in_sqrt = bool(self.options.get("eps_in_sqrt"))
+        rooted_direction(direction, sums, grads, params, hp["eps"], in_sqrt, {"eps": t_eps, "weight_decay": t_wd})
         scale = -hp["lr"]
         written = {}
         for name in want:

@@ -267,6 +267,60 @@ def product_into(dst: list[Tensor], t1: list[Tensor], t2: list[Tensor], alpha: T
         torch._foreach_mul_(dst, scalars(alpha))
 
 
+def rooted_direction(
+    direction: list[Tensor],
+    second_moment: list[Tensor],
+    grads: list[Tensor],
+    params: list[Tensor],
+    eps: Tensor,
+    eps_in_sqrt: bool,
+    tangents: dict[str, list[Tensor] | None],
+    decay_share: float | Tensor = 1.0,
+) -> None:
+    """``direction = g / (sqrt(v) + eps)`` (or ``g / sqrt(v + eps)``), and the tangents that pass through it.
+
+    The step of AdaGrad and RMSProp, which differ in how they keep ``v``. ``tangents`` holds the buffers
+    of the learned names among ``eps``, ``weight_decay`` and ``v`` (the tangent of ``v`` with respect to
+    a hyperparameter of its average, written by the rule before ``v`` moved, e.g. RMSProp's ``alpha``):
+    each leaves here as d(direction)/d(value), up to a constant per tensor that the rule returns in its
+    :class:`Tangent`: ``eps`` and ``v`` up to ``-1`` (``-1/2`` with ``eps_in_sqrt``, and ``-1/2`` for
+    ``v``), ``weight_decay`` exactly, for a coupled weight decay whose share of ``v`` is ``decay_share``
+    (``dv/d(wd) = 2 decay_share g w``).
+    """
+    t_v, t_eps, t_wd = tangents.get("v"), tangents.get("eps"), tangents.get("weight_decay")
+    if eps_in_sqrt:
+        copy_(direction, second_moment)
+        torch._foreach_add_(direction, scalars(eps))
+        torch._foreach_sqrt_(direction)
+    else:
+        sqrt_into(direction, second_moment, divides=t_v is not None or t_wd is not None)
+    # The tangents take their factors (the root, 1 / denominator, the direction) as they pass.
+    if t_v is not None:
+        torch._foreach_div_(t_v, direction)
+    if t_wd is not None:
+        # d(direction)/d(weight_decay) = w / denom * (1 - decay_share g^2 / (denom root))
+        div_into(t_wd, grads, direction)
+        torch._foreach_mul_(t_wd, grads)
+    if not eps_in_sqrt:
+        torch._foreach_add_(direction, scalars(eps))
+    if t_v is not None:
+        torch._foreach_div_(t_v, direction)
+    if t_eps is not None:  # -g / denom^2, and / (2 denom) more inside the root
+        div_into(t_eps, grads, direction)
+        torch._foreach_div_(t_eps, direction)
+        if eps_in_sqrt:
+            torch._foreach_div_(t_eps, direction)
+    if t_wd is not None:
+        torch._foreach_div_(t_wd, direction)
+        torch._foreach_mul_(t_wd, scalars(-decay_share) if isinstance(decay_share, Tensor) else -decay_share)
+        torch._foreach_add_(t_wd, 1.0)
+        torch._foreach_div_(t_wd, direction)
+        torch._foreach_mul_(t_wd, params)
+    div_into(direction, grads, direction)
+    if t_v is not None:
+        torch._foreach_mul_(t_v, direction)
+
+
 def scaled_root_into(dst: list[Tensor], src: list[Tensor], inv_square: Tensor) -> None:
     """``dst[i] = sqrt(src[i] * inv_square[i])``, raised off zero as :func:`sqrt_` does for a divisor.
 

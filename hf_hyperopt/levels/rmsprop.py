@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, Step, Tangent, addcmul_, copy_, coupled_decay, div_into, scalars, sqrt_into
+from .base import Hyper, HyperSpec, Rule, Step, Tangent, addcmul_, coupled_decay, rooted_direction, scalars
 
 
 class RMSPropRule(Rule):
@@ -45,39 +45,11 @@ class RMSPropRule(Rule):
         torch._foreach_mul_(square_avgs, scalars(alpha))
         addcmul_(square_avgs, grads, grads, 1.0 - alpha)
         direction = work["direction"]
-        eps = scalars(hp["eps"])
-        in_sqrt = self.options.get("eps_in_sqrt")
-        if in_sqrt:
-            copy_(direction, square_avgs)
-            torch._foreach_add_(direction, eps)
-            torch._foreach_sqrt_(direction)
-        else:
-            sqrt_into(direction, square_avgs, divides=t_alpha is not None or t_wd is not None)
-        # The tangents take their factors (the root, 1 / denominator, the direction) as they pass.
-        if t_alpha is not None:
-            torch._foreach_div_(t_alpha, direction)
-        if t_wd is not None:
-            # d(direction)/d(weight_decay) = w / denom * (1 - (1 - alpha) g^2 / (denom root))
-            div_into(t_wd, grads, direction)
-            torch._foreach_mul_(t_wd, grads)
-        if not in_sqrt:
-            torch._foreach_add_(direction, eps)
-        if t_alpha is not None:
-            torch._foreach_div_(t_alpha, direction)
-        if t_eps is not None:  # -g / denom^2, and / (2 denom) more inside the root
-            div_into(t_eps, grads, direction)
-            torch._foreach_div_(t_eps, direction)
-            if in_sqrt:
-                torch._foreach_div_(t_eps, direction)
-        if t_wd is not None:
-            torch._foreach_div_(t_wd, direction)
-            torch._foreach_mul_(t_wd, scalars(alpha - 1.0))
-            torch._foreach_add_(t_wd, 1.0)
-            torch._foreach_div_(t_wd, direction)
-            torch._foreach_mul_(t_wd, params)
-        div_into(direction, grads, direction)
-        if t_alpha is not None:
-            torch._foreach_mul_(t_alpha, direction)
+        in_sqrt = bool(self.options.get("eps_in_sqrt"))
+        rooted_direction(
+            direction, square_avgs, grads, params, hp["eps"], in_sqrt,
+            {"v": t_alpha, "eps": t_eps, "weight_decay": t_wd}, decay_share=1.0 - alpha,
+        )  # fmt: skip
         scale = -hp["lr"]
         written = {}
         for name in want:
