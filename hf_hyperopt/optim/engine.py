@@ -515,8 +515,8 @@ class TowerOptimizer(torch.optim.Optimizer):
             b.attach_tangents(self.state)
             rule0 = self._rules[0]
             if not learn0 or rule0.writes_tangents:
-                # A learned lr's tangent buffer is the direction's workspace (forward AD, below, works in
-                # the tangent buffers of each learned name instead).
+                # A learned lr's tangent buffer is the direction's workspace (a rule run by forward AD
+                # works in the tangent buffers of each learned name instead: tangents.forward_ad).
                 kept = ("direction",) if "lr" in learn0 else ()
                 b.work = {n: [torch.empty_like(t) for t in b.local] for n in rule0.workspace_names if n not in kept}
             buckets.append(b)
