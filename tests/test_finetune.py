@@ -167,12 +167,17 @@ def test_classification_demo_defaults_run(tmp_path):
 
 # ----------------------------------------------------------------------------------------- two processes
 WORKER = """
-import json, sys
+import json, os, sys
 sys.path.insert(0, {scripts!r})
 import finetune
 for argv in json.loads(open({runs!r}).read()):
     finetune.main(argv)
 finetune.close_process_group()
+# torch can still abort a gloo rank in interpreter shutdown after a run that succeeded ("terminate called
+# without an active exception", SIGABRT), even with the group destroyed: every output is written by now.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 

@@ -121,3 +121,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # torch can still abort a gloo rank in interpreter shutdown after a run that succeeded ("terminate
+    # called without an active exception", SIGABRT), even with the process group destroyed; everything the
+    # test reads is written by now, so leave without the interpreter's teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

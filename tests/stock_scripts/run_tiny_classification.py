@@ -11,6 +11,7 @@ built from config and an in-memory task (label 1 when the first token is in the 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -64,3 +65,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # torch can abort a gloo rank in interpreter shutdown after a run that succeeded ("terminate called
+    # without an active exception", SIGABRT); the outputs are written, so this test script leaves without
+    # the interpreter's teardown (a real script would not need to: the failure is torch's, at exit).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
