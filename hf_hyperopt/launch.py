@@ -185,15 +185,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         # As `python SCRIPT.py` does: the script's folder first on the import path.
         sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
         runpy.run_path(script, run_name="__main__")
-    _close_process_group()
+    close_process_group()
 
 
-def _close_process_group() -> None:
-    """Destroy the default process group a finished script left open, as torch asks of every program.
+def close_process_group() -> None:
+    """Destroy the default process group a finished script left open, as torch asks every program to.
 
     Stock scripts end without it; a rank that then exits while the group's threads still run can die in
     interpreter shutdown ("terminate called without an active exception", SIGABRT) after training
-    succeeded, and the launcher reports the whole run as failed.
+    succeeded, and the launcher reports the whole run as failed. Call it only after a run that
+    succeeded: destroying the group while another rank is still inside a collective would hang.
     """
     import torch.distributed as dist
 

@@ -853,20 +853,8 @@ def _append_command(card: Path, command: str, expanded: str, sources: dict[str, 
     card.write_text(text.rstrip("\n") + "\n" + "\n".join(lines))
 
 
-def close_process_group() -> None:
-    """Destroy the process group the Trainer opened, as torch asks every program to before it exits.
-
-    Without it a gloo rank can abort in interpreter shutdown ("terminate called without an active
-    exception", SIGABRT) after training succeeded, and the launcher reports the whole run as failed.
-    Called only after a run that succeeded: destroying the group while another rank is still inside a
-    collective would hang.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
+    from hf_hyperopt.launch import close_process_group
+
     main()
     close_process_group()

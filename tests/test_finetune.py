@@ -170,9 +170,10 @@ WORKER = """
 import json, os, sys
 sys.path.insert(0, {scripts!r})
 import finetune
+from hf_hyperopt.launch import close_process_group
 for argv in json.loads(open({runs!r}).read()):
     finetune.main(argv)
-finetune.close_process_group()
+close_process_group()
 # torch can still abort a gloo rank in interpreter shutdown after a run that succeeded ("terminate called
 # without an active exception", SIGABRT), even with the group destroyed: every output is written by now.
 sys.stdout.flush()

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from transformers import BertForSequenceClassification, TrainerCallback
 
+from hf_hyperopt.launch import close_process_group
 from hf_hyperopt.trainer import HyperTrainer, HyperTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
@@ -113,10 +114,7 @@ def main() -> None:
     }
     with open(f"{args.out}.rank{rank}.json", "w") as f:
         json.dump(result, f)
-    # torch asks every program to destroy its group: without it a gloo rank can abort (SIGABRT) in
-    # interpreter shutdown after the run succeeded.
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":
