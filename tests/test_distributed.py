@@ -276,7 +276,7 @@ def test_dcp_checkpoint_with_one_step_count_loads(tmp_path):
     _train(model, opt, data[:3])
     sd = copy.deepcopy(get_optimizer_state_dict(model, opt))
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
-    steps = sd["param_groups"][0]["hyper_tower"]["state"]["step"]
+    steps = sd["param_groups"][0]["hyper_tower"]["state.step"]
     assert steps == [[3] * 4, 3]
     steps[0] = 3  # the old layout
     dcp.save({"optim": sd}, checkpoint_id=tmp_path)
@@ -288,7 +288,7 @@ def test_dcp_checkpoint_with_one_step_count_loads(tmp_path):
     template = {"optim": get_optimizer_state_dict(model2, opt2)}
     dcp.load(template, checkpoint_id=tmp_path)
     set_optimizer_state_dict(model2, opt2, template["optim"])
-    assert opt2._tower_state["step"] == [[3] * 4, 3]
+    assert (opt2._tower_state.weight_steps, opt2._tower_state.level_steps) == ([3] * 4, [3])
     _train(model2, opt2, data[3:])
     assert opt2.hyperparameters() == opt.hyperparameters()
 
@@ -298,7 +298,6 @@ def test_state_dict_without_a_tower_anywhere_is_refused():
     opt = hh.tower(model.parameters(), ADAM2)
     _train(model, opt, data[:1])
     sd = opt.state_dict()
-    del sd["tower"]
     del sd["param_groups"][0]["hyper_tower"]
     with pytest.raises(ValueError, match="no 'tower' entry"):
         hh.tower(model.parameters(), ADAM2).load_state_dict(sd)

@@ -54,9 +54,12 @@ def _set(path: str, value: float):
     """A fault that writes ``value`` into the saved tensor at ``path`` (``theta.0``, ``state.0.exp_avg``, ...)."""
 
     def apply(sd):
-        node = sd if path.startswith("state.") else sd["tower"]["state"]
-        for key in path.split("."):
-            node = node[int(key) if key.isdigit() else key]
+        if path.startswith("state."):
+            node = sd
+            for key in path.split("."):
+                node = node[int(key) if key.isdigit() else key]
+        else:
+            node = sd["param_groups"][0]["hyper_tower"]["state." + path]
         node.view(-1)[0] = value
         return sd
 
@@ -68,8 +71,8 @@ def _other_shapes(sd, make_mlp, batches):
 
 
 def _more_learned_values(sd, make_mlp, batches):
-    theta = sd["tower"]["state"]["theta"]
-    theta[0] = torch.cat([theta[0], theta[0]])
+    tower = sd["param_groups"][0]["hyper_tower"]
+    tower["state.theta.0"] = torch.cat([tower["state.theta.0"], tower["state.theta.0"]])
     return sd
 
 
@@ -82,7 +85,7 @@ def _steps(level0, *upper):
     """A fault that replaces the saved step counts."""
 
     def apply(sd, *_):
-        sd["tower"]["state"]["step"] = [level0, *upper]
+        sd["param_groups"][0]["hyper_tower"]["state.step"] = [level0, *upper]
         return sd
 
     return apply
@@ -128,14 +131,14 @@ def test_state_dict_of_another_dtype_is_cast_like_torch_optim(make_mlp, batches,
     opt = hh.tower(model.parameters(), SPEC)
     opt.load_state_dict(saved)
     ts = opt._tower_state
-    assert all(t.dtype == torch.float32 for t in ts["theta"])
-    assert all(v.dtype == torch.float32 for d in ts["upper_state"] for v in d.values())
+    assert all(t.dtype == torch.float32 for t in ts.theta)
+    assert all(v.dtype == torch.float32 for d in ts.upper_state for v in d.values())
     assert all(v.dtype == torch.float32 for s in opt.state.values() for v in s.values() if v.is_floating_point())
     assert opt.hyperparameters()[0]["lr"] == pytest.approx(opt64.hyperparameters()[0]["lr"], rel=1e-6)
     x, y = (t.float() for t in batches(3)[-1])
     F.mse_loss(model(x), y).backward()
     opt.step()
-    assert all(t.dtype == torch.float32 for t in opt._tower_state["theta"])
+    assert all(t.dtype == torch.float32 for t in opt._tower_state.theta)
 
 
 def test_a_step_that_raises_leaves_the_tower_as_it_was(make_mlp, batches, monkeypatch):
@@ -143,7 +146,8 @@ def test_a_step_that_raises_leaves_the_tower_as_it_was(make_mlp, batches, monkey
     x, y = batches(3)[-1]
     F.mse_loss(model(x), y).backward()
     hyper, weights = opt.hyperparameters(), [p.clone() for p in model.parameters()]
-    steps, upper = list(opt._tower_state["step"]), copy.deepcopy(opt._tower_state["upper_state"])
+    ts = opt._tower_state
+    steps, upper = (ts.weight_steps, ts.level_steps), copy.deepcopy(ts.upper_state)
 
     def fail(ts):
         raise RuntimeError("out of memory (simulated)")
@@ -151,12 +155,12 @@ def test_a_step_that_raises_leaves_the_tower_as_it_was(make_mlp, batches, monkey
     monkeypatch.setattr(opt, "_step_weights", fail)
     with pytest.raises(RuntimeError, match="simulated"):
         opt.step()
-    assert opt.hyperparameters() == hyper and opt._tower_state["step"] == steps
-    assert same_state(opt._tower_state["upper_state"], upper)
+    assert opt.hyperparameters() == hyper and (ts.weight_steps, ts.level_steps) == steps
+    assert same_state(ts.upper_state, upper)
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
     monkeypatch.undo()
     opt.step()  # and it steps normally afterwards
-    assert opt._tower_state["step"] == [[s + 1 for s in steps[0]], *[s + 1 for s in steps[1:]]]
+    assert (ts.weight_steps, ts.level_steps) == ([s + 1 for s in steps[0]], [s + 1 for s in steps[1]])
 
 
 def _nan_grad(model, x, y, value):
@@ -257,8 +261,7 @@ def _overwrite_start(name: str):
 
 def _nan_in_saved_tower(out, ckpt):
     sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    for tower in (sd["tower"], sd["param_groups"][0]["hyper_tower"]):
-        tower["state"]["theta"][0].fill_(math.nan)
+    sd["param_groups"][0]["hyper_tower"]["state.theta.0"].fill_(math.nan)
     torch.save(sd, ckpt / "optimizer.pt")
 
 

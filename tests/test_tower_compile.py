@@ -56,7 +56,7 @@ def test_compiled_training_step_matches_eager(backend, make_mlp, batches):
     for p, q in zip(cmodel.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
     assert copt.hyperparameters()[0]["lr"] == pytest.approx(opt.hyperparameters()[0]["lr"], rel=1e-6)
-    assert copt._tower_state["step"] == [[STEPS] * 4, STEPS]
+    assert (copt._tower_state.weight_steps, copt._tower_state.level_steps) == ([STEPS] * 4, [STEPS])
     # The tower did learn, so the agreement is not two runs that left the lr alone.
     assert copt.hyperparameters()[0]["lr"] != pytest.approx(0.01, rel=1e-3)
 
@@ -87,5 +87,5 @@ def test_a_step_that_raises_inside_a_compiled_function_changes_nothing(make_mlp,
     opt.zero_grad()
     for x, y in data[2:]:  # and the compiled function trains on
         step(x, y)
-    assert opt._tower_state["step"] == [[4] * 4, 4]
+    assert (opt._tower_state.weight_steps, opt._tower_state.level_steps) == ([4] * 4, [4])
     assert not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))

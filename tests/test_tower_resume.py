@@ -87,14 +87,19 @@ def test_resume_continues_momentum_of_upper_levels(tmp_path, make_mlp, batches):
     opt = hh.tower(model.parameters(), "adam(lr=0.01)/adam(lr=0.01)")
     _run(model, opt, data[:STOP], [])
     sd = opt.state_dict()
-    upper = sd["tower"]["state"]["upper_state"][0]
-    assert set(upper) == {"exp_avg", "exp_avg_sq"} and upper["exp_avg"].abs().sum() > 0
+    tower = sd["param_groups"][0][TOWER_GROUP_KEY]
+    assert {k for k in tower if k.startswith("state.upper_state.")} == {
+        "state.upper_state.0.exp_avg",
+        "state.upper_state.0.exp_avg_sq",
+    }
+    exp_avg = tower["state.upper_state.0.exp_avg"]
+    assert exp_avg.abs().sum() > 0
     torch.save(sd, tmp_path / "opt.pt")
     loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
     fresh = hh.tower(make_mlp().parameters(), "adam(lr=0.01)/adam(lr=0.01)")
     fresh.load_state_dict(loaded)
     assert fresh.hyperparameters() == opt.hyperparameters()
-    assert torch.equal(fresh.state_dict()["tower"]["state"]["upper_state"][0]["exp_avg"], upper["exp_avg"])
+    assert torch.equal(fresh.state_dict()["param_groups"][0][TOWER_GROUP_KEY]["state.upper_state.0.exp_avg"], exp_avg)
 
 
 def test_checkpoint_with_one_step_count_loads_and_resumes(tmp_path, make_mlp, batches):
@@ -124,10 +129,9 @@ def test_checkpoint_with_one_step_count_loads_and_resumes(tmp_path, make_mlp, ba
     opt1 = build(first, extra1)
     run(first, extra1, opt1, data[:STOP], 0)
     sd = copy.deepcopy(opt1.state_dict())
-    for tower in (sd["tower"], sd["param_groups"][0][TOWER_GROUP_KEY]):
-        steps = tower["state"]["step"]
-        assert steps == [[STOP] * 4 + [0], STOP]
-        steps[0] = STOP  # the old layout: every level counted every step
+    steps = sd["param_groups"][0][TOWER_GROUP_KEY]["state.step"]
+    assert steps == [[STOP] * 4 + [0], STOP]
+    steps[0] = STOP  # the old layout: every level counted every step
     torch.save({"model": first.state_dict(), "extra": extra1.detach(), "optimizer": sd}, tmp_path / "old.pt")
 
     ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
@@ -136,9 +140,9 @@ def test_checkpoint_with_one_step_count_loads_and_resumes(tmp_path, make_mlp, ba
     extra2.data.copy_(ckpt["extra"])
     opt2 = build(second, extra2)
     opt2.load_state_dict(ckpt["optimizer"])
-    assert opt2._tower_state["step"] == [[STOP] * 4 + [0], STOP]
+    assert (opt2._tower_state.weight_steps, opt2._tower_state.level_steps) == ([STOP] * 4 + [0], [STOP])
     run(second, extra2, opt2, data[STOP:], STOP)
     assert opt2.hyperparameters() == opt.hyperparameters()
     for p, q in zip([*model.parameters(), extra], [*second.parameters(), extra2], strict=True):
         assert torch.equal(p, q)
-    assert opt2.state_dict()["tower"]["state"]["step"] == [[STEPS] * 4 + [STEPS - STOP], STEPS]
+    assert opt2.state_dict()["param_groups"][0][TOWER_GROUP_KEY]["state.step"] == [[STEPS] * 4 + [STEPS - STOP], STEPS]

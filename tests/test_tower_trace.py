@@ -195,7 +195,7 @@ def test_ramp_keeps_the_initial_lr_of_weights_that_are_all_zero(batches):
         F.mse_loss(model(x), torch.ones(4, 2)).backward()
         opt.step()
         opt.zero_grad()
-    assert opt._tower_state["ramp"].item() == 1.0 and not opt._tower_state["ramp_active"].item()
+    assert opt._tower_state.ramp.factor.item() == 1.0 and not opt._tower_state.ramp.active.item()
 
 
 def test_ramp_survives_a_checkpoint(make_mlp, batches):
@@ -210,10 +210,10 @@ def test_ramp_survives_a_checkpoint(make_mlp, batches):
     assert other.hyperparameters() == opt.hyperparameters()
     # Saved before the ramp had a target (its search ended): it loads, and the factor stays.
     sd = opt.state_dict()
-    del sd["tower"]["state"]["ramp_target"]
+    del sd["param_groups"][0]["hyper_tower"]["state.ramp_target"]
     other.load_state_dict(sd)
     assert other.hyperparameters() == opt.hyperparameters()
-    assert other._tower_state["ramp_target"].item() == opt._tower_state["ramp"].item()
+    assert other._tower_state.ramp.target.item() == opt._tower_state.ramp.factor.item()
 
 
 @pytest.mark.parametrize("key", ["ramp", "ramp_target"])
@@ -225,7 +225,7 @@ def test_a_damaged_ramp_factor_is_refused_on_load(bad, key, make_mlp, batches):
     F.mse_loss(model(x), y).backward()
     opt.step()
     sd = opt.state_dict()
-    sd["tower"]["state"][key].fill_(bad)
+    sd["param_groups"][0]["hyper_tower"]["state." + key].fill_(bad)
     before = opt.hyperparameters()
     with pytest.raises(ValueError, match="ramp factor" if key == "ramp" else "ramp target"):
         opt.load_state_dict(sd)

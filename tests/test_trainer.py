@@ -180,11 +180,9 @@ def test_evaluation_never_changes_hyperparameters_and_best_model_loads(tmp_path)
     assert len(list((tmp_path / "eval").glob("checkpoint-*"))) <= 2  # save_total_limit keeps the best too
     assert evald.state.best_model_checkpoint is not None
     # An evaluation after training leaves the tower exactly as it was.
-    theta = [t.clone() for t in evald.tower.state_dict()["tower"]["state"]["theta"]]
+    theta = [t.clone() for t in evald.tower._tower_state.theta]
     evald.evaluate()
-    assert all(
-        torch.equal(a, b) for a, b in zip(theta, evald.tower.state_dict()["tower"]["state"]["theta"], strict=True)
-    )
+    assert all(torch.equal(a, b) for a, b in zip(theta, evald.tower._tower_state.theta, strict=True))
 
 
 def test_gpt2_gradient_accumulation_matches_the_large_batch(tmp_path):

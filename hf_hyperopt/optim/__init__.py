@@ -1,6 +1,7 @@
 """The tower engine: optimizers that learn their own hyperparameters from one-step hypergradients."""
 
-from .engine import SCOPES, LevelConfig, TowerOptimizer
+from .config import SCOPES, LevelConfig
+from .engine import TowerOptimizer
 from .optimizers import (
     DEFAULT_HYPER,
     OPTIMIZERS,

@@ -31,19 +31,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .buckets import TANGENT_PREFIX
 from .distributed import local_tensor
+from .ramp import RampState
+from .state import TowerState
 
 
-def checked_tower_state(opt: Any, state_dict: dict[str, Any], tower_state: dict[str, Any]) -> dict[str, Any]:
-    """Check ``state_dict`` (its ``tower`` entry already removed) against ``opt``; return the tower state to load.
+def checked_tower_state(opt: Any, state_dict: dict[str, Any], entries: dict[str, Any]) -> TowerState | None:
+    """Check ``state_dict`` (its tower entry already removed) against ``opt``; return the tower state to load.
 
     Args:
         opt: the :class:`~hf_hyperopt.optim.engine.TowerOptimizer` being loaded.
         state_dict: ``state`` and ``param_groups`` as ``torch.optim`` saves them.
-        tower_state: the saved tower state (``{}`` when the saved tower had not stepped).
+        entries: the saved tower state's flat ``state.*`` entries (:mod:`.state`; none when the saved
+            tower had not stepped).
 
     Returns:
-        A copy of ``tower_state`` cast to the tower's dtype and the parameters' device.
+        The tower state, cast to the tower's dtype and the parameters' device; ``None`` before a first step.
 
     Raises:
         ValueError: naming the first entry that does not fit ``opt``.
@@ -55,10 +59,10 @@ def checked_tower_state(opt: Any, state_dict: dict[str, Any], tower_state: dict[
     index = dict(zip((i for g in groups for i in g["params"]), params, strict=True))
     state = state_dict.get("state") or {}
     _check_param_state(opt, index, state)
-    if not tower_state:
-        return {}
+    if not entries:
+        return None
     stepped = [bool(state.get(i)) for g in groups for i in g["params"]]
-    return _check_tower_state(opt, params, tower_state, stepped)
+    return _check_tower_state(opt, params, entries, stepped)
 
 
 def _check_groups(opt: Any, groups: list[dict[str, Any]]) -> list[Tensor]:
@@ -79,15 +83,13 @@ def _check_groups(opt: Any, groups: list[dict[str, Any]]) -> list[Tensor]:
 
 
 def _check_param_state(opt: Any, index: dict[Any, Tensor], state: dict[Any, dict[str, Any]]) -> None:
-    from .engine import _TANGENT  # the engine imports this module
-
     names = set(opt._rules[0].state_names)
     for key, entry in state.items():
         if key not in index:
             raise ValueError(f"state_dict has state for parameter {key!r}, which none of its param groups lists")
         p = index[key]
         for name, value in entry.items():
-            if not isinstance(value, Tensor) or not (name in names or name.startswith(_TANGENT)):
+            if not isinstance(value, Tensor) or not (name in names or name.startswith(TANGENT_PREFIX)):
                 continue
             if tuple(value.shape) != tuple(p.shape):
                 raise ValueError(
@@ -97,88 +99,109 @@ def _check_param_state(opt: Any, index: dict[Any, Tensor], state: dict[Any, dict
             _check_finite(value, f"state {name!r} of parameter {key}")
 
 
-def _check_tower_state(opt: Any, params: list[Tensor], ts: dict[str, Any], stepped: list[bool]) -> dict[str, Any]:
+def _check_tower_state(opt: Any, params: list[Tensor], ts: dict[str, Any], stepped: list[bool]) -> TowerState:
     height = len(opt.levels) - 1
     first = local_tensor(params[0]) if params else torch.empty(0)
     dtype, device = opt._hyper_dtype(first.dtype), first.device
 
-    def cast(t: Tensor, what: str) -> Tensor:
+    def get(key: str) -> Any:
+        if "state." + key not in ts:
+            raise ValueError(f"state_dict tower state has no {key!r} entry: it is damaged or from another version")
+        return ts["state." + key]
+
+    def cast(key: str, what: str, shape: tuple[int, ...] | None = None) -> Tensor:
+        t = get(key)
         if not isinstance(t, Tensor):
             raise ValueError(f"state_dict tower {what} is a {type(t).__name__}, not a tensor")
+        if shape is not None and tuple(t.shape) != shape:
+            raise ValueError(f"state_dict tower {what} has shape {tuple(t.shape)}, expected {shape}")
         _check_finite(t, f"tower {what}")
         return t.detach().to(dtype=dtype, device=device, copy=True)
 
-    for key in ("theta", "upper_state", "upper_tangent", "step", "skipped"):
-        if key not in ts:
-            raise ValueError(f"state_dict tower state has no {key!r} entry: it is damaged or from another version")
-    thetas, uppers, tangents = ts["theta"], ts["upper_state"], ts["upper_tangent"]
-    for key, value, n in (("theta", thetas, height), ("upper_state", uppers, height), ("upper_tangent", tangents, height),
-                          ("step", ts["step"], height + 1)):  # fmt: skip
-        if len(value) != n:
-            raise ValueError(f"state_dict tower {key} has {len(value)} entries, this tower has {n} levels to fill")
-    out = dict(ts)
-    out["theta"] = []
-    for k, theta in enumerate(thetas):
+    thetas = []
+    for k in range(height):
         units = opt._units() if k == 0 else 1
         want = units * len(opt._learn[k])
+        theta = get(f"theta.{k}")
         if not isinstance(theta, Tensor) or theta.numel() != want:
             got = theta.numel() if isinstance(theta, Tensor) else type(theta).__name__
             raise ValueError(
                 f"state_dict tower: level {k} holds {got} learned value(s), this tower learns {want} "
                 f"({'+'.join(opt._learn[k])} x {units} unit(s), scope={opt.scope!r})"
             )
-        out["theta"].append(cast(theta, f"learned values of level {k}"))
-    out["upper_state"], out["upper_tangent"] = [], []
+        thetas.append(cast(f"theta.{k}", f"learned values of level {k}"))
+    uppers, tangents = [], []
     for k in range(1, height + 1):
-        shape = tuple(out["theta"][k - 1].shape)
-        for key in ("upper_state", "upper_tangent"):
-            entry = {}
-            for name, t in ts[key][k - 1].items():
-                what = f"{key} {name!r} of level {k}"
-                if isinstance(t, Tensor) and tuple(t.shape) != shape:
-                    raise ValueError(f"state_dict tower {what} has shape {tuple(t.shape)}, expected {shape}")
-                entry[name] = cast(t, what)
-            out[key].append(entry)
-    if opt._ramped():
-        ramp = ts.get("ramp")
-        if not isinstance(ramp, Tensor) or ramp.numel() != 1:
-            raise ValueError(
-                "state_dict tower state has no ramp factor, but this tower ramps its lr (ramp= on level 1)"
-            )
-        out["ramp"] = cast(ramp, "ramp factor")
-        if not float(out["ramp"]) > 0.0:
-            raise ValueError(f"state_dict tower ramp factor is {float(out['ramp'])!r}; it must be > 0")
-        active = ts.get("ramp_active")
-        if not isinstance(active, Tensor) or active.numel() != 1:
-            raise ValueError("state_dict tower state has no ramp_active flag, but this tower ramps its lr")
-        out["ramp_active"] = active.detach().to(device=device, dtype=torch.bool, copy=True)
-        out["ramp_sized"] = bool(ts.get("ramp_sized", True))
-        target = ts.get("ramp_target")
-        if target is None:  # saved before the ramp had a target: it searched up to the initial lr
-            target = torch.ones_like(out["ramp"]) if bool(out["ramp_active"]) else out["ramp"].clone()
-        elif not isinstance(target, Tensor) or target.numel() != 1:
-            raise ValueError("state_dict tower ramp_target must be a 1-element tensor")
-        out["ramp_target"] = cast(target, "ramp target")
-        if not float(out["ramp_target"]) > 0.0:
-            raise ValueError(f"state_dict tower ramp target is {float(out['ramp_target'])!r}; it must be > 0")
-    out["skipped"] = ts["skipped"].detach().to(device=device, copy=True)
-    out["step"] = _checked_steps(ts["step"], stepped)
-    return out
+        shape = tuple(thetas[k - 1].shape)
+        uppers.append(
+            {
+                name: cast(f"upper_state.{k - 1}.{name}", f"upper_state {name!r} of level {k}", shape)
+                for name in opt._upper_state_names(k)
+            }
+        )
+        tangents.append(
+            {
+                name: cast(f"upper_tangent.{k - 1}.{name}", f"upper_tangent {name!r} of level {k}", shape)
+                for name in opt._learn[k]
+            }
+        )
+    steps = get("step")
+    if not isinstance(steps, (list, tuple)) or len(steps) != height + 1:
+        got = len(steps) if isinstance(steps, (list, tuple)) else type(steps).__name__
+        raise ValueError(f"state_dict tower step has {got} entries, this tower has {height + 1} levels to fill")
+    weight_steps, level_steps = _checked_steps(list(steps), stepped)
+    skipped = get("skipped")
+    if not isinstance(skipped, Tensor) or skipped.numel() != max(height, 1):
+        raise ValueError(
+            f"state_dict tower skipped must be a tensor of {max(height, 1)} count(s), one per learned level"
+        )
+    return TowerState(
+        theta=thetas,
+        upper_state=uppers,
+        upper_tangent=tangents,
+        weight_steps=weight_steps,
+        level_steps=level_steps,
+        skipped=skipped.detach().to(device=device, copy=True),
+        ramp=_checked_ramp(ts, cast, device) if opt._ramped() else None,
+    )
 
 
-def _checked_steps(steps: list[Any], stepped: list[bool]) -> list[Any]:
-    """The step counts to load: per weight tensor at level 0, converted from one count if need be."""
+def _checked_ramp(ts: dict[str, Any], cast: Any, device: torch.device) -> RampState:
+    ramp = ts.get("state.ramp")
+    if not isinstance(ramp, Tensor) or ramp.numel() != 1:
+        raise ValueError("state_dict tower state has no ramp factor, but this tower ramps its lr (ramp= on level 1)")
+    factor = cast("ramp", "ramp factor")
+    if not float(factor) > 0.0:
+        raise ValueError(f"state_dict tower ramp factor is {float(factor)!r}; it must be > 0")
+    active = ts.get("state.ramp_active")
+    if not isinstance(active, Tensor) or active.numel() != 1:
+        raise ValueError("state_dict tower state has no ramp_active flag, but this tower ramps its lr")
+    active = active.detach().to(device=device, dtype=torch.bool, copy=True)
+    target = ts.get("state.ramp_target")
+    if target is None:  # saved before the ramp had a target: it searched up to the initial lr
+        target = torch.ones_like(factor) if bool(active) else factor.clone()
+    elif not isinstance(target, Tensor) or target.numel() != 1:
+        raise ValueError("state_dict tower ramp_target must be a 1-element tensor")
+    else:
+        target = cast("ramp_target", "ramp target")
+    if not float(target) > 0.0:
+        raise ValueError(f"state_dict tower ramp target is {float(target)!r}; it must be > 0")
+    return RampState(factor=factor, target=target, sized=bool(ts.get("state.ramp_sized", True)), active=active)
+
+
+def _checked_steps(steps: list[Any], stepped: list[bool]) -> tuple[list[int], list[int]]:
+    """The step counts to load (per weight tensor, per upper level), converted from one count at level 0 if need be."""
     upper = [_count(s, f"step count of level {k}") for k, s in enumerate(steps[1:], start=1)]
     level0 = steps[0]
     if not isinstance(level0, (list, tuple)):  # written before the weight level counted per tensor
         count = _count(level0, "step count of level 0")
-        return [[count if s else 0 for s in stepped], *upper]
+        return [count if s else 0 for s in stepped], upper
     if len(level0) != len(stepped):
         raise ValueError(
             f"state_dict tower step counts of level 0 hold {len(level0)} entries, one per parameter; this "
             f"optimizer has {len(stepped)} parameters"
         )
-    return [[_count(c, f"step count of parameter {i}") for i, c in enumerate(level0)], *upper]
+    return [_count(c, f"step count of parameter {i}") for i, c in enumerate(level0)], upper
 
 
 def _count(value: Any, what: str) -> int:

@@ -34,35 +34,10 @@ except ImportError:  # pragma: no cover - torch without distributed
     DTensor = None  # type: ignore[assignment,misc]
     Shard = None  # type: ignore[assignment,misc]
 
-# The key under which ``TowerOptimizer.state_dict`` also stores the tower entry in its first param
-# group: ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` (used by FSDP2
-# checkpoints in Accelerate and the Trainer) keeps only ``state`` and ``param_groups``.
+# The key under which ``TowerOptimizer.state_dict`` stores the tower's state, in its first param group:
+# ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` (used by FSDP2 checkpoints in
+# Accelerate and the Trainer) keeps only ``state`` and ``param_groups`` (see :mod:`.state`).
 TOWER_GROUP_KEY = "hyper_tower"
-
-
-# torch.distributed.checkpoint's full-state-dict load flattens nested containers to paths and rebuilds
-# them, which drops empty lists and dicts (the top level's empty "learn", its empty tangent dict).
-_EMPTY = {"list": "<hf_hyperopt: empty list>", "dict": "<hf_hyperopt: empty dict>"}
-
-
-def keep_empty(tree: Any) -> Any:
-    """``tree`` with every empty list or dict replaced by a marker string, so that flattening keeps it."""
-    if isinstance(tree, dict):
-        return {k: keep_empty(v) for k, v in tree.items()} if tree else _EMPTY["dict"]
-    if isinstance(tree, (list, tuple)):
-        return [keep_empty(v) for v in tree] if tree else _EMPTY["list"]
-    return tree
-
-
-def restore_empty(tree: Any) -> Any:
-    """The inverse of :func:`keep_empty`."""
-    if isinstance(tree, dict):
-        return {k: restore_empty(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [restore_empty(v) for v in tree]
-    if isinstance(tree, str) and tree in _EMPTY.values():
-        return [] if tree == _EMPTY["list"] else {}
-    return tree
 
 
 def is_dtensor(t: Tensor) -> bool:

@@ -19,7 +19,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..levels import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, Rule, SGDRule
-from .engine import LevelConfig, TowerOptimizer
+from .config import LevelConfig
+from .engine import TowerOptimizer
 from .spec import parse_spec
 
 # The level above the weights when none is given. It learns log(lr) from the slope of the next loss

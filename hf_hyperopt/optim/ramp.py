@@ -1,6 +1,6 @@
 """The ramp: the weights' learned step size starts at a scale read off the weights themselves.
 
-``ramp=tau`` on level 1 (see :class:`~hf_hyperopt.optim.engine.LevelConfig`). The first step is a probe
+``ramp=tau`` on level 1 (see :class:`~hf_hyperopt.optim.config.LevelConfig`). The first step is a probe
 at ``RAMP_PROBE * lr``; from the probe's increment (the lr's tangent: the update is linear in the step
 size) the *target* factor on the learned lr is set where one step moves the weights by ``tau`` of
 their norm, the relative step size that Adafactor and LARS-style trust ratios use. A larger initial lr
@@ -15,14 +15,13 @@ norm is the start taken from above too, so it is no riskier from below.
 
 Weights that are all zero have no scale: the ramp then keeps the initial lr.
 
-State, in the tower state: ``ramp`` (the factor, a 1-element tensor), ``ramp_target`` (the factor it
-approaches, a 1-element tensor), ``ramp_sized`` (host bool) and ``ramp_active`` (a 1-element bool
-tensor, so that the approach needs no device read).
+State: :class:`RampState`, held in the tower state (:class:`~hf_hyperopt.optim.state.TowerState`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -44,14 +43,29 @@ def validate_ramp(level: int, name: str, ramp: float, *, placed: bool = True) ->
         )
 
 
-def init_ramp(ts: dict, dtype: torch.dtype, device: torch.device) -> None:
-    ts["ramp"] = torch.tensor([RAMP_PROBE], dtype=dtype, device=device)
-    ts["ramp_target"] = torch.ones(1, dtype=dtype, device=device)
-    ts["ramp_sized"] = False
-    ts["ramp_active"] = torch.ones(1, dtype=torch.bool, device=device)
+@dataclass
+class RampState:
+    """Where the ramp stands: ``factor`` on the learned lr and the ``target`` it approaches (1-element
+    tensors), whether the probe has ``sized`` the target (host bool) and whether the approach is still
+    ``active`` (a 1-element bool tensor, so that the approach needs no device read)."""
+
+    factor: Tensor
+    target: Tensor
+    sized: bool
+    active: Tensor
+
+    @classmethod
+    def start(cls, dtype: torch.dtype, device: torch.device) -> RampState:
+        """The ramp before the probe step: the factor at the probe's, the target at the initial lr."""
+        return cls(
+            factor=torch.tensor([RAMP_PROBE], dtype=dtype, device=device),
+            target=torch.ones(1, dtype=dtype, device=device),
+            sized=False,
+            active=torch.ones(1, dtype=torch.bool, device=device),
+        )
 
 
-def size_ramp(ts: dict, tau: float, weights_sq: Tensor, probe_sq: Tensor) -> None:
+def size_ramp(ramp: RampState, tau: float, weights_sq: Tensor, probe_sq: Tensor) -> None:
     """After the probe: the target factor, at which one step moves the weights by ``tau`` of their norm.
 
     ``weights_sq`` and ``probe_sq`` are the squared norms of the weights and of the probe's increment,
@@ -60,27 +74,27 @@ def size_ramp(ts: dict, tau: float, weights_sq: Tensor, probe_sq: Tensor) -> Non
     """
     if not bool(probe_sq > 0):
         return
-    ramp, target = ts["ramp"], ts["ramp_target"]
+    factor, target = ramp.factor, ramp.target
     if bool(weights_sq > 0):
-        sized = tau * (weights_sq / probe_sq).sqrt() * ramp.double()
-        info = torch.finfo(ramp.dtype)
-        target.copy_(sized.clamp(min=info.tiny, max=info.max).to(ramp.dtype))
+        sized = tau * (weights_sq / probe_sq).sqrt() * factor.double()
+        info = torch.finfo(factor.dtype)
+        target.copy_(sized.clamp(min=info.tiny, max=info.max).to(factor.dtype))
     else:  # no scale to read: keep the initial lr
         target.fill_(1.0)
-    ramp.copy_(torch.minimum(target, torch.ones_like(target)))
-    ts["ramp_sized"] = True
-    ts["ramp_active"] &= ramp < target  # started at the target: nothing to approach
+    factor.copy_(torch.minimum(target, torch.ones_like(target)))
+    ramp.sized = True
+    ramp.active &= factor < target  # started at the target: nothing to approach
 
 
-def advance_ramp(ts: dict, device: torch.device) -> Tensor:
+def advance_ramp(ramp: RampState, device: torch.device) -> Tensor:
     """One step of the approach; elementwise, no device read.
 
     Returns whether the approach was on at this step (the level above leaves the lr alone then).
     """
-    if not ts["ramp_sized"]:  # the probe step: nothing to decide yet
+    if not ramp.sized:  # the probe step: nothing to decide yet
         return torch.zeros(1, dtype=torch.bool, device=device)
-    ramp, target, active = ts["ramp"], ts["ramp_target"], ts["ramp_active"]
-    ramp.copy_(torch.where(active, torch.minimum(ramp * RAMP_GROWTH, target), ramp))
+    factor, target, active = ramp.factor, ramp.target, ramp.active
+    factor.copy_(torch.where(active, torch.minimum(factor * RAMP_GROWTH, target), factor))
     approaching = active.clone()  # the step that reaches the target is the approach's too
-    active &= ramp < target
+    active &= factor < target
     return approaching

@@ -16,6 +16,7 @@ which the parameters did not move, and the learned values do not move on a half-
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,34 +26,36 @@ from typing import Any
 def rollback_on_error(opt: Any) -> Iterator[None]:
     """Run one step of ``opt`` (a ``TowerOptimizer``); if it raises, restore the tower state and re-raise."""
     ts = opt._tower_state
-    saved = {
-        "theta": [t.clone() for t in ts["theta"]],
-        "upper_state": [{n: v.clone() for n, v in d.items()} for d in ts["upper_state"]],
-        # Tangent entries are replaced by new tensors, never written in place: keeping the references suffices.
-        "upper_tangent": [dict(d) for d in ts["upper_tangent"]],
-        # The counts (one per weight tensor at level 0) are replaced by new lists, never changed in place.
-        "step": list(ts["step"]),
-        "skipped": ts["skipped"].clone(),
-        "ramp": (ts["ramp"].clone(), ts["ramp_sized"], ts["ramp_active"].clone(), ts["ramp_target"].clone())
-        if "ramp" in ts
-        else None,
-    }
+    theta = [t.clone() for t in ts.theta]
+    upper_state = [{n: v.clone() for n, v in d.items()} for d in ts.upper_state]
+    # Tangent entries are replaced by new tensors, never written in place: keeping the references suffices.
+    upper_tangent = [dict(d) for d in ts.upper_tangent]
+    # The step counts are replaced by new lists, never changed in place.
+    weight_steps, level_steps = ts.weight_steps, ts.level_steps
+    skipped = ts.skipped.clone()
+    ramp = (
+        None
+        if ts.ramp is None
+        else dataclasses.replace(
+            ts.ramp, factor=ts.ramp.factor.clone(), target=ts.ramp.target.clone(), active=ts.ramp.active.clone()
+        )
+    )
     try:
         yield
     except BaseException:
-        for t, old in zip(ts["theta"], saved["theta"], strict=True):
+        for t, old in zip(ts.theta, theta, strict=True):
             t.copy_(old)
-        for d, old in zip(ts["upper_state"], saved["upper_state"], strict=True):
+        for d, old in zip(ts.upper_state, upper_state, strict=True):
             for name, v in d.items():
                 v.copy_(old[name])
-        ts["upper_tangent"][:] = saved["upper_tangent"]
-        ts["step"] = saved["step"]
-        ts["skipped"].copy_(saved["skipped"])
-        if saved["ramp"] is not None:
-            ts["ramp"].copy_(saved["ramp"][0])
-            ts["ramp_sized"] = saved["ramp"][1]
-            ts["ramp_active"].copy_(saved["ramp"][2])
-            ts["ramp_target"].copy_(saved["ramp"][3])
+        ts.upper_tangent[:] = upper_tangent
+        ts.weight_steps, ts.level_steps = weight_steps, level_steps
+        ts.skipped.copy_(skipped)
+        if ramp is not None:
+            ts.ramp.factor.copy_(ramp.factor)
+            ts.ramp.target.copy_(ramp.target)
+            ts.ramp.active.copy_(ramp.active)
+            ts.ramp.sized = ramp.sized
         for bucket in opt._buckets or []:
             for flat in bucket.flat.values():
                 flat.zero_()

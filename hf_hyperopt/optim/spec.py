@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 
 from ..levels import RULES
-from .engine import LevelConfig, TowerOptimizer, validate_level_options, validate_value
+from .config import LevelConfig, validate_level_options, validate_value
+from .engine import TowerOptimizer
 
 _LEVEL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}

@@ -76,7 +76,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
 def warn_if_tower_not_restored(tower: Any, checkpoint: str) -> bool:
     """Warn if loading ``checkpoint`` left ``tower`` fresh (its state was not in the checkpoint); True if so."""
-    if tower is None or tower._tower_state or not tower.height:
+    if tower is None or tower._tower_state is not None or not tower.height:
         return False
     initial = hyper_log_keys(tower.hyperparameters(), tower.scope)
     saved = _last_record(os.path.join(checkpoint, TRAJECTORY_NAME))

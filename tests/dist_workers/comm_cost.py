@@ -28,7 +28,7 @@ from torch.distributed.fsdp import fully_shard
 
 import hf_hyperopt as hh
 
-engine = importlib.import_module("hf_hyperopt.optim.engine")
+hypergradients = importlib.import_module("hf_hyperopt.optim.hypergradients")
 
 
 def model_and_grads(width: int) -> nn.Module:
@@ -79,13 +79,13 @@ def main() -> None:
 
     model = model_and_grads(args.width)
     opt = hh.tower(model.parameters(), "adam(lr=1e-3)/adam(lr=1e-2)")
-    original = engine.reduce_hypergradients
-    engine.reduce_hypergradients = lambda h, groups: None
+    original = hypergradients.reduce_hypergradients
+    hypergradients.reduce_hypergradients = lambda h, groups: None
     rows.append(("tower adam/adam, all-reduce removed", time_steps(opt.step, args.warmup, args.repeats)))
     # A barrier in its place: what is left of the cost when no data moves (waiting for the other rank).
-    engine.reduce_hypergradients = lambda h, groups: dist.barrier()
+    hypergradients.reduce_hypergradients = lambda h, groups: dist.barrier()
     rows.append(("tower adam/adam, all-reduce replaced by a barrier", time_steps(opt.step, args.warmup, args.repeats)))
-    engine.reduce_hypergradients = original
+    hypergradients.reduce_hypergradients = original
 
     h = torch.zeros(1)
     rows.append(("all_reduce of the 1-float hypergradient alone", time_steps(lambda: dist.all_reduce(h), 5, 200)))

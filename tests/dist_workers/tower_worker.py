@@ -39,7 +39,7 @@ from torch import nn
 
 import hf_hyperopt as hh
 
-engine = importlib.import_module("hf_hyperopt.optim.engine")
+hypergradients = importlib.import_module("hf_hyperopt.optim.hypergradients")
 
 IN, HIDDEN, OUT = 8, 12, 3
 GLOBAL_BATCH = 16
@@ -150,9 +150,9 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     start = (
         load_checkpoint(case["resume"], case.get("ckpt_format", "torch"), model, opt, rank) if "resume" in case else 0
     )
-    original_reduce = engine.reduce_hypergradients
+    original_reduce = hypergradients.reduce_hypergradients
     if case.get("no_reduce"):
-        engine.reduce_hypergradients = lambda h, groups: None
+        hypergradients.reduce_hypergradients = lambda h, groups: None
     if distributed:
         from torch.distributed.tensor.debug import CommDebugMode
     records, collectives = [], []
@@ -181,7 +181,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
             if case.get("save_at") == step + 1:
                 save_checkpoint(case["ckpt"], case.get("ckpt_format", "torch"), model, opt, rank, step + 1)
     finally:
-        engine.reduce_hypergradients = original_reduce
+        hypergradients.reduce_hypergradients = original_reduce
     # How the per-parameter state (Adam's moments, the tangent buffers) is held: local shard vs whole.
     state = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
     return {
@@ -193,7 +193,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
         "error_at": error_at,
         "records": records,
         "collectives_per_step": collectives,
-        "reduced_floats": int(opt._tower_state["theta"][0].numel()) if opt.height and opt._tower_state else 0,
+        "reduced_floats": int(opt._tower_state.theta[0].numel()) if opt.height and opt._tower_state else 0,
     }
 
 

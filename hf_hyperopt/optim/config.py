@@ -1,0 +1,110 @@
+"""What a tower is made of before it is bound to parameters: level configs, and the one check of their values.
+
+A level above the weights is a plain, frozen description (:class:`LevelConfig`); an optimizer always
+owns parameters. Spec strings (:mod:`.spec`), the optimizers' constructors (:mod:`.optimizers`) and
+``HyperTrainingArguments`` all build level configs, and every value and option goes through
+:func:`validate_value` and :func:`validate_level_options` (names through ``Rule.check_learn``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..levels.base import Rule
+from .ramp import validate_ramp
+
+SCOPES: tuple[str, ...] = ("shared", "group", "tensor")
+
+
+@dataclass
+class LevelConfig:
+    """One level of a tower before it is bound to parameters.
+
+    Args:
+        rule: the level's rule class (:class:`~hf_hyperopt.levels.AdamRule`, ...).
+        values: natural initial values of the hyperparameters given explicitly (others take the
+            rule's defaults). Flags (``nesterov``) are 0.0 / 1.0.
+        learn: the hyperparameters of this level that the level above learns; ``None`` for the
+            default (``lr`` in the default mode, the reference's choice in ``gdtuo`` mode).
+        trace: for a level above the weights, the decay ``mu`` of the tangent trace behind the
+            hypergradient it learns from: ``Z_t = mu * Z_{t-1} + dw_{t+1}/dtheta_t`` and
+            ``h_t = <g_{t+1}, Z_t>`` (MARTHE's first-order horizon). ``0`` is the paper's one-step
+            hypergradient; values near 1 sum the signal over about ``1 / (1 - mu)`` steps.
+        normalize: for a level above the weights, learn from ``h_t / |Z_t|``, the slope of the next
+            loss along the last update per unit length, instead of ``h_t``: the tangent grows with the
+            learned value (an update is proportional to the step size), so ``h_t`` does too, and an
+            adaptive level above would remember the hypergradients of a large step size long after it
+            has come down. The slope keeps its size whatever the step size, and still shrinks as the
+            gradients do when training converges.
+        ramp: for the level above the weights, where the weights' learned ``lr`` starts: after a
+            probe step at a millionth of ``lr``, at the step size that changes the weights by
+            ``ramp`` of their norm, at once from a larger ``lr`` and doubling every step from a
+            smaller one; the level above learns the lr from there (:mod:`.ramp`). ``0`` (no ramp) is
+            the paper's start at ``lr``. A too-large ``lr`` then never wrecks pretrained weights, and
+            a too-small one costs a few steps, not hundreds.
+    """
+
+    rule: type[Rule]
+    values: dict[str, float] = field(default_factory=dict)
+    learn: tuple[str, ...] | None = None
+    trace: float = 0.0
+    ramp: float = 0.0
+    normalize: bool = False
+
+    def full_values(self) -> dict[str, float]:
+        return {name: float(self.values.get(name, spec.default)) for name, spec in self.rule.hyperparameters.items()}
+
+    def to_spec(self) -> str:
+        """This level in spec-string form, e.g. ``adam(lr=0.001,beta1=0.8,learn=lr+beta1)``."""
+        parts = [f"{k}={_fmt(v, self.rule.hyperparameters[k].kind)}" for k, v in self.values.items()]
+        if self.learn is not None:
+            parts.append("learn=" + "+".join(self.learn))
+        if self.trace:
+            parts.append(f"trace={self.trace!r}")
+        if self.ramp:
+            parts.append(f"ramp={self.ramp!r}")
+        if self.normalize:
+            parts.append("normalize=true")
+        return f"{self.rule.name}({','.join(parts)})" if parts else self.rule.name
+
+
+def _fmt(v: float, kind: str) -> str:
+    if kind == "flag":
+        return "true" if v else "false"
+    return repr(float(v))
+
+
+def validate_value(level: int, rule: type[Rule], name: str, value: float) -> None:
+    """Raise ``ValueError`` naming the level, the hyperparameter and the allowed range."""
+    spec = rule.hyperparameters[name]
+    if not math.isfinite(value):
+        raise ValueError(f"level {level} ({rule.name}): {name}={value!r} is not finite")
+    if spec.kind == "step" and value < 0:
+        raise ValueError(f"level {level} ({rule.name}): {name}={value!r} is negative; {name} must be >= 0")
+    if spec.kind == "unit" and not 0.0 <= value < 1.0:
+        raise ValueError(f"level {level} ({rule.name}): {name}={value!r} is outside [0, 1)")
+
+
+def validate_level_options(
+    level: int, name: str, trace: float, ramp: float, normalize: bool, *, placed: bool = True
+) -> None:
+    """Raise ``ValueError`` for a level option out of range or on a level where it means nothing.
+
+    ``trace`` (a decay in ``[0, 1)``) and ``normalize`` shape the hypergradient a level learns from,
+    so they belong to a level above the weights; ``ramp`` is checked by :func:`.ramp.validate_ramp`.
+    The spec parser checks the ranges (``placed=False``: a ``hyper=`` spec is parsed on its own, so
+    its first level is not the weights'); the tower's constructor, which knows each level's place,
+    checks both.
+    """
+    if not (isinstance(trace, (int, float)) and math.isfinite(trace) and 0.0 <= trace < 1.0):
+        raise ValueError(f"level {level} ({name}): trace={trace!r} is outside [0, 1)")
+    if placed and level == 0:
+        for key, value in (("trace", trace), ("normalize", normalize)):
+            if value:
+                shown = "true" if value is True else repr(value)
+                raise ValueError(
+                    f"level 0 ({name}): {key}={shown} belongs to a level above the weights (it shapes the "
+                    "hypergradient that level learns from); move it to level 1"
+                )
+    validate_ramp(level, name, ramp, placed=placed)

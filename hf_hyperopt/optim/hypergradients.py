@@ -1,0 +1,142 @@
+"""The hypergradients: ``h[k] = dL/dtheta[k]`` for every level that has learned hyperparameters.
+
+At step ``t + 1`` the weight level's hypergradient is ``h[0] = <g_{t+1}, Z_t>`` summed per unit (one
+sum for the shared scope, one per group or per tensor), where ``Z_t`` is the tangent kept from step
+``t`` (:mod:`.buckets`); under FSDP2 each rank sums its shards and one ``all_reduce`` completes it
+(:mod:`.distributed`). A level ``k >= 1`` chains it through the tangent of its own last update:
+``h[k] = <h[k-1], dtheta[k-1]/dtheta[k]>``, computed from the unguarded level below, so that a
+hypergradient built on a non-finite one is skipped too. With ``normalize`` on the level above, the
+hypergradient it learns from is divided by the tangent's norm (the slope along the update).
+
+A non-finite hypergradient is replaced by zero and counted (:func:`guard`); its coordinates keep
+their values and state (:func:`.stepping.keep_skipped`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .distributed import local_tensor, reduce_hypergradients
+from .ramp import advance_ramp, size_ramp
+
+if TYPE_CHECKING:
+    from .engine import TowerOptimizer
+    from .state import TowerState
+
+
+def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], dict[int, Tensor]]:
+    """``h[k]`` for every learned level, bottom-up and guarded, and where each was not finite.
+
+    Returns:
+        The hypergradients, and for each learned level ``k`` a bool vector of the coordinates whose
+        update is skipped this step (non-finite, or the lr's while the ramp approaches its target).
+    """
+    n = len(opt.levels)
+    hyper: list[Tensor] = []
+    skipped: dict[int, Tensor] = {}
+    if n == 1:
+        return hyper, skipped
+    theta0 = ts.theta[0]
+    units = opt._units()
+    h0 = torch.zeros_like(theta0)
+    trace = bool(opt.levels[1].trace)
+    normalize = opt.levels[1].normalize
+    if normalize:
+        zz0 = torch.zeros_like(theta0)
+    for b in opt._buckets:
+        grads = [local_tensor(p.grad) for p in b.params]
+        # A trace lives on across steps, so it is read without being overwritten. On the CPU a dot per
+        # tensor is also the cheaper read (the buffer once, no write), and so it is in the tensor scope,
+        # which needs one sum per tensor anyway; elsewhere the fused product and one sum per unit are
+        # fewer kernels than a dot per tensor.
+        keep = trace or opt.scope == "tensor" or b.local[0].device.type == "cpu"
+        for j, name in enumerate(opt._learn[0]):
+            if normalize:
+                zsq = squared_norms(b.views[name])
+                zz0.index_add_(0, b.unit_index.to(theta0.device) + j * units, zsq.to(theta0.device, theta0.dtype))
+            if keep:
+                sums = torch.stack([dot(z, g) for z, g in zip(b.views[name], grads, strict=True)])
+                ids = b.unit_index
+            else:
+                torch._foreach_mul_(b.views[name], grads)
+                sums = b.unit_sums(b.flat[name], theta0.dtype)
+                ids = b.unit_ids
+            h0.index_add_(0, ids.to(theta0.device) + j * units, sums.to(theta0.device, theta0.dtype))
+    if normalize:  # one reduction for both sums
+        both = torch.cat([h0, zz0])
+        reduce_hypergradients(both, opt._sharding_group)
+        h0, zz0 = both.split([h0.numel(), zz0.numel()])
+    else:
+        reduce_hypergradients(h0, opt._sharding_group)
+    held = _advance_ramp(opt, ts, h0, units)
+    raw = h0  # the true hypergradient: what the levels above chain through
+    if normalize:
+        h0 = per_length(h0, zz0)
+    hyper.append(guard(h0, ts, 0, skipped))
+    if held is not None:
+        skipped[0] = skipped[0] | held
+    for k in range(1, n - 1):
+        tangent = ts.upper_tangent[k - 1]
+        # From the unguarded level below: a hypergradient built on a non-finite one is skipped too.
+        raw_below = raw
+        raw = torch.stack([torch.dot(raw_below, tangent[name]) for name in opt._learn[k]])
+        h = raw
+        if opt.levels[k + 1].normalize:
+            h = per_length(raw, torch.stack([tangent[n].dot(tangent[n]) for n in opt._learn[k]]))
+        hyper.append(guard(h, ts, k, skipped))
+    return hyper, skipped
+
+
+def guard(h: Tensor, ts: TowerState, k: int, skipped: dict[int, Tensor]) -> Tensor:
+    """``h`` with non-finite entries replaced by zero; they are counted and marked in ``skipped[k]``."""
+    finite = torch.isfinite(h)
+    ts.skipped[k].add_((~finite).sum())
+    skipped[k] = ~finite
+    return torch.where(finite, h, torch.zeros_like(h))
+
+
+def _advance_ramp(opt: TowerOptimizer, ts: TowerState, h0: Tensor, units: int) -> Tensor | None:
+    """The coordinates of theta[0] the level above leaves alone this step (the lr's, while the ramp
+    searches), or None without a ramp."""
+    if ts.ramp is None:
+        return None
+    j = opt._learn[0].index("lr")
+    held = torch.zeros_like(h0, dtype=torch.bool)
+    held[j * units : (j + 1) * units] = advance_ramp(ts.ramp, h0.device)
+    return held
+
+
+def measure_ramp(opt: TowerOptimizer, ts: TowerState) -> None:
+    """After the probe step: two norms, once (see :mod:`.ramp`).
+
+    The weights' norm is taken before the probe (the weights less its increment, the lr's tangent),
+    one tensor at a time, so that weights that started at zero read as zero.
+    """
+    sq = torch.zeros(2, dtype=torch.float64, device=ts.ramp.factor.device)
+    for b in opt._buckets:
+        for w, d in zip(b.local, b.views["lr"], strict=True):
+            sq[0] += (w - d).square().sum().to(sq.device, sq.dtype)
+        sq[1] += squared_norms(b.views["lr"]).sum().to(sq.device, sq.dtype)
+    reduce_hypergradients(sq, opt._sharding_group)
+    size_ramp(ts.ramp, opt.levels[1].ramp, sq[0], sq[1])
+
+
+def per_length(h: Tensor, norms_sq: Tensor) -> Tensor:
+    """``h / sqrt(norms_sq)``, and 0 where the norm is 0 (no step taken yet)."""
+    return torch.where(norms_sq > 0, h / norms_sq.sqrt().clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
+
+
+def squared_norms(tensors: list[Tensor]) -> Tensor:
+    """``|t|^2`` of each tensor, in one fused pass."""
+    norms = torch.stack(torch._foreach_norm(tensors))
+    return (norms.float() if norms.dtype in (torch.float16, torch.bfloat16) else norms).square()
+
+
+def dot(a: Tensor, b: Tensor) -> Tensor:
+    """``<a, b>`` over all elements, accumulated in at least float32."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
+    return torch.dot(a.reshape(-1), b.reshape(-1))

@@ -1,0 +1,224 @@
+"""The steps: every level above the weights top-down, then the weights, each with its rule.
+
+Level ``k >= 1`` updates ``theta[k - 1]`` (the raw learned values of the level below) from ``h[k - 1]``
+with its rule, keeping the tangent of that update for the level above it; a coordinate whose
+hypergradient was skipped keeps its value and state, and every coordinate stays finite (and, by
+default, inside its bounds). Then the weight level updates the weights with the hyperparameters the
+level above has just set, writing the tangents the next step's hypergradient reads.
+
+Hyperparameters are handed to a rule as one value per tensor (:class:`~hf_hyperopt.levels.base.Hyper`),
+built from ``theta`` by a function, so that :mod:`.tangents` can differentiate them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..levels.base import Hyper, raw_bounds, to_natural
+from .buckets import Bucket
+from .distributed import local_tensor
+from .tangents import run_rule
+
+if TYPE_CHECKING:
+    from .engine import TowerOptimizer
+    from .state import TowerState
+
+
+def count_step(opt: TowerOptimizer, ts: TowerState) -> None:
+    """One more step for every level above the weights and for each tensor that has a gradient.
+
+    New lists rather than in-place increments, so that :func:`.rollback.rollback_on_error`'s copy of
+    the old ones stays as it was.
+    """
+    counts = list(ts.weight_steps)
+    for b in opt._buckets:
+        for i in b.positions:
+            counts[i] += 1
+    ts.weight_steps = counts
+    ts.level_steps = [s + 1 for s in ts.level_steps]
+
+
+def weight_steps(ts: TowerState, b: Bucket) -> int | Tensor:
+    """The step counts of a bucket's tensors: one int when they agree (the usual case), else one per tensor."""
+    counts = [ts.weight_steps[i] for i in b.positions]
+    if all(c == counts[0] for c in counts):
+        return counts[0]
+    dtype, device = constant_dtype_device(b.local[0])
+    return torch.tensor(counts, dtype=dtype, device=device)
+
+
+def step_upper_levels(
+    opt: TowerOptimizer, ts: TowerState, hypergrads: list[Tensor], skipped: dict[int, Tensor]
+) -> None:
+    """Step every level above the weights, top first, on the vector of raw values of the level below."""
+    n = len(opt.levels)
+    for k in range(n - 1, 0, -1):
+        theta = ts.theta[k - 1]
+        old = theta.clone()
+        old_state = {name: v.clone() for name, v in ts.upper_state[k - 1].items()}
+        tangents = {name: [torch.empty_like(theta)] for name in opt._learn[k]}
+        run_rule(
+            opt._rules[k],
+            [theta],
+            [hypergrads[k - 1]],
+            {n_: [v] for n_, v in ts.upper_state[k - 1].items()},
+            {n_: [torch.empty_like(theta)] for n_ in opt._rules[k].workspace_names} if k == n - 1 else {},
+            upper_hyper_fn(opt, ts, k),
+            ts.level_steps[k - 1],
+            ts.theta[k] if k < n - 1 else None,
+            opt._learn[k],
+            tangents,
+        )
+        # The level above (k + 1) may learn from a trace of these tangents.
+        trace = opt.levels[k + 1].trace if k + 1 < n else 0.0
+        kept = ts.upper_tangent[k - 1]
+        for name, tangent in tangents.items():
+            kept[name] = trace * kept[name] + tangent[0] if trace else tangent[0]
+        keep_skipped(ts, k - 1, old, old_state, skipped[k - 1])
+        bound(opt, ts, k - 1, old)
+
+
+def keep_skipped(ts: TowerState, k: int, old: Tensor, old_state: dict[str, Tensor], bad: Tensor) -> None:
+    """Undo this step's update of theta[k] where its hypergradient was skipped (``bad``).
+
+    The zero that stands in for such a hypergradient is not enough: an adaptive level (Adam,
+    RMSProp) would still move the value on its momentum and decay its moments with a gradient it
+    never saw. The coordinate keeps its value and its state, and its tangent is zero (it did not
+    move). Elementwise ``where`` on vectors of hyperparameters: no device read.
+    """
+    theta = ts.theta[k]
+    theta.copy_(torch.where(bad, old, theta))
+    for name, v in ts.upper_state[k].items():
+        v.copy_(torch.where(bad, old_state[name], v))
+    tangents = ts.upper_tangent[k]
+    for name, t in tangents.items():
+        tangents[name] = torch.where(bad, torch.zeros_like(t), t)
+
+
+def bound(opt: TowerOptimizer, ts: TowerState, k: int, old: Tensor) -> None:
+    """Keep the learned coordinates of level k finite (and, by default, inside their bounds)."""
+    theta = ts.theta[k]
+    finite = torch.isfinite(theta)
+    ts.skipped[k].add_((~finite).sum())
+    theta.copy_(torch.where(finite, theta, old))
+    if opt.mode == "default":
+        units = len(theta) // len(opt._learn[k])
+        for j, name in enumerate(opt._learn[k]):
+            lo, hi = raw_bounds(opt._rules[k].hyperparameters[name].kind)
+            theta[j * units : (j + 1) * units].clamp_(lo, hi)
+
+
+def upper_hyper_fn(opt: TowerOptimizer, ts: TowerState, k: int) -> Callable[[Tensor | None], Hyper]:
+    """Hyperparameters of upper level k (one tensor), as a function of its possibly-dual theta."""
+    values = opt.levels[k].full_values()
+    rule = opt._rules[k]
+    learn = opt._learn[k]
+    theta_ref = ts.theta[k] if k < len(opt.levels) - 1 else None
+    dtype, device = constant_dtype_device(ts.theta[k - 1])
+    zero = frozenset(n for n, v in values.items() if v == 0.0 and n not in learn)
+
+    def build(theta: Tensor | None) -> Hyper:
+        out = {}
+        for name, spec in rule.hyperparameters.items():
+            if spec.kind == "flag":
+                continue
+            if name in learn:
+                j = learn.index(name)
+                out[name] = to_natural((theta if theta is not None else theta_ref)[j : j + 1], opt._how(k, name))
+            else:
+                out[name] = torch.full((1,), values[name], dtype=dtype, device=device)
+        return Hyper(out, zero)
+
+    return build
+
+
+def level0_hyper_fn(opt: TowerOptimizer, ts: TowerState, b: Bucket) -> Callable[[Tensor | None], Hyper]:
+    """Hyperparameters of the weight level, one per tensor of ``b``, as a function of its possibly-dual theta."""
+    rule = opt._rules[0]
+    learn = opt._learn[0] if opt.height else ()
+    units = opt._units()
+    device = b.local[0].device
+    dtype, _ = constant_dtype_device(b.local[0])
+    groups = opt.param_groups
+    unit_index = b.unit_index
+    group_index = b.group_index
+    zero = frozenset(
+        n
+        for n, s in rule.hyperparameters.items()
+        if n not in learn and s.kind != "flag" and all(group_value(g, n) == 0.0 for g in groups)
+    )
+
+    def build(theta: Tensor | None) -> Hyper:
+        if theta is None and learn:  # a tower of height 0 learns nothing and has no theta
+            theta = ts.theta[0]
+        out = {}
+        for name, spec in rule.hyperparameters.items():
+            if spec.kind == "flag":
+                continue
+            if name in learn:
+                j = learn.index(name)
+                nat = to_natural(theta[j * units : (j + 1) * units], opt._how(0, name))
+                vec = nat.to(device)[unit_index]
+                if name == "lr":
+                    if ts.ramp is not None:
+                        vec = vec * ts.ramp.factor.to(vec.device, vec.dtype)
+                    # A scheduler rewrites group["lr"]; it multiplies the learned step size.
+                    factors = [g["lr"] / g["initial_lr"] if g["initial_lr"] else 1.0 for g in groups]
+                    if any(f != 1.0 for f in factors):
+                        vec = vec * torch.tensor(factors, dtype=vec.dtype, device=device)[group_index]
+                out[name] = vec
+            else:
+                vals = torch.tensor([group_value(g, name) for g in groups], dtype=dtype, device=device)
+                out[name] = vals[group_index]
+        return Hyper(out, zero)
+
+    return build
+
+
+def step_weights(opt: TowerOptimizer, ts: TowerState) -> None:
+    """Step the weights, bucket by bucket, writing the tangents the next hypergradient reads."""
+    learn = opt._learn[0] if opt.height else ()
+    for b in opt._buckets:
+        grads = [local_tensor(p.grad) for p in b.params]
+        state = {
+            n: [local_tensor(opt.state[p][n]) for p in b.params]
+            for n in opt._rules[0].state_names
+            if n in opt.state[b.params[0]]
+        }
+        run_rule(
+            opt._rules[0],
+            b.local,
+            grads,
+            state,
+            b.work,
+            level0_hyper_fn(opt, ts, b),
+            weight_steps(ts, b),
+            ts.theta[0] if learn else None,
+            learn,
+            b.views,
+            opt.levels[1].trace if opt.height else 0.0,
+        )
+
+
+def constant_dtype_device(like: Tensor) -> tuple[torch.dtype, torch.device]:
+    """Where fixed hyperparameters live: float64 on the CPU, so that :func:`scalars` hands
+    ``_foreach_*`` ops the same Python floats ``torch.optim`` uses; the tensors' device otherwise."""
+    if like.device.type == "cpu":
+        return torch.float64, like.device
+    return (torch.float64 if like.dtype == torch.float64 else torch.float32), like.device
+
+
+# torch.optim keeps Adam's betas as one group key, the tower as two hyperparameters.
+_GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
+
+
+def group_value(group: dict[str, Any], name: str) -> float:
+    """The value of hyperparameter ``name`` in a ``torch.optim`` param group."""
+    if name in _GROUP_KEYS:
+        key, i = _GROUP_KEYS[name]
+        return float(group[key][i])
+    return float(group[name])
