@@ -55,3 +55,79 @@ def test_a_0_1_0_checkpoint_resumes_exactly(case, where):
     assert trajectory == saved["trajectory"]
     for name, value in model.state_dict().items():
         assert torch.equal(value, saved["final"][name]), name
+
+
+def _train(model, opt, batches) -> list:
+    trajectory = []
+    for x, y in batches:
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        trajectory.append(opt.hyperparameters())
+    return trajectory
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_0_1_0_dcp_checkpoint_loads_into_a_new_template(case, tmp_path):
+    """torch.distributed.checkpoint fills the template of a fresh optimizer by flattened key; the flat
+    entry's keys are the paths of 0.1.0's nested one, so a DCP checkpoint 0.1.0 wrote still loads."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    old = torch.load(OLD, weights_only=True)
+    saved = old["cases"][case]
+    model = _mlp()
+    model.load_state_dict(saved["model"])
+    opt = hh.tower(model.parameters(), saved["spec"], scope=saved["scope"])
+    opt.load_state_dict(saved["optimizer"])
+    sd = get_optimizer_state_dict(model, opt)
+    sd["param_groups"][0][TOWER_GROUP_KEY] = saved["optimizer"]["param_groups"][0][TOWER_GROUP_KEY]  # as 0.1.0 saved it
+    dcp.save({"optim": sd}, checkpoint_id=tmp_path)
+
+    model2 = _mlp()
+    model2.load_state_dict(saved["model"])
+    opt2 = hh.tower(model2.parameters(), saved["spec"], scope=saved["scope"])
+    template = {"optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(template, checkpoint_id=tmp_path)
+    set_optimizer_state_dict(model2, opt2, template["optim"])
+    assert _train(model2, opt2, old["batches"][3:]) == saved["trajectory"]
+
+
+def test_the_tower_is_held_once_without_empty_containers(make_mlp, batches):
+    """One flat entry in the first param group: strings, tensors and the step counts, nothing empty."""
+    model = make_mlp()
+    opt = hh.tower(model.parameters(), "adam(lr=0.01)/adam(lr=0.01)/sgd(lr=0.001)")
+    assert opt.state_dict()["param_groups"][0][TOWER_GROUP_KEY] == {
+        "spec": "adam(lr=0.01)/adam(lr=0.01)/sgd(lr=0.001)",
+        "scope": "shared",
+        "mode": "default",
+    }
+    _train(model, opt, batches(2))
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"}
+    entry = sd["param_groups"][0][TOWER_GROUP_KEY]
+    assert set(entry) == {
+        "spec",
+        "scope",
+        "mode",
+        "state.theta.0",
+        "state.theta.1",
+        "state.upper_state.0.exp_avg",
+        "state.upper_state.0.exp_avg_sq",
+        "state.upper_tangent.0.lr",  # the top level (plain SGD, no state) learns nothing
+        "state.step",
+        "state.skipped",
+    }
+    assert entry["state.step"] == [[2] * 4, 2, 2]
+    assert not any(isinstance(v, (list, dict)) and not v for v in entry.values())
+    assert all(k not in entry for k in ("state", "learn"))
+
+
+def test_a_0_1_0_entry_that_is_damaged_says_so():
+    old = torch.load(OLD, weights_only=True)
+    saved = old["cases"]["adam/adam/sgd"]
+    sd = saved["optimizer"]
+    sd["tower"]["state"] = "garbage"
+    opt = hh.tower(_mlp().parameters(), saved["spec"])
+    with pytest.raises(ValueError, match="layout of hf_hyperopt 0.1.0"):
+        opt.load_state_dict(sd)
