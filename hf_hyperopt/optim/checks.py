@@ -12,13 +12,17 @@ learned hyperparameters are what a checkpoint exists to keep, so everything is c
   the layout this tower expects and finite values; it is cast, as ``torch.optim`` casts parameter
   state, to the tower's dtype (float32, float64 for float64 parameters) and to the parameters' device.
 
-Step counts: ``step[0]`` holds one count per weight tensor (the steps in which it had a gradient, as
-``torch.optim`` counts ``state[p]["step"]``), ``step[k]`` one count for level ``k``. Checkpoints written
-before the weight level counted per tensor hold one count at ``step[0]``; each tensor with saved state
-(every tensor that had taken a step) takes that count, a tensor without state 0, as it would have in
-``torch.optim``. The counts live in the tower entry rather than in ``state[i]``: a
-``torch.distributed.checkpoint`` load fills a template taken from a fresh optimizer and refuses any key
-the checkpoint lacks, and the tower entry's ``step`` key is there in old checkpoints and new ones.
+The tower's state is read from its flat ``state.*`` entries (:mod:`.state`), key by key as this tower
+lays it out: a missing entry is named, an extra one (0.1.0 kept the spec in the state too) is ignored.
+
+Step counts: ``state.step`` is ``[per-tensor counts, level 1's, level 2's, ...]``; the weight level's
+holds one count per weight tensor (the steps in which it had a gradient, as ``torch.optim`` counts
+``state[p]["step"]``). Checkpoints written before the weight level counted per tensor hold one count
+there; each tensor with saved state (every tensor that had taken a step) takes that count, a tensor
+without state 0, as it would have in ``torch.optim``. The counts live in the tower entry rather than
+in ``state[i]``: a ``torch.distributed.checkpoint`` load fills a template taken from a fresh optimizer
+and refuses any key the checkpoint lacks, and the tower entry's ``state.step`` key is there in old
+checkpoints and new ones.
 
 Any difference raises ``ValueError`` naming the entry, what it holds and what this optimizer has.
 """
