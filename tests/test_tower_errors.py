@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -132,6 +134,24 @@ def test_upper_level_cannot_step(params):
     upper = hh.HyperSGD(lr=1e-5)
     with pytest.raises(RuntimeError, match="no parameters"):
         upper.step()
+
+
+def test_an_upper_level_is_a_plain_description_checked_when_written():
+    """Without parameters a Hyper* class gives level configs, not an optimizer that owns nothing."""
+    upper = hh.HyperAdam(lr=0.01, learn="lr+beta1", hyper=hh.HyperSGD(lr=1e-4))
+    assert not isinstance(upper, torch.optim.Optimizer)
+    assert [c.to_spec() for c in upper.levels] == ["adam(lr=0.01,learn=lr+beta1)", "sgd(lr=0.0001)"]
+    assert repr(upper) == "HyperAdam(adam(lr=0.01,learn=lr+beta1)/sgd(lr=0.0001))"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        upper.levels[0].learn = ("lr",)
+    for build, message in [
+        (lambda: hh.HyperSGD(lr=-1.0), "sgd: lr=-1.0 is negative"),
+        (lambda: hh.HyperAdam(betas=(0.9, 1.5)), "adam: beta2=1.5 is outside [0, 1)"),
+        (lambda: hh.HyperAdam(learn="lr+gamma"), "adam: learn=lr+gamma: 'gamma' is not a hyperparameter"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            build()
+        assert message in str(err.value)
 
 
 def test_learn_names_get_one_check_from_every_entry_point(params):

@@ -9,6 +9,7 @@ owns parameters. Spec strings (:mod:`.spec`), the optimizers' constructors (:mod
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..levels.base import Rule
@@ -17,7 +18,7 @@ from .ramp import validate_ramp
 SCOPES: tuple[str, ...] = ("shared", "group", "tensor")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LevelConfig:
     """One level of a tower before it is bound to parameters.
 
@@ -75,30 +76,37 @@ def _fmt(v: float, kind: str) -> str:
     return repr(float(v))
 
 
-def validate_value(level: int, rule: type[Rule], name: str, value: float) -> None:
+def where(level: int | None, name: str) -> str:
+    """How an error names a level: ``level 1 (adam)``, or ``adam`` for a level not yet in a tower."""
+    return name if level is None else f"level {level} ({name})"
+
+
+def validate_value(level: int | None, rule: type[Rule], name: str, value: float) -> None:
     """Raise ``ValueError`` naming the level, the hyperparameter and the allowed range."""
     spec = rule.hyperparameters[name]
+    at = where(level, rule.name)
     if not math.isfinite(value):
-        raise ValueError(f"level {level} ({rule.name}): {name}={value!r} is not finite")
+        raise ValueError(f"{at}: {name}={value!r} is not finite")
     if spec.kind == "step" and value < 0:
-        raise ValueError(f"level {level} ({rule.name}): {name}={value!r} is negative; {name} must be >= 0")
+        raise ValueError(f"{at}: {name}={value!r} is negative; {name} must be >= 0")
     if spec.kind == "unit" and not 0.0 <= value < 1.0:
-        raise ValueError(f"level {level} ({rule.name}): {name}={value!r} is outside [0, 1)")
+        raise ValueError(f"{at}: {name}={value!r} is outside [0, 1)")
 
 
 def validate_level_options(
-    level: int, name: str, trace: float, ramp: float, normalize: bool, *, placed: bool = True
+    level: int | None, name: str, trace: float, ramp: float, normalize: bool, *, placed: bool = True
 ) -> None:
     """Raise ``ValueError`` for a level option out of range or on a level where it means nothing.
 
     ``trace`` (a decay in ``[0, 1)``) and ``normalize`` shape the hypergradient a level learns from,
     so they belong to a level above the weights; ``ramp`` is checked by :func:`.ramp.validate_ramp`.
-    The spec parser checks the ranges (``placed=False``: a ``hyper=`` spec is parsed on its own, so
-    its first level is not the weights'); the tower's constructor, which knows each level's place,
-    checks both.
+    :func:`checked_level` checks the ranges (``placed=False``: a ``hyper=`` spec or an upper level is
+    built on its own, so its first level is not the weights'); the tower's constructor, which knows
+    each level's place, checks both.
     """
+    at = where(level, name)
     if not (isinstance(trace, (int, float)) and math.isfinite(trace) and 0.0 <= trace < 1.0):
-        raise ValueError(f"level {level} ({name}): trace={trace!r} is outside [0, 1)")
+        raise ValueError(f"{at}: trace={trace!r} is outside [0, 1)")
     if placed and level == 0:
         for key, value in (("trace", trace), ("normalize", normalize)):
             if value:
@@ -107,4 +115,42 @@ def validate_level_options(
                     f"level 0 ({name}): {key}={shown} belongs to a level above the weights (it shapes the "
                     "hypergradient that level learns from); move it to level 1"
                 )
-    validate_ramp(level, name, ramp, placed=placed)
+    validate_ramp(at, ramp, placed=placed and level != 1)
+
+
+def checked_level(
+    level: int | None,
+    rule: type[Rule],
+    values: dict[str, float],
+    learn: Iterable[str] | None = None,
+    trace: float = 0.0,
+    ramp: float = 0.0,
+    normalize: bool = False,
+    *,
+    source: str = "",
+) -> LevelConfig:
+    """A :class:`LevelConfig` whose values, ``learn=`` names and options are checked.
+
+    The one check of a level as it is written, whether in a spec string, an optimizer's constructor or
+    ``HyperTrainingArguments`` (through its spec); where the level sits in a tower (``trace`` above the
+    weights, ``ramp`` on level 1, nothing learnt from the top) the tower's constructor checks.
+
+    Args:
+        level: the level's place in what is being built, for messages (``None``: an upper level on its own).
+        source: where the level was written, appended to the level in messages (`` of tower spec '...'``).
+
+    Raises:
+        ValueError: naming the level, the bad value and what is allowed.
+    """
+    at = where(level, rule.name) + source
+    for name, value in values.items():
+        if name not in rule.hyperparameters:
+            raise ValueError(f"{at}: unknown hyperparameter {name!r}; allowed: {', '.join(rule.hyperparameters)}")
+        validate_value(level, rule, name, value)
+    if learn is not None:
+        try:
+            learn = rule.check_learn(learn)
+        except ValueError as err:
+            raise ValueError(f"{at}: {err}") from None
+    validate_level_options(level, rule.name, trace, ramp, normalize, placed=False)
+    return LevelConfig(rule, dict(values), learn, trace, ramp, normalize)

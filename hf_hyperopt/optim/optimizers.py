@@ -7,19 +7,21 @@ level's hyperparameters with the tower given by ``hyper``::
     opt = HyperAdam(model.parameters(), lr=1e-3,
                     hyper=HyperAdam(lr=1e-2, hyper=HyperSGD(lr=1e-4)))      # height 2
 
-Levels above the weights are written without parameters. ``hyper=None`` gives the plain algorithm
+Levels above the weights are written without parameters: the class then gives a plain description
+of the levels (:class:`UpperLevels`), not an optimizer. ``hyper=None`` gives the plain algorithm
 (height 0); a spec string (``hyper="sgd(lr=1e-5)"``) is accepted too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
+import inspect
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from ..levels import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, Rule, SGDRule
-from .config import LevelConfig
+from .config import LevelConfig, checked_level
 from .engine import TowerOptimizer
 from .spec import parse_spec
 
@@ -55,40 +57,70 @@ def _learn_tuple(learn: str | Iterable[str] | None) -> tuple[str, ...] | None:
     return tuple(learn)
 
 
-class _HyperOptimizer(TowerOptimizer):
-    rule: type[Rule]
+@dataclass(frozen=True)
+class UpperLevels:
+    """Levels above the weights, written as an optimizer class without parameters: ``HyperSGD(lr=1e-5)``.
 
-    def _setup(self, params, values: dict[str, float], learn, scope: str, compat: str | None, hyper) -> None:
-        defaults = {n: s.default for n, s in self.rule.hyperparameters.items()}
-        explicit = {k: float(v) for k, v in values.items() if float(v) != defaults[k]}
-        self._config = LevelConfig(self.rule, explicit, _learn_tuple(learn))
-        bound = params is not None
-        if isinstance(hyper, str) and hyper == _DEFAULT:
-            # An unknown compat falls back here; TowerOptimizer refuses it with the allowed values.
-            hyper = default_hyper(compat, learn) if bound else None
-        above = _levels_of(hyper)
-        self._above = above
-        if not bound:
-            self._unbound = True
-            # torch.optim wraps step() of every Optimizer subclass in a hook runner that reads these;
-            # without them an upper level's step() would fail before it can say why.
-            self._optimizer_step_pre_hooks = OrderedDict()
-            self._optimizer_step_post_hooks = OrderedDict()
-            return
-        self._unbound = False
-        TowerOptimizer.__init__(self, params, [self._config, *above], scope=scope, compat=compat)
+    A plain description for ``hyper=``, not an optimizer: it holds level configs, checked when written,
+    and owns no parameters. ``HyperAdam(lr=0.01, hyper=HyperSGD(lr=1e-4))`` is two levels, bottom first.
+    """
 
-    def step(self, closure=None):  # type: ignore[override]
-        if getattr(self, "_unbound", False):
-            raise RuntimeError(
-                f"this {type(self).__name__} has no parameters: it is an upper level, meant for hyper=...; "
-                "create it with params to train a model"
-            )
-        return super().step(closure)
+    levels: tuple[LevelConfig, ...]
+    written_as: str  # the class it was written with, for its repr
+
+    def step(self, closure: Any = None) -> None:
+        raise RuntimeError(
+            f"this {self.written_as} has no parameters: it is an upper level, meant for hyper=...; create it "
+            "with params to train a model"
+        )
 
     def __repr__(self) -> str:
-        if getattr(self, "_unbound", False):
-            return f"{type(self).__name__}({'/'.join(c.to_spec() for c in [self._config, *self._above])})"
+        return f"{self.written_as}({'/'.join(c.to_spec() for c in self.levels)})"
+
+
+class _HyperOptimizer(TowerOptimizer):
+    """A tower whose weight level is ``rule``; without ``params``, the class gives :class:`UpperLevels` instead."""
+
+    rule: type[Rule]
+
+    def __new__(cls, params=None, *args: Any, **kwargs: Any):
+        if params is None:
+            bound = inspect.signature(cls.__init__).bind(None, None, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            for name in ("self", "params"):
+                arguments.pop(name)
+            options = {k: arguments.pop(k) for k in ("learn", "scope", "compat", "hyper")}
+            hyper = None if isinstance(options["hyper"], str) and options["hyper"] == _DEFAULT else options["hyper"]
+            level = cls._level(cls._values(**arguments), options["learn"], None)
+            return UpperLevels((level, *_levels_of(hyper)), cls.__name__)
+        return super().__new__(cls)
+
+    def __getnewargs__(self) -> tuple[Any, ...]:
+        # copy and pickle call __new__ with these: any params but None give an optimizer, whose state
+        # __setstate__ then fills in.
+        return ([],)
+
+    @classmethod
+    def _values(cls, **arguments: Any) -> dict[str, float]:
+        """The rule's values (natural units, flags as 0.0 / 1.0) from the constructor's arguments."""
+        raise NotImplementedError
+
+    @classmethod
+    def _level(cls, values: dict[str, float], learn, level: int | None) -> LevelConfig:
+        """This class's level, keeping only the values that differ from the rule's defaults (the spec's form)."""
+        defaults = {n: s.default for n, s in cls.rule.hyperparameters.items()}
+        explicit = {k: float(v) for k, v in values.items() if float(v) != defaults[k]}
+        return checked_level(level, cls.rule, explicit, _learn_tuple(learn))
+
+    def _setup(self, params, values: dict[str, float], learn, scope: str, compat: str | None, hyper) -> None:
+        if isinstance(hyper, str) and hyper == _DEFAULT:
+            # An unknown compat falls back here; TowerOptimizer refuses it with the allowed values.
+            hyper = default_hyper(compat, learn)
+        levels = [self._level(values, learn, 0), *_levels_of(hyper)]
+        TowerOptimizer.__init__(self, params, levels, scope=scope, compat=compat)
+
+    def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r}, scope={self.scope!r}, compat={None if self.mode == 'default' else self.mode!r})"
 
 
@@ -97,10 +129,10 @@ def _levels_of(hyper: Any) -> list[LevelConfig]:
         return []
     if isinstance(hyper, str):
         return parse_spec(hyper)
+    if isinstance(hyper, UpperLevels):
+        return list(hyper.levels)
     if isinstance(hyper, _HyperOptimizer):
-        if not getattr(hyper, "_unbound", False):
-            raise ValueError(f"hyper={type(hyper).__name__}(...) was given parameters; upper levels take none")
-        return [hyper._config, *hyper._above]
+        raise ValueError(f"hyper={type(hyper).__name__}(...) was given parameters; upper levels take none")
     raise ValueError(f"hyper={hyper!r} is not a Hyper* optimizer without parameters, a spec string or None")
 
 
@@ -132,8 +164,12 @@ class HyperSGD(_HyperOptimizer):
         compat: str | None = None,
         hyper=_DEFAULT,
     ):
-        values = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": float(nesterov)}
+        values = self._values(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         self._setup(params, values, learn, scope, compat, hyper)
+
+    @classmethod
+    def _values(cls, lr, momentum, weight_decay, nesterov) -> dict[str, float]:
+        return {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": float(nesterov)}
 
 
 class HyperAdam(_HyperOptimizer):
@@ -161,9 +197,13 @@ class HyperAdam(_HyperOptimizer):
         compat: str | None = None,
         hyper=_DEFAULT,
     ):
-        wd = self.rule.hyperparameters["weight_decay"].default if weight_decay is None else weight_decay
-        values = {"lr": lr, "beta1": betas[0], "beta2": betas[1], "eps": eps, "weight_decay": wd}
+        values = self._values(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self._setup(params, values, learn, scope, compat, hyper)
+
+    @classmethod
+    def _values(cls, lr, betas, eps, weight_decay) -> dict[str, float]:
+        wd = cls.rule.hyperparameters["weight_decay"].default if weight_decay is None else weight_decay
+        return {"lr": lr, "beta1": betas[0], "beta2": betas[1], "eps": eps, "weight_decay": wd}
 
 
 class HyperAdamW(HyperAdam):
@@ -189,8 +229,11 @@ class HyperAdaGrad(_HyperOptimizer):
         compat: str | None = None,
         hyper=_DEFAULT,
     ):
-        values = {"lr": lr, "eps": eps, "weight_decay": weight_decay}
-        self._setup(params, values, learn, scope, compat, hyper)
+        self._setup(params, self._values(lr=lr, eps=eps, weight_decay=weight_decay), learn, scope, compat, hyper)
+
+    @classmethod
+    def _values(cls, lr, eps, weight_decay) -> dict[str, float]:
+        return {"lr": lr, "eps": eps, "weight_decay": weight_decay}
 
 
 class HyperRMSProp(_HyperOptimizer):
@@ -214,8 +257,12 @@ class HyperRMSProp(_HyperOptimizer):
         compat: str | None = None,
         hyper=_DEFAULT,
     ):
-        values = {"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay}
+        values = self._values(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay)
         self._setup(params, values, learn, scope, compat, hyper)
+
+    @classmethod
+    def _values(cls, lr, alpha, eps, weight_decay) -> dict[str, float]:
+        return {"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay}
 
 
 OPTIMIZERS: dict[str, type[_HyperOptimizer]] = {
@@ -231,7 +278,6 @@ def tower(params, spec: str, *, scope: str = "shared", compat: str | None = None
     """
     levels = parse_spec(spec)
     cls = OPTIMIZERS[levels[0].rule.name]
-    opt = cls.__new__(cls)
-    opt._config, opt._above, opt._unbound = levels[0], levels[1:], False
+    opt = TowerOptimizer.__new__(cls)
     TowerOptimizer.__init__(opt, params, levels, scope=scope, compat=compat)
     return opt

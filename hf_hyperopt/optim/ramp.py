@@ -32,14 +32,16 @@ RAMP_GROWTH = 2.0
 RAMP_PROBE = 1e-6
 
 
-def validate_ramp(level: int, name: str, ramp: float, *, placed: bool = True) -> None:
-    """Raise ``ValueError`` unless ``ramp`` is in ``[0, 1)`` and, where the level's place is known, non-zero only on level 1."""
+def validate_ramp(at: str, ramp: float, *, placed: bool = False) -> None:
+    """Raise ``ValueError`` unless ``ramp`` is in ``[0, 1)`` and, for a level ``placed`` other than level 1, zero.
+
+    ``at`` names the level in the message (``level 2 (adam)``).
+    """
     if not (isinstance(ramp, (int, float)) and math.isfinite(ramp) and 0.0 <= ramp < 1.0):
-        raise ValueError(f"level {level} ({name}): ramp={ramp!r} is outside [0, 1)")
-    if placed and ramp and level != 1:
+        raise ValueError(f"{at}: ramp={ramp!r} is outside [0, 1)")
+    if placed and ramp:
         raise ValueError(
-            f"level {level} ({name}): ramp={ramp!r} applies to the weights' learned lr, so it belongs "
-            "to level 1 (the level that learns it)"
+            f"{at}: ramp={ramp!r} applies to the weights' learned lr, so it belongs to level 1 (the level that learns it)"
         )
 
 

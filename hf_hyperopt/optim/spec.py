@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from ..levels import RULES
-from .config import LevelConfig, validate_level_options, validate_value
+from .config import LevelConfig, checked_level
 from .engine import TowerOptimizer
 
 _LEVEL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
@@ -57,10 +57,7 @@ def parse_spec(spec: str) -> list[LevelConfig]:
                     f"unknown key {key!r} for {name} in tower spec {spec!r}; allowed: {', '.join(allowed)}"
                 )
             if key == "learn":
-                try:
-                    learn = rule.check_learn(s.strip() for s in raw.split("+") if s.strip())
-                except ValueError as err:
-                    raise ValueError(f"level {k} ({name}) of tower spec {spec!r}: {err}") from None
+                learn = [s.strip() for s in raw.split("+") if s.strip()]
                 continue
             if key == "trace":
                 trace = _parse_value(key, raw, "unit", name, spec)
@@ -72,9 +69,7 @@ def parse_spec(spec: str) -> list[LevelConfig]:
                 ramp = _parse_value(key, raw, "unit", name, spec)
                 continue
             values[key] = _parse_value(key, raw, rule.hyperparameters[key].kind, name, spec)
-            validate_value(k, rule, key, values[key])
-        validate_level_options(k, name, trace, ramp, normalize, placed=False)
-        levels.append(LevelConfig(rule, values, learn, trace, ramp, normalize))
+        levels.append(checked_level(k, rule, values, learn, trace, ramp, normalize, source=f" of tower spec {spec!r}"))
     return levels
 
 
