@@ -76,6 +76,28 @@ def _fmt(v: float, kind: str) -> str:
     return repr(float(v))
 
 
+def resolve_learn(k: int, cfg: LevelConfig, values: dict[str, float], *, top: bool, mode: str) -> tuple[str, ...]:
+    """What the level above learns of level ``k`` in a tower: ``cfg.learn``, or the default for ``mode``.
+
+    Raises:
+        ValueError: for ``learn=`` on the top level (nothing above learns it), or names ``cfg.rule`` lacks.
+    """
+    if cfg.learn is not None and top:
+        raise ValueError(
+            f"level {k} ({cfg.rule.name}) is the top of the tower, so nothing learns its "
+            f"hyperparameters: drop learn={'+'.join(cfg.learn)} or add a level above it"
+        )
+    if top:
+        return ()
+    learn = (
+        cfg.learn if cfg.learn is not None else (cfg.rule(mode).gdtuo_learned(values) if mode == "gdtuo" else ("lr",))
+    )
+    try:
+        return cfg.rule.check_learn(learn)
+    except ValueError as err:
+        raise ValueError(f"level {k} ({cfg.rule.name}): {err}") from None
+
+
 def where(level: int | None, name: str) -> str:
     """How an error names a level: ``level 1 (adam)``, or ``adam`` for a level not yet in a tower."""
     return name if level is None else f"level {level} ({name})"

@@ -35,16 +35,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..levels.base import MODES, Mode, Rule, parametrisation, to_natural, to_raw
+from ..levels.base import MODES, Mode, Rule, parametrisation, to_natural
 from .buckets import Bucket, build_buckets, collect, zero_idle_tangents
 from .checks import checked_tower_state
-from .config import SCOPES, LevelConfig, validate_level_options, validate_value
+from .config import SCOPES, LevelConfig, resolve_learn, validate_level_options, validate_value
 from .distributed import TOWER_GROUP_KEY, local_tensor, sharding_group, standalone
 from .hypergradients import hypergradients, measure_ramp
-from .ramp import RAMP_PROBE, RampState
+from .ramp import RAMP_PROBE
 from .rollback import rollback_on_error
-from .state import TowerState, read_tower_entry, tower_entry
-from .stepping import count_step, group_value, step_upper_levels, step_weights
+from .state import TowerState, initial_state, read_tower_entry, tower_entry
+from .stepping import count_step, group_defaults, group_value, step_upper_levels, step_weights
 
 __all__ = ["SCOPES", "LevelConfig", "TowerOptimizer", "validate_level_options", "validate_value"]
 
@@ -95,7 +95,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             for name, v in values.items():
                 validate_value(k, cfg.rule, name, v)
             validate_level_options(k, cfg.rule.name, cfg.trace, cfg.ramp, cfg.normalize)
-            self._learn.append(self._resolve_learn(k, cfg, values))
+            self._learn.append(resolve_learn(k, cfg, values, top=k == len(levels) - 1, mode=mode))
             options: dict[str, bool] = {"nesterov": bool(values.get("nesterov", 0.0))}
             if "momentum" in self._learn[k]:
                 options["learn_momentum"] = True
@@ -104,7 +104,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             self._rules.append(cfg.rule(mode, **options))
         if levels[0].values.get("nesterov") and levels[0].full_values()["momentum"] == 0.0:
             raise ValueError("level 0 (sgd): nesterov=true needs momentum > 0")
-        super().__init__(params, _group_defaults(levels[0]))
+        super().__init__(params, group_defaults(levels[0]))
         for group in self.param_groups:
             for name in self._rules[0].hyperparameters:
                 validate_value(0, levels[0].rule, name, group_value(group, name))
@@ -125,25 +125,6 @@ class TowerOptimizer(torch.optim.Optimizer):
     def _check_sharding(self) -> None:
         """Refuse, before any step, trainable parameters sharded in ways no single reduction can sum."""
         sharding_group([p for g in self.param_groups for p in g["params"] if p.requires_grad])
-
-    def _resolve_learn(self, k: int, cfg: LevelConfig, values: dict[str, float]) -> tuple[str, ...]:
-        top = k == len(self.levels) - 1
-        if cfg.learn is not None and top:
-            raise ValueError(
-                f"level {k} ({cfg.rule.name}) is the top of the tower, so nothing learns its "
-                f"hyperparameters: drop learn={'+'.join(cfg.learn)} or add a level above it"
-            )
-        if top:
-            return ()
-        learn = (
-            cfg.learn
-            if cfg.learn is not None
-            else (cfg.rule(self.mode).gdtuo_learned(values) if self.mode == "gdtuo" else ("lr",))
-        )
-        try:
-            return cfg.rule.check_learn(learn)
-        except ValueError as err:
-            raise ValueError(f"level {k} ({cfg.rule.name}): {err}") from None
 
     def _check_scope(self) -> None:
         for name in self._learn[0] if len(self.levels) > 1 else ():
@@ -240,32 +221,6 @@ class TowerOptimizer(torch.optim.Optimizer):
     def _n_params(self) -> int:
         return sum(len(g["params"]) for g in self.param_groups)
 
-    def _init_tower_state(self, device: torch.device, dtype: torch.dtype) -> TowerState:
-        """The tower state before the first step: the learned values as given, fresh upper-level state."""
-        n = len(self.levels)
-        thetas = []
-        for k in range(n - 1):
-            if k == 0:
-                per_unit = self._level0_unit_values()
-                raw = [
-                    to_raw(per_unit[name][u], self._how(k, name))
-                    for name in self._learn[0]
-                    for u in range(self._units())
-                ]
-            else:
-                values = self.levels[k].full_values()
-                raw = [to_raw(values[name], self._how(k, name)) for name in self._learn[k]]
-            thetas.append(torch.tensor(raw, dtype=dtype, device=device))
-        return TowerState(
-            theta=thetas,
-            upper_state=[self._rules[k].init_state(thetas[k - 1], self.levels[k].full_values()) for k in range(1, n)],
-            upper_tangent=[{name: torch.zeros_like(thetas[k - 1]) for name in self._learn[k]} for k in range(1, n)],
-            weight_steps=[0] * self._n_params(),
-            level_steps=[0] * (n - 1),
-            skipped=torch.zeros(max(n - 1, 1), dtype=torch.int64, device=device),
-            ramp=RampState.start(dtype, device) if self._ramped() else None,
-        )
-
     def _ramped(self) -> bool:
         return self.height > 0 and bool(self.levels[1].ramp)
 
@@ -331,7 +286,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             self._bucket_key = key
         if self._tower_state is None:
             first = local_tensor(entries[0][0])
-            self._tower_state = self._init_tower_state(first.device, self._hyper_dtype(first.dtype))
+            self._tower_state = initial_state(self, first.device, self._hyper_dtype(first.dtype))
         ts = self._tower_state
         with rollback_on_error(self):  # a step that raises leaves the learned values as they were
             count_step(self, ts)
@@ -437,16 +392,3 @@ class TowerOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._tower_state = tower_state
         self._buckets = None  # tangent views are rebuilt on the next step
-
-
-def _group_defaults(cfg: LevelConfig) -> dict[str, Any]:
-    values = cfg.full_values()
-    defaults: dict[str, Any] = {}
-    for name, v in values.items():
-        if name in ("beta1", "beta2"):
-            defaults["betas"] = (values["beta1"], values["beta2"])
-        elif cfg.rule.hyperparameters[name].kind == "flag":
-            defaults[name] = bool(v)
-        else:
-            defaults[name] = v
-    return defaults

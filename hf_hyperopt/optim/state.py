@@ -26,12 +26,17 @@ for empty containers, in the first param group) is read by :func:`read_tower_ent
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
+from ..levels.base import to_raw
 from .distributed import TOWER_GROUP_KEY
 from .ramp import RampState
+
+if TYPE_CHECKING:
+    from .engine import TowerOptimizer
 
 # What the flat keys of the tower state start with (the nested entry's "state" in 0.1.0).
 STATE_PREFIX = "state."
@@ -145,3 +150,26 @@ def _restore_empty(tree: Any) -> Any:
     if isinstance(tree, str) and tree in _EMPTY:
         return _EMPTY[tree]()
     return tree
+
+
+def initial_state(opt: TowerOptimizer, device: torch.device, dtype: torch.dtype) -> TowerState:
+    """The tower state before the first step: the learned values as given, fresh upper-level state."""
+    n = len(opt.levels)
+    thetas = []
+    for k in range(n - 1):
+        if k == 0:
+            per_unit = opt._level0_unit_values()
+            raw = [to_raw(per_unit[name][u], opt._how(k, name)) for name in opt._learn[0] for u in range(opt._units())]
+        else:
+            values = opt.levels[k].full_values()
+            raw = [to_raw(values[name], opt._how(k, name)) for name in opt._learn[k]]
+        thetas.append(torch.tensor(raw, dtype=dtype, device=device))
+    return TowerState(
+        theta=thetas,
+        upper_state=[opt._rules[k].init_state(thetas[k - 1], opt.levels[k].full_values()) for k in range(1, n)],
+        upper_tangent=[{name: torch.zeros_like(thetas[k - 1]) for name in opt._learn[k]} for k in range(1, n)],
+        weight_steps=[0] * opt._n_params(),
+        level_steps=[0] * (n - 1),
+        skipped=torch.zeros(max(n - 1, 1), dtype=torch.int64, device=device),
+        ramp=RampState.start(dtype, device) if opt._ramped() else None,
+    )

@@ -24,6 +24,7 @@ from .distributed import local_tensor
 from .tangents import run_rule
 
 if TYPE_CHECKING:
+    from .config import LevelConfig
     from .engine import TowerOptimizer
     from .state import TowerState
 
@@ -222,3 +223,17 @@ def group_value(group: dict[str, Any], name: str) -> float:
         key, i = _GROUP_KEYS[name]
         return float(group[key][i])
     return float(group[name])
+
+
+def group_defaults(cfg: LevelConfig) -> dict[str, Any]:
+    """A level's values as ``torch.optim`` param-group defaults (``betas`` a pair, flags bools)."""
+    values = cfg.full_values()
+    defaults: dict[str, Any] = {}
+    for name, v in values.items():
+        if name in ("beta1", "beta2"):
+            defaults["betas"] = (values["beta1"], values["beta2"])
+        elif cfg.rule.hyperparameters[name].kind == "flag":
+            defaults[name] = bool(v)
+        else:
+            defaults[name] = v
+    return defaults
