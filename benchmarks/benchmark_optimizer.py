@@ -14,10 +14,13 @@ Usage::
 
 Two measurements, each a table of medians with ratios to ``torch.optim.AdamW(foreach=True)``:
 
-* **Optimizer step** (``optimizer.step()`` alone, gradients fixed) for ``torch.optim.AdamW`` and
-  ``torch.optim.SGD`` (both ``foreach=True``), the learning-rate-free peers (schedule-free AdamW,
-  Prodigy, D-Adaptation Adam) and hf_hyperopt towers of height 0 to 4. All optimizers
-  share one set of parameters and gradients, each with its own state.
+* **Optimizer step** (``optimizer.step()`` alone, gradients fixed) for ``torch.optim`` AdamW, Adam,
+  SGD (plain and with momentum 0.9) and RMSprop (all ``foreach=True``), the learning-rate-free peers
+  (schedule-free AdamW, Prodigy, D-Adaptation Adam) and hf_hyperopt towers: height 0 to 4, the default
+  in the per-tensor scope, and towers that learn more than the step size (SGD's momentum, RMSProp's
+  alpha, Adam's eps or betas). A tower's row also gives its ratio to its *torch counterpart*, the
+  ``torch.optim`` algorithm its weight level runs (``torch_counterpart``). All optimizers share one set
+  of parameters and gradients, each with its own state.
 * **Training step** (forward, backward, step, zero_grad) for AdamW, the peers, the default tower
   (``HyperAdam(lr=1e-3)``, i.e. ``adam(lr=0.001)/`` + ``hf_hyperopt.DEFAULT_HYPER["default"]``) and the reference implementation's
   ``Adam / SGD(1e-5)`` through its ``ModuleWrapper`` (``mw.begin()``, loss, ``mw.zero_grad()``,
@@ -66,29 +69,64 @@ import hf_hyperopt as hh
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Targets from the project's issue 2, item 8.
+# Targets from the project's issue 2, item 8, and issue 11 (a tower against the torch.optim algorithm
+# its weight level runs, and the per-tensor scope against AdamW).
 TARGET_TRAIN_STEP = 1.10
 TARGET_OPT_STEP = 1.5
+TARGET_VS_COUNTERPART = 2.0
 
-# Optimizer-step methods: name -> (spec, or the name of a torch / peer optimizer, compat). Towers of
-# height 0 to 4, and the learning-rate-free peers a Hugging Face user would pick instead.
-OPT_METHODS: dict[str, tuple[str, str | None]] = {
-    "torch AdamW": ("torch.AdamW", None),
-    "torch SGD": ("torch.SGD", None),
-    "schedule-free AdamW": ("peer.schedulefree", None),
-    "Prodigy": ("peer.prodigy", None),
-    "D-Adaptation Adam": ("peer.dadapt_adam", None),
-    "adam (height 0)": ("adam(lr=0.001)", None),
-    "hyper_adam default: adam/adam": ("adam(lr=0.001)/" + hh.DEFAULT_HYPER["default"], None),
-    "adam/adam, one-step h (0.1.0 default)": ("adam(lr=0.001)/adam(lr=0.05)", None),
-    "adam/adam, trace=0.9": ("adam(lr=0.001)/adam(lr=0.05,normalize=true,trace=0.9)", None),
-    "adam/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)", None),
-    "adam/sgd/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)/sgd(lr=0.001)", None),
-    "adam/sgd/sgd/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)/sgd(lr=0.001)/sgd(lr=0.001)", None),
-    "adam/sgd/sgd/sgd/sgd": ("adam(lr=0.001)/sgd(lr=1e-05)/sgd(lr=0.001)/sgd(lr=0.001)/sgd(lr=0.001)", None),
-    "sgd/sgd": ("sgd(lr=0.001)/sgd(lr=1e-05)", None),
-    "adam/sgd compat=gdtuo (lr, beta1, beta2)": ("adam(lr=0.001)/sgd(lr=1e-05)", "gdtuo"),
-    "adam/adam learning lr, beta1, beta2": ("adam(lr=0.001,learn=lr+beta1+beta2)/adam(lr=0.05)", None),
+
+@dataclass(frozen=True)
+class OptMethod:
+    """One optimizer-step row: a spec (or the name of a torch / peer optimizer), and for a tower its
+    compat, scope and the ``torch.optim`` row its weight level is compared with."""
+
+    spec: str
+    compat: str | None = None
+    scope: str = "shared"
+    counterpart: str = ""
+
+
+_DEFAULT = "adam(lr=0.001)/" + hh.DEFAULT_HYPER["default"]
+
+# Optimizer-step methods by name: torch.optim baselines, the learning-rate-free peers a Hugging Face
+# user would pick instead, towers of height 0 to 4, and towers that learn more than the step size.
+OPT_METHODS: dict[str, OptMethod] = {
+    "torch AdamW": OptMethod("torch.AdamW"),
+    "torch Adam": OptMethod("torch.Adam"),
+    "torch SGD": OptMethod("torch.SGD"),
+    "torch SGD momentum=0.9": OptMethod("torch.SGD.momentum"),
+    "torch RMSprop": OptMethod("torch.RMSprop"),
+    "schedule-free AdamW": OptMethod("peer.schedulefree"),
+    "Prodigy": OptMethod("peer.prodigy"),
+    "D-Adaptation Adam": OptMethod("peer.dadapt_adam"),
+    "adam (height 0)": OptMethod("adam(lr=0.001)", counterpart="torch Adam"),
+    "hyper_adam default: adam/adam": OptMethod(_DEFAULT, counterpart="torch Adam"),
+    "hyper_adam default, scope=tensor": OptMethod(_DEFAULT, scope="tensor", counterpart="torch Adam"),
+    "adam/adam, one-step h (0.1.0 default)": OptMethod("adam(lr=0.001)/adam(lr=0.05)", counterpart="torch Adam"),
+    "adam/adam, trace=0.9": OptMethod(
+        "adam(lr=0.001)/adam(lr=0.05,normalize=true,trace=0.9)", counterpart="torch Adam"
+    ),
+    "adam/sgd": OptMethod("adam(lr=0.001)/sgd(lr=1e-05)", counterpart="torch Adam"),
+    "adam/sgd/sgd": OptMethod("adam(lr=0.001)/sgd(lr=1e-05)/sgd(lr=0.001)", counterpart="torch Adam"),
+    "adam/sgd/sgd/sgd": OptMethod("adam(lr=0.001)/sgd(lr=1e-05)/sgd(lr=0.001)/sgd(lr=0.001)", counterpart="torch Adam"),
+    "adam/sgd/sgd/sgd/sgd": OptMethod(
+        "adam(lr=0.001)/sgd(lr=1e-05)/sgd(lr=0.001)/sgd(lr=0.001)/sgd(lr=0.001)", counterpart="torch Adam"
+    ),
+    "sgd/sgd": OptMethod("sgd(lr=0.001)/sgd(lr=1e-05)", counterpart="torch SGD"),
+    "sgd momentum/adam learning lr, momentum": OptMethod(
+        "sgd(lr=0.001,momentum=0.9,learn=lr+momentum)/adam(lr=0.05)", counterpart="torch SGD momentum=0.9"
+    ),
+    "rmsprop/adam learning lr, alpha": OptMethod(
+        "rmsprop(lr=0.001,learn=lr+alpha)/adam(lr=0.05)", counterpart="torch RMSprop"
+    ),
+    "adam/adam learning lr, eps": OptMethod("adam(lr=0.001,learn=lr+eps)/adam(lr=0.05)", counterpart="torch Adam"),
+    "adam/sgd compat=gdtuo (lr, beta1, beta2)": OptMethod(
+        "adam(lr=0.001)/sgd(lr=1e-05)", compat="gdtuo", counterpart="torch Adam"
+    ),
+    "adam/adam learning lr, beta1, beta2": OptMethod(
+        "adam(lr=0.001,learn=lr+beta1+beta2)/adam(lr=0.05)", counterpart="torch Adam"
+    ),
 }
 
 TRAIN_METHODS = (
@@ -110,12 +148,16 @@ OPT_COLUMNS = (
     "wall_vs_adamw",
     "cpu_ms",
     "cpu_vs_adamw",
+    "torch_counterpart",
+    "wall_vs_counterpart",
+    "cpu_vs_counterpart",
     "state_MB",
     "state_per_param",
     "extra_vs_adamw",
     "peak_MB",
     "peak_extra_vs_adamw",
     "meets_time_target",
+    "meets_counterpart_target",
     "meets_memory_target",
 )
 
@@ -316,11 +358,17 @@ def ratio(x: float, base: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- benchmarks
-def make_optimizer(spec: str, compat: str | None, params: list[Tensor]) -> torch.optim.Optimizer:
+def make_optimizer(spec: str, compat: str | None, params: list[Tensor], scope: str = "shared") -> torch.optim.Optimizer:
     if spec == "torch.AdamW":
         return torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    if spec == "torch.Adam":
+        return torch.optim.Adam(params, lr=1e-3, foreach=True)
     if spec == "torch.SGD":
         return torch.optim.SGD(params, lr=1e-3, foreach=True)
+    if spec == "torch.SGD.momentum":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
+    if spec == "torch.RMSprop":
+        return torch.optim.RMSprop(params, lr=1e-3, foreach=True)
     if spec == "peer.schedulefree":
         import schedulefree
 
@@ -335,7 +383,7 @@ def make_optimizer(spec: str, compat: str | None, params: list[Tensor]) -> torch
         from dadaptation import DAdaptAdam
 
         return DAdaptAdam(params, lr=1.0)
-    return hh.tower(params, spec, compat=compat)
+    return hh.tower(params, spec, scope=scope, compat=compat)
 
 
 def optimizer_step_benchmark(model: nn.Module, setup: Setup) -> list[dict]:
@@ -346,9 +394,9 @@ def optimizer_step_benchmark(model: nn.Module, setup: Setup) -> list[dict]:
         p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * 1e-3
     opts: dict[str, torch.optim.Optimizer] = {}
     errors: dict[str, str] = {}
-    for name, (spec, compat) in OPT_METHODS.items():
+    for name, method in OPT_METHODS.items():
         try:
-            opt = make_optimizer(spec, compat, params)
+            opt = make_optimizer(method.spec, method.compat, params, method.scope)
             for _ in range(setup.warmup):
                 opt.step()
             opts[name] = opt
@@ -363,9 +411,12 @@ def optimizer_step_benchmark(model: nn.Module, setup: Setup) -> list[dict]:
     base_wall = statistics.median(times["torch AdamW"][0])
     base_cpu = statistics.median(times["torch AdamW"][1])
     rows = []
-    for name, (spec, compat) in OPT_METHODS.items():
+    for name, method in OPT_METHODS.items():
         row = {c: "" for c in OPT_COLUMNS}
-        row.update(benchmark="optimizer_step", method=name, spec=spec + (f" compat={compat}" if compat else ""))
+        options = (f" compat={method.compat}" if method.compat else "") + (
+            f" scope={method.scope}" if method.scope != "shared" else ""
+        )
+        row.update(benchmark="optimizer_step", method=name, spec=method.spec + options)
         if name in errors:
             row["meets_time_target"] = "error: " + errors[name]
             rows.append(row)
@@ -378,6 +429,15 @@ def optimizer_step_benchmark(model: nn.Module, setup: Setup) -> list[dict]:
         sb = state_bytes(opt)
         extra = (sb - base_state) / param_bytes
         peak = base_peak if name == "torch AdamW" else peak_bytes(opt.step)
+        if method.counterpart in times:
+            vs_wall = ratio(wall, statistics.median(times[method.counterpart][0]))
+            vs_cpu = ratio(cpu, statistics.median(times[method.counterpart][1]))
+            row.update(
+                torch_counterpart=method.counterpart,
+                wall_vs_counterpart=vs_wall,
+                cpu_vs_counterpart=vs_cpu,
+                meets_counterpart_target="yes" if max(vs_wall, vs_cpu) <= TARGET_VS_COUNTERPART else "no",
+            )
         row.update(
             height=opt.height if is_tower else 0,
             learned_at_weights=learned,
@@ -518,8 +578,9 @@ def write_outputs(out_dir: Path, opt_rows: list[dict], train_rows: list[dict], m
         "",
         *(f"- {k}: {v}" for k, v in meta.items()),
         "",
-        f"## Optimizer step (target: within {TARGET_OPT_STEP}x of AdamW; extra state at most one "
-        "parameter-sized buffer per learned weight-level hyperparameter)",
+        f"## Optimizer step (targets: within {TARGET_OPT_STEP}x of AdamW, within {TARGET_VS_COUNTERPART}x of the "
+        "torch.optim algorithm the weight level runs; extra state at most one parameter-sized buffer per learned "
+        "weight-level hyperparameter)",
         "",
         markdown_table(opt_rows, OPT_COLUMNS),
         "",
