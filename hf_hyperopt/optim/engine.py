@@ -38,7 +38,7 @@ from torch import Tensor
 from ..levels.base import MODES, Mode, Rule, parametrisation, to_natural
 from .buckets import Bucket, build_buckets, collect, zero_idle_tangents
 from .checks import checked_tower_state
-from .config import SCOPES, LevelConfig, resolve_learn, validate_level_options, validate_value
+from .config import SCOPES, LevelConfig, checked_level, resolve_learn, validate_level_options, validate_value
 from .distributed import TOWER_GROUP_KEY, local_tensor, sharding_group, standalone
 from .hypergradients import hypergradients, measure_ramp
 from .ramp import RAMP_PROBE
@@ -92,8 +92,8 @@ class TowerOptimizer(torch.optim.Optimizer):
         self._learn: list[tuple[str, ...]] = []
         for k, cfg in enumerate(levels):
             values = cfg.full_values()
-            for name, v in values.items():
-                validate_value(k, cfg.rule, name, v)
+            # A level config may be built directly: the checks every level gets when written, then its place's.
+            checked_level(k, cfg.rule, cfg.values, cfg.learn, cfg.trace, cfg.ramp, cfg.normalize)
             validate_level_options(k, cfg.rule.name, cfg.trace, cfg.ramp, cfg.normalize)
             self._learn.append(resolve_learn(k, cfg, values, top=k == len(levels) - 1, mode=mode))
             options: dict[str, bool] = {"nesterov": bool(values.get("nesterov", 0.0))}
