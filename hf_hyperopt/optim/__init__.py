@@ -10,6 +10,7 @@ from .optimizers import (
     HyperAdamW,
     HyperRMSProp,
     HyperSGD,
+    UpperLevels,
     tower,
 )
 from .spec import parse_spec
@@ -25,6 +26,7 @@ __all__ = [
     "HyperSGD",
     "LevelConfig",
     "TowerOptimizer",
+    "UpperLevels",
     "parse_spec",
     "tower",
 ]
