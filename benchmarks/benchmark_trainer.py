@@ -13,6 +13,11 @@ machine hit both; the first step of every block is dropped (it holds the dataloa
 the medians of the remaining steps are compared, overall and block by block (each block against the
 ``adamw_torch`` block run next to it: the paired ratio, steadier when other jobs share the machine).
 
+Memory: each trainer also runs alone in a fresh process (``--memory_repeats`` times, in turn) that
+builds it and trains ``--block`` steps; the table gives the smallest peak resident set size of its
+runs (RSS; on Linux the peak of the training alone, ``VmHWM`` reset after the model is loaded) and the difference to ``adamw_torch``'s in parameter-sized buffers (the
+model's float32 bytes). The default tower keeps one parameter-sized buffer beyond AdamW's state.
+
 ``--sweep`` measures instead what the ``HyperTrainingArguments`` defaults rest on: how robust each
 Trainer-level setting (``--hyper_learn``, ``--hyper_scope``, ``--hyper_tower``) is to the initial
 ``--learning_rate``. A 2-layer BERT built from config learns a synthetic sequence-classification
@@ -36,9 +41,12 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -79,7 +87,12 @@ def synthetic_batches(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[d
             for i in range(n)]  # fmt: skip
 
 
-def make_trainers(args: BenchmarkTrainerArguments, out: str) -> dict[str, tuple[Trainer, StepTimer]]:
+OPTIMS = ("adamw_torch", "hyper_adam")
+
+
+def make_trainers(
+    args: BenchmarkTrainerArguments, out: str, optims: tuple[str, ...] = OPTIMS
+) -> dict[str, tuple[Trainer, StepTimer]]:
     path = minilm_path()
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
@@ -96,7 +109,7 @@ def make_trainers(args: BenchmarkTrainerArguments, out: str) -> dict[str, tuple[
         "seed": 0,
     }
     trainers = {}
-    for name in ("adamw_torch", "hyper_adam"):
+    for name in optims:
         timer = StepTimer()
         if name == "hyper_adam":
             targs = HyperTrainingArguments(output_dir=os.path.join(out, name), optim=name, **common)
@@ -152,6 +165,43 @@ def run(args: BenchmarkTrainerArguments) -> list[dict]:
     return rows
 
 
+def memory_child(args: BenchmarkTrainerArguments) -> None:
+    """In a fresh process: build one trainer, train ``args.block`` steps, print the peak RSS (one JSON line)."""
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as out:
+        trainer, _ = make_trainers(args, out, (args.memory_child,))[args.memory_child]
+        # Loading the checkpoint peaks above training on its own: on Linux the peak is reset here, so
+        # that it is the training's (model, gradients, optimizer state, activations); elsewhere it is
+        # the process's.
+        reset = Path("/proc/self/clear_refs")
+        if reset.exists():
+            reset.write_text("5")
+        trainer.train()
+        param_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    status = Path("/proc/self/status")
+    if status.exists():
+        peak = (
+            next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:")) * 1024
+        )
+    else:  # ru_maxrss: bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_mb": peak / 2**20, "param_mb": param_bytes / 2**20}), flush=True)
+
+
+def peak_rss(args: BenchmarkTrainerArguments, argv: list[str]) -> dict[str, dict[str, float]]:
+    """Each optimizer's smallest peak RSS over ``args.memory_repeats`` fresh processes, taken in turn."""
+    found: dict[str, list[dict]] = {name: [] for name in OPTIMS}
+    for _ in range(args.memory_repeats):
+        for name in OPTIMS:
+            cmd = [sys.executable, "-m", "benchmarks.benchmark_trainer", *argv, "--memory_child", name]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+            if done.returncode != 0:
+                raise RuntimeError(f"the memory run of {name} failed:\n{done.stderr[-3000:]}")
+            found[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {name: min(runs, key=lambda r: r["peak_rss_mb"]) for name, runs in found.items()}
+
+
 def write(rows: list[dict], args: BenchmarkTrainerArguments, argv: list[str]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,16 +222,20 @@ def write(rows: list[dict], args: BenchmarkTrainerArguments, argv: list[str]) ->
         "",
         setting,
         "",
-        "| optim | trainer | steps | median ms | q1 ms | q3 ms | ratio of medians | paired ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| optim | trainer | steps | median ms | q1 ms | q3 ms | ratio of medians | paired ratio "
+        "| peak RSS MB | RSS beyond adamw_torch, parameter-sized buffers |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['optim']} | {r['trainer']} | {r['steps']} | {r['median_ms']} | {r['q1_ms']} | "
-                     f"{r['q3_ms']} | {r['ratio']:.3f}x | {r['paired_ratio']:.3f}x |")  # fmt: skip
+                     f"{r['q3_ms']} | {r['ratio']:.3f}x | {r['paired_ratio']:.3f}x | {r['peak_rss_mb']} | "
+                     f"{r['rss_extra_buffers']} |")  # fmt: skip
     lines += [
         "",
         "Ratios are to `adamw_torch`; the paired ratio is the median over blocks of each block's median "
-        "against the `adamw_torch` block run next to it.",
+        "against the `adamw_torch` block run next to it. Peak RSS: the smallest over "
+        f"{args.memory_repeats} fresh processes per optimizer, each training {args.block} steps; a "
+        "parameter-sized buffer is the model's float32 bytes.",
         "",
         f"Tower: `{rows[-1]['tower']}`",
         "",
@@ -293,6 +347,8 @@ class BenchmarkTrainerArguments:
     sweep_steps: int = field(default=60, metadata={"help": "--sweep: optimizer steps per run"})
     lrs: list[float] | None = field(default=None, metadata={"help": "--sweep: initial learning rates"})
     name: str = field(default="trainer_defaults", metadata={"help": "--sweep: results file stem"})
+    memory_repeats: int = field(default=2, metadata={"help": "fresh processes per optimizer for the peak RSS"})
+    memory_child: str = field(default="", metadata={"help": "internal: measure this optimizer's peak RSS alone"})
 
 
 def make_parser():
@@ -314,7 +370,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return rows
     if args.quick:
         args.blocks, args.block, args.batch_size, args.seq_len = 2, 3, 4, 32
+    if args.memory_child:
+        memory_child(args)
+        return []
     rows = run(args)
+    memory = peak_rss(args, argv)
+    base = memory["adamw_torch"]
+    for r in rows:
+        m = memory[r["optim"]]
+        r["peak_rss_mb"] = round(m["peak_rss_mb"], 1)
+        r["rss_extra_buffers"] = round((m["peak_rss_mb"] - base["peak_rss_mb"]) / m["param_mb"], 2)
     write(rows, args, argv)
     return rows
 
