@@ -22,7 +22,8 @@ Two measurements, each a table of medians with ratios to ``torch.optim.AdamW(for
   ``torch.optim`` algorithm its weight level runs (``torch_counterpart``). All optimizers share one set
   of parameters and gradients, each with its own state.
 * **Training step** (forward, backward, step, zero_grad) for AdamW, the peers, the default tower
-  (``HyperAdam(lr=1e-3)``, i.e. ``adam(lr=0.001)/`` + ``hf_hyperopt.DEFAULT_HYPER["default"]``) and the reference implementation's
+  (``HyperAdam(lr=1e-3)``, i.e. ``adam(lr=0.001)/`` + ``hf_hyperopt.DEFAULT_HYPER["default"]``), the
+  towers of ``TRAIN_TOWERS`` (those that learn more than the lr, and the per-tensor scope) and the reference implementation's
   ``Adam / SGD(1e-5)`` through its ``ModuleWrapper`` (``mw.begin()``, loss, ``mw.zero_grad()``,
   ``loss.backward(create_graph=True)``, ``mw.step()``). Each method trains its own copy of the model.
 
@@ -129,9 +130,19 @@ OPT_METHODS: dict[str, OptMethod] = {
     ),
 }
 
+# Towers of the optimizer-step table that the training step times too (each beside AdamW's).
+TRAIN_TOWERS = (
+    "hyper_adam default, scope=tensor",
+    "adam/adam learning lr, beta1, beta2",
+    "adam/sgd compat=gdtuo (lr, beta1, beta2)",
+    "adam/adam learning lr, eps",
+    "sgd momentum/adam learning lr, momentum",
+    "rmsprop/adam learning lr, alpha",
+)
 TRAIN_METHODS = (
     "torch AdamW",
     "hyper_adam default: adam/adam",
+    *TRAIN_TOWERS,
     "schedule-free AdamW",
     "Prodigy",
     "D-Adaptation Adam",
@@ -492,6 +503,10 @@ def train_step_benchmark(model: nn.Module, setup: Setup, with_reference: bool) -
     steps["torch AdamW"] = ordinary(m_adamw, torch.optim.AdamW(m_adamw.parameters(), lr=1e-3, foreach=True))
     m_tower = copy.deepcopy(model)
     steps["hyper_adam default: adam/adam"] = ordinary(m_tower, hh.HyperAdam(m_tower.parameters(), lr=1e-3))
+    for name in TRAIN_TOWERS:
+        method = OPT_METHODS[name]
+        m = copy.deepcopy(model)
+        steps[name] = ordinary(m, make_optimizer(method.spec, method.compat, list(m.parameters()), method.scope))
     for name, spec in (
         ("schedule-free AdamW", "peer.schedulefree"),
         ("Prodigy", "peer.prodigy"),
