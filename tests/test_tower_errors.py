@@ -136,6 +136,19 @@ def test_upper_level_cannot_step(params):
         upper.step()
 
 
+def test_a_subclass_is_an_upper_level_written_with_its_builtin_class_arguments(params):
+    class WarmAdam(hh.HyperAdam):
+        def __init__(self, params=None, lr=1e-3, warmup=10, **kwargs):
+            super().__init__(params, lr=lr, **kwargs)
+
+    opt = hh.HyperAdam(params, hyper=WarmAdam(lr=0.01, betas=(0.8, 0.99)))
+    assert opt.spec == "adam/adam(lr=0.01,beta1=0.8,beta2=0.99)"
+    with pytest.raises(TypeError, match=r"WarmAdam\(\.\.\.\) without params .* arguments of HyperAdam: .*'warmup'"):
+        WarmAdam(warmup=3)
+    with pytest.raises(TypeError, match=r"HyperSGD\(\.\.\.\) without params .*'foo'"):
+        hh.HyperSGD(foo=1)
+
+
 def test_an_upper_level_is_a_plain_description_checked_when_written():
     """Without parameters a Hyper* class gives level configs, not an optimizer that owns nothing."""
     upper = hh.HyperAdam(lr=0.01, learn="lr+beta1", hyper=hh.HyperSGD(lr=1e-4))

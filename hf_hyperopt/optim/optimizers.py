@@ -85,7 +85,16 @@ class _HyperOptimizer(TowerOptimizer):
 
     def __new__(cls, params=None, *args: Any, **kwargs: Any):
         if params is None:
-            bound = inspect.signature(cls.__init__).bind(None, None, *args, **kwargs)
+            # Described by the arguments of the built-in class it derives from: a subclass's own
+            # __init__ (extra arguments, **kwargs) has nothing to set on a level that owns no parameters.
+            builtin = next(c for c in cls.__mro__ if c.__module__ == __name__)
+            try:
+                bound = inspect.signature(builtin.__init__).bind(None, None, *args, **kwargs)
+            except TypeError as e:
+                raise TypeError(
+                    f"{cls.__name__}(...) without params is an upper level, written with the arguments of "
+                    f"{builtin.__name__}: {e}"
+                ) from None
             bound.apply_defaults()
             arguments = dict(bound.arguments)
             for name in ("self", "params"):
