@@ -49,6 +49,7 @@ from torch import nn
 
 import hf_hyperopt as hh
 
+from . import top_levels  # noqa: F401  (registers the experimental top levels for spec strings)
 from .provenance import git_commit
 from .tasks import Task, digits_task, gpt2_task, minilm_task
 
@@ -159,6 +160,18 @@ TOWERS: dict[str, str] = {
     "hyper_adam+trace": "adam(lr=0.05,ramp=0.001,normalize=true,trace=0.9)",
     # the default with another step size at its top level (the default's is 0.05)
     **{f"hyper_adam(top={lr})": f"adam(lr={lr},ramp=0.001,normalize=true)" for lr in ("0.01", "0.02", "0.1", "0.2")},
+    # ... with a level above the top that learns the top's step size (the paper's stacking)
+    **{
+        f"hyper_adam(top={lr})/adam({l2})": f"adam(lr={lr},ramp=0.001,normalize=true)/adam(lr={l2},normalize=true)"
+        for lr in ("0.01", "0.05", "0.2")
+        for l2 in ("0.01", "0.03")
+    },
+    # ... with an experimental top whose step adapts to the hypergradient's consistency (top_levels.py)
+    **{
+        f"hyper_adam/{r}({lr})": f"{r}(lr={lr},ramp=0.001,normalize=true)"
+        for r in ("signgain", "snrpow")
+        for lr in ("0.01", "0.05", "0.2", "0.5")
+    },
     # ... and with a top that averages its hypergradients over ~100 steps instead of ~10
     **{
         f"hyper_adam(top={lr},beta1=0.99)": f"adam(lr={lr},beta1=0.99,ramp=0.001,normalize=true)"

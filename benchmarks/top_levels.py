@@ -1,0 +1,69 @@
+"""Experimental top levels for the sensitivity sweep (issue 10, "a top level with nothing to tune").
+
+Not part of the library: each is Adam on the hypergradient it is given, with a step that adapts to how
+consistent that hypergradient is, so that the top's own step size would matter less. Importing this
+module registers them for spec strings (``signgain(lr=0.05)``, ``snrpow(lr=0.2)``); only as the top
+of a tower (they write no tangents of their own hyperparameters). Results: ``results/README.md``,
+"The top level's step size".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from hf_hyperopt.levels import RULES
+from hf_hyperopt.levels.base import HyperSpec, Rule, Step
+
+
+class _AdamTop(Rule):
+    hyperparameters: ClassVar[dict[str, HyperSpec]] = {
+        "lr": HyperSpec(0.05, "step", "initial step size"),
+        "beta1": HyperSpec(0.9, "unit", "decay of the first moment"),
+        "beta2": HyperSpec(0.999, "unit", "decay of the second moment"),
+        "eps": HyperSpec(1e-8, "step", "added to the denominator"),
+    }
+    state_names = ("exp_avg", "exp_avg_sq", "log_gain")
+
+    def adam_ratio(self, grads, state, hp, step):
+        """Adam's bias-corrected ``m / sqrt(v)``, and the first moment before and after this step."""
+        (m,), (v,), (g,) = state["exp_avg"], state["exp_avg_sq"], grads
+        b1, b2 = float(hp["beta1"][0]), float(hp["beta2"][0])
+        before = m.clone()
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        ratio = (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + float(hp["eps"][0]))
+        return ratio, before, m
+
+
+class SignGainRule(_AdamTop):
+    """Adam whose step grows 5% a step while its first moment keeps its sign and halves when it flips
+    (Rprop's rule on the momentum, which flips about one step in seven on pure noise), in 1e-3 .. 1e2
+    times ``lr``."""
+
+    name = "signgain"
+
+    def update(self, params, grads, state, work, hp, step, tangents=None):
+        ratio, before, m = self.adam_ratio(grads, state, hp, step)
+        (log_gain,) = state["log_gain"]
+        flipped = (before * m) < 0
+        log_gain.add_(torch.where(flipped, math.log(0.5), math.log(1.05)))
+        log_gain.clamp_(math.log(1e-3), math.log(1e2))
+        return Step([ratio * log_gain.exp()], -hp["lr"])
+
+
+class SNRPowerRule(_AdamTop):
+    """Adam whose step is ``r |r|`` for Adam's ratio ``r``: about 1 when the hypergradient keeps its sign,
+    about 0.05 on noise (against 0.23 for ``r``), so a large ``lr`` climbs fast and wanders little."""
+
+    name = "snrpow"
+
+    def update(self, params, grads, state, work, hp, step, tangents=None):
+        ratio, _, _ = self.adam_ratio(grads, state, hp, step)
+        return Step([ratio * ratio.abs()], -hp["lr"])
+
+
+for _rule in (SignGainRule, SNRPowerRule):
+    RULES.setdefault(_rule.name, _rule)
