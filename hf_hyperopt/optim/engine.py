@@ -290,8 +290,8 @@ class TowerOptimizer(torch.optim.Optimizer):
         ts = self._tower_state
         with rollback_on_error(self):  # a step that raises leaves the learned values as they were
             count_step(self, ts)
-            hypergrads, skipped = hypergradients(self, ts)
-            step_upper_levels(self, ts, hypergrads, skipped)
+            hypergrads, skip_masks = hypergradients(self, ts)
+            step_upper_levels(self, ts, hypergrads, skip_masks)
             self._step_weights(ts)
             if ts.ramp is not None and not ts.ramp.sized:
                 measure_ramp(self, ts)

@@ -36,9 +36,9 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
     """
     n = len(opt.levels)
     hyper: list[Tensor] = []
-    skipped: dict[int, Tensor] = {}
+    skip_masks: dict[int, Tensor] = {}
     if n == 1:
-        return hyper, skipped
+        return hyper, skip_masks
     theta0 = ts.theta[0]
     units = opt._units()
     h0 = torch.zeros_like(theta0)
@@ -75,9 +75,9 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
     raw = h0  # the true hypergradient: what the levels above chain through
     if normalize:
         h0 = per_length(h0, zz0)
-    hyper.append(guard(h0, ts, 0, skipped))
+    hyper.append(guard(h0, ts, 0, skip_masks))
     if held is not None:
-        skipped[0] = skipped[0] | held
+        skip_masks[0] = skip_masks[0] | held
     for k in range(1, n - 1):
         tangent = ts.upper_tangent[k - 1]
         # From the unguarded level below: a hypergradient built on a non-finite one is skipped too.
@@ -86,15 +86,15 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
         h = raw
         if opt.levels[k + 1].normalize:
             h = per_length(raw, torch.stack([tangent[n].dot(tangent[n]) for n in opt._learn[k]]))
-        hyper.append(guard(h, ts, k, skipped))
-    return hyper, skipped
+        hyper.append(guard(h, ts, k, skip_masks))
+    return hyper, skip_masks
 
 
-def guard(h: Tensor, ts: TowerState, k: int, skipped: dict[int, Tensor]) -> Tensor:
-    """``h`` with non-finite entries replaced by zero; they are counted and marked in ``skipped[k]``."""
+def guard(h: Tensor, ts: TowerState, k: int, skip_masks: dict[int, Tensor]) -> Tensor:
+    """``h`` with non-finite entries replaced by zero; they are counted (``ts.skipped``) and marked in ``skip_masks[k]``."""
     finite = torch.isfinite(h)
     ts.skipped[k].add_((~finite).sum())
-    skipped[k] = ~finite
+    skip_masks[k] = ~finite
     return torch.where(finite, h, torch.zeros_like(h))
 
 

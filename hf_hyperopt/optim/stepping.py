@@ -43,7 +43,7 @@ def count_step(opt: TowerOptimizer, ts: TowerState) -> None:
     ts.level_steps = [s + 1 for s in ts.level_steps]
 
 
-def weight_steps(ts: TowerState, b: Bucket) -> int | Tensor:
+def bucket_step_counts(ts: TowerState, b: Bucket) -> int | Tensor:
     """The step counts of a bucket's tensors: one int when they agree (the usual case), else one per tensor."""
     counts = [ts.weight_steps[i] for i in b.positions]
     if all(c == counts[0] for c in counts):
@@ -53,7 +53,7 @@ def weight_steps(ts: TowerState, b: Bucket) -> int | Tensor:
 
 
 def step_upper_levels(
-    opt: TowerOptimizer, ts: TowerState, hypergrads: list[Tensor], skipped: dict[int, Tensor]
+    opt: TowerOptimizer, ts: TowerState, hypergrads: list[Tensor], skip_masks: dict[int, Tensor]
 ) -> None:
     """Step every level above the weights, top first, on the vector of raw values of the level below."""
     n = len(opt.levels)
@@ -79,7 +79,7 @@ def step_upper_levels(
         kept = ts.upper_tangent[k - 1]
         for name, tangent in tangents.items():
             kept[name] = trace * kept[name] + tangent[0] if trace else tangent[0]
-        keep_skipped(ts, k - 1, old, old_state, skipped[k - 1])
+        keep_skipped(ts, k - 1, old, old_state, skip_masks[k - 1])
         bound(opt, ts, k - 1, old)
 
 
@@ -197,7 +197,7 @@ def step_weights(opt: TowerOptimizer, ts: TowerState) -> None:
             state,
             b.work,
             level0_hyper_fn(opt, ts, b),
-            weight_steps(ts, b),
+            bucket_step_counts(ts, b),
             ts.theta[0] if learn else None,
             learn,
             b.views,
@@ -230,8 +230,9 @@ def group_defaults(cfg: LevelConfig) -> dict[str, Any]:
     values = cfg.full_values()
     defaults: dict[str, Any] = {}
     for name, v in values.items():
-        if name in ("beta1", "beta2"):
-            defaults["betas"] = (values["beta1"], values["beta2"])
+        if name in _GROUP_KEYS:  # Adam's betas are one group key, a pair
+            key = _GROUP_KEYS[name][0]
+            defaults[key] = tuple(values[n] for n, (k, _) in _GROUP_KEYS.items() if k == key)
         elif cfg.rule.hyperparameters[name].kind == "flag":
             defaults[name] = bool(v)
         else:
