@@ -32,13 +32,7 @@ def _resume(saved: dict, optimizer_sd: dict, batches: list) -> tuple[nn.Module, 
     model.load_state_dict(saved["model"])
     opt = hh.tower(model.parameters(), saved["spec"], scope=saved["scope"])
     opt.load_state_dict(optimizer_sd)
-    trajectory = []
-    for x, y in batches:
-        F.mse_loss(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        trajectory.append(opt.hyperparameters())
-    return model, trajectory
+    return model, _train(model, opt, batches)
 
 
 @pytest.mark.parametrize("case", CASES)
