@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..levels.base import Hyper, raw_bounds, to_natural
+from ..levels.base import Hyper, Rule, raw_bounds, to_natural
 from .buckets import Bucket
 from .distributed import local_tensor
 from .tangents import run_rule
@@ -123,16 +123,14 @@ def upper_hyper_fn(opt: TowerOptimizer, ts: TowerState, k: int) -> Callable[[Ten
     zero = frozenset(n for n, v in values.items() if v == 0.0 and n not in learn)
 
     def build(theta: Tensor | None) -> Hyper:
-        out = {}
-        for name, spec in rule.hyperparameters.items():
-            if spec.kind == "flag":
-                continue
-            if name in learn:
-                j = learn.index(name)
-                out[name] = to_natural((theta if theta is not None else theta_ref)[j : j + 1], opt._how(k, name))
-            else:
-                out[name] = torch.full((1,), values[name], dtype=dtype, device=device)
-        return Hyper(out, zero)
+        at = theta if theta is not None else theta_ref
+
+        def learned(name: str, j: int) -> Tensor:
+            return to_natural(at[j : j + 1], opt._how(k, name))
+
+        return Hyper(
+            _rule_values(rule, learn, learned, lambda n: torch.full((1,), values[n], dtype=dtype, device=device)), zero
+        )
 
     return build
 
@@ -156,28 +154,35 @@ def level0_hyper_fn(opt: TowerOptimizer, ts: TowerState, b: Bucket) -> Callable[
     def build(theta: Tensor | None) -> Hyper:
         if theta is None and learn:  # a tower of height 0 learns nothing and has no theta
             theta = ts.theta[0]
-        out = {}
-        for name, spec in rule.hyperparameters.items():
-            if spec.kind == "flag":
-                continue
-            if name in learn:
-                j = learn.index(name)
-                nat = to_natural(theta[j * units : (j + 1) * units], opt._how(0, name))
-                vec = nat.to(device)[unit_index]
-                if name == "lr":
-                    if ts.ramp is not None:
-                        vec = vec * ts.ramp.factor.to(vec.device, vec.dtype)
-                    # A scheduler rewrites group["lr"]; it multiplies the learned step size.
-                    factors = [g["lr"] / g["initial_lr"] if g["initial_lr"] else 1.0 for g in groups]
-                    if any(f != 1.0 for f in factors):
-                        vec = vec * torch.tensor(factors, dtype=vec.dtype, device=device)[group_index]
-                out[name] = vec
-            else:
-                vals = torch.tensor([group_value(g, name) for g in groups], dtype=dtype, device=device)
-                out[name] = vals[group_index]
-        return Hyper(out, zero)
+
+        def learned(name: str, j: int) -> Tensor:
+            vec = to_natural(theta[j * units : (j + 1) * units], opt._how(0, name)).to(device)[unit_index]
+            if name == "lr":
+                if ts.ramp is not None:
+                    vec = vec * ts.ramp.factor.to(vec.device, vec.dtype)
+                # A scheduler rewrites group["lr"]; it multiplies the learned step size.
+                factors = [g["lr"] / g["initial_lr"] if g["initial_lr"] else 1.0 for g in groups]
+                if any(f != 1.0 for f in factors):
+                    vec = vec * torch.tensor(factors, dtype=vec.dtype, device=device)[group_index]
+            return vec
+
+        def fixed(name: str) -> Tensor:
+            return torch.tensor([group_value(g, name) for g in groups], dtype=dtype, device=device)[group_index]
+
+        return Hyper(_rule_values(rule, learn, learned, fixed), zero)
 
     return build
+
+
+def _rule_values(
+    rule: Rule, learn: tuple[str, ...], learned: Callable[[str, int], Tensor], fixed: Callable[[str], Tensor]
+) -> dict[str, Tensor]:
+    """Every non-flag hyperparameter of ``rule``: ``learned(name, j)`` for the j-th learned one, else ``fixed(name)``."""
+    return {
+        name: learned(name, learn.index(name)) if name in learn else fixed(name)
+        for name, spec in rule.hyperparameters.items()
+        if spec.kind != "flag"
+    }
 
 
 def step_weights(opt: TowerOptimizer, ts: TowerState) -> None:
