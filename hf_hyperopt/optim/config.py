@@ -122,9 +122,9 @@ def validate_level_options(
 
     ``trace`` (a decay in ``[0, 1)``) and ``normalize`` shape the hypergradient a level learns from,
     so they belong to a level above the weights; ``ramp`` is checked by :func:`.ramp.validate_ramp`.
-    :func:`checked_level` checks the ranges (``placed=False``: a ``hyper=`` spec or an upper level is
-    built on its own, so its first level is not the weights'); the tower's constructor, which knows
-    each level's place, checks both.
+    :func:`checked_level` checks the ranges when a level is written (``placed=False``: a ``hyper=`` spec
+    or an upper level is built on its own, so its first level is not the weights'), and both in the
+    tower's constructor, which knows each level's place.
     """
     at = where(level, name)
     if not (isinstance(trace, (int, float)) and math.isfinite(trace) and 0.0 <= trace < 1.0):
@@ -150,16 +150,20 @@ def checked_level(
     normalize: bool = False,
     *,
     source: str = "",
+    placed: bool = False,
 ) -> LevelConfig:
     """A :class:`LevelConfig` whose values, ``learn=`` names and options are checked.
 
     The one check of a level as it is written, whether in a spec string, an optimizer's constructor or
-    ``HyperTrainingArguments`` (through its spec); where the level sits in a tower (``trace`` above the
-    weights, ``ramp`` on level 1, nothing learnt from the top) the tower's constructor checks.
+    ``HyperTrainingArguments`` (through its spec). Where the level sits in a tower (``trace`` above the
+    weights, ``ramp`` on level 1) is checked too with ``placed=True``, which the tower's constructor
+    passes; that nothing learns the top's hyperparameters, :func:`resolve_learn` checks.
 
     Args:
         level: the level's place in what is being built, for messages (``None``: an upper level on its own).
         source: where the level was written, appended to the level in messages (`` of tower spec '...'``).
+        placed: ``level`` is the level's place in a tower (not in a ``hyper=`` spec or an upper level
+            written on its own, whose first level is not the weights').
 
     Raises:
         ValueError: naming the level, the bad value and what is allowed.
@@ -174,5 +178,5 @@ def checked_level(
             learn = rule.check_learn(learn)
         except ValueError as err:
             raise ValueError(f"{at}: {err}") from None
-    validate_level_options(level, rule.name, trace, ramp, normalize, placed=False)
+    validate_level_options(level, rule.name, trace, ramp, normalize, placed=placed)
     return LevelConfig(rule, dict(values), learn, trace, ramp, normalize)

@@ -92,9 +92,8 @@ class TowerOptimizer(torch.optim.Optimizer):
         self._learn: list[tuple[str, ...]] = []
         for k, cfg in enumerate(levels):
             values = cfg.full_values()
-            # A level config may be built directly: the checks every level gets when written, then its place's.
-            checked_level(k, cfg.rule, cfg.values, cfg.learn, cfg.trace, cfg.ramp, cfg.normalize)
-            validate_level_options(k, cfg.rule.name, cfg.trace, cfg.ramp, cfg.normalize)
+            # A level config may be built directly: the checks every level gets when written, and its place's.
+            checked_level(k, cfg.rule, cfg.values, cfg.learn, cfg.trace, cfg.ramp, cfg.normalize, placed=True)
             self._learn.append(resolve_learn(k, cfg, values, top=k == len(levels) - 1, mode=mode))
             options: dict[str, bool] = {"nesterov": bool(values.get("nesterov", 0.0))}
             if "momentum" in self._learn[k]:
