@@ -499,21 +499,11 @@ def train_step_benchmark(model: nn.Module, setup: Setup, with_reference: bool) -
 
         return step
 
-    m_adamw = copy.deepcopy(model)
-    steps["torch AdamW"] = ordinary(m_adamw, torch.optim.AdamW(m_adamw.parameters(), lr=1e-3, foreach=True))
-    m_tower = copy.deepcopy(model)
-    steps["hyper_adam default: adam/adam"] = ordinary(m_tower, hh.HyperAdam(m_tower.parameters(), lr=1e-3))
-    for name in TRAIN_TOWERS:
-        method = OPT_METHODS[name]
-        m = copy.deepcopy(model)
-        steps[name] = ordinary(m, make_optimizer(method.spec, method.compat, list(m.parameters()), method.scope))
-    for name, spec in (
-        ("schedule-free AdamW", "peer.schedulefree"),
-        ("Prodigy", "peer.prodigy"),
-        ("D-Adaptation Adam", "peer.dadapt_adam"),
-    ):
-        m_peer = copy.deepcopy(model)
-        steps[name] = ordinary(m_peer, make_optimizer(spec, None, list(m_peer.parameters())))
+    for name in TRAIN_METHODS:  # each on its own copy of the model, built as its optimizer-step row
+        if name in OPT_METHODS:
+            method = OPT_METHODS[name]
+            m = copy.deepcopy(model)
+            steps[name] = ordinary(m, make_optimizer(method.spec, method.compat, list(m.parameters()), method.scope))
     if with_reference:
         from gradient_descent_the_ultimate_optimizer import gdtuo
 
