@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
@@ -19,6 +18,7 @@ from .base import (
     coupled_decay,
     div_into,
     lincomb_into,
+    lr_tangent_factor,
     product_into,
     quotient_into,
     scalars,
@@ -79,11 +79,7 @@ class AdamRule(Rule):
         t_wd = want.get("weight_decay") if coupled else None
         # The learned lr's tangent is the direction times this: the direction is built with it
         # (one pass fewer than scaling it afterwards), where that can be read for free.
-        lr_factor = None
-        if "lr" in want:
-            k = -hp.chain("lr") / bias_correction1
-            if k.device.type == "cpu" and all(math.isfinite(x) and x != 0.0 for x in k.tolist()):
-                lr_factor = k
+        lr_factor = lr_tangent_factor(hp, want, bias_correction1)
         # Tangents that read the moments' history are started before the moments move; constant
         # factors and the chain to theta (f) fold into passes made anyway.
         if t_beta1 is not None:

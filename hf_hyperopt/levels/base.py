@@ -211,11 +211,14 @@ def _floats(alpha: Tensor | None) -> list[float] | None:
 
 
 def lincomb_into(dst: list[Tensor], x: list[Tensor], y: list[Tensor], alpha: Tensor) -> None:
-    """``dst[i] = x[i] + alpha[i] * y[i]``."""
+    """``dst[i] = x[i] + alpha[i] * y[i]``; ``dst`` may be ``y``."""
     a = _floats(alpha)
     if a is not None and _one_pass(dst, x, y):
         for d, s, t, v in zip(dst, x, y, a, strict=True):
             torch.add(s, t, alpha=v, out=d)
+    elif dst is y:
+        torch._foreach_mul_(dst, scalars(alpha))
+        torch._foreach_add_(dst, x)
     else:
         torch._foreach_copy_(dst, x)
         add_scaled_(dst, y, alpha)
@@ -335,6 +338,22 @@ def scaled_root_into(dst: list[Tensor], src: list[Tensor], inv_square: Tensor) -
     else:
         sqrt_into(dst, src, divides=True)
         torch._foreach_mul_(dst, scalars(inv_square.sqrt()))
+
+
+def lr_tangent_factor(hp: Hyper, want: dict, divisor: Tensor | float = 1.0) -> Tensor | None:
+    """``-hp.chain("lr") / divisor`` when ``lr`` is learned and that can be read for free (on the CPU).
+
+    A learned step size's tangent is the direction times a constant per tensor (``-1 / divisor`` for
+    a step ``-lr / divisor``, times the chain to theta). A rule that builds its direction already
+    multiplied by this factor, in a pass it makes anyway, saves the engine a copy and a rescale; it
+    then returns ``scale / factor`` and the lr's coefficient ``(-1 / divisor) / factor``.
+    """
+    if "lr" not in want:
+        return None
+    k = -hp.chain("lr") / divisor
+    if k.device.type == "cpu" and all(math.isfinite(x) and x != 0.0 for x in k.tolist()):
+        return k
+    return None
 
 
 def copy_(dst: list[Tensor], src: list[Tensor]) -> None:

@@ -7,7 +7,20 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Hyper, HyperSpec, Rule, Step, Tangent, copy_, coupled_decay, scalars
+from .base import (
+    Hyper,
+    HyperSpec,
+    Rule,
+    Step,
+    Tangent,
+    add_scaled_,
+    copy_,
+    coupled_decay,
+    lincomb_into,
+    lr_tangent_factor,
+    mul_into,
+    scalars,
+)
 
 
 class SGDRule(Rule):
@@ -47,14 +60,18 @@ class SGDRule(Rule):
         if not hp.zero("weight_decay"):
             d, owned = coupled_decay(grads, params, hp["weight_decay"]), True
         wd_factor = None  # d(direction)/d(weight_decay) = params * wd_factor (None: 1)
+        scale = -hp["lr"]
         t_momentum = want.get("momentum")
+        if t_momentum is not None:
+            # Both terms of the momentum's tangent are multiples of the buffer: it is written scaled
+            # by the step size and the chain to theta from the start (no pass of its own for them).
+            f_momentum = scale * hp.chain("momentum")
         if not hp.zero("momentum"):
             momentum = scalars(hp["momentum"])
             bufs = state["momentum_buffer"]
             if t_momentum is not None:  # db/dmomentum = b_{t-1}
-                torch._foreach_copy_(t_momentum, bufs)
-            torch._foreach_mul_(bufs, momentum)
-            torch._foreach_add_(bufs, d)
+                mul_into(t_momentum, bufs, f_momentum)
+            lincomb_into(bufs, d, bufs, hp["momentum"])
             if self.options.get("nesterov"):
                 nd = torch._foreach_mul(bufs, momentum)
                 torch._foreach_add_(nd, d)
@@ -62,19 +79,24 @@ class SGDRule(Rule):
                 wd_factor = 1.0 + hp["momentum"]
                 if t_momentum is not None:  # d(d + momentum b)/dmomentum = b + momentum b_{t-1}
                     torch._foreach_mul_(t_momentum, momentum)
-                    torch._foreach_add_(t_momentum, bufs)
+                    add_scaled_(t_momentum, bufs, f_momentum)
             else:
                 d, owned = bufs, False
-        if not owned:
+        # The learned lr's tangent is the direction times this: the direction is built with it (one
+        # pass instead of a copy and a rescale), where that can be read for free.
+        lr_factor = lr_tangent_factor(hp, want)
+        if lr_factor is not None:
+            mul_into(work["direction"], d, lr_factor)
+            d = work["direction"]
+        elif not owned:
             copy_(work["direction"], d)
             d = work["direction"]
-        scale = -hp["lr"]
         written = {}
         for name in want:
             if name == "lr":
-                written[name] = Tangent(direction=-torch.ones_like(scale))
+                written[name] = Tangent(direction=-torch.ones_like(scale) if lr_factor is None else -1.0 / lr_factor)
             elif name == "momentum":
-                written[name] = Tangent(own=scale)
+                written[name] = Tangent(chained=True)
             elif name == "weight_decay":
                 written[name] = Tangent(params=scale if wd_factor is None else scale * wd_factor)
-        return Step(d, scale, tangents=written)
+        return Step(d, scale if lr_factor is None else scale / lr_factor, tangents=written)
