@@ -33,6 +33,7 @@ from state_compare import same_state
 from tiny_models import tiny_bert
 
 import hf_hyperopt as hh
+from hf_hyperopt.optim import engine
 from hf_hyperopt.trainer import HyperTrainer, HyperTrainingArguments, read_trajectory
 from hf_hyperopt.trainer.resume import TowerNotRestoredWarning
 
@@ -149,10 +150,10 @@ def test_a_step_that_raises_leaves_the_tower_as_it_was(make_mlp, batches, monkey
     ts = opt._tower_state
     steps, upper = (ts.weight_steps, ts.level_steps), copy.deepcopy(ts.upper_state)
 
-    def fail(ts):
+    def fail(opt, ts):
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(opt, "_step_weights", fail)
+    monkeypatch.setattr(engine, "step_weights", fail)
     with pytest.raises(RuntimeError, match="simulated"):
         opt.step()
     assert opt.hyperparameters() == hyper and (ts.weight_steps, ts.level_steps) == steps

@@ -89,7 +89,9 @@ class AdamRule(Rule):
             k1 = 1.0 + tb * beta1 / bias_correction1
             # (c (1 - beta1) - 1) / k1, written so that it is exactly 0 at a tensor's first step (where
             # m / bc1 = g whatever beta1 is): rounding noise there would be a full step under normalize.
-            lincomb_into(t_beta1, exp_avgs, grads, (tb * (1.0 - beta1) - bias_correction1) / (bias_correction1 + tb * beta1))
+            lincomb_into(
+                t_beta1, exp_avgs, grads, (tb * (1.0 - beta1) - bias_correction1) / (bias_correction1 + tb * beta1)
+            )
             f1 = scale * hp.chain("beta1") * k1
         if t_beta2 is not None:
             # dv/dbeta2 = v_{t-1} - g^2; bc2 in sqrt(v / bc2) adds c v, c = t beta2^(t-1) / bc2: as for
@@ -97,7 +99,11 @@ class AdamRule(Rule):
             tb = step * beta2 ** (step - 1)
             k1 = 1.0 + tb * beta2 / bias_correction2
             addcmul_into(
-                t_beta2, exp_avg_sqs, grads, grads, (tb * (1.0 - beta2) - bias_correction2) / (bias_correction2 + tb * beta2)
+                t_beta2,
+                exp_avg_sqs,
+                grads,
+                grads,
+                (tb * (1.0 - beta2) - bias_correction2) / (bias_correction2 + tb * beta2),
             )
             f2 = -0.5 * scale * hp.chain("beta2") * k1 / bias_correction2
             if lr_factor is not None:

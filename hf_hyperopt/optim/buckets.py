@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .distributed import local_tensor, sharding_group, wrap_like
+from .distributed import local_tensor, wrap_like
 
 if TYPE_CHECKING:
     from .engine import TowerOptimizer
@@ -153,5 +153,4 @@ def build_buckets(opt: TowerOptimizer, entries: list[Entry]) -> list[Bucket]:
             kept = ("direction",) if "lr" in learn0 else ()
             b.work = {n: [torch.empty_like(t) for t in b.local] for n in rule0.workspace_names if n not in kept}
         buckets.append(b)
-    opt._sharding_group = sharding_group([e[0] for e in entries])
     return buckets

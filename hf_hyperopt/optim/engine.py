@@ -283,6 +283,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             zero_idle_tangents(self, entries)
             self._buckets = build_buckets(self, entries)
             self._bucket_key = key
+            self._sharding_group = sharding_group([e[0] for e in entries])
         if self._tower_state is None:
             first = local_tensor(entries[0][0])
             self._tower_state = initial_state(self, first.device, self._hyper_dtype(first.dtype))
@@ -291,13 +292,10 @@ class TowerOptimizer(torch.optim.Optimizer):
             count_step(self, ts)
             hypergrads, skip_masks = hypergradients(self, ts)
             step_upper_levels(self, ts, hypergrads, skip_masks)
-            self._step_weights(ts)
+            step_weights(self, ts)
             if ts.ramp is not None and not ts.ramp.sized:
                 measure_ramp(self, ts)
         return loss
-
-    def _step_weights(self, ts: TowerState) -> None:
-        step_weights(self, ts)
 
     # ------------------------------------------------------------------ reading the tower
     @torch.no_grad()
