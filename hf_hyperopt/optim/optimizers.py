@@ -112,8 +112,9 @@ class _HyperOptimizer(TowerOptimizer):
 
     @classmethod
     def _values(cls, **arguments: Any) -> dict[str, float]:
-        """The rule's values (natural units, flags as 0.0 / 1.0) from the constructor's arguments."""
-        raise NotImplementedError
+        """The rule's values (natural units, flags as 0.0 / 1.0) from the constructor's arguments, which
+        are the rule's hyperparameters by name unless a class says otherwise (Adam's ``betas``)."""
+        return {name: float(v) for name, v in arguments.items()}
 
     @classmethod
     def _level(cls, values: dict[str, float], learn, level: int | None) -> LevelConfig:
@@ -176,10 +177,6 @@ class HyperSGD(_HyperOptimizer):
         values = self._values(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         self._setup(params, values, learn, scope, compat, hyper)
 
-    @classmethod
-    def _values(cls, lr, momentum, weight_decay, nesterov) -> dict[str, float]:
-        return {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": float(nesterov)}
-
 
 class HyperAdam(_HyperOptimizer):
     """Adam that learns its hyperparameters; see :class:`~hf_hyperopt.levels.AdamRule`.
@@ -240,10 +237,6 @@ class HyperAdaGrad(_HyperOptimizer):
     ):
         self._setup(params, self._values(lr=lr, eps=eps, weight_decay=weight_decay), learn, scope, compat, hyper)
 
-    @classmethod
-    def _values(cls, lr, eps, weight_decay) -> dict[str, float]:
-        return {"lr": lr, "eps": eps, "weight_decay": weight_decay}
-
 
 class HyperRMSProp(_HyperOptimizer):
     """RMSProp that learns its hyperparameters; see :class:`~hf_hyperopt.levels.RMSPropRule`.
@@ -268,10 +261,6 @@ class HyperRMSProp(_HyperOptimizer):
     ):
         values = self._values(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay)
         self._setup(params, values, learn, scope, compat, hyper)
-
-    @classmethod
-    def _values(cls, lr, alpha, eps, weight_decay) -> dict[str, float]:
-        return {"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay}
 
 
 OPTIMIZERS: dict[str, type[_HyperOptimizer]] = {
