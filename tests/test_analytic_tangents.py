@@ -230,6 +230,7 @@ TOWERS = [
         "tensor",
     ),
     ("sgd(lr=0.05,momentum=0.5)/sgd(lr=1e-3)", "gdtuo", "shared"),
+    ("sgd(lr=0.05,momentum=0.9,learn=lr+momentum)/adam(lr=0.01,ramp=0.001)", None, "shared"),
     (
         "rmsprop(lr=0.01,weight_decay=0.01,learn=lr+alpha+eps+weight_decay)/adam(lr=0.01,learn=lr+beta1)/sgd(lr=1e-3)",
         None,
@@ -274,7 +275,8 @@ def test_tower_with_written_tangents_matches_forward_ad(spec, compat, scope, flo
 def test_accelerator_code_paths_match(monkeypatch, float64, make_mlp, batches):
     """Off the CPU the hyperparameters reach the ``_foreach`` ops as 0-dim tensors, the one-pass
     ``out=`` ops give way to copies and in-place ops, and the step size's ratio cannot be read for
-    free. The same towers on the CPU with those paths forced must give the same numbers."""
+    free (so a rule does not build its direction as the lr's tangent). The same towers on the CPU with
+    those paths forced must give the same numbers."""
     import hf_hyperopt.levels.adagrad as adagrad_mod
     import hf_hyperopt.levels.adam as adam_mod
     import hf_hyperopt.levels.base as base_mod
@@ -291,6 +293,8 @@ def test_accelerator_code_paths_match(monkeypatch, float64, make_mlp, batches):
             monkeypatch.setattr(module, "scalars", as_tensors)
     monkeypatch.setattr(base_mod, "_one_pass", lambda *lists: False)
     monkeypatch.setattr(tangents, "_near_one", lambda x: False)
+    for module in (adam_mod, sgd_mod):  # the direction is not built as the lr's tangent either
+        monkeypatch.setattr(module, "lr_tangent_factor", lambda *args: None)
     for (spec, compat, scope), (w_cpu, h_cpu, _) in zip(TOWERS, expected, strict=True):
         w, h, _ = _train(spec, compat, scope, True, make_mlp, batches)
         for a, b in zip(w, w_cpu, strict=True):
