@@ -1,0 +1,100 @@
+"""How close a tower on SGD with momentum can come to ``torch.optim.SGD``: its step beside the least work.
+
+Issue 11 asks for ``sgd(momentum=0.9, learn=lr+momentum)`` within 2x of ``torch.optim.SGD(momentum=0.9)``.
+An SGD step is a few passes over memory (torch: scale the buffer, add the gradient, add the buffer to the
+weights), so the tower's own passes decide the ratio. This times, side by side (interleaved, medians):
+
+* ``torch.optim.SGD`` with momentum (``foreach=True``);
+* the tower ``sgd(lr=0.001,momentum=0.9,learn=lr+momentum)/adam(lr=0.05)`` (its whole ``step()``);
+* the least a tower that keeps its tangents between steps must do, written as bare ops: the two
+  hypergradient dot products with the new gradient, the momentum's tangent written (a multiple of the
+  old buffer, which the update overwrites), the buffer's update and the weights' update, with the lr's
+  tangent read from the momentum buffer itself (a multiple of it) rather than written; the engine does
+  not do that, so this is a bound below any tower step, not a step.
+
+Usage::
+
+    python -m benchmarks.sgd_momentum_floor            # the 22.7M BERT of benchmark_optimizer, 2 threads
+    python -m benchmarks.sgd_momentum_floor --quick    # a tiny model: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from torch import Tensor
+
+import hf_hyperopt as hh
+
+from .benchmark_optimizer import build_model, interleaved
+
+SPEC = "sgd(lr=0.001,momentum=0.9,learn=lr+momentum)/adam(lr=0.05)"
+
+
+def least_work_step(
+    weights: list[Tensor], grads: list[Tensor], buf: list[Tensor], t_momentum: list[Tensor], lr: float, momentum: float
+) -> tuple[Tensor, Tensor]:
+    """torch.optim.SGD's update with momentum, plus what a tower learning lr and momentum cannot skip.
+
+    Returns the two hypergradients' per-tensor dot products (with the lr's tangent taken as the
+    momentum buffer, up to a factor per tensor); ``t_momentum`` becomes ``-lr * b_{t-1}``.
+    """
+    h_lr = torch.stack([torch.dot(b.view(-1), g.view(-1)) for b, g in zip(buf, grads, strict=True)])
+    h_momentum = torch.stack([torch.dot(t.view(-1), g.view(-1)) for t, g in zip(t_momentum, grads, strict=True)])
+    for t, b in zip(t_momentum, buf, strict=True):
+        torch.mul(b, -lr, out=t)
+    for b, g in zip(buf, grads, strict=True):
+        torch.add(g, b, alpha=momentum, out=b)
+    torch._foreach_add_(weights, buf, alpha=-lr)
+    return h_lr, h_momentum
+
+
+def measure(quick: bool = False, reps: int = 9, threads: int = 2) -> dict[str, tuple[float, float]]:
+    """Median wall and process CPU milliseconds of each step, keyed ``torch``, ``tower`` and ``floor``."""
+    torch.set_num_threads(threads)
+    base = [p.detach() for p in build_model("bert", quick, seed=0).parameters()]
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(p.shape, generator=g) * 1e-3 for p in base]
+
+    def params() -> list[torch.Tensor]:
+        out = [torch.nn.Parameter(p.clone()) for p in base]
+        for p, grad in zip(out, grads, strict=True):
+            p.grad = grad
+        return out
+
+    torch_opt = torch.optim.SGD(params(), lr=1e-3, momentum=0.9, foreach=True)
+    tower = hh.tower(params(), SPEC)
+    w = [p.detach().clone() for p in base]
+    buf = [torch.zeros_like(p) for p in base]
+    t_momentum = [torch.zeros_like(p) for p in base]
+
+    def floor() -> None:
+        least_work_step(w, grads, buf, t_momentum, 1e-3, 0.9)
+
+    steps = {"torch": torch_opt.step, "tower": tower.step, "floor": floor}
+    for step in steps.values():  # state allocated, buckets built
+        step()
+        step()
+    times = interleaved(steps, reps)
+    return {name: (statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3) for name, (wall, cpu) in times.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny model, 3 repetitions")
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    ms = measure(args.quick, 3 if args.quick else args.reps, args.threads)
+    (torch_wall, torch_cpu) = ms["torch"]
+    print("| step | wall ms | CPU ms | vs torch.optim.SGD(momentum=0.9), wall / CPU |\n|---|---|---|---|")
+    for name, label in (("torch", "torch.optim.SGD"), ("tower", f"tower `{SPEC}`"), ("floor", "least work (bare ops)")):
+        wall, cpu = ms[name]
+        print(f"| {label} | {wall:.1f} | {cpu:.1f} | {wall / torch_wall:.2f} / {cpu / torch_cpu:.2f} |")
+    return ms
+
+
+if __name__ == "__main__":
+    main()
