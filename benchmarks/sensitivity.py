@@ -177,6 +177,21 @@ TOWERS: dict[str, str] = {
         f"hyper_adam(top={lr},beta1=0.99)": f"adam(lr={lr},beta1=0.99,ramp=0.001,normalize=true)"
         for lr in ("0.02", "0.05", "0.1", "0.2")
     },
+    # ... with a shorter memory of the top's second moment (the default's beta2 is 0.999), alone and with
+    # the trace: candidates for the noisy quadratic (tests/test_tower_quadratic.py)
+    **{
+        f"hyper_adam(beta2={b2}{',trace=' + mu if mu else ''})": (
+            f"adam(lr=0.05,beta2={b2},ramp=0.001,normalize=true{',trace=' + mu if mu else ''})"
+        )
+        for b2 in ("0.9", "0.95", "0.96", "0.97", "0.98", "0.99")
+        for mu in ("", "0.9", "0.99")
+    },
+    # ... learning from the slope divided by the next gradient's norm to the power c as well (cosine=c,
+    # experimental; 1 is the cosine of the next gradient and the last update)
+    **{
+        f"hyper_adam(cosine={c})": f"adam(lr=0.05,ramp=0.001,normalize=true,cosine={c})"
+        for c in ("0.3", "0.5", "0.7", "1.0")
+    },
 }
 
 

@@ -64,3 +64,18 @@ def test_default_tower_ends_within_2x_of_the_best_constant_lr(lr0):
     learned = opt.hyperparameters()[0]["lr"]
     assert math.isfinite(float(x.detach().sum()))
     assert best / 2 <= learned <= 2 * best, f"learned lr {learned:.3g}, best constant {best:.3g}"
+
+
+@pytest.mark.parametrize("lr0", [1e-6, 1.0])
+def test_cosine_half_option_ends_within_2x_of_the_best_constant_lr(lr0):
+    """The experimental ``cosine=0.5`` (not the default: on digits its converged lr still drifts up and fails
+    after some thousands of epochs, see results/README.md) meets the target from both starts."""
+    best = best_constant_lr()
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(D, dtype=torch.float64, requires_grad=True)
+    opt = hh.HyperSGD([x], lr=lr0, hyper="adam(lr=0.05,ramp=0.001,normalize=true,cosine=0.5)")
+    for _ in range(T):
+        x.grad = CURVATURES * x.detach() + SIGMA * torch.randn(D, generator=g, dtype=torch.float64)
+        opt.step()
+    learned = opt.hyperparameters()[0]["lr"]
+    assert best / 2 <= learned <= 2 * best, f"learned lr {learned:.3g}, best constant {best:.3g}"

@@ -101,6 +101,9 @@ def test_trace_on_a_level_above_the_first(float64, make_mlp, batches):
         ("adam(learn=beta1)/adam(ramp=0.1)", r"ramp=0.1 ramps the weights' learned lr, but level 0 learns beta1"),
         ("adam(normalize=true)/adam", r"level 0 \(adam\): normalize=true belongs to a level above the weights"),
         ("adam/adam(normalize=maybe)", r"normalize='maybe' for adam .* is not a boolean"),
+        ("adam/adam(cosine=1.5)", r"level 1 \(adam\): cosine=1.5 is outside \[0, 1\]"),
+        ("adam(cosine=0.5)/adam", r"level 0 \(adam\): cosine=0.5 divides by the weights' next gradient"),
+        ("adam/adam/adam(cosine=0.5)", r"level 2 \(adam\): cosine=0.5 divides by the weights' next gradient"),
     ],
 )
 def test_bad_level_option_is_refused_with_the_value(spec, match):
@@ -133,6 +136,25 @@ def test_normalized_hypergradient_is_the_slope_along_the_update(float64, make_ml
         g = _grads(model)
         if previous is not None:
             log_lr -= kappa * _dot(g, previous) / math.sqrt(_dot(previous, previous))
+        previous = [-math.exp(log_lr) * t for t in g]
+        opt.step()
+        opt.zero_grad()
+        assert math.log(opt.hyperparameters()[0]["lr"]) == pytest.approx(log_lr, rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0])
+def test_cosine_divides_the_slope_by_the_next_gradients_norm(c, float64, make_mlp, batches):
+    """cosine=c with normalize=true hands the level above <g_{t+1}, u_t> / (|u_t| |g_{t+1}|^c); the spec round-trips."""
+    kappa = 0.3
+    model = make_mlp()
+    opt = hh.tower(model.parameters(), f"sgd(lr=0.05)/sgd(lr={kappa},normalize=true,cosine={c})")
+    assert opt.spec == f"sgd(lr=0.05)/sgd(lr={kappa},normalize=true,cosine={c})"
+    previous, log_lr = None, math.log(0.05)
+    for x, y in batches(12):
+        F.mse_loss(model(x), y).backward()
+        g = _grads(model)
+        if previous is not None:
+            log_lr -= kappa * _dot(g, previous) / math.sqrt(_dot(previous, previous)) / _dot(g, g) ** (c / 2)
         previous = [-math.exp(log_lr) * t for t in g]
         opt.step()
         opt.zero_grad()

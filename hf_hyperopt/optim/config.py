@@ -44,6 +44,11 @@ class LevelConfig:
             smaller one; the level above learns the lr from there (:mod:`.ramp`). ``0`` (no ramp) is
             the paper's start at ``lr``. A too-large ``lr`` then never wrecks pretrained weights, and
             a too-small one costs a few steps, not hundreds.
+        cosine: for the level above the weights (experimental), divide the hypergradient it learns
+            from by ``|g_{t+1}|^cosine`` as well: with ``normalize``, ``1`` is the cosine of the next
+            gradient and the last update (scale-free, so it does not shrink as training converges: a
+            converged run's lr then rises without bound) and ``0`` (the default) the slope; values in
+            between shrink the signal as ``|g|^(1 - cosine)``, a weaker brake than the slope's.
     """
 
     rule: type[Rule]
@@ -52,6 +57,7 @@ class LevelConfig:
     trace: float = 0.0
     ramp: float = 0.0
     normalize: bool = False
+    cosine: float = 0.0
 
     def full_values(self) -> dict[str, float]:
         return {name: float(self.values.get(name, spec.default)) for name, spec in self.rule.hyperparameters.items()}
@@ -67,6 +73,8 @@ class LevelConfig:
             parts.append(f"ramp={self.ramp!r}")
         if self.normalize:
             parts.append("normalize=true")
+        if self.cosine:
+            parts.append(f"cosine={self.cosine!r}")
         return f"{self.rule.name}({','.join(parts)})" if parts else self.rule.name
 
 
@@ -116,7 +124,14 @@ def validate_value(level: int | None, rule: type[Rule], name: str, value: float)
 
 
 def validate_level_options(
-    level: int | None, name: str, trace: float, ramp: float, normalize: bool, *, placed: bool = True
+    level: int | None,
+    name: str,
+    trace: float,
+    ramp: float,
+    normalize: bool,
+    *,
+    placed: bool = True,
+    cosine: float = 0.0,
 ) -> None:
     """Raise ``ValueError`` for a level option out of range or on a level where it means nothing.
 
@@ -138,6 +153,13 @@ def validate_level_options(
                     "hypergradient that level learns from); move it to level 1"
                 )
     validate_ramp(at, ramp, placed=placed and level != 1)
+    if not (isinstance(cosine, (int, float)) and math.isfinite(cosine) and 0.0 <= cosine <= 1.0):
+        raise ValueError(f"{at}: cosine={cosine!r} is outside [0, 1]")
+    if placed and cosine and level != 1:
+        raise ValueError(
+            f"{at}: cosine={cosine!r} divides by the weights' next gradient, so it belongs to level 1 (the level "
+            "above the weights)"
+        )
 
 
 def checked_level(
@@ -151,6 +173,7 @@ def checked_level(
     *,
     source: str = "",
     placed: bool = False,
+    cosine: float = 0.0,
 ) -> LevelConfig:
     """A :class:`LevelConfig` whose values, ``learn=`` names and options are checked.
 
@@ -178,5 +201,5 @@ def checked_level(
             learn = rule.check_learn(learn)
         except ValueError as err:
             raise ValueError(f"{at}: {err}") from None
-    validate_level_options(level, rule.name, trace, ramp, normalize, placed=placed)
-    return LevelConfig(rule, dict(values), learn, trace, ramp, normalize)
+    validate_level_options(level, rule.name, trace, ramp, normalize, placed=placed, cosine=cosine)
+    return LevelConfig(rule, dict(values), learn, trace, ramp, normalize, cosine)

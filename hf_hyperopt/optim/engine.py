@@ -93,7 +93,9 @@ class TowerOptimizer(torch.optim.Optimizer):
         for k, cfg in enumerate(levels):
             values = cfg.full_values()
             # A level config may be built directly: the checks every level gets when written, and its place's.
-            checked_level(k, cfg.rule, cfg.values, cfg.learn, cfg.trace, cfg.ramp, cfg.normalize, placed=True)
+            checked_level(
+                k, cfg.rule, cfg.values, cfg.learn, cfg.trace, cfg.ramp, cfg.normalize, placed=True, cosine=cfg.cosine
+            )
             self._learn.append(resolve_learn(k, cfg, values, top=k == len(levels) - 1, mode=mode))
             options: dict[str, bool] = {"nesterov": bool(values.get("nesterov", 0.0))}
             if "momentum" in self._learn[k]:

@@ -6,7 +6,8 @@ sum for the shared scope, one per group or per tensor), where ``Z_t`` is the tan
 (:mod:`.distributed`). A level ``k >= 1`` chains it through the tangent of its own last update:
 ``h[k] = <h[k-1], dtheta[k-1]/dtheta[k]>``, computed from the unguarded level below, so that a
 hypergradient built on a non-finite one is skipped too. With ``normalize`` on the level above, the
-hypergradient it learns from is divided by the tangent's norm (the slope along the update).
+hypergradient it learns from is divided by the tangent's norm (the slope along the update); with
+``cosine=c`` on level 1, by the next gradient's norm to the power ``c`` as well (``c = 1``: the cosine).
 
 A non-finite hypergradient is replaced by zero and counted (:func:`guard`); its coordinates keep
 their values and state (:func:`.stepping.keep_skipped`).
@@ -44,8 +45,11 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
     h0 = torch.zeros_like(theta0)
     trace = bool(opt.levels[1].trace)
     normalize = opt.levels[1].normalize
+    cosine = opt.levels[1].cosine
     if normalize:
         zz0 = torch.zeros_like(theta0)
+    if cosine:
+        gg0 = torch.zeros_like(theta0)
     for b in opt._buckets:
         grads = [local_tensor(p.grad) for p in b.params]
         # A trace lives on across steps, so it is read without being overwritten. On the CPU a dot per
@@ -57,6 +61,9 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
             if normalize:
                 zsq = squared_norms(b.views[name])
                 zz0.index_add_(0, b.unit_index.to(theta0.device) + j * units, zsq.to(theta0.device, theta0.dtype))
+            if cosine:
+                gsq = squared_norms(grads)
+                gg0.index_add_(0, b.unit_index.to(theta0.device) + j * units, gsq.to(theta0.device, theta0.dtype))
             if keep:
                 sums = torch.stack([dot(z, g) for z, g in zip(b.views[name], grads, strict=True)])
                 ids = b.unit_index
@@ -65,16 +72,22 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
                 sums = b.unit_sums(b.flat[name], theta0.dtype)
                 ids = b.unit_ids
             h0.index_add_(0, ids.to(theta0.device) + j * units, sums.to(theta0.device, theta0.dtype))
-    if normalize:  # one reduction for both sums
-        both = torch.cat([h0, zz0])
+    summed = [h0] + ([zz0] if normalize else []) + ([gg0] if cosine else [])
+    if len(summed) > 1:  # one reduction for all the sums
+        both = torch.cat(summed)
         reduce_hypergradients(both, opt._sharding_group)
-        h0, zz0 = both.split([h0.numel(), zz0.numel()])
+        parts = list(both.split([t.numel() for t in summed]))
+        h0 = parts.pop(0)
+        zz0 = parts.pop(0) if normalize else None
+        gg0 = parts.pop(0) if cosine else None
     else:
         reduce_hypergradients(h0, opt._sharding_group)
     held = _advance_ramp(opt, ts, h0, units)
     raw = h0  # the true hypergradient: what the levels above chain through
     if normalize:
         h0 = per_length(h0, zz0)
+    if cosine:
+        h0 = per_length(h0, gg0.pow(cosine))
     hyper.append(guard(h0, ts, 0, skip_masks))
     if held is not None:
         skip_masks[0] = skip_masks[0] | held

@@ -42,7 +42,7 @@ def parse_spec(spec: str) -> list[LevelConfig]:
         rule = RULES[name]
         values: dict[str, float] = {}
         learn = None
-        trace, ramp, normalize = 0.0, 0.0, False
+        trace, ramp, normalize, cosine = 0.0, 0.0, False, 0.0
         seen: set[str] = set()
         for item in _split_args(body or ""):
             if "=" not in item:
@@ -51,7 +51,7 @@ def parse_spec(spec: str) -> list[LevelConfig]:
             if key in seen:
                 raise ValueError(f"{key!r} is given twice for {name} in tower spec {spec!r}; give each key once")
             seen.add(key)
-            allowed = [*rule.hyperparameters, "learn", "trace", "ramp", "normalize"]
+            allowed = [*rule.hyperparameters, "learn", "trace", "ramp", "normalize", "cosine"]
             if key not in allowed:
                 raise ValueError(
                     f"unknown key {key!r} for {name} in tower spec {spec!r}; allowed: {', '.join(allowed)}"
@@ -68,8 +68,15 @@ def parse_spec(spec: str) -> list[LevelConfig]:
             if key == "ramp":
                 ramp = _parse_value(key, raw, "unit", name, spec)
                 continue
+            if key == "cosine":
+                cosine = _parse_value(key, raw, "step", name, spec)
+                continue
             values[key] = _parse_value(key, raw, rule.hyperparameters[key].kind, name, spec)
-        levels.append(checked_level(k, rule, values, learn, trace, ramp, normalize, source=f" of tower spec {spec!r}"))
+        levels.append(
+            checked_level(
+                k, rule, values, learn, trace, ramp, normalize, source=f" of tower spec {spec!r}", cosine=cosine
+            )
+        )
     return levels
 
 
