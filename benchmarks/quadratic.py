@@ -1,0 +1,91 @@
+"""A problem whose best constant learning rate is known exactly: SGD on a noisy quadratic.
+
+``f(x) = sum_i a_i x_i^2 / 2`` in 50 dimensions, curvatures ``a_i`` from 1e-2 to 10, gradients with
+Gaussian noise ``sigma``, ``x_0 = 1``. For a constant step size ``eta`` the expected loss after ``T``
+steps has a closed form (:func:`expected_loss`), so the best constant ``eta*`` is computed, not
+estimated (0.197 for the defaults, just under the stability limit 2 / max(a) = 0.2). A tower
+``HyperSGD`` starts far below (1e-6) and far above (1.0, where plain SGD diverges) and should end
+within 2x of ``eta*`` (issue 10; ``tests/test_tower_quadratic.py``).
+
+Usage::
+
+    # the default upper level and others, three noise seeds: end lr / eta* from each start
+    python -m benchmarks.quadratic --seeds 0 1 2 --hyper default "adam(lr=0.05,ramp=0.001,normalize=true,cosine=0.5)"
+    # other noise levels or lengths
+    python -m benchmarks.quadratic --sigma 0.1 --hyper default
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import hf_hyperopt as hh
+
+D, T, SIGMA = 50, 300, 0.01
+CURVATURES = torch.logspace(-2, 1, D, dtype=torch.float64)
+STARTS = (1e-6, 1.0)
+
+
+def expected_loss(eta: float, sigma: float = SIGMA, steps: int = T) -> float:
+    """E f(x_T) for SGD with constant ``eta`` from x_0 = 1: each coordinate contracts by (1 - eta a)^2 a
+    step and gains eta^2 sigma^2 of noise."""
+    r = (1 - eta * CURVATURES) ** 2
+    noise = torch.where((r - 1).abs() > 1e-12, (1 - r**steps) / (1 - r), torch.full_like(r, float(steps)))
+    return float(0.5 * (CURVATURES * (r**steps + eta**2 * sigma**2 * noise)).sum())
+
+
+def best_constant_lr(sigma: float = SIGMA, steps: int = T) -> float:
+    etas = torch.logspace(-4, 0.5, 4000, dtype=torch.float64).tolist()
+    return min(etas, key=lambda eta: expected_loss(eta, sigma, steps))
+
+
+def train(
+    lr0: float, hyper: str | None = None, seed: int = 0, sigma: float = SIGMA, steps: int = T
+) -> tuple[float, torch.Tensor]:
+    """``HyperSGD`` from ``lr0`` with upper level ``hyper`` (None: the default): its final lr and x."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.ones(D, dtype=torch.float64, requires_grad=True)
+    opt = hh.HyperSGD([x], lr=lr0) if hyper is None else hh.HyperSGD([x], lr=lr0, hyper=hyper)
+    for _ in range(steps):
+        x.grad = CURVATURES * x.detach() + sigma * torch.randn(D, generator=g, dtype=torch.float64)
+        opt.step()
+    return opt.hyperparameters()[0]["lr"], x.detach()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--hyper", nargs="+", default=["default"], help="upper-level specs; 'default' for DEFAULT_HYPER"
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--sigma", type=float, default=SIGMA)
+    parser.add_argument("--steps", type=int, default=T)
+    args = parser.parse_args(argv)
+    best = best_constant_lr(args.sigma, args.steps)
+    print(
+        f"sigma {args.sigma}, {args.steps} steps: best constant lr {best:.3g}, expected loss {expected_loss(best, args.sigma, args.steps):.4g}"
+    )
+    print(
+        f"\n| upper level | end lr / best from {STARTS[0]:g} / {STARTS[1]:g}, seed {args.seeds[0]} | over seeds | within 2x |"
+    )
+    print("|---|---|---|---|")
+    rows = []
+    for hyper in args.hyper:
+        ratios = {
+            (lr0, s): train(lr0, None if hyper == "default" else hyper, s, args.sigma, args.steps)[0] / best
+            for lr0 in STARTS
+            for s in args.seeds
+        }
+        first = " / ".join(f"{ratios[(lr0, args.seeds[0])]:.2f}" for lr0 in STARTS)
+        within = all(0.5 <= r <= 2.0 for r in ratios.values())
+        print(
+            f"| `{hyper}` | {first} | {min(ratios.values()):.2f} .. {max(ratios.values()):.2f} | {'yes' if within else 'no'} |"
+        )
+        rows.append({"hyper": hyper, "ratios": ratios, "within_2x": within})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
