@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"sigma {args.sigma}, {args.steps} steps: best constant lr {best:.3g}, expected loss {expected_loss(best, args.sigma, args.steps):.4g}"
     )
     print(
-        f"\n| upper level | end lr / best from {STARTS[0]:g} / {STARTS[1]:g}, seed {args.seeds[0]} | over seeds | within 2x |"
+        f"\n| upper level | end lr / best from {STARTS[0]:g} / {STARTS[1]:g}, seed {args.seeds[0]} | all runs (both starts, every seed) | within 2x |"
     )
     print("|---|---|---|---|")
     rows = []

@@ -7,7 +7,7 @@ import torch
 from benchmarks import sgd_momentum_floor
 
 
-def test_least_work_step_is_torch_sgd_with_the_tangent_a_tower_keeps():
+def test_bare_ops_step_is_torch_sgd_with_the_tangent_a_tower_keeps():
     torch.manual_seed(0)
     weights = [torch.randn(7, 5), torch.randn(3)]
     ref = [torch.nn.Parameter(w.clone()) for w in weights]
@@ -20,7 +20,7 @@ def test_least_work_step_is_torch_sgd_with_the_tangent_a_tower_keeps():
         for p, g in zip(ref, grads, strict=True):
             p.grad = g.clone()
         opt.step()
-        h_lr, _ = sgd_momentum_floor.least_work_step(weights, grads, buf, t_momentum, 0.1, 0.9)
+        h_lr, _ = sgd_momentum_floor.bare_ops_step(weights, grads, buf, t_momentum, 0.1, 0.9)
         assert torch.allclose(h_lr, torch.stack([(b * g).sum() for b, g in zip(old, grads, strict=True)]), atol=1e-5)
         for t, b in zip(t_momentum, old, strict=True):
             torch.testing.assert_close(t, -0.1 * b)

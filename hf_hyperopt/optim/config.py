@@ -153,7 +153,9 @@ def validate_level_options(
                     "hypergradient that level learns from); move it to level 1"
                 )
     validate_ramp(at, ramp, placed=placed and level != 1)
-    if not (isinstance(cosine, (int, float)) and math.isfinite(cosine) and 0.0 <= cosine <= 1.0):
+    if isinstance(cosine, bool) or not (
+        isinstance(cosine, (int, float)) and math.isfinite(cosine) and 0.0 <= cosine <= 1.0
+    ):
         raise ValueError(f"{at}: cosine={cosine!r} is outside [0, 1]")
     if placed and cosine and level != 1:
         raise ValueError(

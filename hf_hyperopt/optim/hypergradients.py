@@ -57,13 +57,14 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
         # which needs one sum per tensor anyway; elsewhere the fused product and one sum per unit are
         # fewer kernels than a dot per tensor.
         keep = trace or opt.scope == "tensor" or b.local[0].device.type == "cpu"
+        if cosine:  # the same gradient norms for every learned name
+            gsq = squared_norms(grads).to(theta0.device, theta0.dtype)
         for j, name in enumerate(opt._learn[0]):
             if normalize:
                 zsq = squared_norms(b.views[name])
                 zz0.index_add_(0, b.unit_index.to(theta0.device) + j * units, zsq.to(theta0.device, theta0.dtype))
             if cosine:
-                gsq = squared_norms(grads)
-                gg0.index_add_(0, b.unit_index.to(theta0.device) + j * units, gsq.to(theta0.device, theta0.dtype))
+                gg0.index_add_(0, b.unit_index.to(theta0.device) + j * units, gsq)
             if keep:
                 sums = torch.stack([dot(z, g) for z, g in zip(b.views[name], grads, strict=True)])
                 ids = b.unit_index
