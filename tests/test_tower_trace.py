@@ -267,3 +267,38 @@ def test_the_default_tower_ramps_only_a_learned_lr():
     assert args.hyper_settings.tower == "adam(lr=0.05,normalize=true)"
     with pytest.raises(ValueError, match="ramp=0.001 ramps the weights' learned lr"):  # written by the user: refused
         hh.HyperSGD(w, lr=0.1, momentum=0.5, learn="momentum", hyper="adam(ramp=0.001)")
+
+
+@pytest.mark.parametrize("scope", ["shared", "tensor"])
+def test_cosine_divides_each_units_hypergradient_by_its_gradient_norm(scope, float64, make_mlp, batches, monkeypatch):
+    """With two learned names and per-tensor units, cosine=c divides each entry of h by |g_unit|^c. The
+    level above has step size 0, so the towers with and without it take the same steps and see the same
+    hypergradients up to that factor (from step 3 on the momentum's too: the buffer is zero at step 1)."""
+    from hf_hyperopt.optim import hypergradients
+
+    c, data = 0.5, batches(3)
+    seen: dict[float, torch.Tensor] = {}
+    for cosine in (0.0, c):
+        model = make_mlp()
+        option = f",cosine={cosine}" if cosine else ""
+        opt = hh.tower(
+            model.parameters(),
+            f"sgd(lr=0.05,momentum=0.9,learn=lr+momentum)/sgd(lr=0.0,normalize=true{option})",
+            scope=scope,
+        )
+        captured = []
+        guard = hypergradients.guard
+        monkeypatch.setattr(
+            hypergradients, "guard", lambda h, *a, out=captured, real=guard: out.append(h.clone()) or real(h, *a)
+        )
+        for x, y in data:
+            F.mse_loss(model(x), y).backward()
+            grads = _grads(model)
+            opt.step()
+            opt.zero_grad()
+        monkeypatch.undo()
+        seen[cosine] = captured[-1]
+    norms = [_dot([g], [g]) for g in grads] if scope == "tensor" else [_dot(grads, grads)]
+    factor = torch.tensor(norms * 2, dtype=torch.float64) ** (c / 2)
+    assert seen[0.0].abs().min() > 0
+    torch.testing.assert_close(seen[c] * factor, seen[0.0], rtol=1e-10, atol=0)
