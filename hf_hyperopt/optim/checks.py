@@ -166,11 +166,11 @@ def _check_tower_state(opt: Any, params: list[Tensor], ts: dict[str, Any], stepp
         weight_steps=weight_steps,
         level_steps=level_steps,
         skipped=skipped.detach().to(device=device, copy=True),
-        ramp=_checked_ramp(ts, cast, device) if opt._ramped() else None,
+        ramp=_checked_ramp(ts, cast, device, bool(opt.levels[1].ramp_search)) if opt._ramped() else None,
     )
 
 
-def _checked_ramp(ts: dict[str, Any], cast: Any, device: torch.device) -> RampState:
+def _checked_ramp(ts: dict[str, Any], cast: Any, device: torch.device, searches: bool) -> RampState:
     ramp = ts.get("state.ramp")
     if not isinstance(ramp, Tensor) or ramp.numel() != 1:
         raise ValueError("state_dict tower state has no ramp factor, but this tower ramps its lr (ramp= on level 1)")
@@ -190,7 +190,17 @@ def _checked_ramp(ts: dict[str, Any], cast: Any, device: torch.device) -> RampSt
         target = cast("ramp_target", "ramp target")
     if not float(target) > 0.0:
         raise ValueError(f"state_dict tower ramp target is {float(target)!r}; it must be > 0")
-    return RampState(factor=factor, target=target, sized=bool(ts.get("state.ramp_sized", True)), active=active)
+    search = None
+    if searches:  # saved without a search (another tower's state): it is over, the lr is learned as saved
+        search = ts.get("state.ramp_search")
+        if search is None:
+            search = torch.zeros(1, dtype=torch.int64)
+        elif not isinstance(search, Tensor) or search.numel() != 1 or search.is_floating_point():
+            raise ValueError("state_dict tower ramp_search must be a 1-element integer tensor")
+        search = search.detach().to(device=device, dtype=torch.int64, copy=True).reshape(1)
+    return RampState(
+        factor=factor, target=target, sized=bool(ts.get("state.ramp_sized", True)), active=active, search=search
+    )
 
 
 def _checked_steps(steps: list[Any], stepped: list[bool]) -> tuple[list[int], list[int]]:

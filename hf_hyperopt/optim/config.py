@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..levels.base import Rule
-from .ramp import validate_ramp
+from .ramp import validate_ramp, validate_ramp_search
 
 SCOPES: tuple[str, ...] = ("shared", "group", "tensor")
 
@@ -44,6 +44,10 @@ class LevelConfig:
             smaller one; the level above learns the lr from there (:mod:`.ramp`). ``0`` (no ramp) is
             the paper's start at ``lr``. A too-large ``lr`` then never wrecks pretrained weights, and
             a too-small one costs a few steps, not hundreds.
+        ramp_search: with ``ramp``, on the level above the weights (opt-in): after the ramp's target,
+            keep doubling the lr every step while its hypergradient asks for a larger one, at most
+            ``ramp_search`` times; at the first step where it does not, undo the last doubling and
+            learn from there (:mod:`.ramp`). ``0`` (the default) ends the ramp at its target.
         cosine: for the level above the weights (experimental), divide the hypergradient it learns
             from by ``|g_{t+1}|^cosine`` as well: with ``normalize``, ``1`` is the cosine of the next
             gradient and the last update (scale-free, so it does not shrink as training converges: a
@@ -58,6 +62,7 @@ class LevelConfig:
     ramp: float = 0.0
     normalize: bool = False
     cosine: float = 0.0
+    ramp_search: int = 0
 
     def full_values(self) -> dict[str, float]:
         return {name: float(self.values.get(name, spec.default)) for name, spec in self.rule.hyperparameters.items()}
@@ -75,6 +80,8 @@ class LevelConfig:
             parts.append("normalize=true")
         if self.cosine:
             parts.append(f"cosine={self.cosine!r}")
+        if self.ramp_search:
+            parts.append(f"ramp_search={self.ramp_search!r}")
         return f"{self.rule.name}({','.join(parts)})" if parts else self.rule.name
 
 
@@ -132,6 +139,7 @@ def validate_level_options(
     *,
     placed: bool = True,
     cosine: float = 0.0,
+    ramp_search: int = 0,
 ) -> None:
     """Raise ``ValueError`` for a level option out of range or on a level where it means nothing.
 
@@ -153,6 +161,7 @@ def validate_level_options(
                     "hypergradient that level learns from); move it to level 1"
                 )
     validate_ramp(at, ramp, placed=placed and level != 1)
+    validate_ramp_search(at, ramp_search, ramp)
     if isinstance(cosine, bool) or not (
         isinstance(cosine, (int, float)) and math.isfinite(cosine) and 0.0 <= cosine <= 1.0
     ):
@@ -176,6 +185,7 @@ def checked_level(
     source: str = "",
     placed: bool = False,
     cosine: float = 0.0,
+    ramp_search: int = 0,
 ) -> LevelConfig:
     """A :class:`LevelConfig` whose values, ``learn=`` names and options are checked.
 
@@ -203,5 +213,7 @@ def checked_level(
             learn = rule.check_learn(learn)
         except ValueError as err:
             raise ValueError(f"{at}: {err}") from None
-    validate_level_options(level, rule.name, trace, ramp, normalize, placed=placed, cosine=cosine)
-    return LevelConfig(rule, dict(values), learn, trace, ramp, normalize, cosine)
+    validate_level_options(
+        level, rule.name, trace, ramp, normalize, placed=placed, cosine=cosine, ramp_search=ramp_search
+    )
+    return LevelConfig(rule, dict(values), learn, trace, ramp, normalize, cosine, int(ramp_search))

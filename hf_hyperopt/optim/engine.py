@@ -94,7 +94,16 @@ class TowerOptimizer(torch.optim.Optimizer):
             values = cfg.full_values()
             # A level config may be built directly: the checks every level gets when written, and its place's.
             checked_level(
-                k, cfg.rule, cfg.values, cfg.learn, cfg.trace, cfg.ramp, cfg.normalize, placed=True, cosine=cfg.cosine
+                k,
+                cfg.rule,
+                cfg.values,
+                cfg.learn,
+                cfg.trace,
+                cfg.ramp,
+                cfg.normalize,
+                placed=True,
+                cosine=cfg.cosine,
+                ramp_search=cfg.ramp_search,
             )
             self._learn.append(resolve_learn(k, cfg, values, top=k == len(levels) - 1, mode=mode))
             options: dict[str, bool] = {"nesterov": bool(values.get("nesterov", 0.0))}

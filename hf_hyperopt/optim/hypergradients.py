@@ -114,12 +114,13 @@ def guard(h: Tensor, ts: TowerState, k: int, skip_masks: dict[int, Tensor]) -> T
 
 def _advance_ramp(opt: TowerOptimizer, ts: TowerState, h0: Tensor, units: int) -> Tensor | None:
     """The coordinates of theta[0] the level above leaves alone this step (the lr's, while the ramp
-    searches), or None without a ramp."""
+    approaches its target or, with ``ramp_search``, searches past it), or None without a ramp."""
     if ts.ramp is None:
         return None
     j = opt._learn[0].index("lr")
     held = torch.zeros_like(h0, dtype=torch.bool)
-    held[j * units : (j + 1) * units] = advance_ramp(ts.ramp, h0.device)
+    h_lr = h0[j * units : (j + 1) * units].sum()  # dL/dlog(ramp factor): the factor scales every unit's lr
+    held[j * units : (j + 1) * units] = advance_ramp(ts.ramp, h0.device, h_lr, opt.levels[1].ramp_search)
     return held
 
 

@@ -15,6 +15,13 @@ norm is the start taken from above too, so it is no riskier from below.
 
 Weights that are all zero have no scale: the ramp then keeps the initial lr.
 
+``ramp_search=n`` on level 1 (opt-in) extends the ramp past its target: from the step taken at the
+target on, the factor keeps doubling every step while the lr's hypergradient asks for a larger lr
+(``dL/dlog(lr) < 0`` at the step just taken, summed over the lr's units), at most ``n`` times. At the
+first step where it does not (or is not finite), the last doubling is undone and the search ends for
+good; the level above, which leaves the lr alone while the search is on, learns it from there. On a
+plateau the one-step sign is noise, so the search stops early, at the target: the safe outcome.
+
 State: :class:`RampState`, held in the tower state (:class:`~hf_hyperopt.optim.state.TowerState`).
 """
 
@@ -45,25 +52,48 @@ def validate_ramp(at: str, ramp: float, *, placed: bool = False) -> None:
         )
 
 
+# What the search divides the factor by at its first disagreement (one doubling undone).
+RAMP_SEARCH_BACKOFF = RAMP_GROWTH
+# The most doublings ramp_search allows: 2**60 past the target is past any sensible lr.
+RAMP_SEARCH_MAX = 60
+
+
+def validate_ramp_search(at: str, search: float, ramp: float) -> None:
+    """Raise ``ValueError`` unless ``search`` is a whole number of doublings in ``[0, RAMP_SEARCH_MAX]``,
+    and zero without a ``ramp`` on the same level (it extends that ramp)."""
+    if isinstance(search, bool) or not (
+        isinstance(search, (int, float)) and search == int(search) and 0 <= search <= RAMP_SEARCH_MAX
+    ):
+        raise ValueError(f"{at}: ramp_search={search!r} is not a whole number of doublings in [0, {RAMP_SEARCH_MAX}]")
+    if search and not ramp:
+        raise ValueError(f"{at}: ramp_search={search!r} extends the ramp past its target, so it needs ramp= as well")
+
+
 @dataclass
 class RampState:
     """Where the ramp stands: ``factor`` on the learned lr and the ``target`` it approaches (1-element
     tensors), whether the probe has ``sized`` the target (host bool) and whether the approach is still
-    ``active`` (a 1-element bool tensor, so that the approach needs no device read)."""
+    ``active`` (a 1-element bool tensor, so that the approach needs no device read).
+
+    With ``ramp_search``, ``search`` (a 1-element int64 tensor) is where the search stands: ``-1``
+    before it begins (at the step taken at the target), ``m > 0`` while it judges the step just taken
+    (at most ``m - 1`` more doublings), ``0`` once it has ended. ``None`` without ``ramp_search``."""
 
     factor: Tensor
     target: Tensor
     sized: bool
     active: Tensor
+    search: Tensor | None = None
 
     @classmethod
-    def start(cls, dtype: torch.dtype, device: torch.device) -> RampState:
+    def start(cls, dtype: torch.dtype, device: torch.device, search: bool = False) -> RampState:
         """The ramp before the probe step: the factor at the probe's, the target at the initial lr."""
         return cls(
             factor=torch.tensor([RAMP_PROBE], dtype=dtype, device=device),
             target=torch.ones(1, dtype=dtype, device=device),
             sized=False,
             active=torch.ones(1, dtype=torch.bool, device=device),
+            search=torch.full((1,), -1, dtype=torch.int64, device=device) if search else None,
         )
 
 
@@ -88,15 +118,30 @@ def size_ramp(ramp: RampState, tau: float, weights_sq: Tensor, probe_sq: Tensor)
     ramp.active &= factor < target  # started at the target: nothing to approach
 
 
-def advance_ramp(ramp: RampState, device: torch.device) -> Tensor:
-    """One step of the approach; elementwise, no device read.
+def advance_ramp(ramp: RampState, device: torch.device, h_lr: Tensor | None = None, search: int = 0) -> Tensor:
+    """One step of the approach and, with ``search`` (``ramp_search``), of the search; elementwise, no
+    device read.
 
-    Returns whether the approach was on at this step (the level above leaves the lr alone then).
+    ``h_lr`` is ``dL/dlog(lr)`` at the step just taken (the raw hypergradient of the lr's units, summed).
+    Returns whether the lr is held this step (the level above leaves it alone then).
     """
     if not ramp.sized:  # the probe step: nothing to decide yet
         return torch.zeros(1, dtype=torch.bool, device=device)
     factor, target, active = ramp.factor, ramp.target, ramp.active
+    held = active.clone()  # the step that reaches the target is the approach's too
+    if ramp.search is not None:
+        state = ramp.search
+        held |= state != 0
+        judging = state > 0  # the step just taken was at the target or past it
+        larger = h_lr.reshape(1).to(device) < 0  # NaN is not < 0: a non-finite hypergradient stops it
+        grow = judging & larger & (state > 1)
+        undo = judging & ~larger & (factor > target)  # only the search grows past the target
+        info = torch.finfo(factor.dtype)
+        factor.copy_(torch.where(grow, (factor * RAMP_GROWTH).clamp(max=info.max), factor))
+        factor.copy_(torch.where(undo, torch.maximum(factor / RAMP_SEARCH_BACKOFF, target), factor))
+        state.copy_(torch.where(grow, state - 1, torch.where(judging, torch.zeros_like(state), state)))
     factor.copy_(torch.where(active, torch.minimum(factor * RAMP_GROWTH, target), factor))
-    approaching = active.clone()  # the step that reaches the target is the approach's too
     active &= factor < target
-    return approaching
+    if ramp.search is not None:  # the step about to be taken is at the target: the search judges it next
+        state.copy_(torch.where((state < 0) & ~active, torch.full_like(state, search + 1), state))
+    return held

@@ -37,7 +37,11 @@ def rollback_on_error(opt: Any) -> Iterator[None]:
         None
         if ts.ramp is None
         else dataclasses.replace(
-            ts.ramp, factor=ts.ramp.factor.clone(), target=ts.ramp.target.clone(), active=ts.ramp.active.clone()
+            ts.ramp,
+            factor=ts.ramp.factor.clone(),
+            target=ts.ramp.target.clone(),
+            active=ts.ramp.active.clone(),
+            search=None if ts.ramp.search is None else ts.ramp.search.clone(),
         )
     )
     try:
@@ -55,6 +59,8 @@ def rollback_on_error(opt: Any) -> Iterator[None]:
             ts.ramp.factor.copy_(ramp.factor)
             ts.ramp.target.copy_(ramp.target)
             ts.ramp.active.copy_(ramp.active)
+            if ramp.search is not None:
+                ts.ramp.search.copy_(ramp.search)
             ts.ramp.sized = ramp.sized
         for bucket in opt._buckets or []:
             for flat in bucket.flat.values():

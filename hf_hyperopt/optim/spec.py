@@ -6,7 +6,8 @@ size 1e-5. Each level is ``name`` or ``name(key=value, ...)``; keys are named as
 RMSProp's smoothing constant) plus ``learn=lr+beta1`` to choose what the level above learns and, on
 a level above the weights, ``trace=0.9`` for the decay of the tangent trace it learns from,
 ``normalize=true`` to learn from the slope along the update and, on level 1, ``ramp=1e-3`` to start
-the weights' learned lr at a step sized by the weights (see :class:`LevelConfig`).
+the weights' learned lr at a step sized by the weights and ``ramp_search=10`` to search past that
+start while the hypergradient agrees (see :class:`LevelConfig`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def parse_spec(spec: str) -> list[LevelConfig]:
         rule = RULES[name]
         values: dict[str, float] = {}
         learn = None
-        trace, ramp, normalize, cosine = 0.0, 0.0, False, 0.0
+        trace, ramp, normalize, cosine, ramp_search = 0.0, 0.0, False, 0.0, 0.0
         seen: set[str] = set()
         for item in _split_args(body or ""):
             if "=" not in item:
@@ -51,7 +52,7 @@ def parse_spec(spec: str) -> list[LevelConfig]:
             if key in seen:
                 raise ValueError(f"{key!r} is given twice for {name} in tower spec {spec!r}; give each key once")
             seen.add(key)
-            allowed = [*rule.hyperparameters, "learn", "trace", "ramp", "normalize", "cosine"]
+            allowed = [*rule.hyperparameters, "learn", "trace", "ramp", "ramp_search", "normalize", "cosine"]
             if key not in allowed:
                 raise ValueError(
                     f"unknown key {key!r} for {name} in tower spec {spec!r}; allowed: {', '.join(allowed)}"
@@ -68,13 +69,25 @@ def parse_spec(spec: str) -> list[LevelConfig]:
             if key == "ramp":
                 ramp = _parse_value(key, raw, "unit", name, spec)
                 continue
+            if key == "ramp_search":
+                ramp_search = _parse_value(key, raw, "step", name, spec)
+                continue
             if key == "cosine":
                 cosine = _parse_value(key, raw, "step", name, spec)
                 continue
             values[key] = _parse_value(key, raw, rule.hyperparameters[key].kind, name, spec)
         levels.append(
             checked_level(
-                k, rule, values, learn, trace, ramp, normalize, source=f" of tower spec {spec!r}", cosine=cosine
+                k,
+                rule,
+                values,
+                learn,
+                trace,
+                ramp,
+                normalize,
+                source=f" of tower spec {spec!r}",
+                cosine=cosine,
+                ramp_search=ramp_search,
             )
         )
     return levels

@@ -85,6 +85,8 @@ class TowerState:
             out["state.ramp_target"] = self.ramp.target.detach().clone()
             out["state.ramp_sized"] = self.ramp.sized
             out["state.ramp_active"] = self.ramp.active.detach().clone()
+            if self.ramp.search is not None:
+                out["state.ramp_search"] = self.ramp.search.detach().clone()
         return out
 
 
@@ -171,5 +173,5 @@ def initial_state(opt: TowerOptimizer, device: torch.device, dtype: torch.dtype)
         weight_steps=[0] * opt._n_params(),
         level_steps=[0] * (n - 1),
         skipped=torch.zeros(max(n - 1, 1), dtype=torch.int64, device=device),
-        ramp=RampState.start(dtype, device) if opt._ramped() else None,
+        ramp=RampState.start(dtype, device, bool(opt.levels[1].ramp_search)) if opt._ramped() else None,
     )
