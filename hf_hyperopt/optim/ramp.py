@@ -18,9 +18,11 @@ Weights that are all zero have no scale: the ramp then keeps the initial lr.
 ``ramp_search=n`` on level 1 (opt-in) extends the ramp past its target: from the step taken at the
 target on, the factor keeps doubling every step while the lr's hypergradient asks for a larger lr
 (``dL/dlog(lr) < 0`` at the step just taken, summed over the lr's units), at most ``n`` times. At the
-first step where it does not (or is not finite), the last doubling is undone and the search ends for
-good; the level above, which leaves the lr alone while the search is on, learns it from there. On a
-plateau the one-step sign is noise, so the search stops early, at the target: the safe outcome.
+first step where it does not (or is not finite), the factor goes back to half the last one it accepted
+(two doublings undone, never below the target) and the search ends for good: the one-step
+hypergradient is greedy and still accepts steps past a quadratic's stability limit, the margin of an
+lr range test. The level above, which leaves the lr alone while the search is on, learns it from there.
+On a plateau the one-step sign is noise, so the search stops early, at the target: the safe outcome.
 
 State: :class:`RampState`, held in the tower state (:class:`~hf_hyperopt.optim.state.TowerState`).
 """
@@ -52,8 +54,10 @@ def validate_ramp(at: str, ramp: float, *, placed: bool = False) -> None:
         )
 
 
-# What the search divides the factor by at its first disagreement (one doubling undone).
-RAMP_SEARCH_BACKOFF = RAMP_GROWTH
+# What the search divides the factor by at its first disagreement: to half the last factor the
+# hypergradient accepted (two doublings undone). Undoing one left the noisy quadratic's lr above its
+# stability limit, which the level above then overcorrected to 0.4x the best constant lr.
+RAMP_SEARCH_BACKOFF = RAMP_GROWTH**2
 # The most doublings ramp_search allows: 2**60 past the target is past any sensible lr.
 RAMP_SEARCH_MAX = 60
 
