@@ -194,7 +194,7 @@ TOWERS: dict[str, str] = {
     },
     # ... with the ramp extended past its target while the lr's hypergradient asks for more (ramp_search=n,
     # opt-in: at most n doublings)
-    **{f"hyper_adam(ramp_search={n})": f"adam(lr=0.05,ramp=0.001,normalize=true,ramp_search={n})" for n in ("6", "12")},
+    **{f"hyper_adam(ramp_search={n})": f"adam(lr=0.05,ramp=0.001,normalize=true,ramp_search={n})" for n in ("6", "7", "12")},
 }
 
 

@@ -56,7 +56,7 @@ def test_cosine_half_option_ends_within_2x_of_the_best_constant_lr(lr0):
 @pytest.mark.parametrize("lr0", STARTS)
 def test_ramp_search_option_ends_within_2x_of_the_best_constant_lr(lr0):
     """The opt-in ``ramp_search=12`` doubles the lr past the ramp's target (about 1/600 of the best here)
-    while the hypergradient asks for more, then backs off to half the last lr it accepted."""
+    while the hypergradient asks for more, then backs off to half the largest lr it accepted."""
     best = best_constant_lr()
     learned, x = train(lr0, "adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=12)")
     assert math.isfinite(float(x.sum()))

@@ -46,8 +46,8 @@ class LevelConfig:
             a too-small one costs a few steps, not hundreds.
         ramp_search: with ``ramp``, on the level above the weights (opt-in): after the ramp's target,
             keep doubling the lr every step while its hypergradient asks for a larger one, at most
-            ``ramp_search`` times; at the first step where it does not, go back to half the last lr
-            it accepted and learn from there (:mod:`.ramp`). ``0`` (the default) ends the ramp at its target.
+            ``ramp_search`` times; at the first step where it does not, or at the cap, go back to
+            half the largest lr it accepted and learn from there (:mod:`.ramp`). ``0`` (the default) ends the ramp at its target.
         cosine: for the level above the weights (experimental), divide the hypergradient it learns
             from by ``|g_{t+1}|^cosine`` as well: with ``normalize``, ``1`` is the cosine of the next
             gradient and the last update (scale-free, so it does not shrink as training converges: a

@@ -18,10 +18,12 @@ Weights that are all zero have no scale: the ramp then keeps the initial lr.
 ``ramp_search=n`` on level 1 (opt-in) extends the ramp past its target: from the step taken at the
 target on, the factor keeps doubling every step while the lr's hypergradient asks for a larger lr
 (``dL/dlog(lr) < 0`` at the step just taken, summed over the lr's units), at most ``n`` times. At the
-first step where it does not (or is not finite), the factor goes back to half the last one it accepted
-(two doublings undone, never below the target) and the search ends for good: the one-step
-hypergradient is greedy and still accepts steps past a quadratic's stability limit, the margin of an
-lr range test. The level above, which leaves the lr alone while the search is on, learns it from there.
+first step where it does not (or is not finite), or at the cap, the search ends for good at half the
+largest factor the hypergradient accepted (never below the target): the one-step hypergradient is
+greedy and still accepts steps past a quadratic's stability limit (undoing one doubling left the noisy
+quadratic's lr there, and the level above then overcorrected it to 0.4x the best constant lr), hence
+the margin, as in an lr range test. The level above, which leaves the lr alone while the search is
+on, learns it from there.
 On a plateau the one-step sign is noise, so the search stops early, at the target: the safe outcome.
 
 State: :class:`RampState`, held in the tower state (:class:`~hf_hyperopt.optim.state.TowerState`).
@@ -54,10 +56,6 @@ def validate_ramp(at: str, ramp: float, *, placed: bool = False) -> None:
         )
 
 
-# What the search divides the factor by at its first disagreement: to half the last factor the
-# hypergradient accepted (two doublings undone). Undoing one left the noisy quadratic's lr above its
-# stability limit, which the level above then overcorrected to 0.4x the best constant lr.
-RAMP_SEARCH_BACKOFF = RAMP_GROWTH**2
 # The most doublings ramp_search allows: 2**60 past the target is past any sensible lr.
 RAMP_SEARCH_MAX = 60
 
@@ -139,10 +137,11 @@ def advance_ramp(ramp: RampState, device: torch.device, h_lr: Tensor | None = No
         judging = state > 0  # the step just taken was at the target or past it
         larger = h_lr.reshape(1).to(device) < 0  # NaN is not < 0: a non-finite hypergradient stops it
         grow = judging & larger & (state > 1)
-        undo = judging & ~larger & (factor > target)  # only the search grows past the target
+        ends = judging & ~grow  # at half the largest factor accepted: this one at the cap, the last one else
+        back = torch.where(larger, RAMP_GROWTH, RAMP_GROWTH**2)
         info = torch.finfo(factor.dtype)
         factor.copy_(torch.where(grow, (factor * RAMP_GROWTH).clamp(max=info.max), factor))
-        factor.copy_(torch.where(undo, torch.maximum(factor / RAMP_SEARCH_BACKOFF, target), factor))
+        factor.copy_(torch.where(ends, torch.maximum(factor / back, target), factor))
         state.copy_(torch.where(grow, state - 1, torch.where(judging, torch.zeros_like(state), state)))
     factor.copy_(torch.where(active, torch.minimum(factor * RAMP_GROWTH, target), factor))
     active &= factor < target
