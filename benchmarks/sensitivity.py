@@ -192,9 +192,12 @@ TOWERS: dict[str, str] = {
         f"hyper_adam(cosine={c})": f"adam(lr=0.05,ramp=0.001,normalize=true,cosine={c})"
         for c in ("0.3", "0.5", "0.7", "1.0")
     },
-    # ... with the ramp extended past its target while the lr's hypergradient asks for more (ramp_search=n,
-    # opt-in: at most n doublings)
-    **{f"hyper_adam(ramp_search={n})": f"adam(lr=0.05,ramp=0.001,normalize=true,ramp_search={n})" for n in ("6", "7", "12")},
+    # ... with the ramp extended past its target while the lr's hypergradient asks for more (ramp_search=c,
+    # opt-in: while the cosine of the next gradient and the last update is below -c)
+    **{
+        f"hyper_adam(ramp_search={c})": f"adam(lr=0.05,ramp=0.001,normalize=true,ramp_search={c})"
+        for c in ("0.1", "0.2", "0.3", "0.4", "0.5")
+    },
 }
 
 

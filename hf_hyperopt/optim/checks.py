@@ -198,9 +198,11 @@ def _checked_ramp(ts: dict[str, Any], cast: Any, device: torch.device, searches:
         elif not isinstance(search, Tensor) or search.numel() != 1 or search.is_floating_point():
             raise ValueError("state_dict tower ramp_search must be a 1-element integer tensor")
         search = search.detach().to(device=device, dtype=torch.int64, copy=True).reshape(1)
-    return RampState(
+    ramp = RampState(
         factor=factor, target=target, sized=bool(ts.get("state.ramp_sized", True)), active=active, search=search
     )
+    ramp.searching = search is not None and bool(search != 0)
+    return ramp
 
 
 def _checked_steps(steps: list[Any], stepped: list[bool]) -> tuple[list[int], list[int]]:

@@ -45,9 +45,11 @@ class LevelConfig:
             the paper's start at ``lr``. A too-large ``lr`` then never wrecks pretrained weights, and
             a too-small one costs a few steps, not hundreds.
         ramp_search: with ``ramp``, on the level above the weights (opt-in): after the ramp's target,
-            keep doubling the lr every step while its hypergradient asks for a larger one, at most
-            ``ramp_search`` times; at the first step where it does not, or at the cap, go back to
-            half the largest lr it accepted and learn from there (:mod:`.ramp`). ``0`` (the default) ends the ramp at its target.
+            keep doubling the lr every step while its hypergradient asks for a larger one by more than
+            noise (the cosine of the next gradient and the last update below ``-ramp_search``), at most
+            12 times; at the first step where it does not, or at the cap, go back to half the largest
+            lr it accepted and learn from there (:mod:`.ramp`). ``0`` (the default) ends the ramp at
+            its target.
         cosine: for the level above the weights (experimental), divide the hypergradient it learns
             from by ``|g_{t+1}|^cosine`` as well: with ``normalize``, ``1`` is the cosine of the next
             gradient and the last update (scale-free, so it does not shrink as training converges: a
@@ -62,7 +64,7 @@ class LevelConfig:
     ramp: float = 0.0
     normalize: bool = False
     cosine: float = 0.0
-    ramp_search: int = 0
+    ramp_search: float = 0.0
 
     def full_values(self) -> dict[str, float]:
         return {name: float(self.values.get(name, spec.default)) for name, spec in self.rule.hyperparameters.items()}
@@ -139,7 +141,7 @@ def validate_level_options(
     *,
     placed: bool = True,
     cosine: float = 0.0,
-    ramp_search: int = 0,
+    ramp_search: float = 0.0,
 ) -> None:
     """Raise ``ValueError`` for a level option out of range or on a level where it means nothing.
 
@@ -185,7 +187,7 @@ def checked_level(
     source: str = "",
     placed: bool = False,
     cosine: float = 0.0,
-    ramp_search: int = 0,
+    ramp_search: float = 0.0,
 ) -> LevelConfig:
     """A :class:`LevelConfig` whose values, ``learn=`` names and options are checked.
 
@@ -216,4 +218,4 @@ def checked_level(
     validate_level_options(
         level, rule.name, trace, ramp, normalize, placed=placed, cosine=cosine, ramp_search=ramp_search
     )
-    return LevelConfig(rule, dict(values), learn, trace, ramp, normalize, cosine, int(ramp_search))
+    return LevelConfig(rule, dict(values), learn, trace, ramp, normalize, cosine, float(ramp_search))

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .distributed import local_tensor, reduce_hypergradients
-from .ramp import advance_ramp, size_ramp
+from .ramp import advance_ramp, asks_for_more, size_ramp
 
 if TYPE_CHECKING:
     from .engine import TowerOptimizer
@@ -50,8 +50,15 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
         zz0 = torch.zeros_like(theta0)
     if cosine:
         gg0 = torch.zeros_like(theta0)
+    # ramp_search judges by |g_{t+1}|^2 and the lr tangent's |Z_t|^2, summed over everything; only while it may be on
+    search = ts.ramp is not None and ts.ramp.search is not None and ts.ramp.searching
+    if search:
+        norms = torch.zeros(2, dtype=theta0.dtype, device=theta0.device)
     for b in opt._buckets:
         grads = [local_tensor(p.grad) for p in b.params]
+        if search:
+            norms[0] += squared_norms(grads).sum().to(norms.device, norms.dtype)
+            norms[1] += squared_norms(b.views["lr"]).sum().to(norms.device, norms.dtype)
         # A trace lives on across steps, so it is read without being overwritten. On the CPU a dot per
         # tensor is also the cheaper read (the buffer once, no write), and so it is in the tensor scope,
         # which needs one sum per tensor anyway; elsewhere the fused product and one sum per unit are
@@ -73,7 +80,7 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
                 sums = b.unit_sums(b.flat[name], theta0.dtype)
                 ids = b.unit_ids
             h0.index_add_(0, ids.to(theta0.device) + j * units, sums.to(theta0.device, theta0.dtype))
-    summed = [h0] + ([zz0] if normalize else []) + ([gg0] if cosine else [])
+    summed = [h0] + ([zz0] if normalize else []) + ([gg0] if cosine else []) + ([norms] if search else [])
     if len(summed) > 1:  # one reduction for all the sums
         both = torch.cat(summed)
         reduce_hypergradients(both, opt._sharding_group)
@@ -81,9 +88,10 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
         h0 = parts.pop(0)
         zz0 = parts.pop(0) if normalize else None
         gg0 = parts.pop(0) if cosine else None
+        norms = parts.pop(0) if search else None
     else:
         reduce_hypergradients(h0, opt._sharding_group)
-    held = _advance_ramp(opt, ts, h0, units)
+    held = _advance_ramp(opt, ts, h0, units, norms if search else None)
     raw = h0  # the true hypergradient: what the levels above chain through
     if normalize:
         h0 = per_length(h0, zz0)
@@ -112,15 +120,19 @@ def guard(h: Tensor, ts: TowerState, k: int, skip_masks: dict[int, Tensor]) -> T
     return torch.where(finite, h, torch.zeros_like(h))
 
 
-def _advance_ramp(opt: TowerOptimizer, ts: TowerState, h0: Tensor, units: int) -> Tensor | None:
+def _advance_ramp(
+    opt: TowerOptimizer, ts: TowerState, h0: Tensor, units: int, norms: Tensor | None
+) -> Tensor | None:
     """The coordinates of theta[0] the level above leaves alone this step (the lr's, while the ramp
     approaches its target or, with ``ramp_search``, searches past it), or None without a ramp."""
     if ts.ramp is None:
         return None
     j = opt._learn[0].index("lr")
     held = torch.zeros_like(h0, dtype=torch.bool)
-    h_lr = h0[j * units : (j + 1) * units].sum()  # dL/dlog(ramp factor): the factor scales every unit's lr
-    held[j * units : (j + 1) * units] = advance_ramp(ts.ramp, h0.device, h_lr, opt.levels[1].ramp_search)
+    larger = None
+    if norms is not None:  # dL/dlog(ramp factor): the factor scales every unit's lr
+        larger = asks_for_more(h0[j * units : (j + 1) * units].sum(), norms[0], norms[1], opt.levels[1].ramp_search)
+    held[j * units : (j + 1) * units] = advance_ramp(ts.ramp, h0.device, larger)
     return held
 
 

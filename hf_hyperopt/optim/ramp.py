@@ -15,10 +15,14 @@ norm is the start taken from above too, so it is no riskier from below.
 
 Weights that are all zero have no scale: the ramp then keeps the initial lr.
 
-``ramp_search=n`` on level 1 (opt-in) extends the ramp past its target: from the step taken at the
-target on, the factor keeps doubling every step while the lr's hypergradient asks for a larger lr
-(``dL/dlog(lr) < 0`` at the step just taken, summed over the lr's units), at most ``n`` times. At the
-first step where it does not (or is not finite), or at the cap, the search ends for good at half the
+``ramp_search=c`` on level 1 (opt-in) extends the ramp past its target: from the step taken at the
+target on, the factor keeps doubling every step while the lr's hypergradient asks for a larger lr by
+more than noise: ``dL/dlog(lr)`` at the step just taken (summed over the lr's units) below ``-c`` times
+``|g_{t+1}| |Z_t|``, i.e. the cosine of the next gradient and the last update below ``-c``, at most
+``RAMP_SEARCH_DOUBLINGS`` times. On a noisy task (a transformer from scratch) that cosine is small
+from the start and the search ends at once; on one whose gradients stay aligned (a quadratic, a small
+MLP) it goes on until the step starts to overshoot. At the first step where the hypergradient does not
+ask for more (or is not finite), or at the cap, the search ends for good at half the
 largest factor the hypergradient accepted (never below the target): the one-step hypergradient is
 greedy and still accepts steps past a quadratic's stability limit (undoing one doubling left the noisy
 quadratic's lr there, and the level above then overcorrected it to 0.4x the best constant lr), hence
@@ -56,17 +60,15 @@ def validate_ramp(at: str, ramp: float, *, placed: bool = False) -> None:
         )
 
 
-# The most doublings ramp_search allows: 2**60 past the target is past any sensible lr.
-RAMP_SEARCH_MAX = 60
+# The most doublings the search takes past the target: up to 4096x it.
+RAMP_SEARCH_DOUBLINGS = 12
 
 
 def validate_ramp_search(at: str, search: float, ramp: float) -> None:
-    """Raise ``ValueError`` unless ``search`` is a whole number of doublings in ``[0, RAMP_SEARCH_MAX]``,
-    and zero without a ``ramp`` on the same level (it extends that ramp)."""
-    if isinstance(search, bool) or not (
-        isinstance(search, (int, float)) and search == int(search) and 0 <= search <= RAMP_SEARCH_MAX
-    ):
-        raise ValueError(f"{at}: ramp_search={search!r} is not a whole number of doublings in [0, {RAMP_SEARCH_MAX}]")
+    """Raise ``ValueError`` unless ``search`` (a cosine) is in ``[0, 1)``, and zero without a ``ramp`` on
+    the same level (it extends that ramp)."""
+    if isinstance(search, bool) or not (isinstance(search, (int, float)) and math.isfinite(search) and 0 <= search < 1):
+        raise ValueError(f"{at}: ramp_search={search!r} is outside [0, 1)")
     if search and not ramp:
         raise ValueError(f"{at}: ramp_search={search!r} extends the ramp past its target, so it needs ramp= as well")
 
@@ -79,13 +81,16 @@ class RampState:
 
     With ``ramp_search``, ``search`` (a 1-element int64 tensor) is where the search stands: ``-1``
     before it begins (at the step taken at the target), ``m > 0`` while it judges the step just taken
-    (at most ``m - 1`` more doublings), ``0`` once it has ended. ``None`` without ``ramp_search``."""
+    (at most ``m - 1`` more doublings), ``0`` once it has ended; ``None`` without ``ramp_search``.
+    ``searching`` (host bool, not saved: read off ``search``) is whether it may still be on, so that
+    the norms it judges by are taken only then."""
 
     factor: Tensor
     target: Tensor
     sized: bool
     active: Tensor
     search: Tensor | None = None
+    searching: bool = True
 
     @classmethod
     def start(cls, dtype: torch.dtype, device: torch.device, search: bool = False) -> RampState:
@@ -120,22 +125,23 @@ def size_ramp(ramp: RampState, tau: float, weights_sq: Tensor, probe_sq: Tensor)
     ramp.active &= factor < target  # started at the target: nothing to approach
 
 
-def advance_ramp(ramp: RampState, device: torch.device, h_lr: Tensor | None = None, search: int = 0) -> Tensor:
-    """One step of the approach and, with ``search`` (``ramp_search``), of the search; elementwise, no
-    device read.
+def advance_ramp(ramp: RampState, device: torch.device, larger: Tensor | None = None) -> Tensor:
+    """One step of the approach and, with ``ramp_search``, of the search; elementwise, and with no
+    device read but one a step (``searching``) while the search may be on.
 
-    ``h_lr`` is ``dL/dlog(lr)`` at the step just taken (the raw hypergradient of the lr's units, summed).
-    Returns whether the lr is held this step (the level above leaves it alone then).
+    ``larger`` (1-element bool) is whether the hypergradient of the step just taken asks for a larger lr
+    (see :func:`asks_for_more`). Returns whether the lr is held this step (the level above leaves it alone then).
     """
     if not ramp.sized:  # the probe step: nothing to decide yet
         return torch.zeros(1, dtype=torch.bool, device=device)
     factor, target, active = ramp.factor, ramp.target, ramp.active
     held = active.clone()  # the step that reaches the target is the approach's too
-    if ramp.search is not None:
+    search = ramp.search is not None and ramp.searching  # else over, or none
+    if search:
         state = ramp.search
         held |= state != 0
         judging = state > 0  # the step just taken was at the target or past it
-        larger = h_lr.reshape(1).to(device) < 0  # NaN is not < 0: a non-finite hypergradient stops it
+        larger = larger.reshape(1).to(device)
         grow = judging & larger & (state > 1)
         ends = judging & ~grow  # at half the largest factor accepted: this one at the cap, the last one else
         back = torch.where(larger, RAMP_GROWTH, RAMP_GROWTH**2)
@@ -145,6 +151,16 @@ def advance_ramp(ramp: RampState, device: torch.device, h_lr: Tensor | None = No
         state.copy_(torch.where(grow, state - 1, torch.where(judging, torch.zeros_like(state), state)))
     factor.copy_(torch.where(active, torch.minimum(factor * RAMP_GROWTH, target), factor))
     active &= factor < target
-    if ramp.search is not None:  # the step about to be taken is at the target: the search judges it next
-        state.copy_(torch.where((state < 0) & ~active, torch.full_like(state, search + 1), state))
+    if search:  # the step about to be taken is at the target: the search judges it next
+        state.copy_(torch.where((state < 0) & ~active, torch.full_like(state, RAMP_SEARCH_DOUBLINGS + 1), state))
+        ramp.searching = bool(state != 0)
     return held
+
+
+def asks_for_more(h_lr: Tensor, grads_sq: Tensor, tangent_sq: Tensor, cosine: float) -> Tensor:
+    """Whether the lr's hypergradient asks for a larger lr, by more than noise: the cosine of the next
+    gradient and the lr's tangent (the last update), ``h_lr / (|g| |Z|)``, below ``-cosine``.
+
+    Not finite: no (NaN compares false), so a non-finite hypergradient ends the search.
+    """
+    return h_lr < -cosine * (grads_sq * tangent_sq).sqrt()

@@ -61,6 +61,7 @@ def rollback_on_error(opt: Any) -> Iterator[None]:
             ts.ramp.active.copy_(ramp.active)
             if ramp.search is not None:
                 ts.ramp.search.copy_(ramp.search)
+            ts.ramp.searching = ramp.searching
             ts.ramp.sized = ramp.sized
         for bucket in opt._buckets or []:
             for flat in bucket.flat.values():

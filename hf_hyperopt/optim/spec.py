@@ -6,8 +6,8 @@ size 1e-5. Each level is ``name`` or ``name(key=value, ...)``; keys are named as
 RMSProp's smoothing constant) plus ``learn=lr+beta1`` to choose what the level above learns and, on
 a level above the weights, ``trace=0.9`` for the decay of the tangent trace it learns from,
 ``normalize=true`` to learn from the slope along the update and, on level 1, ``ramp=1e-3`` to start
-the weights' learned lr at a step sized by the weights and ``ramp_search=10`` to search past that
-start while the hypergradient agrees (see :class:`LevelConfig`).
+the weights' learned lr at a step sized by the weights and ``ramp_search=0.3`` to search past that
+start while the hypergradient asks for more (see :class:`LevelConfig`).
 """
 
 from __future__ import annotations
