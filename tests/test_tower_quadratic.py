@@ -55,9 +55,9 @@ def test_cosine_half_option_ends_within_2x_of_the_best_constant_lr(lr0):
 
 @pytest.mark.parametrize("lr0", STARTS)
 def test_ramp_search_option_ends_within_2x_of_the_best_constant_lr(lr0):
-    """The opt-in ``ramp_search=12`` doubles the lr past the ramp's target (about 1/600 of the best here)
+    """The opt-in ``ramp_search=0.3`` doubles the lr past the ramp's target (about 1/600 of the best here)
     while the hypergradient asks for more, then backs off to half the largest lr it accepted."""
     best = best_constant_lr()
-    learned, x = train(lr0, "adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=12)")
+    learned, x = train(lr0, "adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3)")
     assert math.isfinite(float(x.sum()))
     assert best / 2 <= learned <= 2 * best, f"learned lr {learned:.3g}, best constant {best:.3g}"

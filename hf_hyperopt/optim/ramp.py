@@ -15,20 +15,20 @@ norm is the start taken from above too, so it is no riskier from below.
 
 Weights that are all zero have no scale: the ramp then keeps the initial lr.
 
-``ramp_search=c`` on level 1 (opt-in) extends the ramp past its target: from the step taken at the
+``ramp_search=c`` on level 1 (opt-in) extends the ramp past its target. From the step taken at the
 target on, the factor keeps doubling every step while the lr's hypergradient asks for a larger lr by
-more than noise: ``dL/dlog(lr)`` at the step just taken (summed over the lr's units) below ``-c`` times
-``|g_{t+1}| |Z_t|``, i.e. the cosine of the next gradient and the last update below ``-c``, at most
-``RAMP_SEARCH_DOUBLINGS`` times. On a noisy task (a transformer from scratch) that cosine is small
-from the start and the search ends at once; on one whose gradients stay aligned (a quadratic, a small
-MLP) it goes on until the step starts to overshoot. At the first step where the hypergradient does not
-ask for more (or is not finite), or at the cap, the search ends for good at half the
-largest factor the hypergradient accepted (never below the target): the one-step hypergradient is
-greedy and still accepts steps past a quadratic's stability limit (undoing one doubling left the noisy
-quadratic's lr there, and the level above then overcorrected it to 0.4x the best constant lr), hence
-the margin, as in an lr range test. The level above, which leaves the lr alone while the search is
-on, learns it from there.
-On a plateau the one-step sign is noise, so the search stops early, at the target: the safe outcome.
+more than noise: ``dL/dlog(lr)`` of the step just taken (summed over the lr's units) below
+``-c |g_{t+1}| |Z_t|``, i.e. the cosine of the next gradient and the last update below ``-c``; at most
+``RAMP_SEARCH_DOUBLINGS`` times. At the first step where it does not (or is not finite), or at the cap,
+the search ends for good at half the largest factor accepted (never below the target), and the level
+above, which leaves the lr alone while the search is on, learns it from there.
+
+Why the cosine and the margin: the one-step hypergradient is greedy. On a transformer from scratch its
+sign asks for more long past a good lr, but the cosine stays small (about 0.1 .. 0.2), so the search
+ends at once, as on a plateau; where the gradients stay aligned (a quadratic, a small MLP: 0.6 .. 1)
+it runs until the step overshoots. Even then the sign still accepted steps past the noisy quadratic's
+stability limit, and with one doubling undone the level above overcorrected that lr to 0.4x the best
+constant one; half the largest accepted is the margin an lr range test keeps.
 
 State: :class:`RampState`, held in the tower state (:class:`~hf_hyperopt.optim.state.TowerState`).
 """
