@@ -54,7 +54,7 @@ def test_search_from_the_target_doubles_while_the_hypergradient_asks_for_more_th
     ramp = _sized(0.5, 0.5)
     got = _run(ramp, [Y, Y, Y, Y, N, Y, N])
     assert got == [
-        (0.5, True),  # the probe's hypergradient: the search begins with the step at the target
+        (0.5, False),  # the probe's hypergradient: the search begins with the step at the target
         (1.0, True),
         (2.0, True),
         (4.0, True),
@@ -68,15 +68,15 @@ def test_search_from_the_target_doubles_while_the_hypergradient_asks_for_more_th
 def test_search_follows_the_approach_and_never_goes_below_the_target():
     ramp = _sized(1.0, 3.0)  # from below: 2, then the target 3 (the approach ignores the hypergradient)
     assert _run(ramp, [N, N, Y, N, Y]) == [(2.0, True), (3.0, True), (6.0, True), (3.0, True), (3.0, False)]
-    ramp = _sized(0.5, 0.5)  # not at the target itself: stays there
-    assert _run(ramp, [Y, N, Y]) == [(0.5, True), (0.5, True), (0.5, False)]
+    ramp = _sized(0.5, 0.5)  # not at the target itself: stays there, held no step (the plain ramp)
+    assert _run(ramp, [Y, N, Y]) == [(0.5, False), (0.5, False), (0.5, False)]
 
 
 def test_search_ends_at_its_cap_at_half_the_largest_factor_accepted(monkeypatch):
     monkeypatch.setattr(ramp_module, "RAMP_SEARCH_DOUBLINGS", 2)
     ramp = _sized(0.5, 0.5)
     got = _run(ramp, [Y] * 6)
-    assert got == [(0.5, True), (1.0, True), (2.0, True), (1.0, True), (1.0, False), (1.0, False)]
+    assert got == [(0.5, False), (1.0, True), (2.0, True), (1.0, True), (1.0, False), (1.0, False)]
 
 
 def test_asks_for_more_by_more_than_noise():
@@ -114,11 +114,12 @@ def test_search_against_a_written_out_reference(lr, c, cap, float64, make_mlp, b
         if previous is not None:
             h = _dot(g, previous)  # dL/dlog(lr) at the step just taken
             more = h < -c * math.sqrt(_dot(g, g) * _dot(previous, previous))
-            held = active or search != 0
+            held = active
             if search > 0:
                 if more and search > 1:
-                    factor, search, grew = 2 * factor, search - 1, grew + 1
+                    factor, search, grew, held = 2 * factor, search - 1, grew + 1, True
                 else:  # at half the largest factor accepted: this one at the cap, the one before else
+                    held = held or factor > target  # held as it backs off, not when it ends at the target
                     factor = max(factor / (2 if more else 4), target)
                     search, stopped = 0, ("cap" if more else "disagreed")
             if active:
@@ -241,3 +242,25 @@ def test_the_spec_round_trips_and_bad_values_are_refused():
     ]:
         with pytest.raises(ValueError, match=message):
             hh.HyperAdam(w, hyper=spec)
+
+
+@pytest.mark.parametrize("lr", [1e-6, 0.05])
+def test_a_search_that_ends_at_the_target_is_the_plain_ramp(lr, make_mlp, batches):
+    """A cosine that the hypergradient never reaches: the search ends at once, and the run is the plain
+    ramp's, step for step (no step held that the plain ramp would not hold)."""
+    data = batches(20)
+    runs = []
+    for search in ("", ",ramp_search=0.999"):
+        model = make_mlp()
+        opt = hh.tower(model.parameters(), f"adam(lr={lr})/adam(lr=0.05,ramp=0.001,normalize=true{search})")
+        trajectory = []
+        for x, y in data:
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            trajectory.append(opt.hyperparameters())
+        runs.append((trajectory, [p.detach().clone() for p in model.parameters()], opt))
+    (plain, plain_w, _), (searched, searched_w, opt) = runs
+    assert opt._tower_state.ramp.search.item() == 0 and not opt._tower_state.ramp.searching
+    assert searched == plain
+    assert all(torch.equal(a, b) for a, b in zip(plain_w, searched_w, strict=True))

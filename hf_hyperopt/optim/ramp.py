@@ -21,7 +21,8 @@ more than noise: ``dL/dlog(lr)`` of the step just taken (summed over the lr's un
 ``-c |g_{t+1}| |Z_t|``, i.e. the cosine of the next gradient and the last update below ``-c``; at most
 ``RAMP_SEARCH_DOUBLINGS`` times. At the first step where it does not (or is not finite), or at the cap,
 the search ends for good at half the largest factor accepted (never below the target), and the level
-above, which leaves the lr alone while the search is on, learns it from there.
+above, which leaves the lr alone while the search is on, learns it from there. A search that ends at
+the target at once leaves the run the plain ramp's, step for step.
 
 Why the cosine and the margin: the one-step hypergradient is greedy. On a transformer from scratch its
 sign asks for more long past a good lr, but the cosine stays small (about 0.1 .. 0.2), so the search
@@ -139,11 +140,12 @@ def advance_ramp(ramp: RampState, device: torch.device, larger: Tensor | None = 
     search = ramp.search is not None and ramp.searching  # else over, or none
     if search:
         state = ramp.search
-        held |= state != 0
         judging = state > 0  # the step just taken was at the target or past it
         larger = larger.reshape(1).to(device)
         grow = judging & larger & (state > 1)
         ends = judging & ~grow  # at half the largest factor accepted: this one at the cap, the last one else
+        # Held while it grows and as it backs off; a search that ends at the target is the plain ramp's.
+        held |= grow | (ends & (factor > target))
         back = torch.where(larger, RAMP_GROWTH, RAMP_GROWTH**2)
         info = torch.finfo(factor.dtype)
         factor.copy_(torch.where(grow, (factor * RAMP_GROWTH).clamp(max=info.max), factor))
