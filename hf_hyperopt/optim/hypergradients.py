@@ -120,9 +120,7 @@ def guard(h: Tensor, ts: TowerState, k: int, skip_masks: dict[int, Tensor]) -> T
     return torch.where(finite, h, torch.zeros_like(h))
 
 
-def _advance_ramp(
-    opt: TowerOptimizer, ts: TowerState, h0: Tensor, units: int, norms: Tensor | None
-) -> Tensor | None:
+def _advance_ramp(opt: TowerOptimizer, ts: TowerState, h0: Tensor, units: int, norms: Tensor | None) -> Tensor | None:
     """The coordinates of theta[0] the level above leaves alone this step (the lr's, while the ramp
     approaches its target or, with ``ramp_search``, searches past it), or None without a ramp."""
     if ts.ramp is None:
