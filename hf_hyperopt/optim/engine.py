@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..levels.base import MODES, Mode, Rule, parametrisation, to_natural
-from .buckets import Bucket, build_buckets, collect, zero_idle_tangents
+from .buckets import Bucket, build_buckets, collect, hold_saved_tangents, zero_idle_tangents
 from .checks import checked_tower_state
 from .config import SCOPES, LevelConfig, checked_level, resolve_learn, validate_level_options, validate_value
 from .distributed import TOWER_GROUP_KEY, local_tensor, sharding_group, standalone
@@ -102,6 +102,10 @@ class TowerOptimizer(torch.optim.Optimizer):
                 options["learn_momentum"] = True
             if mode == "gdtuo":
                 options.update(gdtuo_init=True, eps_in_sqrt=True)
+            if k == 0 and len(levels) > 1:
+                # A rule may keep tangents that are multiples of its state there (Rule.held_tangents),
+                # unless a trace accumulates them across steps.
+                options.update(hold=not levels[1].trace, has_momentum=bool(values.get("momentum", 0.0)))
             self._rules.append(cfg.rule(mode, **options))
         if levels[0].values.get("nesterov") and levels[0].full_values()["momentum"] == 0.0:
             raise ValueError("level 0 (sgd): nesterov=true needs momentum > 0")
@@ -221,6 +225,12 @@ class TowerOptimizer(torch.optim.Optimizer):
 
     def _n_params(self) -> int:
         return sum(len(g["params"]) for g in self.param_groups)
+
+    @property
+    def _held(self) -> dict[str, str]:
+        """The weight level's learned names whose tangents its rule holds in its state (``Rule.held_tangents``)."""
+        rule = self._rules[0]
+        return rule.held_tangents(self._learn[0]) if self.height and rule.writes_tangents else {}
 
     def _ramped(self) -> bool:
         return self.height > 0 and bool(self.levels[1].ramp)
@@ -389,5 +399,6 @@ class TowerOptimizer(torch.optim.Optimizer):
         state_dict["param_groups"] = [{k: v for k, v in g.items() if k != TOWER_GROUP_KEY} for g in groups]
         tower_state = checked_tower_state(self, state_dict, entries)  # raises before anything changes
         super().load_state_dict(state_dict)
+        hold_saved_tangents(self)
         self._tower_state = tower_state
         self._buckets = None  # tangent views are rebuilt on the next step

@@ -24,6 +24,7 @@ from .distributed import local_tensor, reduce_hypergradients
 from .ramp import advance_ramp, size_ramp
 
 if TYPE_CHECKING:
+    from .buckets import Bucket
     from .engine import TowerOptimizer
     from .state import TowerState
 
@@ -59,14 +60,21 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
         keep = trace or opt.scope == "tensor" or b.local[0].device.type == "cpu"
         if cosine:  # the same gradient norms for every learned name
             gsq = squared_norms(grads).to(theta0.device, theta0.dtype)
+        dots = per_tensor_dots(b, grads, [n for n in opt._learn[0] if keep or n in b.scales])
         for j, name in enumerate(opt._learn[0]):
+            # A held tangent is a state buffer (never overwritten here) times one constant per tensor.
+            scale = b.scales.get(name)
             if normalize:
                 zsq = squared_norms(b.views[name])
+                if scale is not None:
+                    zsq = zsq * scale.square()
                 zz0.index_add_(0, b.unit_index.to(theta0.device) + j * units, zsq.to(theta0.device, theta0.dtype))
             if cosine:
                 gg0.index_add_(0, b.unit_index.to(theta0.device) + j * units, gsq)
-            if keep:
-                sums = torch.stack([dot(z, g) for z, g in zip(b.views[name], grads, strict=True)])
+            if name in dots:
+                sums = dots[name]
+                if scale is not None:  # a zero constant (a cleared tangent) reads zero, whatever the buffer
+                    sums = torch.where(scale == 0, torch.zeros_like(scale), sums.to(scale.dtype) * scale)
                 ids = b.unit_index
             else:
                 torch._foreach_mul_(b.views[name], grads)
@@ -104,6 +112,17 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
     return hyper, skip_masks
 
 
+def per_tensor_dots(b: Bucket, grads: list[Tensor], names: list[str]) -> dict[str, Tensor]:
+    """``<tangent, g>`` of each tensor for each of ``names``, tensor by tensor: a gradient that fits in
+    the cache is read from memory once for all the names."""
+    out: list[list[Tensor]] = [[] for _ in names]
+    views = [b.views[n] for n in names]
+    for i, g in enumerate(grads):
+        for acc, z in zip(out, views, strict=True):
+            acc.append(dot(z[i], g))
+    return {n: torch.stack(acc) for n, acc in zip(names, out, strict=True)}
+
+
 def guard(h: Tensor, ts: TowerState, k: int, skip_masks: dict[int, Tensor]) -> Tensor:
     """``h`` with non-finite entries replaced by zero; they are counted (``ts.skipped``) and marked in ``skip_masks[k]``."""
     finite = torch.isfinite(h)
@@ -131,9 +150,12 @@ def measure_ramp(opt: TowerOptimizer, ts: TowerState) -> None:
     """
     sq = torch.zeros(2, dtype=torch.float64, device=ts.ramp.factor.device)
     for b in opt._buckets:
-        for w, d in zip(b.local, b.views["lr"], strict=True):
-            sq[0] += (w - d).square().sum().to(sq.device, sq.dtype)
-        sq[1] += squared_norms(b.views["lr"]).sum().to(sq.device, sq.dtype)
+        scale = b.scales.get("lr")  # a held tangent: the state buffer times this
+        factors = [None] * len(b.local) if scale is None else scale.tolist()
+        for w, d, f in zip(b.local, b.views["lr"], factors, strict=True):
+            sq[0] += (w - d if f is None else w - d * f).square().sum().to(sq.device, sq.dtype)
+        norms = squared_norms(b.views["lr"])
+        sq[1] += (norms if scale is None else norms * scale.square()).sum().to(sq.device, sq.dtype)
     reduce_hypergradients(sq, opt._sharding_group)
     size_ramp(ts.ramp, opt.levels[1].ramp, sq[0], sq[1])
 
