@@ -555,7 +555,8 @@ class Rule:
                 into its own passes (``Tangent.chained``; for ``lr``, a direction built as the
                 lr's tangent, with ``scale`` and the lr's coefficient divided by that factor).
             held: only for a rule with :meth:`held_tangents`, passed when the engine holds them: those
-                names' tangents are read from the state buffers named there, after the update (a
-                returned ``direction`` may then be that state buffer; the engine does not scale it).
+                names' tangents are read from the state buffers named there, after the update. With
+                ``lr`` held the returned ``direction`` is that state buffer (the engine does not scale
+                it) and ``work`` has no ``"direction"``.
         """
         raise NotImplementedError

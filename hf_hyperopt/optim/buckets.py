@@ -174,8 +174,9 @@ def build_buckets(opt: TowerOptimizer, entries: list[Entry]) -> list[Bucket]:
         b.attach_tangents(opt.state, opt._held, opt._hyper_dtype(b.local[0].dtype))
         if not learn0 or rule0.writes_tangents:
             # A learned lr's tangent buffer is the direction's workspace (a rule run by forward AD
-            # works in the tangent buffers of each learned name instead: tangents.forward_ad).
-            kept = ("direction",) if "lr" in learn0 and "lr" not in opt._held else ()
+            # works in the tangent buffers of each learned name instead: tangents.forward_ad); a rule
+            # that holds the lr's tangent has its direction in its state and needs none.
+            kept = ("direction",) if "lr" in learn0 else ()
             b.work = {n: [torch.empty_like(t) for t in b.local] for n in rule0.workspace_names if n not in kept}
         buckets.append(b)
     return buckets

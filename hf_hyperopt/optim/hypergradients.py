@@ -117,9 +117,11 @@ def per_tensor_dots(b: Bucket, grads: list[Tensor], names: list[str]) -> dict[st
     the cache is read from memory once for all the names."""
     out: list[list[Tensor]] = [[] for _ in names]
     views = [b.views[n] for n in names]
+    low = grads and grads[0].dtype in (torch.float16, torch.bfloat16)
     for i, g in enumerate(grads):
+        g = g.reshape(-1)
         for acc, z in zip(out, views, strict=True):
-            acc.append(dot(z[i], g))
+            acc.append(dot(z[i], g) if low else torch.dot(z[i].reshape(-1), g))
     return {n: torch.stack(acc) for n, acc in zip(names, out, strict=True)}
 
 

@@ -97,7 +97,7 @@ def written(
     work = dict(work)
     if "lr" in written_names:  # the lr's tangent is the direction, rescaled in place
         work["direction"] = bufs["lr"]
-    elif "direction" not in work:
+    elif "direction" not in work and "lr" not in held:  # a held lr's direction is the rule's state
         work["direction"] = [torch.empty_like(t) for t in params]
     tangents = {n: bufs[n] for n in written_names}
     if held:
