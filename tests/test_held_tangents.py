@@ -31,18 +31,33 @@ def _written(monkeypatch) -> None:
     monkeypatch.setattr(SGDRule, "held_tangents", lambda self, learn: {})
 
 
+def _tower(model, spec: str, scope: str):
+    return hh.tower(
+        [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}], spec, scope=scope
+    )
+
+
 def _train(spec: str, scope: str, make_mlp, batches, steps: int = 8, opt=None, model=None, start: int = 0):
     if model is None:
         model = make_mlp()
     if opt is None:
-        groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}]
-        opt = hh.tower(groups, spec, scope=scope)
+        opt = _tower(model, spec, scope)
     for i, (x, y) in enumerate(batches(start + steps)[start:]):
         F.mse_loss(model(x), y).backward()
         if (start + i) % 3 == 1:
             model[2].bias.grad = None  # a tensor that skips a step: its held tangent reads zero next time
         opt.step()
         opt.zero_grad()
+    return model, opt
+
+
+def _resumed(spec: str, scope: str, saved: dict, saved_model: dict, make_mlp, batches):
+    """A fresh model and tower loaded from step 5's state dicts, trained four more steps."""
+    model = make_mlp()
+    model.load_state_dict(saved_model)
+    opt = _tower(model, spec, scope)
+    opt.load_state_dict(saved)
+    _train(spec, scope, make_mlp, batches, steps=4, opt=opt, model=model, start=5)
     return model, opt
 
 
@@ -79,15 +94,10 @@ def test_a_checkpoint_with_written_tangents_loads_into_held_ones(spec, scope, fl
         saved_model = copy.deepcopy(model.state_dict())
         assert any(k.startswith("hypertangent_") for s in saved["state"].values() for k in s)
         _train(spec, scope, make_mlp, batches, steps=4, opt=opt, model=model, start=5)
-    resumed_model = make_mlp()
-    resumed_model.load_state_dict(saved_model)
-    groups = [{"params": list(resumed_model[0].parameters())}, {"params": list(resumed_model[2].parameters())}]
-    resumed = hh.tower(groups, spec, scope=scope)
-    resumed.load_state_dict(saved)
+    resumed_model, resumed = _resumed(spec, scope, saved, saved_model, make_mlp, batches)
     assert resumed._held
     for s in resumed.state.values():
         assert not {"hypertangent_" + n for n in resumed._held} & set(s)
-    _train(spec, scope, make_mlp, batches, steps=4, opt=resumed, model=resumed_model, start=5)
     for a, b in zip(resumed_model.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert _flat(resumed.hyperparameters()) == pytest.approx(_flat(opt.hyperparameters()), rel=1e-9)
@@ -99,12 +109,7 @@ def test_a_held_checkpoint_resumes_exactly(make_mlp, batches):
     saved, saved_model = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
     assert {"momentum_previous", "hyperscale_lr", "hyperscale_momentum"} <= set(saved["state"][0])
     _train(spec, scope, make_mlp, batches, steps=4, opt=opt, model=model, start=5)
-    resumed_model = make_mlp()
-    resumed_model.load_state_dict(saved_model)
-    groups = [{"params": list(resumed_model[0].parameters())}, {"params": list(resumed_model[2].parameters())}]
-    resumed = hh.tower(groups, spec, scope=scope)
-    resumed.load_state_dict(saved)
-    _train(spec, scope, make_mlp, batches, steps=4, opt=resumed, model=resumed_model, start=5)
+    resumed_model, resumed = _resumed(spec, scope, saved, saved_model, make_mlp, batches)
     assert all(torch.equal(a, b) for a, b in zip(resumed_model.parameters(), model.parameters(), strict=True))
     assert resumed.hyperparameters() == opt.hyperparameters()
 
