@@ -46,8 +46,8 @@ def bare_ops_step(
     h_lr, h_momentum = [], []
     for b, q, g in zip(buf, previous, grads, strict=True):
         g = g.view(-1)
-        h_lr.append(torch.linalg.vecdot(b.view(-1), g))  # as the engine's dots
-        h_momentum.append(torch.linalg.vecdot(q.view(-1), g))
+        h_lr.append(torch.dot(b.view(-1), g))
+        h_momentum.append(torch.dot(q.view(-1), g))
     for q, b, g in zip(previous, buf, grads, strict=True):
         torch.add(g, b, alpha=momentum, out=q)
     torch._foreach_add_(weights, previous, alpha=-lr)

@@ -68,9 +68,8 @@ def _flat(hyper: list[dict]) -> list[float]:
 @pytest.mark.parametrize("spec, scope", HELD)
 def test_held_tangents_take_the_steps_written_ones_take(spec, scope, float64, make_mlp, batches, monkeypatch):
     held_model, held = _train(spec, scope, make_mlp, batches)
-    assert held._held and not any(
-        k.startswith("hypertangent_") for s in held.state.values() for k in s if k[12:] in held._held
-    )
+    assert held._held
+    assert not {"hypertangent_" + n for n in held._held} & {k for s in held.state.values() for k in s}
     with monkeypatch.context() as m:
         _written(m)
         written_model, written = _train(spec, scope, make_mlp, batches)
@@ -154,3 +153,63 @@ def test_a_step_that_raises_inside_the_update_keeps_the_momentum_and_clears_the_
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.isfinite(torch.tensor(_flat(opt.hyperparameters()))))
+
+
+@pytest.mark.parametrize("zero_from", [0, 3], ids=["from the start", "from step 3"])
+def test_a_held_lr_learns_when_every_group_has_no_momentum(zero_from, float64, make_mlp, batches, monkeypatch):
+    """With every group's momentum 0 the rule skips the buffer's update, but the held lr's tangent is read
+    from the buffer: it must then be the direction itself (it was the stale or zero buffer)."""
+
+    def run():
+        model = make_mlp()
+        groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}]
+        if zero_from == 0:
+            for g in groups:
+                g["momentum"] = 0.0
+        opt = hh.tower(groups, "sgd(lr=0.05,momentum=0.9)/adam(lr=0.02)")
+        for i, (x, y) in enumerate(batches(8)):
+            if i == zero_from:
+                for g in opt.param_groups:
+                    g["momentum"] = 0.0
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        return opt.hyperparameters()[0]["lr"]
+
+    held = run()
+    with monkeypatch.context() as m:
+        _written(m)
+        written = run()
+    assert held == pytest.approx(written, rel=1e-9) and held != pytest.approx(0.05, rel=1e-3)
+
+
+def test_a_bfloat16_run_resumes_exactly_with_its_held_constants_in_float32(make_mlp, batches):
+    """torch.optim casts a loaded state entry to its parameter's dtype; a held tangent's constant keeps
+    the tower's float32 (bfloat16 would round it, and the resumed run would drift off)."""
+    spec, scope = HELD[0]
+    data = [(x.bfloat16(), y.bfloat16()) for x, y in batches(9)]
+
+    def lowp(n=9):
+        return data[:n]
+
+    def model_bf16():
+        return make_mlp().bfloat16()
+
+    model, opt = _train(spec, scope, model_bf16, lambda n: lowp(n), steps=5)
+    saved, saved_model = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    _train(spec, scope, model_bf16, lambda n: lowp(n), steps=4, opt=opt, model=model, start=5)
+    resumed_model, resumed = _resumed(spec, scope, saved, saved_model, model_bf16, lambda n: lowp(n))
+    assert all(
+        v.dtype == torch.float32 for s in resumed.state.values() for k, v in s.items() if k.startswith("hyperscale_")
+    )
+    assert all(torch.equal(a, b) for a, b in zip(resumed_model.parameters(), model.parameters(), strict=True))
+    assert resumed.hyperparameters() == opt.hyperparameters()
+
+
+def test_a_held_constant_without_its_buffer_is_refused(make_mlp, batches):
+    spec, scope = HELD[0]
+    _, opt = _train(spec, scope, make_mlp, batches, steps=3)
+    bad = copy.deepcopy(opt.state_dict())
+    del bad["state"][0]["momentum_previous"]
+    with pytest.raises(ValueError, match="has 'hyperscale_momentum' but no 'momentum_previous'"):
+        opt.load_state_dict(bad)

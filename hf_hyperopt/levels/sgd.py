@@ -68,7 +68,7 @@ class SGDRule(Rule):
         names = []
         if values["momentum"] != 0.0 or learned or self._holds():  # a held lr reads every tensor's buffer
             names.append("momentum_buffer")
-        if learned and "momentum" in self.held_tangents(("momentum",)):
+        if learned and "momentum" in self.held_tangents(("momentum",)):  # only where it holds the tangent
             names.append("momentum_previous")
         return {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n in names}
 
@@ -80,8 +80,7 @@ class SGDRule(Rule):
             d, owned = coupled_decay(grads, params, hp["weight_decay"]), True
         wd_factor = None  # d(direction)/d(weight_decay) = params * wd_factor (None: 1)
         scale = -hp["lr"]
-        learns_momentum = "momentum" in want or "momentum" in held
-        if learns_momentum:
+        if "momentum" in want or "momentum" in held:
             # Both terms of the momentum's tangent are multiples of the buffer: it is written (or held)
             # scaled by the step size and the chain to theta from the start (no pass of its own for them).
             f_momentum = scale * hp.chain("momentum")
@@ -108,6 +107,9 @@ class SGDRule(Rule):
                     add_scaled_(t_momentum, bufs, f_momentum)
             else:
                 d, owned = bufs, False
+        elif "lr" in held:  # every group's momentum is 0: the held lr's buffer is the direction itself
+            copy_(state["momentum_buffer"], d)
+            d, owned = state["momentum_buffer"], False
         # The learned lr's tangent is the direction times this: the direction is built with it (one
         # pass instead of a copy and a rescale), where that can be read for free. A held one is the
         # momentum buffer itself, which the engine adds to the weights without scaling it.

@@ -84,7 +84,7 @@ class Bucket:
             key = SCALE_PREFIX + name
             saved = [float(state[p][key]) if key in state[p] else 1.0 for p in self.params]
             scales = torch.tensor(saved, dtype=scale_dtype, device=self.local[0].device)
-            for p, v in zip(self.params, _aliases(scales, [scales[0]] * len(self.params)), strict=True):
+            for p, v in zip(self.params, scales.unbind(), strict=True):
                 state[p][key] = v
             self.scales[name] = scales
         self.refresh_held(state)

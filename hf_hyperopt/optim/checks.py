@@ -92,6 +92,12 @@ def _check_param_state(opt: Any, index: dict[Any, Tensor], state: dict[Any, dict
         if key not in index:
             raise ValueError(f"state_dict has state for parameter {key!r}, which none of its param groups lists")
         p = index[key]
+        for name, state_name in opt._held.items():
+            if SCALE_PREFIX + name in entry and state_name not in entry:
+                raise ValueError(
+                    f"state_dict state of parameter {key} has {SCALE_PREFIX + name!r} but no {state_name!r}, the "
+                    f"buffer that holds {name}'s tangent: it is damaged"
+                )
         for name, value in entry.items():
             if name.startswith(SCALE_PREFIX):  # a held tangent's constant: one number
                 if not isinstance(value, Tensor) or value.numel() != 1:

@@ -44,7 +44,6 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
     theta0 = ts.theta[0]
     units = opt._units()
     h0 = torch.zeros_like(theta0)
-    trace = bool(opt.levels[1].trace)
     normalize = opt.levels[1].normalize
     cosine = opt.levels[1].cosine
     if normalize:
@@ -53,11 +52,7 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
         gg0 = torch.zeros_like(theta0)
     for b in opt._buckets:
         grads = [local_tensor(p.grad) for p in b.params]
-        # A trace lives on across steps, so it is read without being overwritten. On the CPU a dot per
-        # tensor is also the cheaper read (the buffer once, no write), and so it is in the tensor scope,
-        # which needs one sum per tensor anyway; elsewhere the fused product and one sum per unit are
-        # fewer kernels than a dot per tensor.
-        keep = trace or opt.scope == "tensor" or b.local[0].device.type == "cpu"
+        keep = not consumes_tangents(opt, b)
         if cosine:  # the same gradient norms for every learned name
             gsq = squared_norms(grads).to(theta0.device, theta0.dtype)
         dots = per_tensor_dots(b, grads, [n for n in opt._learn[0] if keep or n in b.scales])
@@ -112,6 +107,17 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
     return hyper, skip_masks
 
 
+def consumes_tangents(opt: TowerOptimizer, b: Bucket) -> bool:
+    """Whether the hypergradient may multiply the written tangents by the gradients in place and sum them.
+
+    A trace lives on across steps, so it is read without being overwritten (and a held tangent is the
+    rule's state: it is always read). On the CPU a dot per tensor is also the cheaper read (the buffer
+    once, no write), and so it is in the tensor scope, which needs one sum per tensor anyway; elsewhere
+    the fused product and one sum per unit are fewer kernels than a dot per tensor.
+    """
+    return not (opt.levels[1].trace or opt.scope == "tensor" or b.local[0].device.type == "cpu")
+
+
 def per_tensor_dots(b: Bucket, grads: list[Tensor], names: list[str]) -> dict[str, Tensor]:
     """``<tangent, g>`` of each tensor for each of ``names``, tensor by tensor: a gradient that fits in
     the cache is read from memory once for all the names."""
@@ -121,7 +127,7 @@ def per_tensor_dots(b: Bucket, grads: list[Tensor], names: list[str]) -> dict[st
     for i, g in enumerate(grads):
         g = g.reshape(-1)
         for acc, z in zip(out, views, strict=True):
-            acc.append(dot(z[i], g) if low else torch.linalg.vecdot(z[i].reshape(-1), g))
+            acc.append(dot(z[i], g) if low else torch.dot(z[i].reshape(-1), g))
     return {n: torch.stack(acc) for n, acc in zip(names, out, strict=True)}
 
 
@@ -174,11 +180,7 @@ def squared_norms(tensors: list[Tensor]) -> Tensor:
 
 
 def dot(a: Tensor, b: Tensor) -> Tensor:
-    """``<a, b>`` over all elements, accumulated in at least float32.
-
-    ``vecdot`` rather than ``dot``: on the CPU it reads a large tensor faster (its reduction runs on
-    every thread), and the hypergradient's dots are a large share of a cheap rule's step (SGD's).
-    """
+    """``<a, b>`` over all elements, accumulated in at least float32."""
     if a.dtype in (torch.float16, torch.bfloat16):
         a, b = a.float(), b.float()
-    return torch.linalg.vecdot(a.reshape(-1), b.reshape(-1))
+    return torch.dot(a.reshape(-1), b.reshape(-1))

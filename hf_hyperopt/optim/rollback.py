@@ -10,8 +10,9 @@ per step, nothing the size of the model.
 What cannot be put back cheaply: the weight level's update runs in place over the parameters and
 their state, as in ``torch.optim``; an error in the middle of it leaves them partly updated. The
 per-parameter tangents may be consumed (multiplied by the gradients) when the hypergradient is formed, so
-after a failed step they are zeroed (a tangent held in the rule's state, its constants): the next step's hypergradient is then zero, as after a step in
-which the parameters did not move, and the learned values do not move on a half-formed one.
+after a failed step they are zeroed (a tangent the rule holds in its state, by zeroing its constants): the
+next step's hypergradient is then zero, as after a step in which the parameters did not move, and the
+learned values do not move on a half-formed one.
 """
 
 from __future__ import annotations

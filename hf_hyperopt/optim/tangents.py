@@ -100,7 +100,7 @@ def written(
     elif "direction" not in work and "lr" not in held:  # a held lr's direction is the rule's state
         work["direction"] = [torch.empty_like(t) for t in params]
     tangents = {n: bufs[n] for n in written_names}
-    if held:
+    if held:  # only then: a rule of one's own need not take the keyword
         st = rule.update(params, grads, state, work, hp, step, tangents, held=held)
     else:
         st = rule.update(params, grads, state, work, hp, step, tangents)
@@ -119,13 +119,13 @@ def _apply_written(
     step: Step,
     bufs: dict[str, list[Tensor]],
     hp: Hyper,
-    held: str | None,
+    step_size: str | None,
     scales: dict[str, Tensor] | None = None,
 ) -> None:
     """``params <- params * decay + direction * scale`` in place, and each tangent chained to theta.
 
     Every tangent but the step size's reads the direction and the parameters as they are, so it is
-    finished first. The step size's is the direction itself, in its buffer: a rule may have built it
+    finished first. The step size's (``step_size``, when written) is the direction itself, in its buffer: a rule may have built it
     as the tangent already (then the parameters take it times ``scale``); otherwise it is scaled into
     the increment, added to the parameters and rescaled into the tangent, in place. A tangent the rule
     holds (named in ``scales``) is only its constant, chained; a held step size's direction is the
@@ -139,26 +139,26 @@ def _apply_written(
                 raise RuntimeError(f"a held tangent ({name}) is one multiple of a state buffer, nothing more")
             coef = tangent.direction if name == "lr" else tangent.own
             scales[name].copy_(coef if tangent.chained else coef * hp.chain(name))
-        elif name != held:
+        elif name != step_size:
             _combine(bufs[name], tangent, hp.chain(name), direction, params)
     if "lr" in scales:
         if step.decay is not None:
             torch._foreach_mul_(params, scalars(step.decay))
         add_scaled_(params, direction, step.scale)
         return
-    if held is None:
+    if step_size is None:
         if step.decay is not None:
             torch._foreach_mul_(params, scalars(step.decay))
         torch._foreach_mul_(direction, scalars(step.scale))
         torch._foreach_add_(params, direction)
         return
-    tangent, c = step.tangents[held], hp.chain(held)
+    tangent, c = step.tangents[step_size], hp.chain(step_size)
     if tangent.own is not None or tangent.chained:
         raise RuntimeError("a step size's tangent has no term of its own: it only scales the direction")
     params_term = torch._foreach_mul(params, scalars(tangent.params * c)) if tangent.params is not None else None
     if step.decay is not None:
         torch._foreach_mul_(params, scalars(step.decay))
-    buf = bufs[held]
+    buf = bufs[step_size]
     if not _same(buf, direction):
         torch._foreach_copy_(buf, direction)
     d_scale = tangent.direction * c if tangent.direction is not None else None
