@@ -274,14 +274,16 @@ def test_tower_with_written_tangents_matches_forward_ad(spec, compat, scope, flo
 
 def test_accelerator_code_paths_match(monkeypatch, float64, make_mlp, batches):
     """Off the CPU the hyperparameters reach the ``_foreach`` ops as 0-dim tensors, the one-pass
-    ``out=`` ops give way to copies and in-place ops, and the step size's ratio cannot be read for
-    free (so a rule does not build its direction as the lr's tangent). The same towers on the CPU with
+    ``out=`` ops give way to copies and in-place ops, the step size's ratio cannot be read for free
+    (so a rule does not build its direction as the lr's tangent), and the hypergradient multiplies the
+    written tangents by the gradients in place. The same towers on the CPU with
     those paths forced must give the same numbers."""
     import hf_hyperopt.levels.adagrad as adagrad_mod
     import hf_hyperopt.levels.adam as adam_mod
     import hf_hyperopt.levels.base as base_mod
     import hf_hyperopt.levels.rmsprop as rmsprop_mod
     import hf_hyperopt.levels.sgd as sgd_mod
+    import hf_hyperopt.optim.hypergradients as hypergradients_mod
 
     expected = [_train(spec, compat, scope, True, make_mlp, batches) for spec, compat, scope in TOWERS]
 
@@ -292,6 +294,8 @@ def test_accelerator_code_paths_match(monkeypatch, float64, make_mlp, batches):
         if hasattr(module, "scalars"):
             monkeypatch.setattr(module, "scalars", as_tensors)
     monkeypatch.setattr(base_mod, "_one_pass", lambda *lists: False)
+    # The hypergradient consumes written tangents in place (a held one, the rule's state, never).
+    monkeypatch.setattr(hypergradients_mod, "consumes_tangents", lambda opt, b: not opt.levels[1].trace)
     monkeypatch.setattr(tangents, "_near_one", lambda x: False)
     for module in (adam_mod, sgd_mod):  # the direction is not built as the lr's tangent either
         monkeypatch.setattr(module, "lr_tangent_factor", lambda *args: None)

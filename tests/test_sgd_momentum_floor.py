@@ -1,4 +1,4 @@
-"""benchmarks/sgd_momentum_floor.py: its bare ops are torch.optim.SGD's update, and its smoke run works."""
+"""benchmarks/sgd_momentum_floor.py: its bare ops are torch.optim.SGD's update and the tower's dots; its smoke run works."""
 
 from __future__ import annotations
 
@@ -7,24 +7,25 @@ import torch
 from benchmarks import sgd_momentum_floor
 
 
-def test_bare_ops_step_is_torch_sgd_with_the_tangent_a_tower_keeps():
+def test_bare_ops_step_is_torch_sgd_with_the_dots_a_tower_takes():
     torch.manual_seed(0)
     weights = [torch.randn(7, 5), torch.randn(3)]
     ref = [torch.nn.Parameter(w.clone()) for w in weights]
     opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, foreach=True)
-    buf = [torch.zeros_like(w) for w in weights]
-    t_momentum = [torch.zeros_like(w) for w in weights]
-    for _ in range(3):
+    buffers = [[torch.zeros_like(w) for w in weights], [torch.zeros_like(w) for w in weights]]
+    history = [[torch.zeros_like(w) for w in weights]] * 2
+    for _ in range(4):
         grads = [torch.randn_like(w) for w in weights]
-        old = [b.clone() for b in buf]
         for p, g in zip(ref, grads, strict=True):
             p.grad = g.clone()
         opt.step()
-        h_lr, _ = sgd_momentum_floor.bare_ops_step(weights, grads, buf, t_momentum, 0.1, 0.9)
-        assert torch.allclose(h_lr, torch.stack([(b * g).sum() for b, g in zip(old, grads, strict=True)]), atol=1e-5)
-        for t, b in zip(t_momentum, old, strict=True):
-            torch.testing.assert_close(t, -0.1 * b)
-    for w, b, p in zip(weights, buf, ref, strict=True):
+        h_lr, h_momentum = sgd_momentum_floor.bare_ops_step(weights, grads, buffers, 0.1, 0.9)
+        for h, b in ((h_lr, history[-1]), (h_momentum, history[-2])):
+            torch.testing.assert_close(h, torch.stack([(x * g).sum() for x, g in zip(b, grads, strict=True)]))
+        history.append([opt.state[p]["momentum_buffer"].clone() for p in ref])
+        for b, old in zip(buffers[1], history[-2], strict=True):
+            torch.testing.assert_close(b, old)  # the buffer before the step is kept
+    for w, b, p in zip(weights, buffers[0], ref, strict=True):
         torch.testing.assert_close(w, p.detach())
         torch.testing.assert_close(b, opt.state[p]["momentum_buffer"])
 

@@ -127,18 +127,28 @@ def test_adam_log_lr_hypergradient_matches_finite_difference(float64, make_mlp, 
 
 
 @pytest.mark.parametrize(
-    "build, names",
+    "build, names, held",
     [
-        (lambda p: hh.HyperAdam(p, lr=0.01), {"lr"}),
-        (lambda p: hh.HyperAdam(p, lr=0.01, learn="lr+beta1+beta2"), {"lr", "beta1", "beta2"}),
-        (lambda p: hh.HyperSGD(p, lr=0.01, momentum=0.9, learn="lr+momentum"), {"lr", "momentum"}),
-        (lambda p: hh.tower(p, "rmsprop/sgd/sgd"), {"lr"}),
-        (lambda p: hh.tower(p, "rmsprop/sgd", compat="gdtuo"), {"lr", "alpha"}),
-        (lambda p: hh.HyperAdam(p, lr=0.01, hyper=None), set()),
-        (lambda p: hh.tower(p, "adagrad(lr=0.1)/sgd", scope="tensor"), {"lr"}),
+        (lambda p: hh.HyperAdam(p, lr=0.01), {"lr"}, set()),
+        (lambda p: hh.HyperAdam(p, lr=0.01, learn="lr+beta1+beta2"), {"lr", "beta1", "beta2"}, set()),
+        # Without Nesterov SGD's tangents are multiples of its momentum buffers: held there, not written.
+        (lambda p: hh.HyperSGD(p, lr=0.01, momentum=0.9, learn="lr+momentum"), set(), {"lr", "momentum"}),
+        (lambda p: hh.HyperSGD(p, lr=0.01, momentum=0.9), set(), {"lr"}),
+        (
+            lambda p: hh.HyperSGD(p, lr=0.01, momentum=0.9, nesterov=True, learn="lr+momentum"),
+            {"lr", "momentum"},
+            set(),
+        ),
+        (lambda p: hh.tower(p, "sgd(lr=0.01,momentum=0.9)/adam(trace=0.9)"), {"lr"}, set()),  # a trace needs buffers
+        (lambda p: hh.tower(p, "rmsprop/sgd/sgd"), {"lr"}, set()),
+        (lambda p: hh.tower(p, "rmsprop/sgd", compat="gdtuo"), {"lr", "alpha"}, set()),
+        (lambda p: hh.HyperAdam(p, lr=0.01, hyper=None), set(), set()),
+        (lambda p: hh.tower(p, "adagrad(lr=0.1)/sgd", scope="tensor"), {"lr"}, set()),
     ],
 )
-def test_one_tangent_buffer_per_learned_weight_level_hyperparameter(build, names, make_mlp, batches):
+def test_one_tangent_buffer_per_learned_weight_level_hyperparameter(build, names, held, make_mlp, batches):
+    """A parameter-sized buffer per learned name at most: written tangents have one each; a held one has
+    a number per tensor, and the momentum's the previous buffer (in place of its tangent buffer)."""
     model = make_mlp()
     opt = build(model.parameters())
     for x, y in batches(2):
@@ -148,11 +158,14 @@ def test_one_tangent_buffer_per_learned_weight_level_hyperparameter(build, names
     for p in model.parameters():
         tangents = {k for k in opt.state[p] if k.startswith("hypertangent_")}
         assert tangents == {"hypertangent_" + n for n in names}
+        assert {k for k in opt.state[p] if k.startswith("hyperscale_")} == {"hyperscale_" + n for n in held}
         for k in tangents:
             assert opt.state[p][k].shape == p.shape and opt.state[p][k].dtype == p.dtype
         # Nothing else parameter-sized beyond the algorithm's own buffers.
-        others = set(opt.state[p]) - tangents
-        assert others <= {"exp_avg", "exp_avg_sq", "momentum_buffer", "square_avg", "sum"}
+        sized = {k for k, v in opt.state[p].items() if v.shape == p.shape} - tangents
+        assert sized <= {"exp_avg", "exp_avg_sq", "momentum_buffer", "square_avg", "sum"} | (
+            {"momentum_previous"} if "momentum" in held else set()
+        )
 
 
 def test_adam_rule_with_one_step_count_per_tensor_is_the_rule_run_per_tensor(float64):

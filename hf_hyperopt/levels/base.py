@@ -506,6 +506,17 @@ class Rule:
     def gdtuo_learned(self, values: dict[str, float]) -> tuple[str, ...]:
         return self.gdtuo_learn
 
+    def held_tangents(self, learn: tuple[str, ...]) -> dict[str, str]:
+        """The learned names whose tangent this rule keeps in its own state, mapped to that state's name.
+
+        Such a tangent is a multiple of a state buffer, one constant per tensor, so the rule writes no
+        tangent for it: its :class:`Tangent` gives the constant (``own``, or ``direction`` for the step
+        size, whose direction is then that state buffer) and the engine keeps it beside the buffer,
+        reading the hypergradient as ``<g, buffer> * constant``. The rule is told so by
+        ``update(..., held=...)``. None by default; the engine holds none when a trace keeps the tangents.
+        """
+        return {}
+
     def init_state(self, p: Tensor, values: dict[str, float]) -> dict[str, Tensor]:
         """Fresh per-tensor state for ``p`` (a local tensor) given the hyperparameters' initial values."""
         return {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name in self.state_names}
@@ -519,6 +530,7 @@ class Rule:
         hp: Hyper,
         step: int | Tensor,
         tangents: dict[str, list[Tensor]] | None = None,
+        held: dict[str, str] | None = None,
     ) -> Step:
         """Take one step: update ``state`` in place and say how ``params`` change (never touch them).
 
@@ -542,5 +554,9 @@ class Rule:
                 ``hp.chain(name)`` is then d(value)/d(theta) per tensor, which a rule may fold
                 into its own passes (``Tangent.chained``; for ``lr``, a direction built as the
                 lr's tangent, with ``scale`` and the lr's coefficient divided by that factor).
+            held: only for a rule with :meth:`held_tangents`, passed when the engine holds them: those
+                names' tangents are read from the state buffers named there, after the update. With
+                ``lr`` held the returned ``direction`` is that state buffer (the engine does not scale
+                it) and ``work`` has no ``"direction"``.
         """
         raise NotImplementedError

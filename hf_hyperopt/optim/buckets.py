@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from .engine import TowerOptimizer
 
 TANGENT_PREFIX = "hypertangent_"
+# A held tangent (``Rule.held_tangents``) is a state buffer times this per-tensor constant.
+SCALE_PREFIX = "hyperscale_"
 
 # (param, unit, group, position) for each parameter that has a gradient this step.
 Entry = tuple[Tensor, int, int, int]
@@ -66,11 +68,28 @@ class Bucket:
         self.flat: dict[str, Tensor] = {}
         self.views: dict[str, list[Tensor]] = {}
         self.work: dict[str, list[Tensor]] = {}
+        # Held tangents: ``views[name]`` are the rule's state buffers (``held[name]``), whose tangent is
+        # each buffer times its entry of ``scales[name]``.
+        self.held: dict[str, str] = {}
+        self.scales: dict[str, Tensor] = {}
 
-    def attach_tangents(self, state: dict) -> None:
-        """Move each parameter's tangent buffers into one flat buffer per learned name (views stay in state)."""
+    def attach_tangents(self, state: dict, held: dict[str, str], scale_dtype: torch.dtype) -> None:
+        """Move each parameter's tangent buffers into one flat buffer per learned name (views stay in state).
+
+        A held name has no buffer: its views are the rule's state buffers, and its constants one vector
+        (each parameter's ``hyperscale_<name>`` a view of it in state; 1 where none was saved).
+        """
+        self.held = held
+        for name in held:
+            key = SCALE_PREFIX + name
+            saved = [float(state[p][key]) if key in state[p] else 1.0 for p in self.params]
+            scales = torch.tensor(saved, dtype=scale_dtype, device=self.local[0].device)
+            for p, v in zip(self.params, scales.unbind(), strict=True):
+                state[p][key] = v
+            self.scales[name] = scales
+        self.refresh_held(state)
         total = sum(t.numel() for t in self.local)
-        for name in self.learn:
+        for name in (n for n in self.learn if n not in held):
             key = TANGENT_PREFIX + name
             flat = torch.empty(total, dtype=self.local[0].dtype, device=self.local[0].device)
             views = _aliases(flat, self.local)
@@ -82,6 +101,11 @@ class Bucket:
             for p, v in zip(self.params, views, strict=False):
                 state[p][key] = wrap_like(p, v)
             self.flat[name], self.views[name] = flat, views
+
+    def refresh_held(self, state: dict) -> None:
+        """Point the held names' views at the rule's state buffers, which a step may have swapped."""
+        for name, state_name in self.held.items():
+            self.views[name] = [local_tensor(state[p][state_name]) for p in self.params]
 
     def unit_sums(self, flat: Tensor, dtype: torch.dtype) -> Tensor:
         """The sum of ``flat`` over each unit's slice, accumulated in ``dtype`` (no copy of ``flat``)."""
@@ -125,7 +149,8 @@ def zero_idle_tangents(opt: TowerOptimizer, entries: list[Entry]) -> None:
         for p in group["params"]:
             if id(p) not in active and p in opt.state:
                 for key, buf in opt.state[p].items():
-                    if key.startswith(TANGENT_PREFIX):
+                    # A held tangent's buffer is the rule's state: its constant is zeroed instead.
+                    if key.startswith((TANGENT_PREFIX, SCALE_PREFIX)):
                         buf.zero_()
 
 
@@ -146,11 +171,35 @@ def build_buckets(opt: TowerOptimizer, entries: list[Entry]) -> list[Bucket]:
             if not any(n in st for n in rule0.state_names):
                 for name, buf in rule0.init_state(t, opt._param_values(p)).items():
                     st[name] = wrap_like(p, buf)
-        b.attach_tangents(opt.state)
+        b.attach_tangents(opt.state, opt._held, opt._hyper_dtype(b.local[0].dtype))
         if not learn0 or rule0.writes_tangents:
             # A learned lr's tangent buffer is the direction's workspace (a rule run by forward AD
-            # works in the tangent buffers of each learned name instead: tangents.forward_ad).
+            # works in the tangent buffers of each learned name instead: tangents.forward_ad); a rule
+            # that holds the lr's tangent has its direction in its state and needs none.
             kept = ("direction",) if "lr" in learn0 else ()
             b.work = {n: [torch.empty_like(t) for t in b.local] for n in rule0.workspace_names if n not in kept}
         buckets.append(b)
     return buckets
+
+
+def hold_saved_tangents(opt: TowerOptimizer) -> None:
+    """Keep, as held tangents, the written tangents of held names that a loaded state dict carries.
+
+    A state dict saved with every tangent written (hf_hyperopt 0.1.0 did) has a buffer for each held
+    name. One whose holding buffer is there (the step size's, held by the momentum buffer, of which it
+    is a multiple) keeps only the multiple, ``<t, b> / <b, b>``; one whose holding buffer is not (the
+    momentum's, whose previous buffer exists only while tangents are held) becomes it, times 1.
+    """
+    for state in opt.state.values():
+        for name, state_name in opt._held.items():
+            tangent = state.pop(TANGENT_PREFIX + name, None)
+            if tangent is None:
+                continue
+            if state_name in state:
+                t, buf = local_tensor(tangent).double(), local_tensor(state[state_name]).double()
+                norm = buf.square().sum()
+                scale = torch.where(norm > 0, (t * buf).sum() / norm, torch.zeros_like(norm))
+            else:  # a copy: the loaded tensor may be shared with the state dict
+                state[state_name] = tangent.clone()
+                scale = torch.ones((), dtype=torch.float64)
+            state[SCALE_PREFIX + name] = scale.to(opt._hyper_dtype(tangent.dtype))

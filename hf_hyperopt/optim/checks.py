@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .buckets import TANGENT_PREFIX
+from .buckets import SCALE_PREFIX, TANGENT_PREFIX
 from .distributed import local_tensor
 from .ramp import RampState
 from .state import TowerState
@@ -92,7 +92,18 @@ def _check_param_state(opt: Any, index: dict[Any, Tensor], state: dict[Any, dict
         if key not in index:
             raise ValueError(f"state_dict has state for parameter {key!r}, which none of its param groups lists")
         p = index[key]
+        for name, state_name in opt._held.items():
+            if SCALE_PREFIX + name in entry and state_name not in entry:
+                raise ValueError(
+                    f"state_dict state of parameter {key} has {SCALE_PREFIX + name!r} but no {state_name!r}, the "
+                    f"buffer that holds {name}'s tangent: it is damaged"
+                )
         for name, value in entry.items():
+            if name.startswith(SCALE_PREFIX):  # a held tangent's constant: one number
+                if not isinstance(value, Tensor) or value.numel() != 1:
+                    raise ValueError(f"state_dict state {name!r} of parameter {key} is not one number: it is damaged")
+                _check_finite(value, f"state {name!r} of parameter {key}")
+                continue
             if not isinstance(value, Tensor) or not (name in names or name.startswith(TANGENT_PREFIX)):
                 continue
             if tuple(value.shape) != tuple(p.shape):

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..levels.base import MODES, Mode, Rule, parametrisation, to_natural
-from .buckets import Bucket, build_buckets, collect, zero_idle_tangents
+from .buckets import SCALE_PREFIX, Bucket, build_buckets, collect, hold_saved_tangents, zero_idle_tangents
 from .checks import checked_tower_state
 from .config import SCOPES, LevelConfig, checked_level, resolve_learn, validate_level_options, validate_value
 from .distributed import TOWER_GROUP_KEY, local_tensor, sharding_group, standalone
@@ -111,6 +111,10 @@ class TowerOptimizer(torch.optim.Optimizer):
                 options["learn_momentum"] = True
             if mode == "gdtuo":
                 options.update(gdtuo_init=True, eps_in_sqrt=True)
+            if k == 0 and len(levels) > 1:
+                # A rule may keep tangents that are multiples of its state there (Rule.held_tangents),
+                # unless a trace accumulates them across steps.
+                options.update(hold=not levels[1].trace, has_momentum=bool(values.get("momentum", 0.0)))
             self._rules.append(cfg.rule(mode, **options))
         if levels[0].values.get("nesterov") and levels[0].full_values()["momentum"] == 0.0:
             raise ValueError("level 0 (sgd): nesterov=true needs momentum > 0")
@@ -230,6 +234,12 @@ class TowerOptimizer(torch.optim.Optimizer):
 
     def _n_params(self) -> int:
         return sum(len(g["params"]) for g in self.param_groups)
+
+    @property
+    def _held(self) -> dict[str, str]:
+        """The weight level's learned names whose tangents its rule holds in its state (``Rule.held_tangents``)."""
+        rule = self._rules[0]
+        return rule.held_tangents(self._learn[0]) if self.height and rule.writes_tangents else {}
 
     def _ramped(self) -> bool:
         return self.height > 0 and bool(self.levels[1].ramp)
@@ -397,6 +407,19 @@ class TowerOptimizer(torch.optim.Optimizer):
         state_dict = {k: v for k, v in state_dict.items() if k != "tower"}  # 0.1.0 also wrote it there
         state_dict["param_groups"] = [{k: v for k, v in g.items() if k != TOWER_GROUP_KEY} for g in groups]
         tower_state = checked_tower_state(self, state_dict, entries)  # raises before anything changes
+        # torch.optim casts every floating state entry to its parameter's dtype: a held tangent's constant
+        # keeps the tower's (float32 at least, as bf16 would round it), so it is set aside and put back.
+        saved = state_dict.get("state") or {}
+        constants = {i: {k: v for k, v in s.items() if k.startswith(SCALE_PREFIX)} for i, s in saved.items()}
+        state_dict["state"] = {i: {k: v for k, v in s.items() if k not in constants[i]} for i, s in saved.items()}
         super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for i, p in zip(ids, (p for g in self.param_groups for p in g["params"]), strict=True):
+            for key, value in constants.get(i, {}).items():
+                local = local_tensor(p)
+                self.state[p][key] = value.detach().to(
+                    device=local.device, dtype=self._hyper_dtype(local.dtype), copy=True
+                )
+        hold_saved_tangents(self)
         self._tower_state = tower_state
         self._buckets = None  # tangent views are rebuilt on the next step

@@ -24,6 +24,7 @@ from .distributed import local_tensor, reduce_hypergradients
 from .ramp import advance_ramp, asks_for_more, size_ramp
 
 if TYPE_CHECKING:
+    from .buckets import Bucket
     from .engine import TowerOptimizer
     from .state import TowerState
 
@@ -43,7 +44,6 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
     theta0 = ts.theta[0]
     units = opt._units()
     h0 = torch.zeros_like(theta0)
-    trace = bool(opt.levels[1].trace)
     normalize = opt.levels[1].normalize
     cosine = opt.levels[1].cosine
     if normalize:
@@ -57,23 +57,29 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
     for b in opt._buckets:
         grads = [local_tensor(p.grad) for p in b.params]
         if search:
+            lr_sq = squared_norms(b.views["lr"])
+            if "lr" in b.scales:  # a held tangent: the state buffer times its constant
+                lr_sq = lr_sq * b.scales["lr"].square()
             norms[0] += squared_norms(grads).sum().to(norms.device, norms.dtype)
-            norms[1] += squared_norms(b.views["lr"]).sum().to(norms.device, norms.dtype)
-        # A trace lives on across steps, so it is read without being overwritten. On the CPU a dot per
-        # tensor is also the cheaper read (the buffer once, no write), and so it is in the tensor scope,
-        # which needs one sum per tensor anyway; elsewhere the fused product and one sum per unit are
-        # fewer kernels than a dot per tensor.
-        keep = trace or opt.scope == "tensor" or b.local[0].device.type == "cpu"
+            norms[1] += lr_sq.sum().to(norms.device, norms.dtype)
+        keep = not consumes_tangents(opt, b)
         if cosine:  # the same gradient norms for every learned name
             gsq = squared_norms(grads).to(theta0.device, theta0.dtype)
+        dots = per_tensor_dots(b, grads, [n for n in opt._learn[0] if keep or n in b.scales])
         for j, name in enumerate(opt._learn[0]):
+            # A held tangent is a state buffer (never overwritten here) times one constant per tensor.
+            scale = b.scales.get(name)
             if normalize:
                 zsq = squared_norms(b.views[name])
+                if scale is not None:
+                    zsq = zsq * scale.square()
                 zz0.index_add_(0, b.unit_index.to(theta0.device) + j * units, zsq.to(theta0.device, theta0.dtype))
             if cosine:
                 gg0.index_add_(0, b.unit_index.to(theta0.device) + j * units, gsq)
-            if keep:
-                sums = torch.stack([dot(z, g) for z, g in zip(b.views[name], grads, strict=True)])
+            if name in dots:
+                sums = dots[name]
+                if scale is not None:  # a zero constant (a cleared tangent) reads zero, whatever the buffer
+                    sums = torch.where(scale == 0, torch.zeros_like(scale), sums.to(scale.dtype) * scale)
                 ids = b.unit_index
             else:
                 torch._foreach_mul_(b.views[name], grads)
@@ -112,6 +118,30 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
     return hyper, skip_masks
 
 
+def consumes_tangents(opt: TowerOptimizer, b: Bucket) -> bool:
+    """Whether the hypergradient may multiply the written tangents by the gradients in place and sum them.
+
+    A trace lives on across steps, so it is read without being overwritten (and a held tangent is the
+    rule's state: it is always read). On the CPU a dot per tensor is also the cheaper read (the buffer
+    once, no write), and so it is in the tensor scope, which needs one sum per tensor anyway; elsewhere
+    the fused product and one sum per unit are fewer kernels than a dot per tensor.
+    """
+    return not (opt.levels[1].trace or opt.scope == "tensor" or b.local[0].device.type == "cpu")
+
+
+def per_tensor_dots(b: Bucket, grads: list[Tensor], names: list[str]) -> dict[str, Tensor]:
+    """``<tangent, g>`` of each tensor for each of ``names``, tensor by tensor: a gradient that fits in
+    the cache is read from memory once for all the names."""
+    out: list[list[Tensor]] = [[] for _ in names]
+    views = [b.views[n] for n in names]
+    low = grads and grads[0].dtype in (torch.float16, torch.bfloat16)
+    for i, g in enumerate(grads):
+        g = g.reshape(-1)
+        for acc, z in zip(out, views, strict=True):
+            acc.append(dot(z[i], g) if low else torch.dot(z[i].reshape(-1), g))
+    return {n: torch.stack(acc) for n, acc in zip(names, out, strict=True)}
+
+
 def guard(h: Tensor, ts: TowerState, k: int, skip_masks: dict[int, Tensor]) -> Tensor:
     """``h`` with non-finite entries replaced by zero; they are counted (``ts.skipped``) and marked in ``skip_masks[k]``."""
     finite = torch.isfinite(h)
@@ -142,9 +172,12 @@ def measure_ramp(opt: TowerOptimizer, ts: TowerState) -> None:
     """
     sq = torch.zeros(2, dtype=torch.float64, device=ts.ramp.factor.device)
     for b in opt._buckets:
-        for w, d in zip(b.local, b.views["lr"], strict=True):
-            sq[0] += (w - d).square().sum().to(sq.device, sq.dtype)
-        sq[1] += squared_norms(b.views["lr"]).sum().to(sq.device, sq.dtype)
+        scale = b.scales.get("lr")  # a held tangent: the state buffer times this
+        factors = [None] * len(b.local) if scale is None else scale.tolist()
+        for w, d, f in zip(b.local, b.views["lr"], factors, strict=True):
+            sq[0] += (w - d if f is None else w - d * f).square().sum().to(sq.device, sq.dtype)
+        norms = squared_norms(b.views["lr"])
+        sq[1] += (norms if scale is None else norms * scale.square()).sum().to(sq.device, sq.dtype)
     reduce_hypergradients(sq, opt._sharding_group)
     size_ramp(ts.ramp, opt.levels[1].ramp, sq[0], sq[1])
 

@@ -10,8 +10,9 @@ per step, nothing the size of the model.
 What cannot be put back cheaply: the weight level's update runs in place over the parameters and
 their state, as in ``torch.optim``; an error in the middle of it leaves them partly updated. The
 per-parameter tangents may be consumed (multiplied by the gradients) when the hypergradient is formed, so
-after a failed step they are zeroed: the next step's hypergradient is then zero, as after a step in
-which the parameters did not move, and the learned values do not move on a half-formed one.
+after a failed step they are zeroed (a tangent the rule holds in its state, by zeroing its constants): the
+next step's hypergradient is then zero, as after a step in which the parameters did not move, and the
+learned values do not move on a half-formed one.
 """
 
 from __future__ import annotations
@@ -66,4 +67,6 @@ def rollback_on_error(opt: Any) -> Iterator[None]:
         for bucket in opt._buckets or []:
             for flat in bucket.flat.values():
                 flat.zero_()
+            for scales in bucket.scales.values():  # a held tangent is cleared by its constants
+                scales.zero_()
         raise

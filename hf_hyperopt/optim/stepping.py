@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..levels.base import Hyper, Rule, raw_bounds, to_natural
 from .buckets import Bucket
-from .distributed import local_tensor
+from .distributed import local_tensor, wrap_like
 from .tangents import run_rule
 
 if TYPE_CHECKING:
@@ -195,6 +195,7 @@ def step_weights(opt: TowerOptimizer, ts: TowerState) -> None:
             for n in opt._rules[0].state_names
             if n in opt.state[b.params[0]]
         }
+        given = dict(state)
         run_rule(
             opt._rules[0],
             b.local,
@@ -207,7 +208,15 @@ def step_weights(opt: TowerOptimizer, ts: TowerState) -> None:
             learn,
             b.views,
             opt.levels[1].trace if opt.height else 0.0,
+            b.held,
+            b.scales,
         )
+        swapped = [n for n, lst in state.items() if lst is not given[n]]
+        for name in swapped:  # a rule holding tangents moves its buffers
+            for p, t in zip(b.params, state[name], strict=True):
+                opt.state[p][name] = wrap_like(p, t)
+        if swapped:
+            b.refresh_held(opt.state)
 
 
 def constant_dtype_device(like: Tensor) -> tuple[torch.dtype, torch.device]:

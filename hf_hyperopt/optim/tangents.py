@@ -43,18 +43,22 @@ def run_rule(
     learn: tuple[str, ...],
     out: dict[str, list[Tensor]],
     trace: float = 0.0,
+    held: dict[str, str] | None = None,
+    scales: dict[str, Tensor] | None = None,
 ) -> None:
     """Run ``rule`` on ``params`` in place; write d(new params)/d(theta_j) into ``out[j]`` for each learned j.
 
     ``hyper_fn(theta)`` builds the rule's hyperparameters from theta (``None``: the current values);
     each learned value must read only the theta entries of its own name. ``work`` holds the rule's
     workspace, which a learned ``lr`` replaces by its tangent buffer. With a ``trace`` ``mu``, ``out``
-    holds ``Z_{t-1}`` and becomes ``mu * Z_{t-1} + d(new params)/d(theta)``.
+    holds ``Z_{t-1}`` and becomes ``mu * Z_{t-1} + d(new params)/d(theta)``. A name the rule holds
+    (``held``, :meth:`~hf_hyperopt.levels.base.Rule.held_tangents`) has no buffer in ``out``: its
+    per-tensor constant goes into ``scales[name]`` instead.
     """
     if theta is None:
         apply_step(params, rule.update(params, grads, state, work, hyper_fn(None), step), None)
     elif rule.writes_tangents:
-        written(rule, params, grads, state, work, hyper_fn, step, theta, learn, out, trace)
+        written(rule, params, grads, state, work, hyper_fn, step, theta, learn, out, trace, held or {}, scales or {})
     else:
         forward_ad(rule, params, grads, state, hyper_fn, step, theta, learn, out, trace)
 
@@ -81,54 +85,80 @@ def written(
     learn: tuple[str, ...],
     out: dict[str, list[Tensor]],
     trace: float = 0.0,
+    held: dict[str, str] | None = None,
+    scales: dict[str, Tensor] | None = None,
 ) -> None:
     """:func:`run_rule` for a rule that writes its tangents."""
+    held, scales = held or {}, scales or {}
     hp = chained_hyper(hyper_fn, theta, learn)
+    written_names = [n for n in learn if n not in held]
     # A trace keeps Z_{t-1} in the buffers, so this step's tangents are built beside them.
-    bufs = {n: [torch.empty_like(t) for t in params] for n in learn} if trace else out
+    bufs = {n: [torch.empty_like(t) for t in params] for n in written_names} if trace else out
     work = dict(work)
-    if "lr" in learn:  # the lr's tangent is the direction, rescaled in place
+    if "lr" in written_names:  # the lr's tangent is the direction, rescaled in place
         work["direction"] = bufs["lr"]
-    elif "direction" not in work:
+    elif "direction" not in work and "lr" not in held:  # a held lr's direction is the rule's state
         work["direction"] = [torch.empty_like(t) for t in params]
-    st = rule.update(params, grads, state, work, hp, step, {n: bufs[n] for n in learn})
+    tangents = {n: bufs[n] for n in written_names}
+    if held:  # only then: a rule of one's own need not take the keyword
+        st = rule.update(params, grads, state, work, hp, step, tangents, held=held)
+    else:
+        st = rule.update(params, grads, state, work, hp, step, tangents)
     missing = [n for n in learn if n not in st.tangents]
     if missing:
         raise RuntimeError(f"{type(rule).__name__}.update wrote no tangent for {', '.join(missing)}")
-    _apply_written(params, st, bufs, hp, "lr" if "lr" in learn else None)
+    _apply_written(params, st, bufs, hp, "lr" if "lr" in written_names else None, scales)
     if trace:
-        for name in learn:
+        for name in written_names:
             torch._foreach_mul_(out[name], trace)
             torch._foreach_add_(out[name], bufs[name])
 
 
 def _apply_written(
-    params: list[Tensor], step: Step, bufs: dict[str, list[Tensor]], hp: Hyper, held: str | None
+    params: list[Tensor],
+    step: Step,
+    bufs: dict[str, list[Tensor]],
+    hp: Hyper,
+    step_size: str | None,
+    scales: dict[str, Tensor] | None = None,
 ) -> None:
     """``params <- params * decay + direction * scale`` in place, and each tangent chained to theta.
 
     Every tangent but the step size's reads the direction and the parameters as they are, so it is
-    finished first. The step size's is the direction itself, in its buffer: a rule may have built it
+    finished first. The step size's (``step_size``, when written) is the direction itself, in its buffer: a rule may have built it
     as the tangent already (then the parameters take it times ``scale``); otherwise it is scaled into
-    the increment, added to the parameters and rescaled into the tangent, in place.
+    the increment, added to the parameters and rescaled into the tangent, in place. A tangent the rule
+    holds (named in ``scales``) is only its constant, chained; a held step size's direction is the
+    rule's state, added to the parameters without being scaled.
     """
+    scales = scales or {}
     direction = step.direction
     for name, tangent in step.tangents.items():
-        if name != held:
+        if name in scales:
+            if tangent.params is not None or (name == "lr") == (tangent.own is not None):
+                raise RuntimeError(f"a held tangent ({name}) is one multiple of a state buffer, nothing more")
+            coef = tangent.direction if name == "lr" else tangent.own
+            scales[name].copy_(coef if tangent.chained else coef * hp.chain(name))
+        elif name != step_size:
             _combine(bufs[name], tangent, hp.chain(name), direction, params)
-    if held is None:
+    if "lr" in scales:
+        if step.decay is not None:
+            torch._foreach_mul_(params, scalars(step.decay))
+        add_scaled_(params, direction, step.scale)
+        return
+    if step_size is None:
         if step.decay is not None:
             torch._foreach_mul_(params, scalars(step.decay))
         torch._foreach_mul_(direction, scalars(step.scale))
         torch._foreach_add_(params, direction)
         return
-    tangent, c = step.tangents[held], hp.chain(held)
+    tangent, c = step.tangents[step_size], hp.chain(step_size)
     if tangent.own is not None or tangent.chained:
         raise RuntimeError("a step size's tangent has no term of its own: it only scales the direction")
     params_term = torch._foreach_mul(params, scalars(tangent.params * c)) if tangent.params is not None else None
     if step.decay is not None:
         torch._foreach_mul_(params, scalars(step.decay))
-    buf = bufs[held]
+    buf = bufs[step_size]
     if not _same(buf, direction):
         torch._foreach_copy_(buf, direction)
     d_scale = tangent.direction * c if tangent.direction is not None else None
