@@ -231,6 +231,7 @@ TOWERS = [
     ),
     ("sgd(lr=0.05,momentum=0.5)/sgd(lr=1e-3)", "gdtuo", "shared"),
     ("sgd(lr=0.05,momentum=0.9,learn=lr+momentum)/adam(lr=0.01,ramp=0.001)", None, "shared"),
+    ("adam(lr=0.01)/adam(lr=0.01,ramp=0.001,normalize=true,ramp_search=0.5)", None, "group"),
     (
         "rmsprop(lr=0.01,weight_decay=0.01,learn=lr+alpha+eps+weight_decay)/adam(lr=0.01,learn=lr+beta1)/sgd(lr=1e-3)",
         None,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import hf_hyperopt as hh
-from hf_hyperopt.optim import engine
+from hf_hyperopt.optim import engine, hypergradients
 from hf_hyperopt.optim import ramp as ramp_module
 from hf_hyperopt.optim.ramp import RampState, advance_ramp, asks_for_more
 from hf_hyperopt.optim.spec import parse_spec
@@ -189,20 +189,25 @@ def test_search_survives_a_checkpoint_mid_search(tmp_path, make_mlp, batches):
         assert torch.equal(p, q)
 
 
-def test_a_checkpoint_without_a_search_loads_with_the_search_over(make_mlp, batches):
-    """A state saved by a tower without ramp_search (or before the option): nothing to resume, the lr
-    is learned as saved; a damaged entry is refused."""
+@pytest.mark.parametrize(
+    "entry",
+    [torch.tensor([0.5]), torch.tensor([100]), torch.tensor([-7]), torch.tensor([True]), None],
+    ids=["float", "past the cap", "below -1", "bool", "missing"],
+)
+def test_a_damaged_search_entry_is_refused(entry, make_mlp, batches):
+    """Where the search stands is one integer in [-1, 13]; anything else (or none: only a tower with the
+    same spec loads, and it saves one) would lift the cap or restart a finished search."""
     model = make_mlp()
     opt = hh.tower(model.parameters(), SPEC)
     _train(opt, model, batches(5))
     sd = opt.state_dict()
-    entry = sd["param_groups"][0]["hyper_tower"]
-    entry["state.ramp_search"] = torch.tensor([0.5])
+    tower = sd["param_groups"][0]["hyper_tower"]
+    if entry is None:
+        del tower["state.ramp_search"]
+    else:
+        tower["state.ramp_search"] = entry
     with pytest.raises(ValueError, match="ramp_search"):
         opt.load_state_dict(sd)
-    del entry["state.ramp_search"]
-    opt.load_state_dict(sd)
-    assert opt._tower_state.ramp.search.item() == 0 and not opt._tower_state.ramp.searching
 
 
 def test_a_step_that_raises_mid_search_leaves_the_search_as_it_was(make_mlp, batches, monkeypatch):
@@ -219,6 +224,8 @@ def test_a_step_that_raises_mid_search_leaves_the_search_as_it_was(make_mlp, bat
         raise RuntimeError("simulated")
 
     monkeypatch.setattr(engine, "step_weights", fail)
+    # The failed step is the one that would end the search: its host flag must come back too.
+    monkeypatch.setattr(hypergradients, "asks_for_more", lambda *args: torch.zeros(1, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="simulated"):
         opt.step()
     assert torch.equal(ramp.factor, before[0]) and torch.equal(ramp.search, before[1]) and ramp.searching
@@ -237,11 +244,13 @@ def test_the_spec_round_trips_and_bad_values_are_refused():
         ("adam(ramp=0.001,ramp_search=1.0)", r"outside \[0, 1\)"),
         ("adam(ramp=0.001,ramp_search=-0.1)", r"outside \[0, 1\)"),
         ("adam(ramp=0.001,ramp_search=nan)", r"outside \[0, 1\)"),
-        ("adam(ramp_search=0.3)", "needs ramp="),
-        ("adam/adam(ramp_search=0.3)", "needs ramp="),
+        ("adam(ramp_search=0.3)", "beside ramp= on level 1"),
+        ("adam/adam(ramp_search=0.3)", "beside ramp= on level 1"),
     ]:
         with pytest.raises(ValueError, match=message):
             hh.HyperAdam(w, hyper=spec)
+    with pytest.raises(ValueError, match="compat='gdtuo' does not learn"):
+        hh.tower(w, "adam/adam(ramp=0.001,ramp_search=0.3)", compat="gdtuo")
 
 
 @pytest.mark.parametrize("lr", [1e-6, 0.05])

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .buckets import SCALE_PREFIX, TANGENT_PREFIX
 from .distributed import local_tensor
-from .ramp import RampState
+from .ramp import RAMP_SEARCH_DOUBLINGS, RampState
 from .state import TowerState
 
 
@@ -202,12 +202,20 @@ def _checked_ramp(ts: dict[str, Any], cast: Any, device: torch.device, searches:
     if not float(target) > 0.0:
         raise ValueError(f"state_dict tower ramp target is {float(target)!r}; it must be > 0")
     search = None
-    if searches:  # saved without a search (another tower's state): it is over, the lr is learned as saved
+    if searches:
         search = ts.get("state.ramp_search")
         if search is None:
-            search = torch.zeros(1, dtype=torch.int64)
-        elif not isinstance(search, Tensor) or search.numel() != 1 or search.is_floating_point():
-            raise ValueError("state_dict tower ramp_search must be a 1-element integer tensor")
+            raise ValueError("state_dict tower state has no 'ramp_search' entry: it is damaged")
+        if (
+            not isinstance(search, Tensor)
+            or search.numel() != 1
+            or search.dtype not in (torch.int32, torch.int64)
+            or not -1 <= int(search) <= RAMP_SEARCH_DOUBLINGS + 1
+        ):
+            raise ValueError(
+                f"state_dict tower ramp_search must be one integer in [-1, {RAMP_SEARCH_DOUBLINGS + 1}] (where the "
+                f"search stands), not {search!r}: it is damaged"
+            )
         search = search.detach().to(device=device, dtype=torch.int64, copy=True).reshape(1)
     ramp = RampState(
         factor=factor, target=target, sized=bool(ts.get("state.ramp_sized", True)), active=active, search=search

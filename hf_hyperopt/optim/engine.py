@@ -123,6 +123,11 @@ class TowerOptimizer(torch.optim.Optimizer):
             for name in self._rules[0].hyperparameters:
                 validate_value(0, levels[0].rule, name, group_value(group, name))
             group.setdefault("initial_lr", group["lr"])
+        if mode == "gdtuo" and len(levels) > 1 and levels[1].ramp_search:
+            raise ValueError(
+                f"level 1 ({self._rules[1].name}): ramp_search={levels[1].ramp_search!r} judges the hypergradient of "
+                "log(lr), which compat='gdtuo' does not learn (it keeps the lr raw); use the default mode"
+            )
         if self._ramped() and "lr" not in self._learn[0]:
             raise ValueError(
                 f"level 1 ({self._rules[1].name}): ramp={levels[1].ramp!r} ramps the weights' learned lr, but "

@@ -71,7 +71,10 @@ def validate_ramp_search(at: str, search: float, ramp: float) -> None:
     if isinstance(search, bool) or not (isinstance(search, (int, float)) and math.isfinite(search) and 0 <= search < 1):
         raise ValueError(f"{at}: ramp_search={search!r} is outside [0, 1)")
     if search and not ramp:
-        raise ValueError(f"{at}: ramp_search={search!r} extends the ramp past its target, so it needs ramp= as well")
+        raise ValueError(
+            f"{at}: ramp_search={search!r} extends the ramp past its target: give it beside ramp= on level 1 (the "
+            "level above the weights)"
+        )
 
 
 @dataclass
@@ -165,4 +168,4 @@ def asks_for_more(h_lr: Tensor, grads_sq: Tensor, tangent_sq: Tensor, cosine: fl
 
     Not finite: no (NaN compares false), so a non-finite hypergradient ends the search.
     """
-    return h_lr < -cosine * (grads_sq * tangent_sq).sqrt()
+    return h_lr < -cosine * grads_sq.sqrt() * tangent_sq.sqrt()  # roots first: the product could underflow
