@@ -125,11 +125,11 @@ def _apply_written(
     """``params <- params * decay + direction * scale`` in place, and each tangent chained to theta.
 
     Every tangent but the step size's reads the direction and the parameters as they are, so it is
-    finished first. The step size's (``step_size``, when written) is the direction itself, in its buffer: a rule may have built it
-    as the tangent already (then the parameters take it times ``scale``); otherwise it is scaled into
-    the increment, added to the parameters and rescaled into the tangent, in place. A tangent the rule
-    holds (named in ``scales``) is only its constant, chained; a held step size's direction is the
-    rule's state, added to the parameters without being scaled.
+    finished first. The step size's (``step_size``, when written) is the direction itself, in its
+    buffer: a rule may have built it as the tangent already (then the parameters take it times
+    ``scale``); otherwise it is scaled into the increment, added to the parameters and rescaled into
+    the tangent, in place. A tangent the rule holds (named in ``scales``) is only its constant,
+    chained; a held step size's direction is the rule's state, added to the parameters unscaled.
     """
     scales = scales or {}
     direction = step.direction
