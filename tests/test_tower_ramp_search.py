@@ -11,20 +11,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from sgd_reference import dot, grads, step_both
 
 import hf_hyperopt as hh
 from hf_hyperopt.optim import engine, hypergradients
 from hf_hyperopt.optim import ramp as ramp_module
 from hf_hyperopt.optim.ramp import RampState, advance_ramp, asks_for_more
 from hf_hyperopt.optim.spec import parse_spec
-
-
-def _grads(model) -> list[torch.Tensor]:
-    return [p.grad.detach().clone() for p in model.parameters()]
-
-
-def _dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
-    return sum(float((a * b).sum()) for a, b in zip(xs, ys, strict=True))
 
 
 def _sized(factor: float, target: float, search: bool = True) -> RampState:
@@ -110,10 +103,10 @@ def test_search_against_a_written_out_reference(lr, c, cap, float64, make_mlp, b
     for x, y in batches(40):
         F.mse_loss(model(x), y).backward()
         F.mse_loss(plain(x), y).backward()
-        g = _grads(plain)
+        g = grads(plain)
         if previous is not None:
-            h = _dot(g, previous)  # dL/dlog(lr) at the step just taken
-            more = h < -c * math.sqrt(_dot(g, g) * _dot(previous, previous))
+            h = dot(g, previous)  # dL/dlog(lr) at the step just taken
+            more = h < -c * math.sqrt(dot(g, g) * dot(previous, previous))
             held = active
             if search > 0:
                 if more and search > 1:
@@ -129,23 +122,10 @@ def test_search_against_a_written_out_reference(lr, c, cap, float64, make_mlp, b
                 search = cap + 1
             if not held:
                 log_lr, learned = log_lr - kappa * h, learned + 1
-        for group in ref.param_groups:
-            group["lr"] = math.exp(log_lr) * factor
-        update = [-group["lr"] * t for t in g]
-        weights = [p.detach().clone() for p in plain.parameters()] if previous is None else None
-        ref.step()
-        if previous is None:  # the probe sets the target
-            w, u = math.sqrt(_dot(weights, weights)), math.sqrt(_dot(update, update))
-            target = tau * w / u * factor
-            factor = min(1.0, target)
+        probe = previous is None
+        previous, factor, target = step_both(opt, model, ref, plain, log_lr, factor, target, tau)
+        if probe:
             active = factor < target
-        previous = update
-        opt.step()
-        opt.zero_grad()
-        ref.zero_grad()
-        assert opt.hyperparameters()[0]["lr"] == pytest.approx(math.exp(log_lr) * factor, rel=1e-10)
-        for p, q in zip(model.parameters(), plain.parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
     assert stopped is not None and learned >= 5
     if c < 0.1:  # both ways to end are exercised, after some doublings
         assert stopped == ("cap" if cap == 3 else "disagreed") and grew >= 2 and factor > target

@@ -8,18 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from sgd_reference import dot, grads, step_both
 
 import hf_hyperopt as hh
 from hf_hyperopt.optim.optimizers import default_hyper
-
-
-def _grads(model) -> list[torch.Tensor]:
-    return [p.grad.detach().clone() for p in model.parameters()]
-
-
-def _dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
-    """<xs, ys> over lists of tensors, as one Python float."""
-    return sum(float((a * b).sum()) for a, b in zip(xs, ys, strict=True))
 
 
 @pytest.mark.parametrize("mu", [0.0, 0.5, 0.9])
@@ -32,9 +24,9 @@ def test_sgd_lr_learned_from_a_trace_of_updates(mu, float64, make_mlp, batches):
     z, log_lr = None, math.log(0.05)
     for x, y in batches(12):
         F.mse_loss(model(x), y).backward()
-        g = _grads(model)
+        g = grads(model)
         if z is not None:
-            log_lr -= kappa * _dot(g, z)
+            log_lr -= kappa * dot(g, z)
         update = [-math.exp(log_lr) * t for t in g]
         z = update if z is None else [mu * a + b for a, b in zip(z, update, strict=True)]
         opt.step()
@@ -55,9 +47,9 @@ def test_adam_trace_matches_the_sum_over_a_horizon(float64, make_mlp, batches):
     for x, y in batches(10):
         F.mse_loss(model(x), y).backward()
         F.mse_loss(ref(x), y).backward()
-        g = _grads(ref)
+        g = grads(ref)
         if z is not None:
-            log_lr -= kappa * _dot(g, z)
+            log_lr -= kappa * dot(g, z)
         for group in torch_opt.param_groups:
             group["lr"] = math.exp(log_lr)
         before = [p.detach().clone() for p in ref.parameters()]
@@ -133,9 +125,9 @@ def test_normalized_hypergradient_is_the_slope_along_the_update(float64, make_ml
     previous, log_lr = None, math.log(0.05)
     for x, y in batches(12):
         F.mse_loss(model(x), y).backward()
-        g = _grads(model)
+        g = grads(model)
         if previous is not None:
-            log_lr -= kappa * _dot(g, previous) / math.sqrt(_dot(previous, previous))
+            log_lr -= kappa * dot(g, previous) / math.sqrt(dot(previous, previous))
         previous = [-math.exp(log_lr) * t for t in g]
         opt.step()
         opt.zero_grad()
@@ -152,9 +144,9 @@ def test_cosine_divides_the_slope_by_the_next_gradients_norm(c, float64, make_ml
     previous, log_lr = None, math.log(0.05)
     for x, y in batches(12):
         F.mse_loss(model(x), y).backward()
-        g = _grads(model)
+        g = grads(model)
         if previous is not None:
-            log_lr -= kappa * _dot(g, previous) / math.sqrt(_dot(previous, previous)) / _dot(g, g) ** (c / 2)
+            log_lr -= kappa * dot(g, previous) / math.sqrt(dot(previous, previous)) / dot(g, g) ** (c / 2)
         previous = [-math.exp(log_lr) * t for t in g]
         opt.step()
         opt.zero_grad()
@@ -175,30 +167,17 @@ def test_ramp_probes_sizes_and_approaches(lr, tau, float64, make_mlp, batches):
     for x, y in batches(24):
         F.mse_loss(model(x), y).backward()
         F.mse_loss(plain(x), y).backward()
-        g = _grads(plain)
+        g = grads(plain)
         if previous is not None:
             if active:  # the approach does not read the hypergradient
                 factor, grew = min(target, 2 * factor), grew + 1
                 active = factor < target
             else:
-                log_lr, learned = log_lr - kappa * _dot(g, previous), learned + 1  # dL/dlog(lr)
-        for group in ref.param_groups:
-            group["lr"] = math.exp(log_lr) * factor
-        update = [-group["lr"] * t for t in g]
-        weights = [p.detach().clone() for p in plain.parameters()] if previous is None else None  # before the probe
-        ref.step()
-        if previous is None:  # the probe sets the target
-            w, u = math.sqrt(_dot(weights, weights)), math.sqrt(_dot(update, update))
-            target = tau * w / u * factor
-            factor = min(1.0, target)
+                log_lr, learned = log_lr - kappa * dot(g, previous), learned + 1  # dL/dlog(lr)
+        probe = previous is None
+        previous, factor, target = step_both(opt, model, ref, plain, log_lr, factor, target, tau)
+        if probe:
             active = factor < target
-        previous = update
-        opt.step()
-        opt.zero_grad()
-        ref.zero_grad()
-        assert opt.hyperparameters()[0]["lr"] == pytest.approx(math.exp(log_lr) * factor, rel=1e-10)
-        for p, q in zip(model.parameters(), plain.parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
     assert not active and learned >= 5  # the target was reached and the level above took over
     if lr > 1e-3:
         assert grew == 0 and target < 1.0  # a too-large lr starts at the target: no step at lr
@@ -293,12 +272,12 @@ def test_cosine_divides_each_units_hypergradient_by_its_gradient_norm(scope, flo
         )
         for x, y in data:
             F.mse_loss(model(x), y).backward()
-            grads = _grads(model)
+            last = grads(model)
             opt.step()
             opt.zero_grad()
         monkeypatch.undo()
         seen[cosine] = captured[-1]
-    norms = [_dot([g], [g]) for g in grads] if scope == "tensor" else [_dot(grads, grads)]
+    norms = [dot([g], [g]) for g in last] if scope == "tensor" else [dot(last, last)]
     factor = torch.tensor(norms * 2, dtype=torch.float64) ** (c / 2)
     assert seen[0.0].abs().min() > 0
     torch.testing.assert_close(seen[c] * factor, seen[0.0], rtol=1e-10, atol=0)
