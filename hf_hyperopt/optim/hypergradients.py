@@ -56,23 +56,18 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
         norms = torch.zeros(2, dtype=theta0.dtype, device=theta0.device)
     for b in opt._buckets:
         grads = [local_tensor(p.grad) for p in b.params]
-        if search:
-            lr_sq = squared_norms(b.views["lr"])
-            if "lr" in b.scales:  # a held tangent: the state buffer times its constant
-                lr_sq = lr_sq * b.scales["lr"].square()
-            norms[0] += squared_norms(grads).sum().to(norms.device, norms.dtype)
-            norms[1] += lr_sq.sum().to(norms.device, norms.dtype)
-        keep = not consumes_tangents(opt, b)
-        if cosine:  # the same gradient norms for every learned name
+        if cosine or search:  # the same gradient norms for every learned name and for the search
             gsq = squared_norms(grads).to(theta0.device, theta0.dtype)
+        if search:
+            norms[0] += gsq.sum()
+            norms[1] += tangent_squared_norms(b, "lr").sum().to(norms.device, norms.dtype)
+        keep = not consumes_tangents(opt, b)
         dots = per_tensor_dots(b, grads, [n for n in opt._learn[0] if keep or n in b.scales])
         for j, name in enumerate(opt._learn[0]):
             # A held tangent is a state buffer (never overwritten here) times one constant per tensor.
             scale = b.scales.get(name)
             if normalize:
-                zsq = squared_norms(b.views[name])
-                if scale is not None:
-                    zsq = zsq * scale.square()
+                zsq = tangent_squared_norms(b, name)
                 zz0.index_add_(0, b.unit_index.to(theta0.device) + j * units, zsq.to(theta0.device, theta0.dtype))
             if cosine:
                 gg0.index_add_(0, b.unit_index.to(theta0.device) + j * units, gsq)
@@ -176,8 +171,7 @@ def measure_ramp(opt: TowerOptimizer, ts: TowerState) -> None:
         factors = [None] * len(b.local) if scale is None else scale.tolist()
         for w, d, f in zip(b.local, b.views["lr"], factors, strict=True):
             sq[0] += (w - d if f is None else w - d * f).square().sum().to(sq.device, sq.dtype)
-        norms = squared_norms(b.views["lr"])
-        sq[1] += (norms if scale is None else norms * scale.square()).sum().to(sq.device, sq.dtype)
+        sq[1] += tangent_squared_norms(b, "lr").sum().to(sq.device, sq.dtype)
     reduce_hypergradients(sq, opt._sharding_group)
     size_ramp(ts.ramp, opt.levels[1].ramp, sq[0], sq[1])
 
@@ -185,6 +179,13 @@ def measure_ramp(opt: TowerOptimizer, ts: TowerState) -> None:
 def per_length(h: Tensor, norms_sq: Tensor) -> Tensor:
     """``h / sqrt(norms_sq)``, and 0 where the norm is 0 (no step taken yet)."""
     return torch.where(norms_sq > 0, h / norms_sq.sqrt().clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
+
+
+def tangent_squared_norms(b: Bucket, name: str) -> Tensor:
+    """``|Z|^2`` of each tensor's tangent for ``name``: of its buffer, times its constant squared if held."""
+    sq = squared_norms(b.views[name])
+    scale = b.scales.get(name)
+    return sq if scale is None else sq * scale.square()
 
 
 def squared_norms(tensors: list[Tensor]) -> Tensor:
