@@ -121,19 +121,28 @@ def _dog(params, lr, steps):
     return dog.DoG(params, lr=lr, weight_decay=0.0), None
 
 
+def _sgd(params, lr, steps):
+    return torch.optim.SGD(params, lr=lr), None
+
+
 def _hyper_adam_default(params, lr, steps):
     return hh.HyperAdam(params, lr=lr), None
 
 
-def _tower(spec: str):
+def _hyper_sgd_default(params, lr, steps):
+    return hh.HyperSGD(params, lr=lr), None
+
+
+def _tower(spec: str, weights: str = "adam"):
     def build(params, lr, steps):
-        return hh.tower(params, f"adam(lr={lr!r})/{spec}"), None
+        return hh.tower(params, f"{weights}(lr={lr!r})/{spec}"), None
 
     return build
 
 
 PEERS: dict[str, Method] = {
     "adamw": Method("adamw", "AdamW, constant lr", _adamw),
+    "sgd": Method("sgd", "SGD, constant lr", _sgd),
     "adamw_linear": Method("adamw_linear", "AdamW, linear decay (HF default)", _adamw_linear),
     "schedule_free": Method("schedule_free", "schedule-free AdamW", _schedule_free),
     "prodigy": Method("prodigy", "Prodigy", _prodigy, scale="multiplier"),
@@ -196,8 +205,15 @@ TOWERS: dict[str, str] = {
     # opt-in: while the cosine of the next gradient and the last update is below -c)
     **{
         f"hyper_adam(ramp_search={c})": f"adam(lr=0.05,ramp=0.001,normalize=true,ramp_search={c})"
-        for c in ("0.1", "0.2", "0.3", "0.4", "0.5")
+        for c in ("0", "0.1", "0.2", "0.3", "0.4", "0.5")
     },
+}
+
+
+# Upper levels for HyperSGD (plain SGD on the weights, no momentum)
+SGD_TOWERS: dict[str, str] = {
+    "hyper_sgd(ramp_search=0)": "adam(lr=0.05,ramp=0.001,normalize=true)",
+    "hyper_sgd(ramp_search=0.3)": "adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3)",
 }
 
 
@@ -205,8 +221,11 @@ def methods_registry() -> dict[str, Method]:
     out = dict(PEERS)
     default = hh.DEFAULT_HYPER["default"]
     out["hyper_adam"] = Method("hyper_adam", f"HyperAdam default, h1: adam/{default}", _hyper_adam_default)
+    out["hyper_sgd"] = Method("hyper_sgd", f"HyperSGD default, h1: sgd/{default}", _hyper_sgd_default)
     for name, spec in TOWERS.items():
         out[name] = Method(name, f"tower h{spec.count('/') + 1}: adam/{spec}", _tower(spec))
+    for name, spec in SGD_TOWERS.items():
+        out[name] = Method(name, f"tower h{spec.count('/') + 1}: sgd/{spec}", _tower(spec, "sgd"))
     return out
 
 
