@@ -201,8 +201,9 @@ TOWERS: dict[str, str] = {
         f"hyper_adam(cosine={c})": f"adam(lr=0.05,ramp=0.001,normalize=true,cosine={c})"
         for c in ("0.3", "0.5", "0.7", "1.0")
     },
-    # ... with the ramp extended past its target while the lr's hypergradient asks for more (ramp_search=c,
-    # opt-in: while the cosine of the next gradient and the last update is below -c)
+    # ... with the ramp extended past its target while the lr's hypergradient asks for more (ramp_search=c:
+    # while the cosine of the next gradient and the last update is below -c; the default's is 0.3, and
+    # ramp_search=0 is the default before it searched)
     **{
         f"hyper_adam(ramp_search={c})": f"adam(lr=0.05,ramp=0.001,normalize=true,ramp_search={c})"
         for c in ("0", "0.1", "0.2", "0.3", "0.4", "0.5")
@@ -611,9 +612,12 @@ def merge(
     registry = methods_registry()
     renames: dict[str, str] = {}
     for pair in rename or ():
-        old, sep, new = pair.partition("=")
-        if not sep or new not in registry:
+        # Names may hold '=' themselves (hyper_adam(ramp_search=0)): NEW is the registered name after one.
+        splits = [(pair[:i], pair[i + 1 :]) for i, ch in enumerate(pair) if ch == "=" and i > 0]
+        found = [(old, new) for old, new in splits if new in registry]
+        if not found:
             raise ValueError(f"--rename {pair!r}: give OLD=NEW with NEW one of {', '.join(registry)}")
+        old, new = found[0]
         renames[old] = new
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:

@@ -80,6 +80,11 @@ def test_sensitivity_merge_writes_one_sweep_and_refuses_overlaps(tmp_path):
     assert {(r["method"], r["family"]) for r in rows} == {
         ("hyper_adam-ramp", "tower h1: adam/adam(lr=0.05,normalize=true)")
     }
+    # names that hold '=' themselves: NEW is the registered name after one of the '='
+    rows = sensitivity.merge(
+        parts, tmp_path / "m4", "", drop=["adamw"], rename=["hyper_adam=hyper_adam(ramp_search=0)"]
+    )
+    assert {r["method"] for r in rows} == {"hyper_adam(ramp_search=0)"}
     with pytest.raises(ValueError, match="--rename 'hyper_adam=nope'"):
         sensitivity.merge(parts, tmp_path / "m3", "", rename=["hyper_adam=nope"])
 

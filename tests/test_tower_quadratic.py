@@ -27,17 +27,10 @@ def test_closed_form_matches_simulation():
     assert simulated == pytest.approx(expected_loss(eta), rel=0.05)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 target not met: the default's learned lr ends about 0.2x of the best constant from both "
-    "starts. The level above climbs log(lr) at up to 0.05 a step for about 120 steps, then ever more slowly: "
-    "the slope it learns from shrinks with the gradient as x converges, against the memory of its second "
-    "moment. A shorter memory or a cosine-like signal passes here but lets a converged run's lr run away; "
-    "the experimental ramp_search=0.3 passes and leaves transformers as they were, but is not the default "
-    "(results/README.md, 'The noisy quadratic' and 'Searching past the ramp's start')",
-)
 @pytest.mark.parametrize("lr0", STARTS)
 def test_default_tower_ends_within_2x_of_the_best_constant_lr(lr0):
+    """The ramp starts the lr about 600x below the best here; the default's search (``ramp_search=0.3``)
+    doubles it while the gradients stay aligned, then backs off to half the largest lr it accepted."""
     best = best_constant_lr()
     assert 0.05 < best < 0.5  # the problem is what it says: the start is far from it on both sides
     learned, x = train(lr0)
@@ -51,14 +44,4 @@ def test_cosine_half_option_ends_within_2x_of_the_best_constant_lr(lr0):
     after some thousands of epochs, see results/README.md) meets the target from both starts."""
     best = best_constant_lr()
     learned, _ = train(lr0, "adam(lr=0.05,ramp=0.001,normalize=true,cosine=0.5)")
-    assert best / 2 <= learned <= 2 * best, f"learned lr {learned:.3g}, best constant {best:.3g}"
-
-
-@pytest.mark.parametrize("lr0", STARTS)
-def test_ramp_search_option_ends_within_2x_of_the_best_constant_lr(lr0):
-    """The opt-in ``ramp_search=0.3`` doubles the lr past the ramp's target (about 1/600 of the best here)
-    while the hypergradient asks for more, then backs off to half the largest lr it accepted."""
-    best = best_constant_lr()
-    learned, x = train(lr0, "adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3)")
-    assert math.isfinite(float(x.sum()))
     assert best / 2 <= learned <= 2 * best, f"learned lr {learned:.3g}, best constant {best:.3g}"

@@ -44,12 +44,12 @@ class LevelConfig:
             smaller one; the level above learns the lr from there (:mod:`.ramp`). ``0`` (no ramp) is
             the paper's start at ``lr``. A too-large ``lr`` then never wrecks pretrained weights, and
             a too-small one costs a few steps, not hundreds.
-        ramp_search: with ``ramp``, on the level above the weights (opt-in): after the ramp's target,
-            keep doubling the lr every step while its hypergradient asks for a larger one by more than
+        ramp_search: with ``ramp``, on the level above the weights: after the ramp's target, keep
+            doubling the lr every step while its hypergradient asks for a larger one by more than
             noise (the cosine of the next gradient and the last update below ``-ramp_search``), at most
             12 times; at the first step where it does not, or at the cap, go back to half the largest
-            lr it accepted and learn from there (:mod:`.ramp`). ``0`` (the default) ends the ramp at
-            its target.
+            lr it accepted and learn from there (:mod:`.ramp`). ``0`` (a level's default) ends the ramp
+            at its target; ``DEFAULT_HYPER`` searches with ``0.3``.
         cosine: for the level above the weights (experimental), divide the hypergradient it learns
             from by ``|g_{t+1}|^cosine`` as well: with ``normalize``, ``1`` is the cosine of the next
             gradient and the last update (scale-free, so it does not shrink as training converges: a

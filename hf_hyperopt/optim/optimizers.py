@@ -29,15 +29,19 @@ from .spec import parse_spec
 # along the last update (normalize=true), a signal whose size does not follow the lr, so Adam moves
 # log(lr) by at most its step size per step in whichever direction the slope keeps. ramp=0.001 starts
 # the learned lr where one step moves the weights by 0.1% of their norm, reached geometrically from a
-# smaller initial lr and at once from a larger one, so the initial lr decides little. Evidence and the
-# sweeps that chose it: results/README.md (benchmarks/sensitivity.py). gdtuo mode uses the paper's choice.
-DEFAULT_HYPER = {"default": "adam(lr=0.05,ramp=0.001,normalize=true)", "gdtuo": "sgd(lr=1e-5)"}
+# smaller initial lr and at once from a larger one, so the initial lr decides little. ramp_search=0.3
+# keeps doubling it from there while the next gradient still points along the last update (a cosine
+# of 0.3 or more), which a problem with aligned gradients wants and a noisy one stops at once. Evidence
+# and the sweeps that chose it: results/README.md (benchmarks/sensitivity.py, benchmarks/quadratic.py).
+# gdtuo mode uses the paper's choice.
+DEFAULT_HYPER = {"default": "adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3)", "gdtuo": "sgd(lr=1e-5)"}
 
 _DEFAULT = "default"
 
 
 def default_hyper(compat: str | None = None, learn: str | Iterable[str] | None = None) -> str:
-    """``DEFAULT_HYPER`` for a weight level that learns ``learn``: without a learned ``lr``, no ramp.
+    """``DEFAULT_HYPER`` for a weight level that learns ``learn``: without a learned ``lr``, no ramp (and
+    no search past it).
 
     The ramp sizes the weights' learned step size, so a tower that learns only, say, ``momentum`` takes
     the default without it rather than an error about an option the user never wrote.
@@ -46,7 +50,7 @@ def default_hyper(compat: str | None = None, learn: str | Iterable[str] | None =
     names = _learn_tuple(learn)
     if names is None or "lr" in names:
         return spec
-    return "/".join(dataclasses.replace(c, ramp=0.0).to_spec() for c in parse_spec(spec))
+    return "/".join(dataclasses.replace(c, ramp=0.0, ramp_search=0.0).to_spec() for c in parse_spec(spec))
 
 
 def _learn_tuple(learn: str | Iterable[str] | None) -> tuple[str, ...] | None:

@@ -15,7 +15,7 @@ norm is the start taken from above too, so it is no riskier from below.
 
 Weights that are all zero have no scale: the ramp then keeps the initial lr.
 
-``ramp_search=c`` on level 1 (opt-in) extends the ramp past its target. From the step taken at the
+``ramp_search=c`` on level 1 (``0.3`` in ``DEFAULT_HYPER``) extends the ramp past its target. From the step taken at the
 target on, the factor keeps doubling every step while the lr's hypergradient asks for a larger lr by
 more than noise: ``dL/dlog(lr)`` of the step just taken (summed over the lr's units) below
 ``-c |g_{t+1}| |Z_t|``, i.e. the cosine of the next gradient and the last update below ``-c``; at most

@@ -78,7 +78,7 @@ class HyperTrainingArguments(TrainingArguments):
 
         <weight level from the usual arguments>/<hyper_tower>
 
-    e.g. ``adam(lr=5e-05,beta1=0.9,beta2=0.999,eps=1e-08,learn=lr)/adam(lr=0.05,ramp=0.001,normalize=true)``. The weight level takes
+    e.g. ``adam(lr=5e-05,beta1=0.9,beta2=0.999,eps=1e-08,learn=lr)/adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3)``. The weight level takes
     ``learning_rate -> lr``, ``adam_beta1/adam_beta2 -> beta1/beta2`` and ``adam_epsilon -> eps``
     (Adam, AdamW), ``weight_decay`` for the decay param group (biases and norms get 0, as in
     ``Trainer``), and the rest through ``optim_args`` as ``transformers`` does: SGD's
@@ -92,8 +92,10 @@ class HyperTrainingArguments(TrainingArguments):
       learns ``log(lr)`` from the slope of the loss along the last update (``normalize=true``), so
       the step size moves by a bounded fraction per step whatever its scale, after a ramp
       (``ramp=0.001``) that starts the step size where one step moves the weights by 0.1% of their
-      norm: a ``learning_rate`` above that never takes a step, one below it doubles up to it. The
-      paper's ``sgd(lr=1e-5)`` barely moves a ``Trainer``'s step size.
+      norm: a ``learning_rate`` above that never takes a step, one below it doubles up to it; from
+      there it keeps doubling while the next gradient still points along the last update
+      (``ramp_search=0.3``), which ends at once on the transformers measured. The paper's
+      ``sgd(lr=1e-5)`` barely moves a ``Trainer``'s step size.
     - ``hyper_learn=None`` resolves to ``"lr"`` and ``hyper_scope=None`` to ``"shared"``: the cheapest
       of the settings that ``python -m benchmarks.benchmark_trainer --sweep`` measured equally robust
       to the initial learning rate (``results/README.md``). ``shared`` learns one scalar and logs one
