@@ -213,7 +213,7 @@ TOWERS: dict[str, str] = {
 
 # Upper levels for HyperSGD (plain SGD on the weights, no momentum)
 SGD_TOWERS: dict[str, str] = {
-    "hyper_sgd(ramp_search=0)": "adam(lr=0.05,ramp=0.001,normalize=true)",
+    "hyper_sgd(ramp_search=0)": "adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0)",
     "hyper_sgd(ramp_search=0.3)": "adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3)",
 }
 

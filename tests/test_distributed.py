@@ -31,6 +31,9 @@ ADAM2 = "adam(lr=1e-3)/adam(lr=1e-2)"
 # (3 -> about 0.92 in 20 steps), so a wrong hypergradient at level 1 would show.
 SGD3 = "sgd(lr=0.1,momentum=0.9)/sgd(lr=3)/sgd(lr=1e3)"
 SGD_HELD = "sgd(lr=0.1,momentum=0.9,learn=lr+momentum)/adam(lr=1e-2)"
+# The default upper level: the ramp's probe, its search (whose state is an int64 entry) and the norms
+# both take are in the reduction and the checkpoint.
+DEFAULT = "adam(lr=1e-3)/" + hh.DEFAULT_HYPER["default"]
 
 
 def _env() -> dict[str, str]:
@@ -91,15 +94,17 @@ CASES = [
     {"name": "fsdp_sgd3", "wrap": "fsdp", "spec": SGD3, "save_at": 10, "ckpt_format": "full"},
     # SGD holds both tangents in its momentum buffers, which swap places every step.
     {"name": "fsdp_sgd_held", "wrap": "fsdp", "spec": SGD_HELD, "save_at": 10, "ckpt_format": "dcp"},
+    {"name": "fsdp_default", "wrap": "fsdp", "spec": DEFAULT, "save_at": 10, "ckpt_format": "dcp"},
     {"name": "fsdp_tensor", "wrap": "fsdp", "spec": "adam(lr=1e-3,learn=lr+beta1)/adam(lr=1e-2)", "scope": "tensor"},
     {"name": "hsdp_adam", "wrap": "hsdp", "spec": ADAM2},
     {"name": "fsdp_no_reduce", "wrap": "fsdp", "spec": ADAM2, "no_reduce": True},
     {"name": "fsdp_mixed", "wrap": "fsdp_first_layer_only", "spec": ADAM2, "steps": 1},
 ]
 SAME_AS_SINGLE = [
-    "ddp_adam", "ddp_sgd3", "fsdp_adam", "fsdp_adam_dcp", "fsdp_sgd3", "fsdp_sgd_held", "fsdp_tensor", "hsdp_adam"
+    "ddp_adam", "ddp_sgd3", "fsdp_adam", "fsdp_adam_dcp", "fsdp_sgd3", "fsdp_sgd_held", "fsdp_default", "fsdp_tensor",
+    "hsdp_adam",
 ]  # fmt: skip
-RESUMED = ["fsdp_adam", "fsdp_adam_dcp", "fsdp_sgd3", "fsdp_sgd_held"]
+RESUMED = ["fsdp_adam", "fsdp_adam_dcp", "fsdp_sgd3", "fsdp_sgd_held", "fsdp_default"]
 
 
 @pytest.fixture(scope="module")

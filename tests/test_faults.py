@@ -266,8 +266,21 @@ def _nan_in_saved_tower(out, ckpt):
     torch.save(sd, ckpt / "optimizer.pt")
 
 
+def _saved_by_another_tower(out, ckpt):
+    """A checkpoint of a run started with another upper level (an earlier default, say)."""
+    sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    entry = sd["param_groups"][0]["hyper_tower"]
+    entry["spec"] += "/sgd(lr=1e-05)"  # one level more
+    torch.save(sd, ckpt / "optimizer.pt")
+
+
 # fault -> (damage, the error raised and what it says)
 UNREADABLE_CHECKPOINTS = {
+    "optimizer.pt of another tower": (
+        _saved_by_another_tower,
+        ValueError,
+        r"different tower.*start it with the tower the checkpoint names",  # not: an earlier checkpoint
+    ),
     "optimizer.pt truncated": (_truncate("optimizer.pt"), RuntimeError, "cannot resume from"),
     "optimizer.pt corrupt": (_overwrite_start("optimizer.pt"), RuntimeError, "cannot resume from"),
     "optimizer.pt with a NaN learned lr": (_nan_in_saved_tower, ValueError, "non-finite"),

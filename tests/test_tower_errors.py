@@ -108,6 +108,7 @@ def test_load_state_dict_from_a_different_tower(saved, loader, quoted, params):
     with pytest.raises(ValueError) as err:
         other.load_state_dict(sd)
     assert "different tower" in str(err.value) and quoted in str(err.value) and repr(other.spec) in str(err.value)
+    assert "to load it, build this optimizer with that spec" in str(err.value)
 
 
 @pytest.mark.parametrize("kw, quoted", [({"scope": "group"}, "'group'"), ({"compat": "gdtuo"}, "'gdtuo'")])

@@ -82,6 +82,23 @@ def test_asks_for_more_by_more_than_noise():
     assert not asks_for_more(torch.tensor(float("-inf"), dtype=torch.float64), one, torch.tensor(float("inf")), 0.3)
 
 
+@pytest.mark.parametrize("lr", [1e-3, 0.1])
+def test_weights_with_no_scale_keep_the_initial_lr_and_search_nothing(lr):
+    """All-zero weights (a zero-initialised probe): the ramp keeps the user's lr, and the default's search does
+    not double it (without that it doubles it many times on this logistic regression)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 10), torch.randint(0, 2, (64,)).float()
+    model = torch.nn.Linear(10, 1)
+    torch.nn.init.zeros_(model.weight), torch.nn.init.zeros_(model.bias)
+    opt = hh.HyperAdam(model.parameters(), lr=lr)
+    for _ in range(6):
+        F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y).backward()
+        opt.step()
+        opt.zero_grad()
+        assert opt._tower_state.ramp.factor.item() == 1.0
+    assert opt._tower_state.ramp.search.item() == 0 and not opt._tower_state.ramp.searching
+
+
 def test_without_search_the_ramp_is_unchanged():
     ramp = _sized(0.5, 0.5, search=False)
     assert ramp.search is None
@@ -229,7 +246,7 @@ def test_the_spec_round_trips_and_bad_values_are_refused():
     ]:
         with pytest.raises(ValueError, match=message):
             hh.HyperAdam(w, hyper=spec)
-    with pytest.raises(ValueError, match="compat='gdtuo' does not learn"):
+    with pytest.raises(ValueError, match="compat='gdtuo' does not learn.*or ramp_search=0 on that level"):
         hh.tower(w, "adam/adam(ramp=0.001,ramp_search=0.3)", compat="gdtuo")
 
 

@@ -126,7 +126,8 @@ class TowerOptimizer(torch.optim.Optimizer):
         if mode == "gdtuo" and len(levels) > 1 and levels[1].ramp_search:
             raise ValueError(
                 f"level 1 ({self._rules[1].name}): ramp_search={levels[1].ramp_search!r} judges the hypergradient of "
-                "log(lr), which compat='gdtuo' does not learn (it keeps the lr raw); use the default mode"
+                "log(lr), which compat='gdtuo' does not learn (it keeps the lr raw); use the default mode, or "
+                "ramp_search=0 on that level"
             )
         if self._ramped() and "lr" not in self._learn[0]:
             raise ValueError(
@@ -405,8 +406,16 @@ class TowerOptimizer(torch.optim.Optimizer):
         identity, entries = found
         for key, value in self._identity().items():
             if identity[key] != value:
+                # The usual cause: the run was started with another tower (an earlier default, say); the
+                # saved spec is the one that loads it.
+                how = {
+                    "spec": "build this optimizer with that spec (hyper=/hyper_tower= for the levels above the weights)",
+                    "scope": "build this optimizer with that scope",
+                    "mode": "build this optimizer with that compat",
+                }[key]
                 raise ValueError(
-                    f"state_dict is from a different tower: its {key} is {identity[key]!r}, this optimizer's is {value!r}"
+                    f"state_dict is from a different tower: its {key} is {identity[key]!r}, this optimizer's is "
+                    f"{value!r}; to load it, {how}"
                 )
         groups = state_dict.get("param_groups") or [{}]
         state_dict = {k: v for k, v in state_dict.items() if k != "tower"}  # 0.1.0 also wrote it there

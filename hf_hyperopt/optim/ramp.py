@@ -13,7 +13,7 @@ The approach does not wait for the hypergradient: on a plateau (a fresh head on 
 its one-step sign is mostly noise and would stop a search anywhere. A step of ``tau`` of the weights'
 norm is the start taken from above too, so it is no riskier from below.
 
-Weights that are all zero have no scale: the ramp then keeps the initial lr.
+Weights that are all zero have no scale: the ramp then keeps the initial lr (and does not search past it).
 
 ``ramp_search=c`` on level 1 (``0.3`` in ``DEFAULT_HYPER``) extends the ramp past its target. From the step taken at the
 target on, the factor keeps doubling every step while the lr's hypergradient asks for a larger lr by
@@ -25,7 +25,9 @@ above, which leaves the lr alone while the search is on, learns it from there. A
 the target at once leaves the run the plain ramp's, step for step.
 
 Why the cosine and the margin: the one-step hypergradient is greedy. On a transformer from scratch its
-sign asks for more long past a good lr, but the cosine stays small (about 0.1 .. 0.2), so the search
+sign asks for more long past a good lr, but with Adam on the weights the cosine stays small (about
+0.1 .. 0.2: Adam's update is near the gradient's sign, whose cosine with a gradient of very uneven
+entries is small), so the search
 ends at once, as on a plateau; where the gradients stay aligned (a quadratic, a small MLP: 0.6 .. 1)
 it runs until the step overshoots. Even then the sign still accepted steps past the noisy quadratic's
 stability limit, and with one doubling undone the level above overcorrected that lr to 0.4x the best
@@ -122,8 +124,11 @@ def size_ramp(ramp: RampState, tau: float, weights_sq: Tensor, probe_sq: Tensor)
         sized = tau * (weights_sq / probe_sq).sqrt() * factor.double()
         info = torch.finfo(factor.dtype)
         target.copy_(sized.clamp(min=info.tiny, max=info.max).to(factor.dtype))
-    else:  # no scale to read: keep the initial lr
+    else:  # no scale to read: keep the initial lr, and search nothing from it
         target.fill_(1.0)
+        if ramp.search is not None:
+            ramp.search.zero_()
+            ramp.searching = False
     factor.copy_(torch.minimum(target, torch.ones_like(target)))
     ramp.sized = True
     ramp.active &= factor < target  # started at the target: nothing to approach

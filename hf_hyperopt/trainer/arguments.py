@@ -94,7 +94,8 @@ class HyperTrainingArguments(TrainingArguments):
       (``ramp=0.001``) that starts the step size where one step moves the weights by 0.1% of their
       norm: a ``learning_rate`` above that never takes a step, one below it doubles up to it; from
       there it keeps doubling while the next gradient still points along the last update
-      (``ramp_search=0.3``), which ends at once on the transformers measured. The paper's
+      (``ramp_search=0.3``), which ended at once on the transformers measured with Adam (it runs with SGD
+      on the weights). The paper's
       ``sgd(lr=1e-5)`` barely moves a ``Trainer``'s step size.
     - ``hyper_learn=None`` resolves to ``"lr"`` and ``hyper_scope=None`` to ``"shared"``: the cheapest
       of the settings that ``python -m benchmarks.benchmark_trainer --sweep`` measured equally robust

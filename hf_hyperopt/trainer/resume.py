@@ -101,9 +101,17 @@ def warn_if_tower_not_restored(tower: Any, checkpoint: str) -> bool:
 def unreadable_checkpoint(checkpoint: str, error: Exception) -> Exception:
     """The error to raise when the optimizer state of ``checkpoint`` fails to load (``error``)."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    # A different tower (another spec, scope or compat) is the same in every checkpoint of the run: the
+    # way out is that tower, not an earlier checkpoint.
+    other_tower = "from a different tower" in first
+    advice = (
+        "start it with the tower the checkpoint names (--hyper_tower/--hyper_scope as saved)"
+        if other_tower
+        else "resume from an earlier checkpoint"
+    )
     message = (
-        f"cannot resume from {checkpoint}: its optimizer state does not load ({type(error).__name__}: {first[:300]}). "
-        "Nothing was trained or overwritten; resume from an earlier checkpoint"
+        f"cannot resume from {checkpoint}: its optimizer state does not load ({type(error).__name__}: {first[:400]}). "
+        f"Nothing was trained or overwritten; {advice}"
     )
     return ValueError(message) if isinstance(error, ValueError) else RuntimeError(message)
 
