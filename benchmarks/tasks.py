@@ -61,8 +61,29 @@ def shuffled_batches(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
         yield from perm.split(batch_size)
 
 
-def digits_task(epochs: int, batch_size: int = 256) -> Task:
-    x_tr, y_tr, x_te, y_te = digits_data()
+def _accuracy(out: Tensor, y: Tensor) -> float:
+    return 100.0 * (out.argmax(-1) == y).float().mean().item()
+
+
+def _squared_error(out: Tensor, y: Tensor) -> Tensor:
+    return F.mse_loss(out.squeeze(-1), y)
+
+
+def _tabular_task(
+    name: str,
+    data: tuple[Tensor, Tensor, Tensor, Tensor],
+    build: Callable[[int], nn.Module],
+    epochs: int,
+    batch_size: int,
+    criterion: Callable[[Tensor, Tensor], Tensor],
+    score: Callable[[Tensor, Tensor], float],
+    metric: str,
+    higher: bool,
+    chance: float,
+) -> Task:
+    """A model on in-memory rows: shuffled minibatches of the training rows, ``criterion`` on each,
+    ``score`` of the whole test set."""
+    x_tr, y_tr, x_te, y_te = data
     steps = epochs * math.ceil(len(x_tr) / batch_size)
 
     def batches(seed: int) -> Iterator[dict[str, Tensor]]:
@@ -70,13 +91,19 @@ def digits_task(epochs: int, batch_size: int = 256) -> Task:
             yield {"x": x_tr[idx], "y": y_tr[idx]}
 
     def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
-        return F.cross_entropy(model(b["x"]), b["y"])
+        return criterion(model(b["x"]), b["y"])
 
     @torch.no_grad()
     def evaluate(model: nn.Module) -> float:
-        return 100.0 * (model(x_te).argmax(-1) == y_te).float().mean().item()
+        return float(score(model(x_te), y_te))
 
-    return Task("digits", "test accuracy (%)", True, steps, mlp, batches, loss, evaluate, 10.0)
+    return Task(name, metric, higher, steps, build, batches, loss, evaluate, chance)
+
+
+def digits_task(epochs: int, batch_size: int = 256) -> Task:
+    return _tabular_task(
+        "digits", digits_data(), mlp, epochs, batch_size, F.cross_entropy, _accuracy, "test accuracy (%)", True, 10.0
+    )
 
 
 def _standardised_split(x, y, seed: int, stratify: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -95,25 +122,15 @@ def cancer_task(epochs: int, batch_size: int = 64) -> Task:
     features, 426 train / 143 test; metric: test accuracy."""
     from sklearn.datasets import load_breast_cancer
 
-    x_tr, y_tr, x_te, y_te = _standardised_split(*load_breast_cancer(return_X_y=True), seed=0, stratify=True)
-    steps = epochs * math.ceil(len(x_tr) / batch_size)
+    data = _standardised_split(*load_breast_cancer(return_X_y=True), seed=0, stratify=True)
 
     def build(seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        return nn.Linear(x_tr.shape[1], 2)
+        return nn.Linear(data[0].shape[1], 2)
 
-    def batches(seed: int) -> Iterator[dict[str, Tensor]]:
-        for idx in shuffled_batches(len(x_tr), batch_size, seed):
-            yield {"x": x_tr[idx], "y": y_tr[idx]}
-
-    def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
-        return F.cross_entropy(model(b["x"]), b["y"])
-
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> float:
-        return 100.0 * (model(x_te).argmax(-1) == y_te).float().mean().item()
-
-    return Task("cancer", "test accuracy (%)", True, steps, build, batches, loss, evaluate, 50.0)
+    return _tabular_task(
+        "cancer", data, build, epochs, batch_size, F.cross_entropy, _accuracy, "test accuracy (%)", True, 50.0
+    )
 
 
 def diabetes_task(epochs: int, batch_size: int = 32) -> Task:
@@ -124,25 +141,15 @@ def diabetes_task(epochs: int, batch_size: int = 32) -> Task:
     x, y = load_diabetes(return_X_y=True)
     x_tr, y_tr, x_te, y_te = _standardised_split(x, y, seed=0, stratify=False)
     mean, std = y_tr.mean(), y_tr.std()
-    y_tr, y_te = ((y_tr - mean) / std).float(), ((y_te - mean) / std).float()
-    steps = epochs * math.ceil(len(x_tr) / batch_size)
+    data = x_tr, ((y_tr - mean) / std).float(), x_te, ((y_te - mean) / std).float()
 
     def build(seed: int) -> nn.Module:
         torch.manual_seed(seed)
         return nn.Sequential(nn.Linear(x_tr.shape[1], 64), nn.Tanh(), nn.Linear(64, 1))
 
-    def batches(seed: int) -> Iterator[dict[str, Tensor]]:
-        for idx in shuffled_batches(len(x_tr), batch_size, seed):
-            yield {"x": x_tr[idx], "y": y_tr[idx]}
-
-    def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
-        return F.mse_loss(model(b["x"]).squeeze(-1), b["y"])
-
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> float:
-        return F.mse_loss(model(x_te).squeeze(-1), y_te).item()
-
-    return Task("diabetes", "test MSE", False, steps, build, batches, loss, evaluate, 1.0)
+    return _tabular_task(
+        "diabetes", data, build, epochs, batch_size, _squared_error, _squared_error, "test MSE", False, 1.0
+    )
 
 
 DATA = Path(__file__).resolve().parents[1] / "data"
