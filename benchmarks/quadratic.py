@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for s in args.seeds:
                 lr, x = train(lr0, None if hyper == "default" else hyper, s, args.sigma, args.steps, a)
                 ratios[(lr0, s)] = lr / best
-                losses[(lr0, s)] = float((0.5 * a * x**2).sum()) / best_loss
+                final = float((0.5 * a * x**2).sum())
+                losses[(lr0, s)] = final / best_loss if best_loss > 0 else (0.0 if final == 0 else math.inf)
         first = " / ".join(f"{ratios[(lr0, args.seeds[0])]:.2f}" for lr0 in STARTS)
         within = all(0.5 <= r <= 2.0 for r in ratios.values())
         mean_loss = " / ".join(f"{sum(losses[(lr0, s)] for s in args.seeds) / len(args.seeds):.2f}" for lr0 in STARTS)
