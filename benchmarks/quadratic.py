@@ -44,7 +44,7 @@ def expected_loss(eta: float, sigma: float = SIGMA, steps: int = T, a: torch.Ten
 
 
 def best_constant_lr(sigma: float = SIGMA, steps: int = T, a: torch.Tensor = CURVATURES) -> float:
-    """The best constant lr on a log grid from 1e-5 to 3.16 times the stability limit 2 / max(a)."""
+    """The best constant lr on a log grid from 1e-3 / max(a) to 10^1.5 / max(a) (the stability limit is 2 / max(a))."""
     shift = float(torch.log10(1.0 / a.max()))  # 1e-4 .. 10^0.5 for the default curvatures (max 10)
     etas = torch.logspace(-3 + shift, 1.5 + shift, 4000, dtype=torch.float64).tolist()
     return min(etas, key=lambda eta: expected_loss(eta, sigma, steps, a))

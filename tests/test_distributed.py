@@ -32,7 +32,8 @@ ADAM2 = "adam(lr=1e-3)/adam(lr=1e-2)"
 SGD3 = "sgd(lr=0.1,momentum=0.9)/sgd(lr=3)/sgd(lr=1e3)"
 SGD_HELD = "sgd(lr=0.1,momentum=0.9,learn=lr+momentum)/adam(lr=1e-2)"
 # The default upper level: the ramp's probe, its search (whose state is an int64 entry) and the norms
-# both take are in the reduction and the checkpoint.
+# both take are in the reduction and the checkpoint. On a fixed batch the search doubles the lr from
+# step 3 to step 11, so the checkpoint at step 10 is taken mid-search.
 DEFAULT = "adam(lr=1e-3)/" + hh.DEFAULT_HYPER["default"]
 
 
@@ -94,7 +95,7 @@ CASES = [
     {"name": "fsdp_sgd3", "wrap": "fsdp", "spec": SGD3, "save_at": 10, "ckpt_format": "full"},
     # SGD holds both tangents in its momentum buffers, which swap places every step.
     {"name": "fsdp_sgd_held", "wrap": "fsdp", "spec": SGD_HELD, "save_at": 10, "ckpt_format": "dcp"},
-    {"name": "fsdp_default", "wrap": "fsdp", "spec": DEFAULT, "save_at": 10, "ckpt_format": "dcp"},
+    {"name": "fsdp_default", "wrap": "fsdp", "spec": DEFAULT, "fixed_batch": True, "save_at": 10, "ckpt_format": "dcp"},
     {"name": "fsdp_tensor", "wrap": "fsdp", "spec": "adam(lr=1e-3,learn=lr+beta1)/adam(lr=1e-2)", "scope": "tensor"},
     {"name": "hsdp_adam", "wrap": "hsdp", "spec": ADAM2},
     {"name": "fsdp_no_reduce", "wrap": "fsdp", "spec": ADAM2, "no_reduce": True},
@@ -139,6 +140,12 @@ def test_every_level_is_identical_on_both_ranks_and_matches_one_process(tower_ru
     assert max_rel(flat(r0), flat(ref)) < RTOL
     # The weights follow too (the checksum is over the full, gathered parameters).
     assert max_rel([r["checksum"] for r in r0], [r["checksum"] for r in ref]) < RTOL
+
+
+def test_the_default_case_resumes_mid_search(tower_runs):
+    """The fsdp_default case exercises the search: the lr doubles at every step from 3 to 10 (its checkpoint)."""
+    lrs = [r["hyper"][0]["lr"] for r in tower_runs["ref"]["fsdp_default"]["records"]]
+    assert all(b == pytest.approx(2 * a) for a, b in zip(lrs[1:9], lrs[2:10], strict=True))  # steps 2..10
 
 
 def test_every_level_of_a_three_level_tower_moves_and_is_compared(tower_runs):

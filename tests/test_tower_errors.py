@@ -117,6 +117,12 @@ def test_load_state_dict_from_another_scope_or_mode(kw, quoted, params):
     with pytest.raises(ValueError, match="different tower") as err:
         hh.tower(params, "adam(lr=0.01)/sgd(lr=1e-5)").load_state_dict(sd)
     assert quoted in str(err.value)
+    advice = {"'group'": "build this optimizer with that scope", "'gdtuo'": "with compat='gdtuo'"}[quoted]
+    assert advice in str(err.value)
+    if quoted == "'gdtuo'":  # the other way round: a default-mode state dict into a gdtuo tower
+        sd = _trained("adam(lr=0.01)/sgd(lr=1e-5)", params).state_dict()
+        with pytest.raises(ValueError, match="build this optimizer without compat"):
+            hh.tower(params, "adam(lr=0.01)/sgd(lr=1e-5)", compat="gdtuo").load_state_dict(sd)
 
 
 def test_load_state_dict_from_plain_torch_optim(params):

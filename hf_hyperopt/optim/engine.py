@@ -411,7 +411,9 @@ class TowerOptimizer(torch.optim.Optimizer):
                 how = {
                     "spec": "build this optimizer with that spec (hyper=/hyper_tower= for the levels above the weights)",
                     "scope": "build this optimizer with that scope",
-                    "mode": "build this optimizer with that compat",
+                    "mode": "build this optimizer without compat"
+                    if identity[key] == "default"
+                    else f"build this optimizer with compat={identity[key]!r}",
                 }[key]
                 raise ValueError(
                     f"state_dict is from a different tower: its {key} is {identity[key]!r}, this optimizer's is "

@@ -105,7 +105,8 @@ def unreadable_checkpoint(checkpoint: str, error: Exception) -> Exception:
     # way out is that tower, not an earlier checkpoint.
     other_tower = "from a different tower" in first
     advice = (
-        "start it with the tower the checkpoint names (--hyper_tower/--hyper_scope as saved)"
+        "start it with the tower the checkpoint names: the weight level's arguments (--learning_rate, the "
+        "optimizer's betas/--optim_args, --hyper_learn) and --hyper_tower/--hyper_scope as saved"
         if other_tower
         else "resume from an earlier checkpoint"
     )

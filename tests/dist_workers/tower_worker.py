@@ -13,7 +13,8 @@ with gloo on CPU; one launch runs several cases so that the process group is set
 ``opt.state_dict()``; ``dcp``: ``torch.distributed.checkpoint`` of ``get_model_state_dict`` /
 ``get_optimizer_state_dict``, as Accelerate saves FSDP2 runs; ``full``: the same API with
 ``full_state_dict=True``, one file from rank 0, as Accelerate's ``FULL_STATE_DICT``), ``resume`` (a ``ckpt`` directory to
-continue from), ``no_reduce`` (replace the hypergradient all-reduce by nothing: the control that
+continue from), ``fixed_batch`` (the first batch at every step: gradients that stay aligned, so
+that the ramp's search runs), ``no_reduce`` (replace the hypergradient all-reduce by nothing: the control that
 shows the comparison can fail) and the ``wrap`` ``fsdp_first_layer_only`` (a misconfiguration that the
 optimizer must refuse; the ``ValueError`` is recorded as ``error``, and where it came as ``error_at``).
 
@@ -159,7 +160,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     error = error_at = None
     try:
         for step in range(start, steps):
-            x, y = batch(step)
+            x, y = batch(0 if case.get("fixed_batch") else step)
             if distributed:
                 per = GLOBAL_BATCH // world
                 x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
