@@ -32,9 +32,8 @@ from .spec import parse_spec
 # smaller initial lr and at once from a larger one, so the initial lr decides little. ramp_search=0.3
 # keeps doubling it from there while the next gradient still points along the last update (a cosine
 # of 0.3 or more): a problem whose gradients stay aligned searches, a noisy one (or Adam on a
-# transformer) stops at once and takes the plain ramp's steps. Evidence
-# and the sweeps that chose it: results/README.md (benchmarks/sensitivity.py, benchmarks/quadratic.py).
-# gdtuo mode uses the paper's choice.
+# transformer) stops at once and takes the plain ramp's steps. Evidence and the sweeps that chose it:
+# results/README.md (benchmarks/sensitivity.py, benchmarks/quadratic.py). gdtuo mode uses the paper's choice.
 DEFAULT_HYPER = {"default": "adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3)", "gdtuo": "sgd(lr=1e-5)"}
 
 _DEFAULT = "default"

@@ -15,23 +15,22 @@ norm is the start taken from above too, so it is no riskier from below.
 
 Weights that are all zero have no scale: the ramp then keeps the initial lr (and does not search past it).
 
-``ramp_search=c`` on level 1 (``0.3`` in ``DEFAULT_HYPER``) extends the ramp past its target. From the step taken at the
-target on, the factor keeps doubling every step while the lr's hypergradient asks for a larger lr by
-more than noise: ``dL/dlog(lr)`` of the step just taken (summed over the lr's units) below
-``-c |g_{t+1}| |Z_t|``, i.e. the cosine of the next gradient and the last update below ``-c``; at most
-``RAMP_SEARCH_DOUBLINGS`` times. At the first step where it does not (or is not finite), or at the cap,
-the search ends for good at half the largest factor accepted (never below the target), and the level
-above, which leaves the lr alone while the search is on, learns it from there. A search that ends at
-the target at once leaves the run the plain ramp's, step for step.
+``ramp_search=c`` on level 1 (``0.3`` in ``DEFAULT_HYPER``) extends the ramp past its target. From the
+step taken at the target on, the factor keeps doubling every step while the lr's hypergradient asks for
+a larger lr by more than noise: ``dL/dlog(lr)`` of the step just taken (summed over the lr's units)
+below ``-c |g_{t+1}| |Z_t|``, i.e. the cosine of the next gradient and the last update below ``-c``; at
+most ``RAMP_SEARCH_DOUBLINGS`` times. At the first step where it does not (or is not finite), or at the
+cap, the search ends for good at half the largest factor accepted (never below the target), and the
+level above, which leaves the lr alone while the search is on, learns it from there. A search that ends
+at the target at once leaves the run the plain ramp's, step for step.
 
 Why the cosine and the margin: the one-step hypergradient is greedy. On a transformer from scratch its
-sign asks for more long past a good lr, but with Adam on the weights the cosine stays small (about
-0.1 .. 0.2: Adam's update is near the gradient's sign, whose cosine with a gradient of very uneven
-entries is small), so the search
-ends at once, as on a plateau; where the gradients stay aligned (a quadratic, a small MLP: 0.6 .. 1)
-it runs until the step overshoots. Even then the sign still accepted steps past the noisy quadratic's
-stability limit, and with one doubling undone the level above overcorrected that lr to 0.4x the best
-constant one; half the largest accepted is the margin an lr range test keeps.
+sign asks for more long past a good lr, but with Adam on the weights the cosine stays small (about 0.1
+.. 0.2: Adam's update is near the gradient's sign, whose cosine with a gradient of very uneven entries
+is small), so the search ends at once, as on a plateau; where the gradients stay aligned (a quadratic, a
+small MLP: 0.6 .. 1) it runs until the step overshoots. Even then the sign still accepted steps past the
+noisy quadratic's stability limit, and with one doubling undone the level above overcorrected that lr to
+0.4x the best constant one; half the largest accepted is the margin an lr range test keeps.
 
 State: :class:`RampState`, held in the tower state (:class:`~hf_hyperopt.optim.state.TowerState`).
 """

@@ -95,8 +95,7 @@ class HyperTrainingArguments(TrainingArguments):
       norm: a ``learning_rate`` above that never takes a step, one below it doubles up to it; from
       there it keeps doubling while the next gradient still points along the last update
       (``ramp_search=0.3``), which ended at once on the transformers measured with Adam (it runs with SGD
-      on the weights). The paper's
-      ``sgd(lr=1e-5)`` barely moves a ``Trainer``'s step size.
+      on the weights). The paper's ``sgd(lr=1e-5)`` barely moves a ``Trainer``'s step size.
     - ``hyper_learn=None`` resolves to ``"lr"`` and ``hyper_scope=None`` to ``"shared"``: the cheapest
       of the settings that ``python -m benchmarks.benchmark_trainer --sweep`` measured equally robust
       to the initial learning rate (``results/README.md``). ``shared`` learns one scalar and logs one
