@@ -49,6 +49,11 @@ from .stepping import count_step, group_defaults, group_value, step_upper_levels
 __all__ = ["SCOPES", "LevelConfig", "TowerOptimizer", "validate_level_options", "validate_value"]
 
 
+class DifferentTowerError(ValueError):
+    """A state dict saved by a tower of another spec, scope or mode: every checkpoint of that run is refused
+    alike, so what loads it is that tower, not an earlier checkpoint."""
+
+
 class TowerOptimizer(torch.optim.Optimizer):
     """A tower of optimizer levels; level 0 updates the parameters, level ``k+1`` learns level ``k``.
 
@@ -415,7 +420,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                     if identity[key] == "default"
                     else f"build this optimizer with compat={identity[key]!r}",
                 }[key]
-                raise ValueError(
+                raise DifferentTowerError(
                     f"state_dict is from a different tower: its {key} is {identity[key]!r}, this optimizer's is "
                     f"{value!r}; to load it, {how}"
                 )

@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..optim.engine import DifferentTowerError
 from .trajectory import TRAJECTORY_NAME, hyper_log_keys, salvage_trajectory
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -101,13 +102,10 @@ def warn_if_tower_not_restored(tower: Any, checkpoint: str) -> bool:
 def unreadable_checkpoint(checkpoint: str, error: Exception) -> Exception:
     """The error to raise when the optimizer state of ``checkpoint`` fails to load (``error``)."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    # A different tower (another spec, scope or compat) is the same in every checkpoint of the run: the
-    # way out is that tower, not an earlier checkpoint.
-    other_tower = "from a different tower" in first
     advice = (
         "start it with the tower the checkpoint names: the weight level's arguments (--learning_rate, the "
         "optimizer's betas/--optim_args, --hyper_learn) and --hyper_tower/--hyper_scope as saved"
-        if other_tower
+        if isinstance(error, DifferentTowerError)
         else "resume from an earlier checkpoint"
     )
     message = (
