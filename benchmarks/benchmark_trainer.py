@@ -30,7 +30,7 @@ Commands (from the repository root; each prints its table and writes
 
     HF_HUB_OFFLINE=1 nice python -m benchmarks.benchmark_trainer                 # ~10 min on 2 CPU cores
     HF_HUB_OFFLINE=1 python -m benchmarks.benchmark_trainer --quick --out /tmp   # a smoke run, ~30 s
-    HF_HUB_OFFLINE=1 nice python -m benchmarks.benchmark_trainer --sweep --seeds 1 --sweep_steps 300   # ~10 min
+    HF_HUB_OFFLINE=1 nice python -m benchmarks.benchmark_trainer --sweep --seeds 3 --sweep_steps 300   # ~15 min
     HF_HUB_OFFLINE=1 nice python -m benchmarks.benchmark_trainer --sweep --seeds 3 --sweep_steps 300 \\
         --lrs 0.03 0.1 --name trainer_defaults_high_lr
     HF_HUB_OFFLINE=1 python -m benchmarks.benchmark_trainer --sweep --quick --out /tmp
@@ -252,6 +252,7 @@ SWEEP_CONFIGS: dict[str, dict] = {
     "hyper_adam learn=lr scope=group": {"optim": "hyper_adam", "hyper_scope": "group"},
     "hyper_adam learn=lr scope=tensor": {"optim": "hyper_adam", "hyper_scope": "tensor"},
     "hyper_adam learn=lr+beta1 scope=shared": {"optim": "hyper_adam", "hyper_learn": "lr+beta1"},
+    "hyper_adam learn=lr+beta1+beta2 scope=shared": {"optim": "hyper_adam", "hyper_learn": "lr+beta1+beta2"},
     "hyper_adam tower=sgd(lr=1e-5) (the paper's)": {"optim": "hyper_adam", "hyper_tower": "sgd(lr=1e-5)"},
 }
 

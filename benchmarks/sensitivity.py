@@ -133,9 +133,9 @@ def _hyper_sgd_default(params, lr, steps):
     return hh.HyperSGD(params, lr=lr), None
 
 
-def _tower(spec: str, weights: str = "adam"):
+def _tower(spec: str, weights: str = "adam", learn: str = "lr"):
     def build(params, lr, steps):
-        return hh.tower(params, f"{weights}(lr={lr!r})/{spec}"), None
+        return hh.tower(params, f"{weights}(lr={lr!r},learn={learn})/{spec}"), None
 
     return build
 
@@ -218,6 +218,10 @@ SGD_TOWERS: dict[str, str] = {
 }
 
 
+# The default tower learning more than the weights' lr (learn=lr+beta1, ...)
+LEARN_TOWERS: dict[str, str] = {f"hyper_adam(learn={learn})": learn for learn in ("lr+beta1", "lr+beta1+beta2")}
+
+
 def methods_registry() -> dict[str, Method]:
     out = dict(PEERS)
     default = hh.DEFAULT_HYPER["default"]
@@ -227,6 +231,8 @@ def methods_registry() -> dict[str, Method]:
         out[name] = Method(name, f"tower h{spec.count('/') + 1}: adam/{spec}", _tower(spec))
     for name, spec in SGD_TOWERS.items():
         out[name] = Method(name, f"tower h{spec.count('/') + 1}: sgd/{spec}", _tower(spec, "sgd"))
+    for name, learn in LEARN_TOWERS.items():
+        out[name] = Method(name, f"HyperAdam default learning {learn}", _tower(default, learn=learn))
     return out
 
 

@@ -200,3 +200,23 @@ def test_adam_rule_with_one_step_count_per_tensor_is_the_rule_run_per_tensor(flo
             torch.testing.assert_close(dw, dw1, rtol=1e-12, atol=0)
         # One count for all would not do: the bias correction of step 1 is not that of step 7.
         assert not torch.allclose(step([2], 1, learned)[0][1], alone[2][1])
+
+
+@pytest.mark.parametrize("compat", [None, "gdtuo"])
+def test_a_learned_beta1_is_not_a_second_step_size(compat, float64):
+    """On a linear loss (the same gradient every step) Adam's step is g / (|g| + eps) whatever beta1 is
+    (m_t / (1 - beta1^t) = g), so with the history held constant beta1's hypergradient is 0 and it stays
+    where it started. Differentiating all t factors of beta1^t, as the reference implementation does,
+    reads the bias correction as a step size: beta1 then rises on every step that a larger one helps."""
+    w = torch.nn.Parameter(torch.zeros(4, 3))
+    c = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    opt = hh.tower([w], "adam(lr=0.01,learn=lr+beta1)/sgd(lr=1e-3)", compat=compat)
+    for _ in range(30):
+        opt.zero_grad()
+        (c * w).sum().backward()
+        opt.step()
+    beta1 = opt.hyperparameters()[0]["beta1"]
+    if compat is None:
+        assert beta1 == pytest.approx(0.9, abs=1e-12)
+    else:
+        assert beta1 > 0.9 + 1e-4

@@ -17,6 +17,7 @@ from .base import (
     addcmul_into,
     coupled_decay,
     div_into,
+    history_held_power,
     lincomb_into,
     lr_tangent_factor,
     product_into,
@@ -40,6 +41,14 @@ class AdamRule(Rule):
     to the gradient; AdamW multiplies :math:`w_{t-1}` by :math:`1 - \eta\lambda` first. Every symbol
     above but :math:`t` is a hyperparameter and can be learned; the bias corrections depend on
     :math:`\beta_1, \beta_2`, so their hypergradients include them.
+
+    A learned beta's derivative holds the moment's history constant, as the paper does for
+    :math:`m_{t-1}`: the bias correction :math:`1-\beta^t` is the weight of a history made with
+    past betas, so only this step's factor :math:`\beta` of :math:`\beta^t` is differentiated
+    (:math:`\beta^{t-1}`, not :math:`t\beta^{t-1}`). Differentiating all :math:`t` factors would
+    make :math:`\beta_1` a second step size (:math:`1/(1-\beta_1^t)` grows as :math:`\beta_1 \to
+    1`) that a level above drives toward 1 wherever larger steps help. ``compat="gdtuo"`` keeps the
+    reference implementation's full derivative.
     """
 
     name = "adam"
@@ -71,8 +80,9 @@ class AdamRule(Rule):
                 decay = 1.0 - lr * hp["weight_decay"]
             else:
                 grads, coupled = coupled_decay(grads, params, hp["weight_decay"]), True
-        bias_correction1 = 1.0 - beta1**step
-        bias_correction2 = 1.0 - beta2**step
+        held = self.mode != "gdtuo"  # the history's factors in beta**t are not differentiated
+        bias_correction1 = 1.0 - (history_held_power(beta1, step) if held else beta1**step)
+        bias_correction2 = 1.0 - (history_held_power(beta2, step) if held else beta2**step)
         root_bc2 = bias_correction2.sqrt()
         scale = -lr / bias_correction1
         t_beta1, t_beta2, t_eps = want.get("beta1"), want.get("beta2"), want.get("eps")
@@ -83,9 +93,10 @@ class AdamRule(Rule):
         # Tangents that read the moments' history are started before the moments move; constant
         # factors and the chain to theta (f) fold into passes made anyway.
         if t_beta1 is not None:
-            # dm/dbeta1 = m_{t-1} - g; bc1 in the step size adds c m, c = t beta1^(t-1) / bc1. Both
-            # are linear in m_{t-1} and g, so their sum is written from them now; / denom below.
-            tb = step * beta1 ** (step - 1)
+            # dm/dbeta1 = m_{t-1} - g; bc1 in the step size adds c m, c = tb / bc1 with tb = d(beta1^t)/dbeta1
+            # (beta1^(t-1) with the history held). Both are linear in m_{t-1} and g, so their sum is
+            # written from them now; / denom below.
+            tb = beta1 ** (step - 1) * (1.0 if held else step)
             k1 = 1.0 + tb * beta1 / bias_correction1
             # (c (1 - beta1) - 1) / k1, written so that it is exactly 0 at a tensor's first step (where
             # m / bc1 = g whatever beta1 is): rounding noise there would be a full step under normalize.
@@ -94,9 +105,9 @@ class AdamRule(Rule):
             )
             f1 = scale * hp.chain("beta1") * k1
         if t_beta2 is not None:
-            # dv/dbeta2 = v_{t-1} - g^2; bc2 in sqrt(v / bc2) adds c v, c = t beta2^(t-1) / bc2: as for
-            # beta1. Times -direction / (2 sqrt(v / bc2) denom bc2) below.
-            tb = step * beta2 ** (step - 1)
+            # dv/dbeta2 = v_{t-1} - g^2; bc2 in sqrt(v / bc2) adds c v, c = tb / bc2: as for beta1.
+            # Times -direction / (2 sqrt(v / bc2) denom bc2) below.
+            tb = beta2 ** (step - 1) * (1.0 if held else step)
             k1 = 1.0 + tb * beta2 / bias_correction2
             addcmul_into(
                 t_beta2,

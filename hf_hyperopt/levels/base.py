@@ -340,6 +340,18 @@ def scaled_root_into(dst: list[Tensor], src: list[Tensor], inv_square: Tensor) -
         torch._foreach_mul_(dst, scalars(inv_square.sqrt()))
 
 
+def history_held_power(beta: Tensor, step: int | Tensor) -> Tensor:
+    """``beta ** step``, differentiated (forward mode) as ``beta * held ** (step - 1)`` with ``held``
+    constant: the derivative of this step's factor alone, the moment's history held constant.
+
+    The value is ``beta ** step`` exactly, as ``torch.optim`` computes a bias correction.
+    """
+    primal, tangent = fwAD.unpack_dual(beta)
+    if tangent is None:
+        return beta**step
+    return fwAD.make_dual(primal**step, tangent * primal ** (step - 1))
+
+
 def lr_tangent_factor(hp: Hyper, want: dict, divisor: Tensor | float = 1.0) -> Tensor | None:
     """``-hp.chain("lr") / divisor`` when ``lr`` is learned and that can be read for free (on the CPU).
 
