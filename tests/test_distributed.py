@@ -95,7 +95,15 @@ CASES = [
     {"name": "fsdp_sgd3", "wrap": "fsdp", "spec": SGD3, "save_at": 10, "ckpt_format": "full"},
     # SGD holds both tangents in its momentum buffers, which swap places every step.
     {"name": "fsdp_sgd_held", "wrap": "fsdp", "spec": SGD_HELD, "save_at": 10, "ckpt_format": "dcp"},
-    {"name": "fsdp_default", "wrap": "fsdp", "spec": DEFAULT, "fixed_batch": True, "save_at": 10, "ckpt_format": "dcp"},
+    {
+        "name": "fsdp_default",
+        "wrap": "fsdp",
+        "spec": DEFAULT,
+        "fixed_batch": True,
+        "record_search": True,
+        "save_at": 10,
+        "ckpt_format": "dcp",
+    },
     {"name": "fsdp_tensor", "wrap": "fsdp", "spec": "adam(lr=1e-3,learn=lr+beta1)/adam(lr=1e-2)", "scope": "tensor"},
     {"name": "hsdp_adam", "wrap": "hsdp", "spec": ADAM2},
     {"name": "fsdp_no_reduce", "wrap": "fsdp", "spec": ADAM2, "no_reduce": True},
@@ -146,6 +154,18 @@ def test_the_default_case_resumes_mid_search(tower_runs):
     """The fsdp_default case exercises the search: the lr doubles at every step from 3 to 10 (its checkpoint)."""
     lrs = [r["hyper"][0]["lr"] for r in tower_runs["ref"]["fsdp_default"]["records"]]
     assert all(b == pytest.approx(2 * a) for a, b in zip(lrs[1:9], lrs[2:10], strict=True))  # steps 2..10
+
+
+def test_the_search_judges_global_sums_on_every_rank(tower_runs):
+    """What the search compares (the lr's hypergradient against the cosine margin of the two norms) is
+    the single process's on both ranks: norms summed over one shard each would loosen the margin."""
+    ref = tower_runs["ref"]["fsdp_default"]["judged"]
+    assert len(ref) >= 8  # judged at every step of the search, and at the step that ends it
+    for ranks in tower_runs["ranks"]:
+        judged = ranks["fsdp_default"]["judged"]
+        assert len(judged) == len(ref)
+        for got, want in zip(judged, ref, strict=True):
+            assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_every_level_of_a_three_level_tower_moves_and_is_compared(tower_runs):

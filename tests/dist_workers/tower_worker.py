@@ -14,7 +14,8 @@ with gloo on CPU; one launch runs several cases so that the process group is set
 ``get_optimizer_state_dict``, as Accelerate saves FSDP2 runs; ``full``: the same API with
 ``full_state_dict=True``, one file from rank 0, as Accelerate's ``FULL_STATE_DICT``), ``resume`` (a ``ckpt`` directory to
 continue from), ``fixed_batch`` (the first batch at every step: gradients that stay aligned, so
-that the ramp's search runs), ``no_reduce`` (replace the hypergradient all-reduce by nothing: the control that
+that the ramp's search runs), ``record_search`` (record what the search judges at every step: the lr's
+hypergradient and the two squared norms, which must be global sums), ``no_reduce`` (replace the hypergradient all-reduce by nothing: the control that
 shows the comparison can fail) and the ``wrap`` ``fsdp_first_layer_only`` (a misconfiguration that the
 optimizer must refuse; the ``ValueError`` is recorded as ``error``, and where it came as ``error_at``).
 
@@ -151,9 +152,17 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     start = (
         load_checkpoint(case["resume"], case.get("ckpt_format", "torch"), model, opt, rank) if "resume" in case else 0
     )
-    original_reduce = hypergradients.reduce_hypergradients
+    original_reduce, original_judge = hypergradients.reduce_hypergradients, hypergradients.asks_for_more
     if case.get("no_reduce"):
         hypergradients.reduce_hypergradients = lambda h, groups: None
+    judged: list[list[float]] = []
+    if case.get("record_search"):
+
+        def recorded(h_lr, grads_sq, tangent_sq, cosine):
+            judged.append([float(h_lr), float(grads_sq), float(tangent_sq)])
+            return original_judge(h_lr, grads_sq, tangent_sq, cosine)
+
+        hypergradients.asks_for_more = recorded
     if distributed:
         from torch.distributed.tensor.debug import CommDebugMode
     records, collectives = [], []
@@ -182,7 +191,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
             if case.get("save_at") == step + 1:
                 save_checkpoint(case["ckpt"], case.get("ckpt_format", "torch"), model, opt, rank, step + 1)
     finally:
-        hypergradients.reduce_hypergradients = original_reduce
+        hypergradients.reduce_hypergradients, hypergradients.asks_for_more = original_reduce, original_judge
     # How the per-parameter state (Adam's moments, the tangent buffers) is held: local shard vs whole.
     state = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
     return {
@@ -193,6 +202,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
         "error": error,
         "error_at": error_at,
         "records": records,
+        "judged": judged,
         "collectives_per_step": collectives,
         "reduced_floats": int(opt._tower_state.theta[0].numel()) if opt.height and opt._tower_state else 0,
     }
