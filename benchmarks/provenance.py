@@ -8,14 +8,15 @@ from pathlib import Path
 
 
 def git_commit() -> str:
-    """The repository's commit, with ``+dirty`` when the working tree has changes: what produced a result."""
+    """The repository's commit, with ``+dirty`` when the code that produces a result (the package or the
+    benchmarks) has uncommitted changes."""
     if os.environ.get("HF_HYPEROPT_COMMIT"):  # a benchmark run against an exported snapshot of a commit
         return os.environ["HF_HYPEROPT_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "hf_hyperopt"], cwd=root, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--", "hf_hyperopt", "benchmarks"], cwd=root, capture_output=True, text=True
         )
     except OSError:
         return "unknown"

@@ -460,11 +460,12 @@ def markdown_table(summary: list[dict], metric: str) -> str:
     for s in summary:
         sweep = "multiplier" if s["scale"] == "multiplier" else "lr"
         pct = s["worst_vs_adamw_best_pct"]
-        vs = "" if pct is None else f"{pct:+.1f}%" if abs(pct) < 1e4 else f"{pct:+.1e}%"
+        vs = "n/a" if pct is None else f"{pct:+.1f}%" if abs(pct) < 1e4 else f"{pct:+.1e}%"
+        within = "n/a" if s["within_adamw_best"] is None else f"{s['within_adamw_best']}/{s['points']}"
         lines.append(
             f"| {s['family']} | {sweep} | {_num(s['best'])} (at {s['best_lr']:g}) | {_num(s['worst'])} (at {s['worst_lr']:g}) "
             f"| {vs} | {s['width_decades']:.0f} decades ({s['points_within_1pct']}/{s['points']} points) "
-            f"| {s['within_adamw_best']}/{s['points']} | {s['diverged_runs']}/{s['runs']} |"
+            f"| {within} | {s['diverged_runs']}/{s['runs']} |"
         )
     return head + "\n".join(lines) + "\n"
 
