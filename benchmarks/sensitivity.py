@@ -51,7 +51,7 @@ import hf_hyperopt as hh
 
 from . import top_levels  # noqa: F401  (registers the experimental top levels for spec strings)
 from .provenance import git_commit
-from .tasks import Task, cancer_task, diabetes_task, digits_task, gpt2_task, minilm_task
+from .tasks import Task, cancer_task, diabetes_task, digits_task, gpt2_task, minilm_task, vit_digits_task
 
 # ---------------------------------------------------------------------------------------------------
 # Methods
@@ -529,7 +529,7 @@ def plot(rows: list[dict], task: Task, path: Path) -> None:
 class SensitivityArguments:
     task: str = field(
         default="digits",
-        metadata={"help": "what to train", "choices": ["digits", "minilm", "gpt2", "cancer", "diabetes"]},
+        metadata={"help": "what to train", "choices": ["digits", "minilm", "gpt2", "cancer", "diabetes", "vit_digits"]},
     )
     methods: list[str] = field(
         default_factory=lambda: ["all"],
@@ -545,7 +545,10 @@ class SensitivityArguments:
     )
     epochs: int = field(
         default=200,
-        metadata={"help": "digits, cancer, diabetes: epochs (6, 7 and 11 steps each at batch 256, 64 and 32)"},
+        metadata={
+            "help": "digits, cancer, diabetes, vit_digits: epochs (6, 7, 11 and 22 steps each at batch 256, 64, 32 "
+            "and 64)"
+        },
     )
     steps: int = field(default=150, metadata={"help": "minilm / gpt2: training steps"})
     out: str = field(default="results", metadata={"help": "output folder"})
@@ -584,7 +587,9 @@ def make_task(args: SensitivityArguments) -> Task:
         return cancer_task(epochs=2 if args.quick else args.epochs)
     if args.task == "diabetes":
         return diabetes_task(epochs=2 if args.quick else args.epochs)
-    raise ValueError(f"--task {args.task!r} is not one of digits, minilm, gpt2, cancer, diabetes")
+    if args.task == "vit_digits":
+        return vit_digits_task(epochs=1 if args.quick else args.epochs)
+    raise ValueError(f"--task {args.task!r} is not one of digits, minilm, gpt2, cancer, diabetes, vit_digits")
 
 
 def resolve_methods(names: list[str]) -> list[Method]:

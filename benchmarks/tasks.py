@@ -1,5 +1,5 @@
-"""The tasks the benchmarks train: the paper's MLP on digits, a pretrained MiniLM classifier, a small GPT-2,
-and two small tabular problems (a logistic regression, an MLP regression).
+"""The tasks the benchmarks train: the paper's MLP on digits, a small ViT on digits, a pretrained MiniLM
+classifier, a small GPT-2, and two small tabular problems (a logistic regression, an MLP regression).
 
 Each :class:`Task` bundles a model factory, a batch stream, a loss and a metric, so that a benchmark
 trains every optimizer on exactly the same problem. All run offline: scikit-learn ships the digits and
@@ -104,6 +104,35 @@ def digits_task(epochs: int, batch_size: int = 256) -> Task:
     return _tabular_task(
         "digits", digits_data(), mlp, epochs, batch_size, F.cross_entropy, _accuracy, "test accuracy (%)", True, 10.0
     )
+
+
+class _ViTOnRows(nn.Module):
+    """A ``ViTForImageClassification`` on the 64 standardised pixels of a digit, as a 1-channel 8x8 image."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.vit(pixel_values=x.view(-1, 1, 8, 8)).logits
+
+
+def vit_digits_task(epochs: int, batch_size: int = 64) -> Task:
+    """A transformer classifier trained from scratch: a 2-layer ViT (hidden 64, 2x2 patches) built from
+    ``ViTConfig`` on scikit-learn's digits as 8x8 images (the digits split); metric: test accuracy."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=128, num_labels=10)  # fmt: skip
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return _ViTOnRows(ViTForImageClassification(config))
+
+    return _tabular_task(
+        "vit_digits", digits_data(), build, epochs, batch_size, F.cross_entropy, _accuracy, "test accuracy (%)", True,
+        10.0,
+    )  # fmt: skip
 
 
 def _standardised_split(x, y, seed: int, stratify: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
