@@ -16,7 +16,10 @@ def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "hf_hyperopt", "benchmarks"], cwd=root, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--", "hf_hyperopt", "benchmarks"],
+            cwd=root,
+            capture_output=True,
+            text=True,
         )
     except OSError:
         return "unknown"

@@ -551,6 +551,11 @@ class SensitivityArguments:
         },
     )
     steps: int = field(default=150, metadata={"help": "minilm / gpt2: training steps"})
+    batch_size: int | None = field(
+        default=None,
+        metadata={"help": "batch size (default: the task's: digits 256, vit_digits 64, cancer 64, diabetes 32, "
+                  "minilm 16, gpt2 16)"},
+    )  # fmt: skip
     out: str = field(default="results", metadata={"help": "output folder"})
     tag: str = field(default="", metadata={"help": "suffix of the output files"})
     quick: bool = field(default=False, metadata={"help": "tiny settings (seconds): a smoke test of the pipeline"})
@@ -577,18 +582,21 @@ class SensitivityArguments:
 
 
 def make_task(args: SensitivityArguments) -> Task:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch_size {args.batch_size}: give a positive number of examples")
+    batch = {} if args.batch_size is None else {"batch_size": args.batch_size}
     if args.task == "digits":
-        return digits_task(epochs=2 if args.quick else args.epochs)
+        return digits_task(epochs=2 if args.quick else args.epochs, **batch)
     if args.task == "minilm":
-        return minilm_task(steps=3 if args.quick else args.steps, n_test=32 if args.quick else 256)
+        return minilm_task(steps=3 if args.quick else args.steps, n_test=32 if args.quick else 256, **batch)
     if args.task == "gpt2":
-        return gpt2_task(steps=3 if args.quick else args.steps, n_test=8 if args.quick else 64)
+        return gpt2_task(steps=3 if args.quick else args.steps, n_test=8 if args.quick else 64, **batch)
     if args.task == "cancer":
-        return cancer_task(epochs=2 if args.quick else args.epochs)
+        return cancer_task(epochs=2 if args.quick else args.epochs, **batch)
     if args.task == "diabetes":
-        return diabetes_task(epochs=2 if args.quick else args.epochs)
+        return diabetes_task(epochs=2 if args.quick else args.epochs, **batch)
     if args.task == "vit_digits":
-        return vit_digits_task(epochs=1 if args.quick else args.epochs)
+        return vit_digits_task(epochs=1 if args.quick else args.epochs, **batch)
     raise ValueError(f"--task {args.task!r} is not one of digits, minilm, gpt2, cancer, diabetes, vit_digits")
 
 
@@ -636,9 +644,12 @@ def merge(
         raise FileNotFoundError(f"--merge: no such results file: {', '.join(missing)} (give sensitivity_*.json files)")
     files = [json.loads(p.read_text()) for p in paths]
     metas = [f["meta"] for f in files]
-    keys = {(m["task"], m["metric"], m["higher_is_better"], m["steps"]) for m in metas}
+    # batch_size: given by --batch_size, absent for the task's own
+    keys = {(m["task"], m["metric"], m["higher_is_better"], m["steps"], m.get("batch_size")) for m in metas}
     if len(keys) != 1:
-        raise ValueError(f"--merge: the files are not runs of one task setting (task, metric, steps): {sorted(keys)}")
+        raise ValueError(
+            f"--merge: the files are not runs of one task setting (task, metric, steps, batch size): {sorted(keys, key=str)}"
+        )
     dropped = set(drop or ())
     for f in files:
         for r in f["runs"]:
@@ -720,6 +731,8 @@ def main(args: SensitivityArguments) -> list[dict]:
                     flush=True,
                 )
     meta = {"task": task.name, "metric": task.metric, "higher_is_better": task.higher, "steps": task.steps}
+    if args.batch_size is not None:
+        meta["batch_size"] = args.batch_size
     meta |= {"default_hyper": hh.DEFAULT_HYPER["default"], "args": asdict(args), "command": " ".join(sys.argv)}
     meta |= {"torch": torch.__version__, "commit": git_commit(), "hf_hyperopt": str(Path(hh.__file__).parent)}
     print(write_results(rows, task, meta, out, stem))
