@@ -35,6 +35,7 @@ sweep points within 1% of the best fixed-learning-rate AdamW of the sweep.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -581,6 +582,16 @@ class SensitivityArguments:
     )
 
 
+TASK_BUILDERS = {"digits": digits_task, "minilm": minilm_task, "gpt2": gpt2_task, "cancer": cancer_task,
+                 "diabetes": diabetes_task, "vit_digits": vit_digits_task}  # fmt: skip
+
+
+def batch_size_of(task: str, given: int | None) -> int:
+    """The batch size a run of ``task`` used: ``given``, or the task's own (a results file made before
+    ``--batch_size`` existed records none)."""
+    return given if given is not None else inspect.signature(TASK_BUILDERS[task]).parameters["batch_size"].default
+
+
 def make_task(args: SensitivityArguments) -> Task:
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch_size {args.batch_size}: give a positive number of examples")
@@ -644,8 +655,10 @@ def merge(
         raise FileNotFoundError(f"--merge: no such results file: {', '.join(missing)} (give sensitivity_*.json files)")
     files = [json.loads(p.read_text()) for p in paths]
     metas = [f["meta"] for f in files]
-    # batch_size: given by --batch_size, absent for the task's own
-    keys = {(m["task"], m["metric"], m["higher_is_better"], m["steps"], m.get("batch_size")) for m in metas}
+    keys = {
+        (m["task"], m["metric"], m["higher_is_better"], m["steps"], batch_size_of(m["task"], m.get("batch_size")))
+        for m in metas
+    }
     if len(keys) != 1:
         raise ValueError(
             f"--merge: the files are not runs of one task setting (task, metric, steps, batch size): {sorted(keys, key=str)}"
@@ -731,8 +744,7 @@ def main(args: SensitivityArguments) -> list[dict]:
                     flush=True,
                 )
     meta = {"task": task.name, "metric": task.metric, "higher_is_better": task.higher, "steps": task.steps}
-    if args.batch_size is not None:
-        meta["batch_size"] = args.batch_size
+    meta["batch_size"] = batch_size_of(args.task, args.batch_size)
     meta |= {"default_hyper": hh.DEFAULT_HYPER["default"], "args": asdict(args), "command": " ".join(sys.argv)}
     meta |= {"torch": torch.__version__, "commit": git_commit(), "hf_hyperopt": str(Path(hh.__file__).parent)}
     print(write_results(rows, task, meta, out, stem))

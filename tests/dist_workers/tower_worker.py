@@ -152,22 +152,22 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     start = (
         load_checkpoint(case["resume"], case.get("ckpt_format", "torch"), model, opt, rank) if "resume" in case else 0
     )
-    original_reduce, original_judge = hypergradients.reduce_hypergradients, hypergradients.asks_for_more
-    if case.get("no_reduce"):
-        hypergradients.reduce_hypergradients = lambda h, groups: None
-    judged: list[list[float]] = []
-    if case.get("record_search"):
-
-        def recorded(h_lr, grads_sq, tangent_sq, cosine):
-            judged.append([float(h_lr), float(grads_sq), float(tangent_sq)])
-            return original_judge(h_lr, grads_sq, tangent_sq, cosine)
-
-        hypergradients.asks_for_more = recorded
     if distributed:
         from torch.distributed.tensor.debug import CommDebugMode
     records, collectives = [], []
     error = error_at = None
+    judged: list[list[float]] = []
+    original_reduce, original_judge = hypergradients.reduce_hypergradients, hypergradients.asks_for_more
     try:
+        if case.get("no_reduce"):
+            hypergradients.reduce_hypergradients = lambda h, groups: None
+        if case.get("record_search"):
+
+            def recorded(h_lr, grads_sq, tangent_sq, cosine):
+                judged.append([float(h_lr), float(grads_sq), float(tangent_sq)])
+                return original_judge(h_lr, grads_sq, tangent_sq, cosine)
+
+            hypergradients.asks_for_more = recorded
         for step in range(start, steps):
             x, y = batch(0 if case.get("fixed_batch") else step)
             if distributed:
