@@ -526,11 +526,19 @@ def plot(rows: list[dict], task: Task, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+# What each --task builds; minilm and gpt2 train for --steps, the others for --epochs.
+TASK_BUILDERS = {"digits": digits_task, "minilm": minilm_task, "gpt2": gpt2_task, "cancer": cancer_task,
+                 "diabetes": diabetes_task, "vit_digits": vit_digits_task}  # fmt: skip
+STEP_TASKS = ("minilm", "gpt2")
+# --quick: a few steps, a small test set where the task has its own
+QUICK = {"minilm": {"steps": 3, "n_test": 32}, "gpt2": {"steps": 3, "n_test": 8}, "vit_digits": {"epochs": 1}}
+
+
 @dataclass
 class SensitivityArguments:
     task: str = field(
         default="digits",
-        metadata={"help": "what to train", "choices": ["digits", "minilm", "gpt2", "cancer", "diabetes", "vit_digits"]},
+        metadata={"help": "what to train", "choices": list(TASK_BUILDERS)},
     )
     methods: list[str] = field(
         default_factory=lambda: ["all"],
@@ -582,10 +590,6 @@ class SensitivityArguments:
     )
 
 
-TASK_BUILDERS = {"digits": digits_task, "minilm": minilm_task, "gpt2": gpt2_task, "cancer": cancer_task,
-                 "diabetes": diabetes_task, "vit_digits": vit_digits_task}  # fmt: skip
-
-
 def batch_size_of(task: str, given: int | None) -> int:
     """The batch size a run of ``task`` used: ``given``, or the task's own (a results file made before
     ``--batch_size`` existed records none)."""
@@ -593,22 +597,16 @@ def batch_size_of(task: str, given: int | None) -> int:
 
 
 def make_task(args: SensitivityArguments) -> Task:
+    if args.task not in TASK_BUILDERS:
+        raise ValueError(f"--task {args.task!r} is not one of {', '.join(TASK_BUILDERS)}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch_size {args.batch_size}: give a positive number of examples")
-    batch = {} if args.batch_size is None else {"batch_size": args.batch_size}
-    if args.task == "digits":
-        return digits_task(epochs=2 if args.quick else args.epochs, **batch)
-    if args.task == "minilm":
-        return minilm_task(steps=3 if args.quick else args.steps, n_test=32 if args.quick else 256, **batch)
-    if args.task == "gpt2":
-        return gpt2_task(steps=3 if args.quick else args.steps, n_test=8 if args.quick else 64, **batch)
-    if args.task == "cancer":
-        return cancer_task(epochs=2 if args.quick else args.epochs, **batch)
-    if args.task == "diabetes":
-        return diabetes_task(epochs=2 if args.quick else args.epochs, **batch)
-    if args.task == "vit_digits":
-        return vit_digits_task(epochs=1 if args.quick else args.epochs, **batch)
-    raise ValueError(f"--task {args.task!r} is not one of digits, minilm, gpt2, cancer, diabetes, vit_digits")
+    kwargs = {"steps": args.steps} if args.task in STEP_TASKS else {"epochs": args.epochs}
+    if args.quick:
+        kwargs |= QUICK.get(args.task, {"epochs": 2})
+    if args.batch_size is not None:
+        kwargs["batch_size"] = args.batch_size
+    return TASK_BUILDERS[args.task](**kwargs)
 
 
 def resolve_methods(names: list[str]) -> list[Method]:
