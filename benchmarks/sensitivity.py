@@ -52,7 +52,16 @@ import hf_hyperopt as hh
 
 from . import top_levels  # noqa: F401  (registers the experimental top levels for spec strings)
 from .provenance import git_commit
-from .tasks import Task, cancer_task, diabetes_task, digits_task, gpt2_task, minilm_task, vit_digits_task
+from .tasks import (
+    Task,
+    cancer_task,
+    diabetes_task,
+    digits_task,
+    gpt2_task,
+    minilm_demo_task,
+    minilm_task,
+    vit_digits_task,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # Methods
@@ -527,11 +536,11 @@ def plot(rows: list[dict], task: Task, path: Path) -> None:
 
 
 # What each --task builds; minilm and gpt2 train for --steps, the others for --epochs.
-TASK_BUILDERS = {"digits": digits_task, "minilm": minilm_task, "gpt2": gpt2_task, "cancer": cancer_task,
-                 "diabetes": diabetes_task, "vit_digits": vit_digits_task}  # fmt: skip
-STEP_TASKS = ("minilm", "gpt2")
+TASK_BUILDERS = {"digits": digits_task, "minilm": minilm_task, "minilm_demo": minilm_demo_task, "gpt2": gpt2_task,
+                 "cancer": cancer_task, "diabetes": diabetes_task, "vit_digits": vit_digits_task}  # fmt: skip
+STEP_TASKS = ("minilm", "minilm_demo", "gpt2")
 # --quick: a few steps, a small test set where the task has its own
-QUICK = {"minilm": {"steps": 3, "n_test": 32}, "gpt2": {"steps": 3, "n_test": 8}, "vit_digits": {"epochs": 1}}
+QUICK = {"minilm": {"steps": 3, "n_test": 32}, "minilm_demo": {"steps": 3, "n_test": 32}, "gpt2": {"steps": 3, "n_test": 8}, "vit_digits": {"epochs": 1}}
 
 
 @dataclass
