@@ -24,7 +24,7 @@ Commands (run from the repository root; each writes ``<out>/sensitivity_<task>.{
     python -m benchmarks.sensitivity --task digits --quick --out /tmp/sens
 
 Learning rates: the ``lr`` methods sweep ``--lrs`` (default 1e-7 .. 1e-1, one per decade);
-Prodigy, D-Adaptation and DoG take a multiplier of their estimated step size whose natural value is 1, so
+Prodigy, D-Adaptation, DoG and L-DoG take a multiplier of their estimated step size whose natural value is 1, so
 they sweep ``--multipliers`` (default 1e-3 .. 1e3, the same number of decades).
 
 Summary columns (``sensitivity_<task>.md``): best and worst mean metric over the sweep, the number of
@@ -131,6 +131,16 @@ def _dog(params, lr, steps):
     return dog.DoG(params, lr=lr, weight_decay=0.0), None
 
 
+def _ldog(params, lr, steps):
+    import logging
+
+    import dog
+
+    # L-DoG: DoG's step size estimated per tensor (layer), the variant its authors offer beside DoG.
+    logging.getLogger(dog.dog.__name__).setLevel(logging.ERROR)
+    return dog.LDoG(params, lr=lr, weight_decay=0.0), None
+
+
 def _sgd(params, lr, steps):
     return torch.optim.SGD(params, lr=lr), None
 
@@ -159,6 +169,7 @@ PEERS: dict[str, Method] = {
     "dadapt_adam": Method("dadapt_adam", "D-Adaptation Adam", _dadapt, scale="multiplier"),
     "mechanic": Method("mechanic", "Mechanic (AdamW base)", _mechanic),
     "dog": Method("dog", "DoG", _dog, scale="multiplier"),
+    "ldog": Method("ldog", "L-DoG (DoG per layer)", _ldog, scale="multiplier"),
     "gdtuo_adam_sgd": Method("gdtuo_adam_sgd", "reference gdtuo Adam / SGD(1e-5)", None, reference="adam/sgd(1e-5)"),
 }
 
@@ -255,6 +266,7 @@ _PEERS_AND_DEFAULT = [
     "dadapt_adam",
     "mechanic",
     "dog",
+    "ldog",
     "gdtuo_adam_sgd",
     "hyper_adam",
 ]
@@ -282,9 +294,9 @@ def final_lr(opt: torch.optim.Optimizer) -> float:
     g = opt.param_groups[0]
     if "_mechanic" in opt.state:  # Mechanic: the base lr times its learned scale
         return float(g["lr"] * opt.state["_mechanic"]["s"].sum())
-    if "eta" in g:  # DoG: its step size (one for the whole group)
-        eta = g["eta"][0] if isinstance(g["eta"], list) else g["eta"]
-        return float(eta.max() if torch.is_tensor(eta) else eta)
+    if "eta" in g:  # DoG: its step size (one for the whole group); L-DoG: the largest of its per-layer ones
+        etas = g["eta"] if isinstance(g["eta"], list) else [g["eta"]]
+        return max(float(e.max() if torch.is_tensor(e) else e) for e in etas)
     return float(g["lr"] * g.get("d", 1.0))
 
 
@@ -540,7 +552,12 @@ TASK_BUILDERS = {"digits": digits_task, "minilm": minilm_task, "minilm_demo": mi
                  "cancer": cancer_task, "diabetes": diabetes_task, "vit_digits": vit_digits_task}  # fmt: skip
 STEP_TASKS = ("minilm", "minilm_demo", "gpt2")
 # --quick: a few steps, a small test set where the task has its own
-QUICK = {"minilm": {"steps": 3, "n_test": 32}, "minilm_demo": {"steps": 3, "n_test": 32}, "gpt2": {"steps": 3, "n_test": 8}, "vit_digits": {"epochs": 1}}
+QUICK = {
+    "minilm": {"steps": 3, "n_test": 32},
+    "minilm_demo": {"steps": 3, "n_test": 32},
+    "gpt2": {"steps": 3, "n_test": 8},
+    "vit_digits": {"epochs": 1},
+}
 
 
 @dataclass
