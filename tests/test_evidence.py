@@ -163,11 +163,25 @@ def test_paper_table_quick_agrees_with_reference(tmp_path):
 def test_sensitivity_quick_runs_the_mechanic_and_dog_peers(tmp_path):
     pytest.importorskip("mechanic_pytorch")
     pytest.importorskip("dog")
-    args = sensitivity.SensitivityArguments(task="digits", methods=["mechanic", "dog"], quick=True, out=str(tmp_path))
+    methods = ["mechanic", "dog", "ldog"]
+    args = sensitivity.SensitivityArguments(task="digits", methods=methods, quick=True, out=str(tmp_path))
     rows = sensitivity.main(args)
-    # Mechanic sweeps the base AdamW lr, DoG a multiplier of its own step size (natural value 1).
+    # Mechanic sweeps the base AdamW lr, DoG and L-DoG a multiplier of their own step size (natural value 1).
     assert {(r["method"], r["scale"], r["lr"]) for r in rows} == {
-        ("mechanic", "lr", 1e-4), ("mechanic", "lr", 1e-2), ("dog", "multiplier", 0.1), ("dog", "multiplier", 1.0)
+        ("mechanic", "lr", 1e-4), ("mechanic", "lr", 1e-2), ("dog", "multiplier", 0.1), ("dog", "multiplier", 1.0),
+        ("ldog", "multiplier", 0.1), ("ldog", "multiplier", 1.0),
     }  # fmt: skip
     assert all(r["final_lr"] > 0 and not r["diverged"] for r in rows)
     assert all(0.0 <= r["metric"] <= 100.0 for r in rows)
+
+
+def test_final_lr_of_ldog_is_its_largest_per_layer_step():
+    dog = pytest.importorskip("dog")
+    torch.manual_seed(0)  # the second tensor's step is the largest, so the first one's would not do
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    opt = dog.LDoG(model.parameters(), lr=1.0)
+    model(torch.randn(16, 4)).pow(2).mean().backward()
+    opt.step()
+    etas = [float(e.max()) for e in opt.param_groups[0]["eta"]]
+    assert len(set(etas)) > 1  # one step size per tensor
+    assert sensitivity.final_lr(opt) == max(etas)
