@@ -190,6 +190,11 @@ TOWERS: dict[str, str] = {
     "hyper_adam+trace": "adam(lr=0.05,ramp=0.001,normalize=true,trace=0.9)",
     # the default with another step size at its top level (the default's is 0.05)
     **{f"hyper_adam(top={lr})": f"adam(lr={lr},ramp=0.001,normalize=true)" for lr in ("0.01", "0.02", "0.1", "0.2")},
+    # ... the same since the default searches past the ramp's start
+    **{
+        f"hyper_adam(top={lr},ramp_search=0.3)": f"adam(lr={lr},ramp=0.001,normalize=true,ramp_search=0.3)"
+        for lr in ("0.01", "0.02", "0.1", "0.2")
+    },
     # ... with a level above the top that learns the top's step size (the paper's stacking)
     **{
         f"hyper_adam(top={lr})/adam({l2})": f"adam(lr={lr},ramp=0.001,normalize=true)/adam(lr={l2},normalize=true)"
