@@ -16,6 +16,8 @@ Commands (run from the repository root; each writes ``<out>/sensitivity_<task>.{
     # (c) a small GPT-2 trained from scratch on data/shakespeare_lm
     nice python -m benchmarks.sensitivity --task minilm --seeds 0
     nice python -m benchmarks.sensitivity --task gpt2 --seeds 0
+    # the classification demo's setting, its length, scored on its whole validation split
+    nice python -m benchmarks.sensitivity --task minilm_demo --steps 450 --seeds 0
 
     # one sweep from runs made by several commands (other methods, other seeds) of one task setting
     python -m benchmarks.sensitivity --merge results/sensitivity_gpt2_300.json /tmp/more.json --tag 300
@@ -299,9 +301,11 @@ def final_lr(opt: torch.optim.Optimizer) -> float:
     g = opt.param_groups[0]
     if "_mechanic" in opt.state:  # Mechanic: the base lr times its learned scale
         return float(g["lr"] * opt.state["_mechanic"]["s"].sum())
-    if "eta" in g:  # DoG: its step size (one for the whole group); L-DoG: the largest of its per-layer ones
+    if "eta" in g:  # DoG: its step size (one for the whole group); L-DoG: the median of its per-tensor ones
+        # (the largest would be that of a tensor with no gradient, e.g. a key bias under softmax: its step
+        # stays at its start, far above the rest)
         etas = g["eta"] if isinstance(g["eta"], list) else [g["eta"]]
-        return max(float(e.max() if torch.is_tensor(e) else e) for e in etas)
+        return float(torch.stack([torch.as_tensor(e, dtype=torch.float64).max().cpu() for e in etas]).quantile(0.5))
     return float(g["lr"] * g.get("d", 1.0))
 
 
@@ -590,11 +594,11 @@ class SensitivityArguments:
             "and 64)"
         },
     )
-    steps: int = field(default=150, metadata={"help": "minilm / gpt2: training steps"})
+    steps: int = field(default=150, metadata={"help": "minilm / minilm_demo / gpt2: training steps (the demo: 450)"})
     batch_size: int | None = field(
         default=None,
         metadata={"help": "batch size (default: the task's: digits 256, vit_digits 64, cancer 64, diabetes 32, "
-                  "minilm 16, gpt2 16)"},
+                  "minilm 16, minilm_demo 16, gpt2 16)"},
     )  # fmt: skip
     out: str = field(default="results", metadata={"help": "output folder"})
     tag: str = field(default="", metadata={"help": "suffix of the output files"})

