@@ -166,6 +166,7 @@ def main(args: PaperTableArguments) -> list[dict]:
     unknown = set(args.stacks) - {s.label for s in STACKS}
     if unknown:
         raise ValueError(f"unknown stack(s) {sorted(unknown)}; allowed: {[s.label for s in STACKS]}")
+    commit = git_commit()  # the code as it was loaded: later commits during a long run are not its
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.quick:
@@ -227,7 +228,7 @@ def main(args: PaperTableArguments) -> list[dict]:
                      "steps": task.steps, "paper_mnist_error": "", "hf_error_mean": hm, "hf_error_std": hs,
                      "hf_lr_mean": sum(lrs) / len(lrs)})  # fmt: skip
 
-    _write(out / f"paper_table{'_' + args.tag if args.tag else ''}", rows, runs, args)
+    _write(out / f"paper_table{'_' + args.tag if args.tag else ''}", rows, runs, args, commit)
     return rows
 
 
@@ -254,7 +255,7 @@ def markdown(rows: list[dict], n_seeds: int) -> str:
     )
 
 
-def _write(stem: Path, rows: list[dict], runs: list[dict], args: PaperTableArguments) -> None:
+def _write(stem: Path, rows: list[dict], runs: list[dict], args: PaperTableArguments, commit: str) -> None:
     import csv
 
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -263,7 +264,7 @@ def _write(stem: Path, rows: list[dict], runs: list[dict], args: PaperTableArgum
         w.writeheader()
         w.writerows(rows)
     meta = {"default_hyper": hh.DEFAULT_HYPER["default"], "args": asdict(args), "command": " ".join(sys.argv)}
-    meta |= {"torch": torch.__version__, "commit": git_commit(), "hf_hyperopt": str(Path(hh.__file__).parent)}
+    meta |= {"torch": torch.__version__, "commit": commit, "hf_hyperopt": str(Path(hh.__file__).parent)}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1))
     table = markdown(rows, len(args.seeds))
     stem.with_suffix(".md").write_text(table)

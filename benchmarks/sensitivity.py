@@ -743,6 +743,7 @@ def main(args: SensitivityArguments) -> list[dict]:
     if args.merge:
         return merge([Path(p) for p in args.merge], Path(args.out), args.tag, args.drop, args.rename)
     methods = resolve_methods(args.methods)  # raises on a bad name before any work
+    commit = git_commit()  # the code as it was loaded: later commits during a long sweep are not its
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.quick:
@@ -779,7 +780,7 @@ def main(args: SensitivityArguments) -> list[dict]:
     meta = {"task": task.name, "metric": task.metric, "higher_is_better": task.higher, "steps": task.steps}
     meta["batch_size"] = batch_size_of(args.task, args.batch_size)
     meta |= {"default_hyper": hh.DEFAULT_HYPER["default"], "args": asdict(args), "command": " ".join(sys.argv)}
-    meta |= {"torch": torch.__version__, "commit": git_commit(), "hf_hyperopt": str(Path(hh.__file__).parent)}
+    meta |= {"torch": torch.__version__, "commit": commit, "hf_hyperopt": str(Path(hh.__file__).parent)}
     print(write_results(rows, task, meta, out, stem))
     return rows
 

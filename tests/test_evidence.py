@@ -185,3 +185,12 @@ def test_final_lr_of_ldog_is_the_median_of_its_per_tensor_steps():
     etas = sorted(float(e.max()) for e in opt.param_groups[0]["eta"])
     assert len(set(etas)) == 4  # one step size per tensor
     assert sensitivity.final_lr(opt) == pytest.approx((etas[1] + etas[2]) / 2)  # not the largest, nor the first
+
+
+def test_sensitivity_records_the_commit_its_code_was_loaded_at(tmp_path, monkeypatch):
+    # A commit made while a long sweep runs is not the code that ran: the record is the commit at the start.
+    commits = iter(["at-start", "at-end"])
+    monkeypatch.setattr(sensitivity, "git_commit", lambda: next(commits))
+    args = sensitivity.SensitivityArguments(task="digits", methods=["adamw"], quick=True, out=str(tmp_path))
+    sensitivity.main(args)
+    assert json.loads((tmp_path / "sensitivity_digits.json").read_text())["meta"]["commit"] == "at-start"
