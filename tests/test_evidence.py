@@ -189,8 +189,10 @@ def test_final_lr_of_ldog_is_the_median_of_its_per_tensor_steps():
 
 def test_sensitivity_records_the_commit_its_code_was_loaded_at(tmp_path, monkeypatch):
     # A commit made while a long sweep runs is not the code that ran: the record is the commit at the start.
-    commits = iter(["at-start", "at-end"])
-    monkeypatch.setattr(sensitivity, "git_commit", lambda: next(commits))
+    trained = []
+    run_one = sensitivity.run_one
+    monkeypatch.setattr(sensitivity, "run_one", lambda *a: trained.append(1) or run_one(*a))
+    monkeypatch.setattr(sensitivity, "git_commit", lambda: "at-end" if trained else "at-start")
     args = sensitivity.SensitivityArguments(task="digits", methods=["adamw"], quick=True, out=str(tmp_path))
     sensitivity.main(args)
     assert json.loads((tmp_path / "sensitivity_digits.json").read_text())["meta"]["commit"] == "at-start"
