@@ -556,7 +556,7 @@ def plot(rows: list[dict], task: Task, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-# What each --task builds; minilm and gpt2 train for --steps, the others for --epochs.
+# What each --task builds; minilm, minilm_demo and gpt2 train for --steps, the others for --epochs.
 TASK_BUILDERS = {"digits": digits_task, "minilm": minilm_task, "minilm_demo": minilm_demo_task, "gpt2": gpt2_task,
                  "cancer": cancer_task, "diabetes": diabetes_task, "vit_digits": vit_digits_task}  # fmt: skip
 STEP_TASKS = ("minilm", "minilm_demo", "gpt2")
