@@ -122,25 +122,21 @@ def _mechanic(params, lr, steps):
     return mechanize(torch.optim.AdamW)(params, lr=lr, weight_decay=0.0), None
 
 
-def _dog(params, lr, steps):
-    import logging
+def _dog(variant: str):
+    """DoG (``"DoG"``) or L-DoG (``"LDoG"``: its step size estimated per tensor, the variant its authors
+    offer beside DoG)."""
 
-    import dog
+    def build(params, lr, steps):
+        import logging
 
-    # DoG's lr is a multiplier c of its estimated step size (natural value 1, as Prodigy's); it warns
-    # on any other value, which is the point of this sweep.
-    logging.getLogger(dog.dog.__name__).setLevel(logging.ERROR)
-    return dog.DoG(params, lr=lr, weight_decay=0.0), None
+        import dog
 
+        # DoG's lr is a multiplier c of its estimated step size (natural value 1, as Prodigy's); it warns
+        # on any other value, which is the point of this sweep.
+        logging.getLogger(dog.dog.__name__).setLevel(logging.ERROR)
+        return getattr(dog, variant)(params, lr=lr, weight_decay=0.0), None
 
-def _ldog(params, lr, steps):
-    import logging
-
-    import dog
-
-    # L-DoG: DoG's step size estimated per tensor (layer), the variant its authors offer beside DoG.
-    logging.getLogger(dog.dog.__name__).setLevel(logging.ERROR)
-    return dog.LDoG(params, lr=lr, weight_decay=0.0), None
+    return build
 
 
 def _sgd(params, lr, steps):
@@ -170,8 +166,8 @@ PEERS: dict[str, Method] = {
     "prodigy": Method("prodigy", "Prodigy", _prodigy, scale="multiplier"),
     "dadapt_adam": Method("dadapt_adam", "D-Adaptation Adam", _dadapt, scale="multiplier"),
     "mechanic": Method("mechanic", "Mechanic (AdamW base)", _mechanic),
-    "dog": Method("dog", "DoG", _dog, scale="multiplier"),
-    "ldog": Method("ldog", "L-DoG (DoG per layer)", _ldog, scale="multiplier"),
+    "dog": Method("dog", "DoG", _dog("DoG"), scale="multiplier"),
+    "ldog": Method("ldog", "L-DoG (DoG per layer)", _dog("LDoG"), scale="multiplier"),
     "gdtuo_adam_sgd": Method("gdtuo_adam_sgd", "reference gdtuo Adam / SGD(1e-5)", None, reference="adam/sgd(1e-5)"),
 }
 
@@ -556,10 +552,10 @@ def plot(rows: list[dict], task: Task, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-# What each --task builds; minilm, minilm_demo and gpt2 train for --steps, the others for --epochs.
+# What each --task builds; a builder that takes ``steps`` trains for --steps (minilm, minilm_demo, gpt2),
+# the others for --epochs.
 TASK_BUILDERS = {"digits": digits_task, "minilm": minilm_task, "minilm_demo": minilm_demo_task, "gpt2": gpt2_task,
                  "cancer": cancer_task, "diabetes": diabetes_task, "vit_digits": vit_digits_task}  # fmt: skip
-STEP_TASKS = ("minilm", "minilm_demo", "gpt2")
 # --quick: a few steps, a small test set where the task has its own
 QUICK = {
     "minilm": {"steps": 3, "n_test": 32},
@@ -636,7 +632,8 @@ def make_task(args: SensitivityArguments) -> Task:
         raise ValueError(f"--task {args.task!r} is not one of {', '.join(TASK_BUILDERS)}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch_size {args.batch_size}: give a positive number of examples")
-    kwargs = {"steps": args.steps} if args.task in STEP_TASKS else {"epochs": args.epochs}
+    takes_steps = "steps" in inspect.signature(TASK_BUILDERS[args.task]).parameters
+    kwargs = {"steps": args.steps} if takes_steps else {"epochs": args.epochs}
     if args.quick:
         kwargs |= QUICK.get(args.task, {"epochs": 2})
     if args.batch_size is not None:
