@@ -56,7 +56,6 @@ import gc
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -67,6 +66,8 @@ import torch
 from torch import Tensor, nn
 
 import hf_hyperopt as hh
+
+from .provenance import git_commit
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -352,16 +353,10 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, tu
 
 
 def provenance() -> str:
-    """The commit of the hf_hyperopt that was imported, and whether its files differ from it."""
+    """The commit of the hf_hyperopt that was imported (see :func:`~benchmarks.provenance.git_commit`) and
+    where it was imported from: a benchmark may time an installed copy rather than this checkout."""
     root = Path(hh.__file__).resolve().parent.parent
-    try:
-        git = ["git", "-C", str(root)]
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "hf_hyperopt"], capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return f"unknown commit ({root})"
-    changed = " with uncommitted changes to hf_hyperopt/" if dirty.stdout.strip() else ""
-    return f"{commit.stdout.strip()}{changed} ({root})"
+    return f"{git_commit(root)} ({root})"
 
 
 def ratio(x: float, base: float) -> float:
@@ -624,6 +619,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     )
     torch.set_num_threads(setup.threads)
     start = time.perf_counter()
+    code = provenance()  # the code as it was loaded: later commits during the run are not its
     load_before = os.getloadavg()
     model = build_model(setup.model, setup.quick, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
@@ -647,7 +643,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     meta = {
         "command": "python -m benchmarks.benchmark_optimizer " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": f"{describe}; {n_params:,} parameters (float32, {n_params * 4 / 2**20:.0f} MB)",
-        "hf_hyperopt": provenance(),
+        "hf_hyperopt": code,
         "repetitions": f"optimizer step {setup.opt_reps}, training step {setup.train_reps} (after {setup.warmup} warm-up)",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {setup.threads} torch threads",
         "load average (1 min) before / after": f"{load_before[0]:.1f} / {load_after[0]:.1f}",

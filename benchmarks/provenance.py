@@ -7,12 +7,13 @@ import subprocess
 from pathlib import Path
 
 
-def git_commit() -> str:
-    """The repository's commit, with ``+dirty`` when the code that produces a result (the package or the
-    benchmarks) has uncommitted changes."""
+def git_commit(root: Path | None = None) -> str:
+    """The commit of the checkout at ``root`` (by default the one holding these benchmarks), with
+    ``+dirty`` when the code that produces a result (the package or the benchmarks) has uncommitted
+    changes; ``unknown`` outside a git checkout."""
     if os.environ.get("HF_HYPEROPT_COMMIT"):  # a benchmark run against an exported snapshot of a commit
         return os.environ["HF_HYPEROPT_COMMIT"]
-    root = Path(__file__).resolve().parents[1]
+    root = root or Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(
@@ -22,5 +23,7 @@ def git_commit() -> str:
             text=True,
         )
     except OSError:
+        return "unknown"
+    if not sha:  # not a git checkout (an installed copy)
         return "unknown"
     return sha + ("+dirty" if dirty.stdout.strip() else "")

@@ -19,7 +19,14 @@ def _offline_restore_threads(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_quick_run_writes_csv_and_markdown_with_expected_columns(tmp_path, capsys):
+def test_quick_run_writes_csv_and_markdown_with_expected_columns(tmp_path, capsys, monkeypatch):
+    # The commit recorded is the one the code was loaded at, not one made while the benchmark ran.
+    timed = []
+    step_benchmark = benchmark_optimizer.optimizer_step_benchmark
+    monkeypatch.setattr(
+        benchmark_optimizer, "optimizer_step_benchmark", lambda *a: timed.append(1) or step_benchmark(*a)
+    )
+    monkeypatch.setattr(benchmark_optimizer, "git_commit", lambda root: "at-end" if timed else "at-start")
     out = benchmark_optimizer.main(["--quick", "--output-dir", str(tmp_path)])
 
     with (tmp_path / "benchmark_optimizer.csv").open() as f:
@@ -44,6 +51,7 @@ def test_quick_run_writes_csv_and_markdown_with_expected_columns(tmp_path, capsy
     header = "| " + " | ".join(c for c in benchmark_optimizer.OPT_COLUMNS if c != "benchmark") + " |"
     assert header in md
     assert "| " + " | ".join(c for c in benchmark_optimizer.TRAIN_COLUMNS if c != "benchmark") + " |" in md
+    assert "at-start (" in md and "at-end" not in md
     # The table is printed too.
     assert header in capsys.readouterr().out
 
