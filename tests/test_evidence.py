@@ -125,6 +125,25 @@ def test_summary_width_counts_decades_within_one_percent():
     assert s["adamw"]["diverged_runs"] == 1
 
 
+def test_summary_counts_against_the_better_of_constant_and_linear_decay_adamw():
+    # Tuned AdamW is the best point of either schedule: here linear decay's 0.40 beats the constant 0.50.
+    def row(method, lr, metric):
+        return {
+            "method": method,
+            "family": method,
+            "scale": "lr",
+            "lr": lr,
+            "seed": 0,
+            "metric": metric,
+            "diverged": False,
+        }
+
+    rows = [row("adamw", 1e-3, 0.50), row("adamw", 1e-2, 0.70), row("adamw_linear", 1e-3, 0.40), row("m", 1e-3, 0.44)]
+    s = {r["method"]: r for r in sensitivity.summarise(rows, higher=False)}
+    assert s["m"]["worst_vs_adamw_best_pct"] == pytest.approx(-10.0)
+    assert s["adamw"]["within_adamw_best"] == 0 and s["adamw_linear"]["within_adamw_best"] == 1
+
+
 def test_sensitivity_rejects_unknown_method_before_training():
     with pytest.raises(ValueError, match="unknown method 'adamx'"):
         sensitivity.resolve_methods(["adamw", "adamx"])
