@@ -211,6 +211,13 @@ TOWERS: dict[str, str] = {
         f"hyper_adam(top={lr},beta1=0.99)": f"adam(lr={lr},beta1=0.99,ramp=0.001,normalize=true)"
         for lr in ("0.02", "0.05", "0.1", "0.2")
     },
+    # ... learning from a hypergradient over a horizon (the tangent trace) with another top step: does the
+    # horizon widen the range of good top steps?
+    **{
+        f"hyper_adam(top={lr},trace={mu})": f"adam(lr={lr},ramp=0.001,normalize=true,ramp_search=0.3,trace={mu})"
+        for lr in ("0.02", "0.05", "0.1", "0.2")
+        for mu in ("0.9", "0.99")
+    },
     # ... with a shorter memory of the top's second moment (the default's beta2 is 0.999), alone and with
     # the trace: candidates for the noisy quadratic (tests/test_tower_quadratic.py)
     **{
