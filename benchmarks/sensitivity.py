@@ -215,8 +215,8 @@ TOWERS: dict[str, str] = {
     # horizon widen the range of good top steps?
     **{
         f"hyper_adam(top={lr},trace={mu})": f"adam(lr={lr},ramp=0.001,normalize=true,ramp_search=0.3,trace={mu})"
-        for lr in ("0.02", "0.05", "0.1", "0.2")
         for mu in ("0.9", "0.99")
+        for lr in ("0.02", "0.05", "0.1", "0.2")
     },
     # ... with a shorter memory of the top's second moment (the default's beta2 is 0.999), alone and with
     # the trace: candidates for the noisy quadratic (tests/test_tower_quadratic.py)

@@ -142,6 +142,10 @@ def test_summary_counts_against_the_better_of_constant_and_linear_decay_adamw():
     s = {r["method"]: r for r in sensitivity.summarise(rows, higher=False)}
     assert s["m"]["worst_vs_adamw_best_pct"] == pytest.approx(-10.0)
     assert s["adamw"]["within_adamw_best"] == 0 and s["adamw_linear"]["within_adamw_best"] == 1
+    # Higher is better, and only the linear schedule ran: it alone is the baseline.
+    rows = [row("adamw_linear", 1e-3, 90.0), row("adamw_linear", 1e-2, 80.0), row("m", 1e-3, 81.0)]
+    s = {r["method"]: r for r in sensitivity.summarise(rows, higher=True)}
+    assert s["m"]["worst_vs_adamw_best_pct"] == pytest.approx(-10.0)
 
 
 def test_sensitivity_rejects_unknown_method_before_training():
