@@ -19,6 +19,9 @@ Commands (run from the repository root; each writes ``<out>/sensitivity_<task>.{
     # the classification demo's setting, its length, scored on its whole validation split
     nice python -m benchmarks.sensitivity --task minilm_demo --steps 450 --seeds 0
 
+    # any tower above Adam on the weights, without a registered name (a screen)
+    nice python -m benchmarks.sensitivity --task gpt2 --seeds 0 --methods "tower:adam(lr=0.05,ramp=0.001,trace=0.99)"
+
     # one sweep from runs made by several commands (other methods, other seeds) of one task setting
     python -m benchmarks.sensitivity --merge results/sensitivity_gpt2_300.json /tmp/more.json --tag 300
 
@@ -654,11 +657,19 @@ def make_task(args: SensitivityArguments) -> Task:
     return TASK_BUILDERS[args.task](**kwargs)
 
 
+# ``tower:<spec>`` runs Adam on the weights under any upper levels, so that a screen needs no registered name.
+TOWER_PREFIX = "tower:"
+
+
 def resolve_methods(names: list[str]) -> list[Method]:
     registry = methods_registry()
     out: list[Method] = []
     for n in names:
         for m in METHOD_SETS.get(n, [n]):
+            if m.startswith(TOWER_PREFIX) and m not in registry:
+                spec = m[len(TOWER_PREFIX) :]
+                hh.parse_spec(spec)  # a bad spec is refused here, naming its token, before any training
+                registry[m] = Method(m, f"tower h{spec.count('/') + 1}: adam/{spec}", _tower(spec))
             if m not in registry:
                 raise ValueError(f"unknown method {m!r}; allowed: {', '.join([*METHOD_SETS, *registry])}")
             if registry[m] not in out:

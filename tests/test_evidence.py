@@ -148,6 +148,16 @@ def test_summary_counts_against_the_better_of_constant_and_linear_decay_adamw():
     assert s["m"]["worst_vs_adamw_best_pct"] == pytest.approx(-10.0)
 
 
+def test_sensitivity_runs_any_tower_spec_given_as_tower_colon_spec():
+    (method,) = sensitivity.resolve_methods(["tower:adam(lr=0.02,ramp=0.001,trace=0.9)"])
+    assert method.family == "tower h1: adam/adam(lr=0.02,ramp=0.001,trace=0.9)"
+    model = torch.nn.Linear(3, 1)
+    opt, scheduler = method.build(model.parameters(), 1e-3, 10)
+    assert scheduler is None and opt.spec == "adam(lr=0.001,learn=lr)/adam(lr=0.02,trace=0.9,ramp=0.001)"
+    with pytest.raises(ValueError, match="unknown key 'bogus'"):
+        sensitivity.resolve_methods(["tower:adam(lr=0.02,bogus=1)"])
+
+
 def test_sensitivity_rejects_unknown_method_before_training():
     with pytest.raises(ValueError, match="unknown method 'adamx'"):
         sensitivity.resolve_methods(["adamw", "adamx"])
