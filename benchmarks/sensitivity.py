@@ -589,7 +589,10 @@ class SensitivityArguments:
     )
     methods: list[str] = field(
         default_factory=lambda: ["all"],
-        metadata={"help": f"method names, or a set: {', '.join(METHOD_SETS)}"},
+        metadata={
+            "help": f"method names, or a set: {', '.join(METHOD_SETS)}; 'tower:<spec>' runs the levels of <spec> "
+            "above Adam on the weights (as a new name: --rename cannot give runs a tower: name)"
+        },
     )
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "model-init and data-order seeds"})
     lrs: list[float] = field(
@@ -668,10 +671,16 @@ def resolve_methods(names: list[str]) -> list[Method]:
         for m in METHOD_SETS.get(n, [n]):
             if m.startswith(TOWER_PREFIX) and m not in registry:
                 spec = m[len(TOWER_PREFIX) :]
-                hh.parse_spec(spec)  # a bad spec is refused here, naming its token, before any training
-                registry[m] = Method(m, f"tower h{spec.count('/') + 1}: adam/{spec}", _tower(spec))
+                build = _tower(spec)
+                # Built once on a dummy weight: a bad spec, or levels that do not fit together, is refused
+                # here (numbered as in the run: level 1 is the first above the weights), before any data loads.
+                build([torch.nn.Parameter(torch.zeros(1))], 1e-3, 1)
+                registry[m] = Method(m, f"tower h{spec.count('/') + 1}: adam/{spec}", build)
             if m not in registry:
-                raise ValueError(f"unknown method {m!r}; allowed: {', '.join([*METHOD_SETS, *registry])}")
+                raise ValueError(
+                    f"unknown method {m!r}; allowed: {', '.join([*METHOD_SETS, *registry])}, or "
+                    f"{TOWER_PREFIX}<spec> for any levels above Adam on the weights"
+                )
             if registry[m] not in out:
                 out.append(registry[m])
     return out

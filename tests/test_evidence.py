@@ -156,6 +156,9 @@ def test_sensitivity_runs_any_tower_spec_given_as_tower_colon_spec():
     assert scheduler is None and opt.spec == "adam(lr=0.001,learn=lr)/adam(lr=0.02,trace=0.9,ramp=0.001)"
     with pytest.raises(ValueError, match="unknown key 'bogus'"):
         sensitivity.resolve_methods(["tower:adam(lr=0.02,bogus=1)"])
+    # Levels that parse but do not fit together are refused before any task is built, too.
+    with pytest.raises(ValueError, match="learn="):
+        sensitivity.resolve_methods(["tower:adam(learn=beta1)"])
 
 
 def test_sensitivity_rejects_unknown_method_before_training():
