@@ -591,7 +591,7 @@ class SensitivityArguments:
         default_factory=lambda: ["all"],
         metadata={
             "help": f"method names, or a set: {', '.join(METHOD_SETS)}; 'tower:<spec>' runs the levels of <spec> "
-            "above Adam on the weights (as a new name: --rename cannot give runs a tower: name)"
+            "above Adam on the weights (--rename cannot rename runs to such a name)"
         },
     )
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "model-init and data-order seeds"})
