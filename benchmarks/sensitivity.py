@@ -257,15 +257,20 @@ SGD_TOWERS: dict[str, str] = {
 LEARN_TOWERS: dict[str, str] = {f"hyper_adam(learn={learn})": learn for learn in ("lr+beta1", "lr+beta1+beta2")}
 
 
+def _tower_method(name: str, spec: str, weights: str = "adam") -> Method:
+    """The tower ``spec`` above ``weights`` (with a learned lr), labelled by its height and levels."""
+    return Method(name, f"tower h{spec.count('/') + 1}: {weights}/{spec}", _tower(spec, weights))
+
+
 def methods_registry() -> dict[str, Method]:
     out = dict(PEERS)
     default = hh.DEFAULT_HYPER["default"]
     out["hyper_adam"] = Method("hyper_adam", f"HyperAdam default, h1: adam/{default}", _hyper_adam_default)
     out["hyper_sgd"] = Method("hyper_sgd", f"HyperSGD default, h1: sgd/{default}", _hyper_sgd_default)
     for name, spec in TOWERS.items():
-        out[name] = Method(name, f"tower h{spec.count('/') + 1}: adam/{spec}", _tower(spec))
+        out[name] = _tower_method(name, spec)
     for name, spec in SGD_TOWERS.items():
-        out[name] = Method(name, f"tower h{spec.count('/') + 1}: sgd/{spec}", _tower(spec, "sgd"))
+        out[name] = _tower_method(name, spec, "sgd")
     for name, learn in LEARN_TOWERS.items():
         out[name] = Method(name, f"HyperAdam default learning {learn}", _tower(default, learn=learn))
     return out
@@ -575,10 +580,10 @@ TASK_BUILDERS = {"digits": digits_task, "minilm": minilm_task, "minilm_demo": mi
 # --quick: a few steps, a small test set where the task has its own
 QUICK = {
     "minilm": {"steps": 3, "n_test": 32},
-    "minilm_demo": {"steps": 3, "n_test": 32},
     "gpt2": {"steps": 3, "n_test": 8},
     "vit_digits": {"epochs": 1},
 }
+QUICK["minilm_demo"] = QUICK["minilm"]  # the same model and data
 
 
 @dataclass
@@ -670,12 +675,10 @@ def resolve_methods(names: list[str]) -> list[Method]:
     for n in names:
         for m in METHOD_SETS.get(n, [n]):
             if m.startswith(TOWER_PREFIX) and m not in registry:
-                spec = m[len(TOWER_PREFIX) :]
-                build = _tower(spec)
+                registry[m] = _tower_method(m, m[len(TOWER_PREFIX) :])
                 # Built once on a dummy weight: a bad spec, or levels that do not fit together, is refused
                 # here (numbered as in the run: level 1 is the first above the weights), before any data loads.
-                build([torch.nn.Parameter(torch.zeros(1))], 1e-3, 1)
-                registry[m] = Method(m, f"tower h{spec.count('/') + 1}: adam/{spec}", build)
+                registry[m].build([torch.nn.Parameter(torch.zeros(1))], 1e-3, 1)
             if m not in registry:
                 raise ValueError(
                     f"unknown method {m!r}; allowed: {', '.join([*METHOD_SETS, *registry])}, or "
