@@ -24,7 +24,17 @@ def _step(model, opt, batch) -> float:
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("upper", ["sgd(lr=0.01)", "adam(lr=0.01)", "adam(lr=0.01)/adam(lr=0.01)"])
+@pytest.mark.parametrize(
+    "upper",
+    [
+        "sgd(lr=0.01)",
+        "adam(lr=0.01)",
+        "adam(lr=0.01)/adam(lr=0.01)",
+        # normalized: a non-finite tangent has a non-finite norm, which must not turn h into a finite 0
+        "adam(lr=0.01,normalize=true)",
+        "adam(lr=0.01,normalize=true)/adam(lr=0.01,normalize=true)",
+    ],
+)
 def test_nonfinite_hypergradient_is_skipped_and_counted(bad, upper, float64, make_mlp, batches):
     model = make_mlp()
     opt = hh.tower(model.parameters(), "adam(lr=0.01)/" + upper)

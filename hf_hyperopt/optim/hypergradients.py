@@ -177,8 +177,13 @@ def measure_ramp(opt: TowerOptimizer, ts: TowerState) -> None:
 
 
 def per_length(h: Tensor, norms_sq: Tensor) -> Tensor:
-    """``h / sqrt(norms_sq)``, and 0 where the norm is 0 (no step taken yet)."""
-    return torch.where(norms_sq > 0, h / norms_sq.sqrt().clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
+    """``h / sqrt(norms_sq)``, and ``0 * h`` where the norm is 0 (no step taken yet).
+
+    Not finite wherever ``h`` or the norm is not (a NaN tangent has a NaN norm), so that :func:`guard`
+    counts and skips it.
+    """
+    per = h / norms_sq.sqrt().clamp_min(torch.finfo(h.dtype).tiny)
+    return torch.where(norms_sq == 0, h * 0, per)
 
 
 def tangent_squared_norms(b: Bucket, name: str) -> Tensor:
