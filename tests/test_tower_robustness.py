@@ -248,3 +248,37 @@ def test_deepcopy_continues_identically(float64, make_mlp, batches):
     assert twin["opt"].hyperparameters() == opt.hyperparameters()
     for p, q in zip(model.parameters(), twin["model"].parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(("dtype", "lr"), [(torch.float16, 1e-3), (torch.float32, 1e-20)])
+def test_the_ramp_sizes_itself_where_the_probe_step_is_below_the_dtype(dtype, lr):
+    """The probe moves the weights by a millionth of the initial lr's step, which float16 weights round to
+    zero, and whose square float32 cannot hold for an lr of 1e-20: the ramp must still size itself and
+    climb instead of probing for ever (the weights never moved before)."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(64).to(dtype))
+    start = p.detach().clone()
+    opt = hh.HyperAdam([p], lr=lr)
+    for _ in range(40):
+        p.grad = p.detach().clone()  # the gradient of |p|^2 / 2
+        opt.step()
+    assert opt._tower_state.ramp.sized
+    assert opt.hyperparameters()[0]["lr"] > 100 * lr
+    assert not torch.equal(p.detach(), start)
+
+
+def test_a_probe_without_a_gradient_is_retried_larger_but_never_past_its_limit():
+    from hf_hyperopt.optim.ramp import RAMP_PROBE, RAMP_PROBE_LIMIT, RAMP_PROBE_RETRY
+
+    p = nn.Parameter(torch.randn(8))
+    opt = hh.HyperAdam([p], lr=1e-3)
+    factors = []
+    for _ in range(5):  # an all-zero gradient: Adam's step is zero, so the probe moves nothing
+        p.grad = torch.zeros_like(p)
+        opt.step()
+        factors.append(opt._tower_state.ramp.factor.item())
+    assert not opt._tower_state.ramp.sized
+    assert factors == pytest.approx([RAMP_PROBE * RAMP_PROBE_RETRY] + [RAMP_PROBE_LIMIT] * 4)
+    p.grad = p.detach().clone()
+    opt.step()
+    assert opt._tower_state.ramp.sized

@@ -9,8 +9,12 @@ owns parameters. Spec strings (:mod:`.spec`), the optimizers' constructors (:mod
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from ..levels.base import Rule
 from .ramp import validate_ramp, validate_ramp_search
@@ -120,10 +124,21 @@ def where(level: int | None, name: str) -> str:
     return name if level is None else f"level {level} ({name})"
 
 
-def validate_value(level: int | None, rule: type[Rule], name: str, value: float) -> None:
+def as_number(at: str, name: str, value: Any) -> float:
+    """``value`` as a float: a real number (a bool for a flag), or a one-element tensor as ``torch.optim``
+    takes for ``lr``. Anything else (a string, ``None``) raises ``ValueError`` naming it."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise ValueError(f"{at}: {name}={value!r} is not a number")
+    return float(value)
+
+
+def validate_value(level: int | None, rule: type[Rule], name: str, value: Any) -> None:
     """Raise ``ValueError`` naming the level, the hyperparameter and the allowed range."""
     spec = rule.hyperparameters[name]
     at = where(level, rule.name)
+    value = as_number(at, name, value)
     if not math.isfinite(value):
         raise ValueError(f"{at}: {name}={value!r} is not finite")
     if spec.kind == "step" and value < 0:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..levels.base import MODES, Mode, Rule, parametrisation, to_natural
+from ..levels.base import MODES, Mode, Rule, parametrisation, raw_bounds, to_natural, to_raw
 from .buckets import SCALE_PREFIX, Bucket, build_buckets, collect, hold_saved_tangents, zero_idle_tangents
 from .checks import checked_tower_state
 from .config import SCOPES, LevelConfig, checked_level, resolve_learn, validate_level_options, validate_value
@@ -44,7 +44,7 @@ from .hypergradients import hypergradients, measure_ramp
 from .ramp import RAMP_PROBE
 from .rollback import rollback_on_error
 from .state import TowerState, initial_state, read_tower_entry, tower_entry
-from .stepping import count_step, group_defaults, group_value, step_upper_levels, step_weights
+from .stepping import count_step, group_defaults, group_entry, group_value, step_upper_levels, step_weights
 
 __all__ = ["SCOPES", "LevelConfig", "TowerOptimizer", "validate_level_options", "validate_value"]
 
@@ -126,7 +126,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         super().__init__(params, group_defaults(levels[0]))
         for group in self.param_groups:
             for name in self._rules[0].hyperparameters:
-                validate_value(0, levels[0].rule, name, group_value(group, name))
+                validate_value(0, levels[0].rule, name, group_entry(group, name))
             group.setdefault("initial_lr", group["lr"])
         if mode == "gdtuo" and len(levels) > 1 and levels[1].ramp_search:
             raise ValueError(
@@ -153,7 +153,6 @@ class TowerOptimizer(torch.optim.Optimizer):
 
     def _check_scope(self) -> None:
         for name in self._learn[0] if len(self.levels) > 1 else ():
-            kind = self._rules[0].hyperparameters[name].kind
             vals = [group_value(g, name) for g in self.param_groups]
             if self.scope == "shared" and len(set(vals)) > 1:
                 raise ValueError(
@@ -162,19 +161,26 @@ class TowerOptimizer(torch.optim.Optimizer):
                 )
             if self.mode == "default":
                 for v in vals:
-                    if kind == "step" and v <= 0 or kind == "unit" and v <= 0:
-                        raise ValueError(
-                            f"level 0 ({self._rules[0].name}): cannot learn {name}={v!r}: the default mode "
-                            f"learns it as a {'logarithm' if kind == 'step' else 'logit'}, so it must start > 0"
-                        )
+                    self._check_learnable(0, name, v)
         for k in range(1, len(self.levels) - 1):
             values = self.levels[k].full_values()
             for name in self._learn[k]:
-                if self.mode == "default" and values[name] <= 0:
-                    raise ValueError(
-                        f"level {k} ({self._rules[k].name}): cannot learn {name}={values[name]!r}: the default mode "
-                        "learns it on a log/logit scale, so it must start > 0"
-                    )
+                if self.mode == "default":
+                    self._check_learnable(k, name, values[name])
+
+    def _check_learnable(self, k: int, name: str, value: float) -> None:
+        """Refuse a learned value that starts outside the range the default mode keeps it in (it would
+        be moved to the nearest bound at the first step, silently)."""
+        kind, how = self._rules[k].hyperparameters[name].kind, self._how(k, name)
+        bounds = raw_bounds(kind)
+        # Compared as the raw coordinate, with a margin for the round trip through exp/log.
+        inside = value > 0 and (kind == "step" or value < 1) and bounds[0] - 1e-9 <= to_raw(value, how) <= bounds[1] + 1e-9
+        if not inside:
+            lo, hi = (float(v) for v in to_natural(torch.tensor(bounds, dtype=torch.float64), how))
+            raise ValueError(
+                f"level {k} ({self._rules[k].name}): cannot learn {name}={value!r}: the default mode learns it as a "
+                f"{'logarithm' if kind == 'step' else 'logit'} kept in [{lo:.10g}, {hi:.10g}]; start it in that range"
+            )
 
     @property
     def height(self) -> int:
@@ -215,7 +221,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                     )
             if hasattr(self, "_buckets"):  # a group added after construction: check it as __init__ does
                 for name in self._rules[0].hyperparameters:
-                    validate_value(0, self.levels[0].rule, name, group_value(group, name))
+                    validate_value(0, self.levels[0].rule, name, group_entry(group, name))
                 group.setdefault("initial_lr", group["lr"])
                 self._check_scope()
                 self._check_sharding()

@@ -163,15 +163,18 @@ def measure_ramp(opt: TowerOptimizer, ts: TowerState) -> None:
     """After the probe step: two norms, once (see :mod:`.ramp`).
 
     The weights' norm is taken before the probe (the weights less its increment, the lr's tangent),
-    one tensor at a time, so that weights that started at zero read as zero.
+    one tensor at a time, so that weights that started at zero read as zero. Both are summed in float64:
+    the probe's increment is a millionth of the initial lr's, whose square float32 cannot hold for an
+    lr far below 1e-13, and a float16 sum of squares overflows for a large model.
     """
     sq = torch.zeros(2, dtype=torch.float64, device=ts.ramp.factor.device)
     for b in opt._buckets:
         scale = b.scales.get("lr")  # a held tangent: the state buffer times this
         factors = [None] * len(b.local) if scale is None else scale.tolist()
         for w, d, f in zip(b.local, b.views["lr"], factors, strict=True):
-            sq[0] += (w - d if f is None else w - d * f).square().sum().to(sq.device, sq.dtype)
-        sq[1] += tangent_squared_norms(b, "lr").sum().to(sq.device, sq.dtype)
+            before = w - d if f is None else w - d * f
+            sq[0] += torch.linalg.vector_norm(before, dtype=torch.float64).square().to(sq.device)
+        sq[1] += tangent_squared_norms(b, "lr", torch.float64).sum().to(sq.device)
     reduce_hypergradients(sq, opt._sharding_group)
     size_ramp(ts.ramp, opt.levels[1].ramp, sq[0], sq[1])
 
@@ -186,15 +189,17 @@ def per_length(h: Tensor, norms_sq: Tensor) -> Tensor:
     return torch.where(norms_sq == 0, h * 0, per)
 
 
-def tangent_squared_norms(b: Bucket, name: str) -> Tensor:
+def tangent_squared_norms(b: Bucket, name: str, dtype: torch.dtype | None = None) -> Tensor:
     """``|Z|^2`` of each tensor's tangent for ``name``: of its buffer, times its constant squared if held."""
-    sq = squared_norms(b.views[name])
+    sq = squared_norms(b.views[name], dtype)
     scale = b.scales.get(name)
-    return sq if scale is None else sq * scale.square()
+    return sq if scale is None else sq * scale.to(sq.dtype).square()
 
 
-def squared_norms(tensors: list[Tensor]) -> Tensor:
-    """``|t|^2`` of each tensor, in one fused pass."""
+def squared_norms(tensors: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """``|t|^2`` of each tensor, in one fused pass: in ``dtype``, or at least float32."""
+    if dtype is not None:
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).square()
     norms = torch.stack(torch._foreach_norm(tensors))
     return (norms.float() if norms.dtype in (torch.float16, torch.bfloat16) else norms).square()
 

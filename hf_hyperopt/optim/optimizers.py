@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..levels import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, Rule, SGDRule
-from .config import LevelConfig, checked_level
+from .config import LevelConfig, as_number, checked_level, where
 from .engine import TowerOptimizer
 from .spec import parse_spec
+from .stepping import beta_pair
 
 # The level above the weights when none is given. It learns log(lr) from the slope of the next loss
 # along the last update (normalize=true), a signal whose size does not follow the lr, so Adam moves
@@ -58,7 +59,10 @@ def _learn_tuple(learn: str | Iterable[str] | None) -> tuple[str, ...] | None:
         return None
     if isinstance(learn, str):
         return tuple(s.strip() for s in learn.split("+") if s.strip())
-    return tuple(learn)
+    names = tuple(learn) if isinstance(learn, Iterable) else None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"learn={learn!r}: give hyperparameter names, joined by '+' ('lr+beta1') or as a list")
+    return names
 
 
 @dataclass(frozen=True)
@@ -115,16 +119,18 @@ class _HyperOptimizer(TowerOptimizer):
         return ([],)
 
     @classmethod
-    def _values(cls, **arguments: Any) -> dict[str, float]:
-        """The rule's values (natural units, flags as 0.0 / 1.0) from the constructor's arguments, which
-        are the rule's hyperparameters by name unless a class says otherwise (Adam's ``betas``)."""
-        return {name: float(v) for name, v in arguments.items()}
+    def _values(cls, **arguments: Any) -> dict[str, Any]:
+        """The rule's values from the constructor's arguments, which are the rule's hyperparameters by name
+        unless a class says otherwise (Adam's ``betas``); :meth:`_level` checks that they are numbers."""
+        return arguments
 
     @classmethod
-    def _level(cls, values: dict[str, float], learn, level: int | None) -> LevelConfig:
+    def _level(cls, values: dict[str, Any], learn, level: int | None) -> LevelConfig:
         """This class's level, keeping only the values that differ from the rule's defaults (the spec's form)."""
         defaults = {n: s.default for n, s in cls.rule.hyperparameters.items()}
-        explicit = {k: float(v) for k, v in values.items() if float(v) != defaults[k]}
+        at = where(level, cls.rule.name)
+        numbers = {k: as_number(at, k, v) for k, v in values.items()}
+        explicit = {k: v for k, v in numbers.items() if v != defaults[k]}
         return checked_level(level, cls.rule, explicit, _learn_tuple(learn))
 
     def _setup(self, params, values: dict[str, float], learn, scope: str, compat: str | None, hyper) -> None:
@@ -211,9 +217,10 @@ class HyperAdam(_HyperOptimizer):
         self._setup(params, values, learn, scope, compat, hyper)
 
     @classmethod
-    def _values(cls, lr, betas, eps, weight_decay) -> dict[str, float]:
+    def _values(cls, lr, betas, eps, weight_decay) -> dict[str, Any]:
         wd = cls.rule.hyperparameters["weight_decay"].default if weight_decay is None else weight_decay
-        return {"lr": lr, "beta1": betas[0], "beta2": betas[1], "eps": eps, "weight_decay": wd}
+        beta1, beta2 = beta_pair(cls.rule.name, betas)
+        return {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": wd}
 
 
 class HyperAdamW(HyperAdam):

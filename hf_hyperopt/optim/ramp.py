@@ -47,6 +47,9 @@ from torch import Tensor
 RAMP_GROWTH = 2.0
 # The probe step, as a fraction of lr: it only measures how far one step moves the weights.
 RAMP_PROBE = 1e-6
+# A probe that moved nothing measurable is retried this much larger, up to this fraction of lr.
+RAMP_PROBE_RETRY = 1e3
+RAMP_PROBE_LIMIT = 1e-2
 
 
 def validate_ramp(at: str, ramp: float, *, placed: bool = False) -> None:
@@ -113,10 +116,13 @@ def size_ramp(ramp: RampState, tau: float, weights_sq: Tensor, probe_sq: Tensor)
     """After the probe: the target factor, at which one step moves the weights by ``tau`` of their norm.
 
     ``weights_sq`` and ``probe_sq`` are the squared norms of the weights and of the probe's increment,
-    summed over every rank. Read on the host once, to know that the target is set; a probe that moved
-    nothing (no gradient yet) is taken again.
+    summed over every rank. Read on the host once, to know that the target is set. A probe that moved
+    nothing measurable is taken again, a thousand times larger up to ``RAMP_PROBE_LIMIT``: there was no
+    gradient yet, or its increment was below what the weights' dtype holds (float16 weights, an lr far
+    below any useful one).
     """
     if not bool(probe_sq > 0):
+        ramp.factor.mul_(RAMP_PROBE_RETRY).clamp_(max=RAMP_PROBE_LIMIT)
         return
     factor, target = ramp.factor, ramp.target
     if bool(weights_sq > 0):

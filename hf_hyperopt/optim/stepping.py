@@ -12,7 +12,7 @@ built from ``theta`` by a function, so that :mod:`.tangents` can differentiate t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -229,6 +229,21 @@ def constant_dtype_device(like: Tensor) -> tuple[torch.dtype, torch.device]:
 
 # torch.optim keeps Adam's betas as one group key, the tower as two hyperparameters.
 _GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
+
+
+def beta_pair(at: str, betas: Any) -> tuple[Any, Any]:
+    """``(beta1, beta2)`` from Adam's ``betas``, or ``ValueError`` naming what was given instead."""
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+        raise ValueError(f"{at}: betas={betas!r} must be a pair (beta1, beta2)")
+    return betas[0], betas[1]
+
+
+def group_entry(group: dict[str, Any], name: str) -> Any:
+    """The entry behind :func:`group_value`, as given, for the checks of a new param group."""
+    if name in _GROUP_KEYS:
+        key, i = _GROUP_KEYS[name]
+        return beta_pair("param group", group[key])[i]
+    return group[name]
 
 
 def group_value(group: dict[str, Any], name: str) -> float:
