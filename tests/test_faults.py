@@ -104,7 +104,25 @@ STATE_DICT_FAULTS = {
     "step counts for fewer parameters": (_steps([2, 2, 2], 2), "hold 3 entries, one per parameter"),
     "negative step count": (_steps([2, 2, -1, 2], 2), "step count of parameter 2 is -1"),
     "fractional step count": (_steps([2, 2, 2, 2], 2.5), "step count of level 1 is 2.5, not a whole number"),
+    # entries missing or out of their range: each loaded before and failed mid-step or trained on NaN
+    "a state entry missing": (lambda sd, *_: _drop(sd, 0, "exp_avg"), "has no 'exp_avg'"),
+    "a tangent missing": (lambda sd, *_: _drop(sd, 1, "hypertangent_lr"), "has no 'hypertangent_lr'"),
+    "negative second moment": (lambda sd, *_: _set("state.0.exp_avg_sq", -1.0)(sd), "holds negative values"),
+    "nan group lr": (lambda sd, *_: _group(sd, lr=math.nan), "param group 0: level 0 (adam): lr=nan is not finite"),
+    "group betas not a pair": (lambda sd, *_: _group(sd, betas=(0.9,)), "betas=(0.9,) must be a pair"),
+    "inf initial lr": (lambda sd, *_: _group(sd, initial_lr=math.inf), "initial_lr=inf must be a finite number"),
+    "learned lr past its bound": (lambda sd, *_: _set("theta.0", 1e9)(sd), "learned lr of level 0 holds a coordinate"),
 }
+
+
+def _drop(sd, param: int, entry: str):
+    del sd["state"][param][entry]
+    return sd
+
+
+def _group(sd, **values):
+    sd["param_groups"][0].update(values)
+    return sd
 
 
 @pytest.mark.parametrize("fault", list(STATE_DICT_FAULTS))

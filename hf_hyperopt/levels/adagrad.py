@@ -26,6 +26,7 @@ class AdaGradRule(Rule):
         "weight_decay": HyperSpec(0.0, "step", "L2 penalty added to the gradient"),
     }
     state_names = ("sum",)
+    nonnegative_state = ("sum",)
     writes_tangents = True
 
     def init_state(self, p: Tensor, values: dict[str, float]) -> dict[str, Tensor]:

@@ -60,6 +60,7 @@ class AdamRule(Rule):
         "weight_decay": HyperSpec(0.0, "step", "weight decay"),
     }
     state_names = ("exp_avg", "exp_avg_sq")
+    nonnegative_state = ("exp_avg_sq",)
     gdtuo_learn = ("lr", "beta1", "beta2")
     writes_tangents = True
 

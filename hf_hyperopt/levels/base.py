@@ -467,6 +467,7 @@ class Rule:
         hyperparameters: every hyperparameter the rule reads, in a fixed order.
         learnable: those that may appear in ``learn=`` (flags never do).
         state_names: the per-tensor buffers the rule keeps, created by :meth:`init_state`.
+        nonnegative_state: those that are sums of squares, never negative (checked when a state dict loads).
         workspace_names: per-tensor scratch buffers the engine keeps between steps (never saved), so
             that a step allocates no parameter-sized memory of its own.
         square_lr: ``gdtuo`` mode stores this level's step size as its square root (RMSProp).
@@ -478,6 +479,7 @@ class Rule:
     name: ClassVar[str]
     hyperparameters: ClassVar[dict[str, HyperSpec]]
     state_names: ClassVar[tuple[str, ...]]
+    nonnegative_state: ClassVar[tuple[str, ...]] = ()
     workspace_names: ClassVar[tuple[str, ...]] = ("direction",)
     square_lr: ClassVar[bool] = False
     # gdtuo mode: hyperparameters the reference stores raw even though they are rates.

@@ -28,6 +28,7 @@ class RMSPropRule(Rule):
         "weight_decay": HyperSpec(0.0, "step", "L2 penalty added to the gradient"),
     }
     state_names = ("square_avg",)
+    nonnegative_state = ("square_avg",)
     square_lr = True
     writes_tangents = True
     gdtuo_learn = ("lr", "alpha")

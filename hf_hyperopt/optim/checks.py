@@ -29,16 +29,20 @@ Any difference raises ``ValueError`` naming the entry, what it holds and what th
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..levels.base import raw_bounds
 from .buckets import SCALE_PREFIX, TANGENT_PREFIX
+from .config import as_number, validate_value
 from .distributed import local_tensor
 from .ramp import RAMP_SEARCH_DOUBLINGS, RampState
 from .state import TowerState
+from .stepping import group_entry, group_key
 
 
 def checked_tower_state(opt: Any, state_dict: dict[str, Any], entries: dict[str, Any]) -> TowerState | None:
@@ -76,6 +80,7 @@ def _check_groups(opt: Any, groups: list[dict[str, Any]]) -> list[Tensor]:
             f"state_dict has {len(groups)} param group(s), this optimizer has {len(mine)}: it was saved for a model "
             "split into other groups"
         )
+    rule = opt.levels[0].rule
     for i, (saved, group) in enumerate(zip(groups, mine, strict=True)):
         n_saved = len(saved.get("params", []))
         if n_saved != len(group["params"]):
@@ -83,11 +88,24 @@ def _check_groups(opt: Any, groups: list[dict[str, Any]]) -> list[Tensor]:
                 f"state_dict param group {i} has {n_saved} parameter(s), this optimizer's has {len(group['params'])}: "
                 "it was saved for another model"
             )
+        # torch.optim replaces the groups' values with these: the constructor's checks, and a schedule's base.
+        try:
+            for name in rule.hyperparameters:
+                if group_key(name) in saved:
+                    validate_value(0, rule, name, group_entry(saved, name))
+            if "initial_lr" in saved:  # the lr a schedule's factor is taken against
+                base = as_number("", "initial_lr", saved["initial_lr"])
+                if not (math.isfinite(base) and base >= 0):
+                    raise ValueError(f"initial_lr={base!r} must be a finite number >= 0")
+        except ValueError as err:
+            raise ValueError(f"state_dict param group {i}: {err}") from None
     return [p for g in mine for p in g["params"]]
 
 
 def _check_param_state(opt: Any, index: dict[Any, Tensor], state: dict[Any, dict[str, Any]]) -> None:
-    names = set(opt._rules[0].state_names)
+    rule = opt._rules[0]
+    names = set(rule.state_names)
+    learned = opt._learn[0] if len(opt.levels) > 1 else ()
     for key, entry in state.items():
         if key not in index:
             raise ValueError(f"state_dict has state for parameter {key!r}, which none of its param groups lists")
@@ -97,6 +115,24 @@ def _check_param_state(opt: Any, index: dict[Any, Tensor], state: dict[Any, dict
                 raise ValueError(
                     f"state_dict state of parameter {key} has {SCALE_PREFIX + name!r} but no {state_name!r}, the "
                     f"buffer that holds {name}'s tangent: it is damaged"
+                )
+        # A parameter that has stepped has all of the rule's state and a tangent (or a held tangent's
+        # constant) for each learned name; a partial entry would fail mid-step or resume inexactly.
+        if any(n in entry for n in names):
+            kept = rule.init_state(torch.zeros(1), opt._param_values(p))
+            # A held tangent's buffer that 0.1.0 wrote as a tangent becomes that buffer (hold_saved_tangents).
+            written = {opt._held[n] for n in opt._held if TANGENT_PREFIX + n in entry}
+            needed = [n for n in kept if n not in entry and n not in written]
+            needed += [
+                SCALE_PREFIX + n if n in opt._held else TANGENT_PREFIX + n
+                for n in learned
+                if SCALE_PREFIX + n not in entry and TANGENT_PREFIX + n not in entry  # 0.1.0 wrote tangents
+            ]
+            if needed:
+                raise ValueError(
+                    f"state_dict state of parameter {key} has no {', '.join(map(repr, needed))}, which this tower "
+                    f"keeps for every parameter that has taken a step (it has {', '.join(map(repr, entry))}): it is "
+                    "damaged"
                 )
         for name, value in entry.items():
             if name.startswith(SCALE_PREFIX):  # a held tangent's constant: one number
@@ -112,6 +148,11 @@ def _check_param_state(opt: Any, index: dict[Any, Tensor], state: dict[Any, dict
                     f"has shape {tuple(p.shape)}: it was saved for a model with other parameter shapes"
                 )
             _check_finite(value, f"state {name!r} of parameter {key}")
+            if name in rule.nonnegative_state and bool((local_tensor(value) < 0).any()):
+                raise ValueError(
+                    f"state_dict state {name!r} of parameter {key} holds negative values, and it is a running sum "
+                    "of squares: it is damaged"
+                )
 
 
 def _check_tower_state(opt: Any, params: list[Tensor], ts: dict[str, Any], stepped: list[bool]) -> TowerState:
@@ -145,6 +186,16 @@ def _check_tower_state(opt: Any, params: list[Tensor], ts: dict[str, Any], stepp
                 f"({'+'.join(opt._learn[k])} x {units} unit(s), scope={opt.scope!r})"
             )
         thetas.append(cast(f"theta.{k}", f"learned values of level {k}"))
+        if opt.mode == "default":  # each learned coordinate inside the bounds the step keeps it in
+            for j, name in enumerate(opt._learn[k]):
+                lo, hi = raw_bounds(opt._rules[k].hyperparameters[name].kind)
+                # (a margin for float32's rounding of the bound the step clamps to)
+                raw = thetas[-1][j * units : (j + 1) * units]
+                if bool(((raw < lo - 1e-3) | (raw > hi + 1e-3)).any()):
+                    raise ValueError(
+                        f"state_dict tower learned {name} of level {k} holds a coordinate outside [{lo:.4g}, {hi:.4g}], "
+                        "where the tower keeps it: it is damaged"
+                    )
     uppers, tangents = [], []
     for k in range(1, height + 1):
         shape = tuple(thetas[k - 1].shape)

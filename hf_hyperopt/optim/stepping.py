@@ -231,18 +231,24 @@ def constant_dtype_device(like: Tensor) -> tuple[torch.dtype, torch.device]:
 _GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
 
 
-def beta_pair(at: str, betas: Any) -> tuple[Any, Any]:
-    """``(beta1, beta2)`` from Adam's ``betas``, or ``ValueError`` naming what was given instead."""
+def beta_pair(at: str | None, betas: Any) -> tuple[Any, Any]:
+    """``(beta1, beta2)`` from Adam's ``betas``, or ``ValueError`` naming what was given instead (and
+    ``at``, the level, where known)."""
     if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
-        raise ValueError(f"{at}: betas={betas!r} must be a pair (beta1, beta2)")
+        raise ValueError(f"{at + ': ' if at else ''}betas={betas!r} must be a pair (beta1, beta2)")
     return betas[0], betas[1]
+
+
+def group_key(name: str) -> str:
+    """The param-group key that holds hyperparameter ``name`` (``betas`` for Adam's ``beta1``)."""
+    return _GROUP_KEYS[name][0] if name in _GROUP_KEYS else name
 
 
 def group_entry(group: dict[str, Any], name: str) -> Any:
     """The entry behind :func:`group_value`, as given, for the checks of a new param group."""
     if name in _GROUP_KEYS:
         key, i = _GROUP_KEYS[name]
-        return beta_pair("param group", group[key])[i]
+        return beta_pair(None, group[key])[i]
     return group[name]
 
 
