@@ -23,8 +23,9 @@ Flags taken by the launcher (anywhere among the script's arguments, ``--flag val
 
 As with ``HyperTrainingArguments``, a tower runs a constant schedule (``constant_with_warmup`` with
 warmup) unless ``--lr_scheduler_type`` is given, in which case the schedule multiplies the learned
-step size. The flags are checked before the script starts; the weight level's values (``--optim_args``)
-when the ``Trainer`` is created, before training.
+step size. The flags, and the weight level's values given on the command line (``--learning_rate``,
+``--adam_*``, ``--weight_decay``, ``--optim_args``), are checked before the script starts; values the
+script sets in code, when the ``Trainer`` is created, before training.
 
 Each ``Trainer.__init__`` in this process is wrapped to do this (``transformers`` itself is not
 changed on disk, and nothing outside the launched process is affected).
@@ -32,13 +33,15 @@ changed on disk, and nothing outside the launched process is affected).
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
 import os
 import runpy
 import sys
 from collections.abc import Sequence
 
-from .trainer.arguments import HYPER_OPTIMIZERS, HyperSettings
+from .trainer.arguments import HYPER_OPTIMIZERS, HyperSettings, check_tower_arguments
 
 _CHOICES = ",".join(HYPER_OPTIMIZERS)
 USAGE = f"""usage: python -m hf_hyperopt.launch (SCRIPT.py | -m MODULE) [SCRIPT ARGS...]
@@ -78,6 +81,8 @@ def split_argv(argv: Sequence[str]) -> tuple[HyperSettings | None, list[str], bo
             step = 1 if eq else 2
             if key == "optim" and value not in HYPER_OPTIMIZERS:
                 rest.extend(argv[i : i + step])  # a standard optimizer: the script's business
+            elif key in found:
+                raise ValueError(f"--{key} is given twice ({found[key]!r} and {value!r}); give it once")
             else:
                 found[key] = value
             i += step
@@ -95,7 +100,28 @@ def split_argv(argv: Sequence[str]) -> tuple[HyperSettings | None, list[str], bo
     settings = HyperSettings(
         found["optim"], found.get("hyper_tower"), found.get("hyper_learn"), found.get("hyper_scope")
     ).resolved()
+    given = weight_level_arguments(rest)
+    if given is not None:  # the weight level's values as the command line gives them, before the script runs
+        check_tower_arguments(given, settings)
     return settings, rest, explicit_schedule
+
+
+def weight_level_arguments(argv: Sequence[str]) -> argparse.Namespace | None:
+    """The ``TrainingArguments`` fields the weight level is built from, as ``argv`` gives them (defaults
+    for the others), or ``None`` where a value is not a number (the script's own parser reports that)."""
+    from transformers import TrainingArguments
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for name in ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim_args"):
+        parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=defaults[name])
+    given, _ = parser.parse_known_args(argv)
+    try:
+        for name in ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon"):
+            setattr(given, name, float(getattr(given, name)))
+    except ValueError:
+        return None
+    return given
 
 
 def configure_trainer(trainer, settings: HyperSettings, explicit_schedule: bool) -> None:
@@ -126,8 +152,9 @@ def configure_trainer(trainer, settings: HyperSettings, explicit_schedule: bool)
             f"--optim {settings.optim} does not support DeepSpeed (deepspeed={args.deepspeed!r}): DeepSpeed "
             "replaces the optimizer step. Use FSDP (--fsdp) or DDP (torchrun) with a tower optimizer."
         )
-    # Built by the Trainer's create_optimizer over its decay / no-decay param groups, as for HyperTrainer;
-    # this also checks --optim_args against the weight level, before training.
+    # Values the script set in code were not on the command line that split_argv checked.
+    check_tower_arguments(args, settings)
+    # Built by the Trainer's create_optimizer over its decay / no-decay param groups, as for HyperTrainer.
     trainer.optimizer_cls_and_kwargs = hyper_optimizer_cls_and_kwargs(args, settings)
     if not explicit_schedule:
         # The tower owns its step size (HyperTrainingArguments' default).

@@ -85,6 +85,12 @@ def test_split_argv_takes_only_the_launchers_flags():
         (["--optim", "hyper_sgd", "--hyper_learn", "beta1"], "'beta1' is not a hyperparameter of sgd"),
         (["--optim", "hyper_adam", "--hyper_tower", "sgd(lr=1e-5)x"], "cannot parse level 1"),
         (["--optim"], "--optim needs a value"),
+        (["--optim", "hyper_adam", "--optim=hyper_sgd"], r"--optim is given twice \('hyper_adam' and 'hyper_sgd'\)"),
+        # the weight level's values on the command line: refused before the script runs, naming the flag
+        (["--optim", "hyper_adam", "--weight_decay", "-0.1"], "--weight_decay -0.1 is not allowed"),
+        (["--optim", "hyper_adam", "--learning-rate=0"], "lr=0.0: the default mode.*come from --learning_rate"),
+        (["--optim", "hyper_adam", "--adam_beta1", "1.0"], r"beta1=1.0 is outside \[0, 1\).*--adam_beta1"),
+        (["--optim", "hyper_sgd", "--optim_args", "momentum=0.9,momentum=0"], "gives momentum more than once"),
     ],
 )
 def test_bad_flags_are_refused_with_what_is_allowed(argv, match):
@@ -130,6 +136,10 @@ def test_configure_trainer_refuses_what_it_cannot_honour(tmp_path):
     bad = _trainer(tmp_path, args={"optim_args": "dampening=0.5"})
     with pytest.raises(ValueError, match="optim_args dampening=0.5 is not taken by --optim hyper_adam"):
         configure_trainer(bad, settings, explicit_schedule=False)
+    # values the script sets in code, which split_argv never saw
+    in_code = _trainer(tmp_path, args={"weight_decay": -0.1})
+    with pytest.raises(ValueError, match="--weight_decay -0.1 is not allowed"):
+        configure_trainer(in_code, settings, explicit_schedule=False)
 
 
 # ------------------------------------------------------------------ runs

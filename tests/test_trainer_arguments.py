@@ -112,7 +112,9 @@ def test_unknown_optim_lists_every_choice(tmp_path, capsys):
         ({"optim": "hyper_adam", "hyper_scope": "layer"}, "shared, group, tensor"),
         ({"optim": "hyper_adam", "optim_args": "momentum=0.9"}, "not taken by --optim hyper_adam"),
         ({"optim": "hyper_sgd", "optim_args": "dampening=0.1"}, "only dampening=0"),
-        ({"optim": "hyper_adam", "learning_rate": 0.0}, "cannot learn lr=0.0"),
+        ({"optim": "hyper_adam", "learning_rate": 0.0}, "cannot learn lr=0.0.*come from --learning_rate"),
+        ({"optim": "hyper_sgd", "optim_args": "momentum=0.9,momentum=0"}, "gives momentum more than once"),
+        ({"optim": "hyper_sgd", "optim_args": "momentum"}, "not of the form 'key=value,key=value'"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, match, tmp_path):

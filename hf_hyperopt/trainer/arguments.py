@@ -13,7 +13,6 @@ from enum import Enum
 
 import torch
 from transformers import TrainingArguments
-from transformers.trainer_optimizer import _parse_optim_args
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
@@ -188,14 +187,7 @@ class HyperTrainingArguments(TrainingArguments):
                 )
             settings = HyperSettings(optim, self.hyper_tower, self.hyper_learn, self.hyper_scope).resolved()
             self.hyper_tower, self.hyper_learn, self.hyper_scope = settings.tower, settings.learn, settings.scope
-            if not 0.0 <= float(self.weight_decay) < float("inf"):
-                raise ValueError(
-                    f"--weight_decay {self.weight_decay!r} is not allowed with --optim {optim}: a tower optimizer "
-                    "needs a finite weight_decay >= 0"
-                )
-            # The whole tower, built once on a one-element tensor: the spec parses, every value is in
-            # range and learnable as asked (microseconds, before any model exists).
-            tower([torch.zeros(1)], self.hyper_spec(), scope=self.hyper_scope)
+            check_tower_arguments(self, settings)
             if self.lr_scheduler_type is None:
                 self.lr_scheduler_type = "constant_with_warmup" if self.warmup_steps > 0 else "constant"
         elif self.lr_scheduler_type is None:
@@ -297,6 +289,50 @@ class HyperSettings:
         return f"{HyperOptimizerNames(s.optim).rule_name}({','.join(parts)})/{s.tower}"
 
 
+# Where the weight level's values come from, for messages.
+WEIGHT_LEVEL_FLAGS = "--learning_rate, --adam_beta1, --adam_beta2, --adam_epsilon and --optim_args"
+
+
+def check_tower_arguments(args: TrainingArguments, settings: HyperSettings) -> None:
+    """Refuse arguments that would not build the tower ``settings`` describe, naming the flag.
+
+    The whole tower is built once on a one-element tensor (microseconds, before any model exists): the
+    spec parses and every value is in range and learnable as asked. ``args`` needs only the weight
+    level's fields (``learning_rate``, ``adam_*``, ``optim_args``, ``weight_decay``).
+
+    Raises:
+        ValueError: naming the argument and what is allowed.
+    """
+    weight_decay = args.weight_decay
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < float("inf"):
+        raise ValueError(
+            f"--weight_decay {weight_decay!r} is not allowed with --optim {settings.optim}: a tower optimizer "
+            "needs a finite weight_decay >= 0"
+        )
+    try:
+        tower([torch.zeros(1)], settings.spec(args), scope=settings.scope)
+    except ValueError as err:
+        if str(err).startswith("level 0"):
+            raise ValueError(f"{err} (the weight level's values come from {WEIGHT_LEVEL_FLAGS})") from None
+        raise
+
+
+def parse_optim_args(optim_args: str | None) -> dict[str, str]:
+    """``--optim_args`` as ``transformers`` parses it (``key=value,key=value``, spaces dropped), refusing a
+    key given twice (``transformers`` keeps the last silently)."""
+    try:
+        pairs = [item.split("=") for item in optim_args.replace(" ", "").split(",")] if optim_args else []
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--optim_args {optim_args!r} is not of the form 'key=value,key=value'") from None
+    keys = [key for key, _ in pairs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise ValueError(f"--optim_args {optim_args!r} gives {', '.join(twice)} more than once")
+    return dict(pairs)
+
+
 def weight_level_values(args: TrainingArguments, optim: str) -> dict[str, float]:
     """The initial values of the weight level of ``optim`` (a hyper one) that ``args`` give.
 
@@ -311,10 +347,7 @@ def weight_level_values(args: TrainingArguments, optim: str) -> dict[str, float]
     values: dict[str, float] = {"lr": float(args.learning_rate)}
     if name in ("adam", "adamw"):
         values.update(beta1=float(args.adam_beta1), beta2=float(args.adam_beta2), eps=float(args.adam_epsilon))
-    try:
-        optim_args = _parse_optim_args(args.optim_args)
-    except ValueError:
-        raise ValueError(f"--optim_args {args.optim_args!r} is not of the form 'key=value,key=value'") from None
+    optim_args = parse_optim_args(args.optim_args)
     allowed = _OPTIM_ARGS[name]
     fixed = _UNSUPPORTED_OPTIM_ARGS.get(name, {})
     for key, raw in optim_args.items():
