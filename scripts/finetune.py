@@ -277,8 +277,8 @@ def resolve_model_path(name: str | None) -> str | None:
     return str(Path(spec.origin).parent / "model")
 
 
-def check_args(model_args: ModelArguments, data_args: DataArguments) -> None:
-    """Checks that need no file contents: which sources were given, and whether the files exist."""
+def check_args(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
+    """Checks that need no file contents: which sources were given, whether the files exist, sizes."""
     if model_args.model_name_or_path is None and model_args.model_type is None:
         raise InputError("give --model_name_or_path (a Hub id or a folder) or --model_type (to train from scratch)")
     if model_args.model_type is not None and data_args.task != "clm" and model_args.model_name_or_path is None:
@@ -294,6 +294,21 @@ def check_args(model_args: ModelArguments, data_args: DataArguments) -> None:
         n = getattr(data_args, flag)
         if n is not None and n < 1:
             raise InputError(f"--{flag} {n}: give a positive number of examples, or leave it out to use them all")
+    if data_args.max_seq_length < 1:
+        raise InputError(f"--max_seq_length {data_args.max_seq_length}: give a positive number of tokens")
+    if data_args.block_size is not None and data_args.block_size < 1:
+        raise InputError(
+            f"--block_size {data_args.block_size}: give a positive number of tokens, or leave it out for "
+            "min(1024, the model's maximum)"
+        )
+    if not 0 < data_args.validation_split_percentage < 100:
+        raise InputError(
+            f"--validation_split_percentage {data_args.validation_split_percentage}: give a percentage in 1 .. 99"
+        )
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        n = getattr(training_args, flag)
+        if n < 1:
+            raise InputError(f"--{flag} {n}: give a positive number")
     allowed = (".csv", ".json", ".jsonl") + ((".txt",) if data_args.task == "clm" else ())
     for flag in ("train_file", "validation_file"):
         path = getattr(data_args, flag)
@@ -600,7 +615,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if not training_args.should_log:
         logger.setLevel(logging.WARNING)
     model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
-    check_args(model_args, data_args)
+    check_args(model_args, data_args, training_args)
 
     from transformers import set_seed
 

@@ -359,6 +359,11 @@ BAD_DATA = {
         "label(s) 'history' never occur in the train split, whose labels are 'comedy', 'tragedy'",
     ),
     "--max_train_samples 0": (TRAIN, TRAIN, ["--max_train_samples", "0"], "--max_train_samples 0: give a positive"),
+    # sizes that raised deep in the tokenizer (-1) or were taken silently (0)
+    "--max_seq_length -1": (TRAIN, TRAIN, ["--max_seq_length", "-1"], "--max_seq_length -1: give a positive"),
+    "--max_seq_length 0": (TRAIN, TRAIN, ["--max_seq_length", "0"], "--max_seq_length 0: give a positive"),
+    "--block_size 0": (TRAIN, TRAIN, ["--block_size", "0"], "--block_size 0: give a positive number of tokens"),
+    "--per_device_train_batch_size 0": (TRAIN, TRAIN, ["--per_device_train_batch_size", "0"], "batch_size 0: give"),
     "a head for 3 labels, data with 2": (
         TRAIN,
         TRAIN,

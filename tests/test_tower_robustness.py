@@ -282,3 +282,22 @@ def test_a_probe_without_a_gradient_is_retried_larger_but_never_past_its_limit()
     p.grad = p.detach().clone()
     opt.step()
     assert opt._tower_state.ramp.sized
+
+
+def test_a_warm_up_does_not_move_the_ramps_start():
+    """The ramp's target is where an unscheduled step moves the weights by ``ramp`` of their norm: a
+    schedule whose factor is 0.01 at the probe step (a warm-up) must not set it a hundred times higher,
+    for the factor multiplies the learned lr afterwards (it did: a pretrained model then took steps of
+    1% of its norm once the warm-up ended)."""
+    targets = []
+    for first_factor in (1.0, 0.01):
+        torch.manual_seed(0)
+        model = nn.Linear(16, 16)
+        x = torch.randn(32, 16)
+        opt = hh.HyperAdam(model.parameters(), lr=1.0, hyper="adam(lr=0.05,ramp=0.001,normalize=true)")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t, f=first_factor: min(1.0, f + t / 10))
+        model(x).square().mean().backward()
+        opt.step()
+        sched.step()
+        targets.append(opt._tower_state.ramp.target.item())
+    assert targets[1] == pytest.approx(targets[0], rel=1e-5)

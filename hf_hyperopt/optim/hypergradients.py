@@ -166,15 +166,23 @@ def measure_ramp(opt: TowerOptimizer, ts: TowerState) -> None:
     one tensor at a time, so that weights that started at zero read as zero. Both are summed in float64:
     the probe's increment is a millionth of the initial lr's, whose square float32 cannot hold for an
     lr far below 1e-13, and a float16 sum of squares overflows for a large model.
+
+    The probe's increment is taken without the schedule's factor, which multiplies the learned lr: the
+    target is where an unscheduled step moves the weights by ``tau``, so a warm-up (a factor far below 1
+    at the probe) does not start the learned lr a hundred times too high. Its factor is that of the probe
+    step (the schedule has not moved yet); a group whose factor is 0 moved nothing and adds nothing.
     """
     sq = torch.zeros(2, dtype=torch.float64, device=ts.ramp.factor.device)
+    factors = torch.tensor([g["lr"] / g["initial_lr"] if g["initial_lr"] else 1.0 for g in opt.param_groups])
+    unscheduled = torch.where(factors > 0, factors.double().pow(-2), torch.zeros((), dtype=torch.float64))
     for b in opt._buckets:
         scale = b.scales.get("lr")  # a held tangent: the state buffer times this
         factors = [None] * len(b.local) if scale is None else scale.tolist()
         for w, d, f in zip(b.local, b.views["lr"], factors, strict=True):
             before = w - d if f is None else w - d * f
             sq[0] += torch.linalg.vector_norm(before, dtype=torch.float64).square().to(sq.device)
-        sq[1] += tangent_squared_norms(b, "lr", torch.float64).sum().to(sq.device)
+        per_tensor = tangent_squared_norms(b, "lr", torch.float64)
+        sq[1] += (per_tensor * unscheduled.to(per_tensor.device)[b.group_index]).sum().to(sq.device)
     reduce_hypergradients(sq, opt._sharding_group)
     size_ramp(ts.ramp, opt.levels[1].ramp, sq[0], sq[1])
 
