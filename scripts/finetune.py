@@ -791,7 +791,8 @@ def _clm(model_args, data_args, training_args, raw, texts, config):
 
 
 def _train_and_report(trainer, training_args, data_args, model_args, argvs, perplexity_fn) -> dict[str, float]:
-    train_result = trainer.train()
+    # As the transformers example scripts do: --resume_from_checkpoint (a checkpoint folder) continues that run.
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     metrics = dict(train_result.metrics)
     trainer.log_metrics("train", metrics)

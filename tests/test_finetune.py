@@ -128,6 +128,23 @@ def test_classification_end_to_end(tiny_bert_dir, tmp_path, optim):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_resume_from_checkpoint_continues_the_run(tiny_bert_dir, tmp_path):
+    """--resume_from_checkpoint is honoured (it was dropped: the resumed run restarted from a fresh tower)."""
+
+    def run(out: Path, steps: int, *extra: str) -> list[dict]:
+        args = classification_args(tiny_bert_dir, out, "hyper_adam")
+        args[args.index("--max_steps") + 1] = str(steps)
+        args[args.index("--save_strategy") + 1] = "steps"
+        finetune.main([*args, "--save_steps", "2", *extra])
+        return [json.loads(line) for line in (out / "hyper_trajectory.jsonl").read_text().splitlines()]
+
+    whole = run(tmp_path / "whole", 4)
+    run(tmp_path / "split", 2)
+    resumed = run(tmp_path / "split", 4, "--resume_from_checkpoint", str(tmp_path / "split" / "checkpoint-2"))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["hyper/0/lr"] for r in resumed] == [r["hyper/0/lr"] for r in whole]
+
+
 @pytest.mark.parametrize("optim", ["hyper_adam", "adamw_torch"])
 def test_clm_end_to_end(tmp_path, optim):
     finetune.main(clm_args(tmp_path / "out", optim))
