@@ -140,7 +140,11 @@ def test_resume_from_checkpoint_continues_the_run(tiny_bert_dir, tmp_path):
 
     whole = run(tmp_path / "whole", 4)
     run(tmp_path / "split", 2)
-    resumed = run(tmp_path / "split", 4, "--resume_from_checkpoint", str(tmp_path / "split" / "checkpoint-2"))
+    checkpoint = tmp_path / "split" / "checkpoint-2"
+    saved = (checkpoint / "optimizer.pt").stat().st_mtime_ns
+    resumed = run(tmp_path / "split", 4, "--resume_from_checkpoint", str(checkpoint))
+    # Continued from step 2 (a run started over would have written checkpoint-2 again), exactly.
+    assert (checkpoint / "optimizer.pt").stat().st_mtime_ns == saved
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["hyper/0/lr"] for r in resumed] == [r["hyper/0/lr"] for r in whole]
 
