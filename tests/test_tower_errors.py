@@ -124,6 +124,25 @@ def test_load_state_dict_from_a_different_tower(saved, loader, quoted, params):
     assert "to load it, build this optimizer with that spec" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda p: hh.HyperAdam(p, lr=1e-3, hyper=hh.HyperSGD(lr=1e-5)),  # spec 'adam/sgd(lr=1e-05)'
+        lambda p: hh.tower(p, "adam(lr=1e-3)/sgd(lr=1e-5)"),  # the default lr written out
+        lambda p: hh.tower(p, "adam(lr=0.001,beta1=0.9,learn=lr)/sgd(lr=1e-05)"),  # as a model card writes it
+    ],
+)
+def test_one_tower_written_in_other_words_loads_the_state_dict(build, params):
+    """The spec is compared as the levels it describes, not as text: defaults written out or left out
+    and ``learn=`` given as its default are the same tower (each refused the others' checkpoints)."""
+    sd = _trained("adam/sgd(lr=1e-5)", params).state_dict()
+    opt = build(params)
+    opt.load_state_dict(sd)
+    same = hh.tower(params, "adam/sgd(lr=1e-5)")
+    same.load_state_dict(sd)
+    assert opt.hyperparameters() == same.hyperparameters()
+
+
 @pytest.mark.parametrize("kw, quoted", [({"scope": "group"}, "'group'"), ({"compat": "gdtuo"}, "'gdtuo'")])
 def test_load_state_dict_from_another_scope_or_mode(kw, quoted, params):
     sd = _trained("adam(lr=0.01)/sgd(lr=1e-5)", params, **kw).state_dict()

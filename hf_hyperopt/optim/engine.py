@@ -396,6 +396,27 @@ class TowerOptimizer(torch.optim.Optimizer):
         """What a saved tower must match to load: its spec, scope and mode (these fix what it learns)."""
         return {"spec": self.spec, "scope": self.scope, "mode": self.mode}
 
+    def _same_levels(self, spec: str) -> bool:
+        """Whether ``spec`` describes this tower's levels, however it is written: ``adam/sgd(lr=1e-05)``,
+        ``adam(lr=0.001)/sgd(lr=1e-5)`` and ``adam(learn=lr)/sgd(lr=1e-05)`` are one tower (defaults
+        written out or left out, ``learn=`` given as its default)."""
+        from .spec import parse_spec  # spec.py builds optimizers of this module
+
+        try:
+            levels = parse_spec(spec)
+            return len(levels) == len(self.levels) and all(
+                self._canonical(k, a) == self._canonical(k, b)
+                for k, (a, b) in enumerate(zip(levels, self.levels, strict=True))
+            )
+        except ValueError:  # not a spec, or not one that could build a tower
+            return False
+
+    def _canonical(self, k: int, cfg: LevelConfig) -> tuple:
+        values = cfg.full_values()
+        learn = resolve_learn(k, cfg, values, top=k == len(self.levels) - 1, mode=self.mode)
+        options = (cfg.trace, cfg.ramp, cfg.normalize, cfg.cosine, cfg.ramp_search)
+        return cfg.rule.name, tuple(sorted(values.items())), tuple(sorted(learn)), options
+
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict, with the tower's state in the first param group (:mod:`.state`)."""
         sd = super().state_dict()
@@ -416,7 +437,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             )
         identity, entries = found
         for key, value in self._identity().items():
-            if identity[key] != value:
+            if identity[key] != value and not (key == "spec" and self._same_levels(identity[key])):
                 # The usual cause: the run was started with another tower (an earlier default, say); the
                 # saved spec is the one that loads it.
                 how = {
