@@ -72,6 +72,13 @@ def test_bad_spec(spec, quoted, allowed, params):
         (lambda p: hh.HyperAdam([{"params": p, "lr": "x"}]), "lr='x'", "not a number"),
         (lambda p: hh.HyperAdam([{"params": p, "betas": (0.9,)}]), "betas=(0.9,)", "a pair"),
         (lambda p: hh.HyperSGD(p, lr=0.1, momentum=0.9, nesterov="false"), "nesterov='false'", "not a number"),
+        # torch.optim's arguments that a tower does not implement: taken at their defaults, refused otherwise
+        (lambda p: hh.HyperAdam(p, amsgrad=True), "amsgrad=True is not supported", "amsgrad=False"),
+        (lambda p: hh.HyperAdamW(p, maximize=True), "maximize=True is not supported", "maximize=False"),
+        (lambda p: hh.HyperSGD(p, 0.1, 0.9, 0.5), "dampening=0.5 is not supported", "dampening=0.0"),
+        (lambda p: hh.HyperAdaGrad(p, lr_decay=0.1), "lr_decay=0.1 is not supported", "lr_decay=0.0"),
+        (lambda p: hh.HyperRMSProp(p, centered=True), "centered=True is not supported", "centered=False"),
+        (lambda p: hh.HyperAdam(fused=True), "fused=True is not supported", "fused=None"),
         (lambda p: hh.HyperAdam(p, scope="layer"), "'layer'", "shared, group, tensor"),
         (lambda p: hh.HyperAdam(p, compat="paper"), "'paper'", "'gdtuo'"),
         (lambda p: hh.HyperAdam(p, hyper="sgd(lr=1e-5"), "'sgd(lr=1e-5'", "'('"),

@@ -142,3 +142,24 @@ def test_zero_hyper_step_param_group_added_later(case, float64, make_mlp, batche
     for p, q in zip(models[1].parameters(), models[0].parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=RTOL, atol=1e-10)
     assert not torch.equal(models[1][2].weight, make_mlp()[2].weight)
+
+
+@pytest.mark.parametrize(
+    "ours, theirs, args",
+    [
+        (hh.HyperSGD, torch.optim.SGD, (0.1, 0.9, 0, 1e-4, True)),  # lr, momentum, dampening, weight_decay, nesterov
+        (hh.HyperAdam, torch.optim.Adam, (1e-3, (0.8, 0.99), 1e-7, 1e-3, False)),  # ..., weight_decay, amsgrad
+        (hh.HyperAdamW, torch.optim.AdamW, (1e-3, (0.8, 0.99), 1e-7, 1e-3, False)),
+        (hh.HyperAdaGrad, torch.optim.Adagrad, (0.01, 0, 1e-4, 0, 1e-9)),  # lr, lr_decay, weight_decay, _, eps
+        (hh.HyperRMSProp, torch.optim.RMSprop, (0.01, 0.9, 1e-7, 1e-3, 0, False)),  # ..., momentum, centered
+    ],
+)
+def test_positional_arguments_mean_what_they_mean_to_torch_optim(ours, theirs, args):
+    """Code written for the torch.optim class runs unchanged: each positional argument lands where torch
+    puts it (HyperSGD(p, 0.1, 0.9, 0, 1e-4) used to read 0 as weight_decay and 1e-4 as nesterov)."""
+    p = [torch.nn.Parameter(torch.randn(3))]
+    mine, ref = ours(p, *args, hyper=None).param_groups[0], theirs(p, *args).param_groups[0]
+    compared = [k for k in ("lr", "momentum", "betas", "eps", "weight_decay", "nesterov", "alpha") if k in mine]
+    assert len(compared) >= 3
+    for key in compared:
+        assert mine[key] == ref[key], key

@@ -18,7 +18,7 @@ import dataclasses
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..levels import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, Rule, SGDRule
 from .config import LevelConfig, as_number, checked_level, where
@@ -87,9 +87,27 @@ class UpperLevels:
 
 
 class _HyperOptimizer(TowerOptimizer):
-    """A tower whose weight level is ``rule``; without ``params``, the class gives :class:`UpperLevels` instead."""
+    """A tower whose weight level is ``rule``; without ``params``, the class gives :class:`UpperLevels` instead.
+
+    The constructors take ``torch.optim``'s arguments in ``torch.optim``'s order, so that code written for
+    the ``torch.optim`` class runs unchanged. Those the tower does not implement (``amsgrad``,
+    ``maximize``, ``dampening``, ...) are accepted at the values the tower runs as (``torch.optim``'s
+    defaults; ``foreach`` any: the tower always runs multi-tensor kernels) and refused otherwise.
+    """
 
     rule: type[Rule]
+    # torch.optim's arguments that the tower does not implement: the values it accepts for each.
+    torch_only: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    @classmethod
+    def _check_torch_only(cls, given: dict[str, Any]) -> None:
+        for name, value in given.items():
+            accepted = cls.torch_only[name]
+            if not any(value is a or (not isinstance(value, bool) and a is not None and value == a) for a in accepted):
+                raise ValueError(
+                    f"{cls.__name__}: {name}={value!r} is not supported; a tower runs as torch.optim does with "
+                    f"{name}={accepted[0]!r}"
+                )
 
     def __new__(cls, params=None, *args: Any, **kwargs: Any):
         if params is None:
@@ -108,6 +126,7 @@ class _HyperOptimizer(TowerOptimizer):
             for name in ("self", "params"):
                 arguments.pop(name)
             options = {k: arguments.pop(k) for k in ("learn", "scope", "compat", "hyper")}
+            cls._check_torch_only({k: arguments.pop(k) for k in cls.torch_only})
             hyper = None if isinstance(options["hyper"], str) and options["hyper"] == _DEFAULT else options["hyper"]
             level = cls._level(cls._values(**arguments), options["learn"], None)
             return UpperLevels((level, *_levels_of(hyper)), cls.__name__)
@@ -161,7 +180,9 @@ class HyperSGD(_HyperOptimizer):
 
     Args:
         params: parameters or param groups; ``None`` for an upper level.
-        lr, momentum, weight_decay, nesterov: as in ``torch.optim.SGD`` (no dampening).
+        lr, momentum, weight_decay, nesterov: as in ``torch.optim.SGD``.
+        dampening, maximize, foreach, differentiable, fused: ``torch.optim.SGD``'s, at their defaults
+            (others are refused).
         learn: what the level above learns, ``"lr"`` by default (``"lr+momentum"``, ...).
         scope: ``"shared"``, ``"group"`` or ``"tensor"``: one learned set for all groups, per group,
             or per parameter tensor (the paper's per-parameter SGD).
@@ -170,20 +191,31 @@ class HyperSGD(_HyperOptimizer):
     """
 
     rule = SGDRule
+    torch_only = {"dampening": (0.0,), "maximize": (False,), "foreach": (None, True, False),
+                  "differentiable": (False,), "fused": (None, False)}  # fmt: skip
 
     def __init__(
         self,
         params=None,
         lr: float = 1e-3,
         momentum: float = 0.0,
+        dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
         learn=None,
         scope: str = "shared",
         compat: str | None = None,
         hyper=_DEFAULT,
     ):
+        self._check_torch_only(
+            {"dampening": dampening, "maximize": maximize, "foreach": foreach, "differentiable": differentiable,
+             "fused": fused}  # fmt: skip
+        )
         values = self._values(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         self._setup(params, values, learn, scope, compat, hyper)
 
@@ -194,11 +226,16 @@ class HyperAdam(_HyperOptimizer):
     Args:
         params: parameters or param groups; ``None`` for an upper level.
         lr, betas, eps, weight_decay: as in ``torch.optim.Adam``.
+        amsgrad, foreach, maximize, capturable, differentiable, fused, decoupled_weight_decay:
+            ``torch.optim.Adam``'s, at their defaults (others are refused; for decoupled weight decay
+            use :class:`HyperAdamW`).
         learn, scope, compat, hyper: see :class:`HyperSGD`. ``learn`` names: ``lr``, ``beta1``,
             ``beta2``, ``eps``, ``weight_decay``.
     """
 
     rule = AdamRule
+    torch_only = {"amsgrad": (False,), "foreach": (None, True, False), "maximize": (False,), "capturable": (False,),
+                  "differentiable": (False,), "fused": (None, False), "decoupled_weight_decay": (False,)}  # fmt: skip
 
     def __init__(
         self,
@@ -207,12 +244,23 @@ class HyperAdam(_HyperOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float | None = None,
+        amsgrad: bool = False,
         *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
         learn=None,
         scope: str = "shared",
         compat: str | None = None,
         hyper=_DEFAULT,
     ):
+        self._check_torch_only(
+            {"amsgrad": amsgrad, "foreach": foreach, "maximize": maximize, "capturable": capturable,
+             "differentiable": differentiable, "fused": fused, "decoupled_weight_decay": decoupled_weight_decay}
+        )  # fmt: skip
         values = self._values(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self._setup(params, values, learn, scope, compat, hyper)
 
@@ -230,32 +278,51 @@ class HyperAdamW(HyperAdam):
 
 
 class HyperAdaGrad(_HyperOptimizer):
-    """AdaGrad that learns its hyperparameters; see :class:`~hf_hyperopt.levels.AdaGradRule`."""
+    """AdaGrad that learns its hyperparameters; see :class:`~hf_hyperopt.levels.AdaGradRule`.
+
+    The arguments of ``torch.optim.Adagrad``, in its order; ``lr_decay``, ``initial_accumulator_value``,
+    ``maximize``, ``differentiable`` and ``fused`` only at their defaults.
+    """
 
     rule = AdaGradRule
+    torch_only = {"lr_decay": (0.0,), "initial_accumulator_value": (0.0,), "foreach": (None, True, False),
+                  "maximize": (False,), "differentiable": (False,), "fused": (None, False)}  # fmt: skip
 
     def __init__(
         self,
         params=None,
         lr: float = 1e-2,
-        eps: float = 1e-10,
+        lr_decay: float = 0.0,
         weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
         *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         learn=None,
         scope: str = "shared",
         compat: str | None = None,
         hyper=_DEFAULT,
     ):
+        self._check_torch_only(
+            {"lr_decay": lr_decay, "initial_accumulator_value": initial_accumulator_value, "foreach": foreach,
+             "maximize": maximize, "differentiable": differentiable, "fused": fused}
+        )  # fmt: skip
         self._setup(params, self._values(lr=lr, eps=eps, weight_decay=weight_decay), learn, scope, compat, hyper)
 
 
 class HyperRMSProp(_HyperOptimizer):
     """RMSProp that learns its hyperparameters; see :class:`~hf_hyperopt.levels.RMSPropRule`.
 
-    ``alpha`` is the smoothing constant, as in ``torch.optim.RMSprop``.
+    The arguments of ``torch.optim.RMSprop``, in its order (``alpha`` is the smoothing constant);
+    ``momentum``, ``centered``, ``capturable``, ``maximize`` and ``differentiable`` only at their defaults.
     """
 
     rule = RMSPropRule
+    torch_only = {"momentum": (0.0,), "centered": (False,), "capturable": (False,), "foreach": (None, True, False),
+                  "maximize": (False,), "differentiable": (False,)}  # fmt: skip
 
     def __init__(
         self,
@@ -264,12 +331,22 @@ class HyperRMSProp(_HyperOptimizer):
         alpha: float = 0.99,
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
         *,
         learn=None,
         scope: str = "shared",
         compat: str | None = None,
         hyper=_DEFAULT,
     ):
+        self._check_torch_only(
+            {"momentum": momentum, "centered": centered, "capturable": capturable, "foreach": foreach,
+             "maximize": maximize, "differentiable": differentiable}
+        )  # fmt: skip
         values = self._values(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay)
         self._setup(params, values, learn, scope, compat, hyper)
 
