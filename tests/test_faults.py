@@ -389,6 +389,10 @@ def test_resume_with_only_incomplete_checkpoints_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no complete checkpoint to resume from .* checkpoint-3"):
         trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 0 and not (tmp_path / "hyper_trajectory.jsonl").exists()
+    # the same checkpoint named by its path: the file is named (it was a bare JSONDecodeError)
+    with pytest.raises(ValueError, match="checkpoint-3: trainer_state.json does not read"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert trainer.state.global_step == 0 and not (tmp_path / "hyper_trajectory.jsonl").exists()
 
 
 def test_full_disk_while_writing_the_trajectory_stops_and_loses_no_step(full_run, tmp_path, monkeypatch):

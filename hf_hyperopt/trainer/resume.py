@@ -99,6 +99,20 @@ def warn_if_tower_not_restored(tower: Any, checkpoint: str) -> bool:
     return True
 
 
+def check_checkpoint_readable(checkpoint: str) -> None:
+    """Raise ``ValueError`` naming ``checkpoint``'s ``trainer_state.json`` if it is missing or does not parse
+    (a save that stopped halfway), before ``Trainer`` reads it with a bare ``JSONDecodeError``."""
+    path = Path(checkpoint) / TRAINER_STATE
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: {path.name} does not read ({type(e).__name__}); the run may have stopped "
+            "while saving this checkpoint. Nothing was trained or overwritten; resume from an earlier checkpoint, or "
+            "with resume_from_checkpoint=True for the newest complete one"
+        ) from None
+
+
 def unreadable_checkpoint(checkpoint: str, error: Exception) -> Exception:
     """The error to raise when the optimizer state of ``checkpoint`` fails to load (``error``)."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -109,7 +123,8 @@ def unreadable_checkpoint(checkpoint: str, error: Exception) -> Exception:
         else "resume from an earlier checkpoint"
     )
     message = (
-        f"cannot resume from {checkpoint}: its optimizer state does not load ({type(error).__name__}: {first[:400]}). "
+        f"cannot resume from {checkpoint}: its optimizer state (optimizer.pt, scheduler.pt) does not load "
+        f"({type(error).__name__}: {first[:400]}). "
         f"Nothing was trained or overwritten; {advice}"
     )
     return ValueError(message) if isinstance(error, ValueError) else RuntimeError(message)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from typing import Any
 
 import torch
@@ -35,7 +36,13 @@ from ..optim import OPTIMIZERS, TowerOptimizer
 from ..unwrap import find_tower
 from .arguments import HyperOptimizerNames, HyperSettings, HyperTrainingArguments, is_hyper_optim, weight_level_values
 from .callback import HyperCallback, hyper_logs
-from .resume import checkpoint_step, last_complete_checkpoint, unreadable_checkpoint, warn_if_tower_not_restored
+from .resume import (
+    check_checkpoint_readable,
+    checkpoint_step,
+    last_complete_checkpoint,
+    unreadable_checkpoint,
+    warn_if_tower_not_restored,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +183,8 @@ class HyperTrainer(Trainer):
             # The newest checkpoint, if a killed save left it incomplete, would resume from step 0 or without
             # the tower's state: take the newest complete one.
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or resume_from_checkpoint
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_checkpoint_readable(str(resume_from_checkpoint))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs):
