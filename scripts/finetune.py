@@ -421,6 +421,25 @@ def text_columns(data_args: DataArguments, columns: list[str]) -> list[str]:
     )
 
 
+def check_text_types(data_args: DataArguments, raw, texts: list[str]) -> None:
+    """The text column(s) hold strings (a column of numbers is read as such and fails in the tokenizer)."""
+    import datasets
+
+    for column in texts:
+        feature = raw["train"].features[column]
+        if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+            raise InputError(
+                f"{_source(data_args, 'train')}: the text column {column!r} holds {_feature_kind(feature)}, not "
+                "text; name the text column with --text_column_name"
+            )
+
+
+def _feature_kind(feature) -> str:
+    import datasets
+
+    return f"{feature.dtype} values" if isinstance(feature, datasets.Value) else f"{type(feature).__name__} values"
+
+
 def label_names(data_args: DataArguments, raw) -> list[str]:
     """The class names, in the order of their ids: the dataset's ``ClassLabel`` names, else the sorted values."""
     import datasets
@@ -434,7 +453,12 @@ def label_names(data_args: DataArguments, raw) -> list[str]:
     feature = raw["train"].features[data_args.label_column_name]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
-    if getattr(feature, "dtype", "").startswith("float"):
+    if not isinstance(feature, datasets.Value):
+        raise InputError(
+            f"--label_column_name {data_args.label_column_name!r} holds {_feature_kind(feature)}: give one class "
+            "label (a string or an integer) per example; multi-label data is not supported"
+        )
+    if feature.dtype.startswith("float"):
         raise InputError(
             f"--label_column_name {data_args.label_column_name!r} holds floats: regression is not supported; give "
             "a column of class labels (strings or integers)"
@@ -624,6 +648,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raw = load_raw_datasets(data_args)
     columns = raw["train"].column_names
     texts = text_columns(data_args, columns)
+    check_text_types(data_args, raw, texts)
     if data_args.task == "classification":
         if data_args.label_column_name in columns:
             check_cells(data_args, raw, [*texts, data_args.label_column_name])

@@ -380,6 +380,12 @@ BAD_DATA = {
         "label(s) 'history' never occur in the train split, whose labels are 'comedy', 'tragedy'",
     ),
     "--max_train_samples 0": (TRAIN, TRAIN, ["--max_train_samples", "0"], "--max_train_samples 0: give a positive"),
+    "a text column of numbers": (
+        "1,comedy\n2,tragedy\n3,comedy\n",
+        "4,comedy\n5,tragedy\n",
+        [],
+        "the text column 'text' holds int64 values, not text",
+    ),
     # sizes that raised deep in the tokenizer (-1) or were taken silently (0)
     "--max_seq_length -1": (TRAIN, TRAIN, ["--max_seq_length", "-1"], "--max_seq_length -1: give a positive"),
     "--max_seq_length 0": (TRAIN, TRAIN, ["--max_seq_length", "0"], "--max_seq_length 0: give a positive"),
@@ -404,6 +410,15 @@ def test_bad_data_is_one_line_before_any_model_loads(case, no_model_load, tiny_b
             "--validation_file", _csv(tmp_path, "validation.csv", validation), "--output_dir", str(out), *extra]  # fmt: skip
     assert expected in _error(args)
     assert not out.exists()  # nothing written that could be mistaken for a result
+
+
+def test_multi_label_data_is_one_line(no_model_load, tiny_bert_dir, tmp_path):
+    """A list of labels per example (multi-label JSON lines) was a pyarrow traceback."""
+    rows = [{"text": t, "label": labels} for t, labels in (("A fine day", [0]), ("A foul day", [1, 0]))] * 2
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--model_name_or_path", str(tiny_bert_dir), "--train_file", str(path), "--output_dir", str(tmp_path / "o")]
+    assert "values: give one class label (a string or an integer) per example" in _error(args)
 
 
 def test_model_that_does_not_fit_the_task(no_model_load, tiny_bert_dir, tmp_path):
