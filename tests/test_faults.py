@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import json
 import math
 import multiprocessing
 import os
@@ -346,7 +347,19 @@ TRAJECTORY_FAULTS = {
         "without a trajectory file",
     ),
     "a corrupt line everywhere": (_garbage_line, [2, 3, 4], "line(s) 1 of"),
+    # the output folder holds another run's trajectory: its steps must not be spliced in (they were)
+    "another run's in the output folder, none in the checkpoint": (
+        lambda o, c: [(c / "hyper_trajectory.jsonl").unlink(), _another_runs_trajectory(o)],
+        [3, 4],
+        "is not this checkpoint's trajectory",
+    ),
 }
+
+
+def _another_runs_trajectory(folder: Path) -> None:
+    records = read_trajectory(folder / "hyper_trajectory.jsonl")
+    lines = [json.dumps({**r, "hyper/0/lr": 2 * r["hyper/0/lr"]}) + "\n" for r in records]
+    (folder / "hyper_trajectory.jsonl").write_text("".join(lines))
 
 
 @pytest.mark.parametrize("fault", list(TRAJECTORY_FAULTS))

@@ -204,7 +204,13 @@ class HyperCallback(TrainerCallback):
             ckpt = self.resumed_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             source = os.path.join(ckpt, TRAJECTORY_NAME)
         self._writer = TrajectoryWriter(path)
-        self._writer.start(resume_step=state.global_step, source=source)
+        # What the resumed tower holds, to tell the run's own trajectory from another run's.
+        restored = (
+            hyper_log_keys(t.hyperparameters(), t.scope)
+            if state.global_step > 0 and getattr(self, "restarted_at", None) is None
+            else None
+        )
+        self._writer.start(resume_step=state.global_step, source=source, resumed=restored)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         # Called after optimizer.step() and before the schedule steps and global_step counts the step.

@@ -54,16 +54,19 @@ class TrajectoryWriter:
         self.path = Path(path)
         self._file: Any = None
 
-    def start(self, resume_step: int = 0, source: str | os.PathLike | None = None) -> None:
+    def start(
+        self, resume_step: int = 0, source: str | os.PathLike | None = None, resumed: dict[str, float] | None = None
+    ) -> None:
         """Open the file for a run that starts at ``resume_step`` (0: a fresh run).
 
         A fresh run truncates the file. A resumed run keeps the lines with ``step <= resume_step``,
         taken from ``source`` (the copy saved in the checkpoint) when given and present, else from the
-        file already at ``path``.
+        file already at ``path`` if its line at ``resume_step`` holds the ``resumed`` values (the
+        restored tower's ``hyper/*``): otherwise that file is another run's.
         """
         self.close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = self._resumed_records(resume_step, source) if resume_step > 0 else []
+        kept = self._resumed_records(resume_step, source, resumed) if resume_step > 0 else []
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             for record in kept:
@@ -73,7 +76,9 @@ class TrajectoryWriter:
         os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
 
-    def _resumed_records(self, resume_step: int, source: str | os.PathLike | None) -> list[dict[str, Any]]:
+    def _resumed_records(
+        self, resume_step: int, source: str | os.PathLike | None, resumed: dict[str, float] | None = None
+    ) -> list[dict[str, Any]]:
         """Steps ``1..resume_step`` from the checkpoint's copy, else from the run's own file; warns about gaps.
 
         The trajectory is a record, not training state: a damaged or missing copy does not stop the
@@ -86,6 +91,15 @@ class TrajectoryWriter:
                 continue
             records, problems = salvage_trajectory(src)
             kept = [r for r in records if r["step"] <= resume_step]
+            if src == self.path and src != (Path(source) if source is not None else None) and resumed:
+                last = next((r for r in kept if r["step"] == resume_step), None)
+                if last is not None and not _same_values(last, resumed):
+                    warnings.warn(
+                        f"resuming at step {resume_step}: {self.path} is not this checkpoint's trajectory (its step "
+                        f"{resume_step} holds other learned values), so it is not kept",
+                        stacklevel=3,
+                    )
+                    continue
             missing = sorted(wanted - {r["step"] for r in kept})
             if best is None or len(missing) < len(best[2]):
                 best = (src, kept, missing, problems)
@@ -123,6 +137,13 @@ class TrajectoryWriter:
 
     def __del__(self):
         self.close()
+
+
+def _same_values(record: dict[str, Any], values: dict[str, float]) -> bool:
+    """Whether ``record`` holds ``values`` (``hyper/*`` keys), to float32's precision."""
+    return all(
+        key in record and math.isclose(record[key], v, rel_tol=1e-6, abs_tol=0.0) for key, v in values.items()
+    )
 
 
 def _dumps(record: dict[str, Any]) -> str:
