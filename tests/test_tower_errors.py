@@ -36,6 +36,8 @@ def params():
         ("adam(beta2=-0.1)/sgd", "beta2=-0.1", "[0, 1)"),
         ("rmsprop(alpha=1.5)", "alpha=1.5", "[0, 1)"),
         ("adam(lr=nan)", "lr=nan", "not finite"),
+        ("adam(lr=1_0)", "lr='1_0'", "not a number"),  # float() reads 10
+        ("adam(lr=\uff10.05)", "lr='\uff10.05'", "not a number"),  # a full-width digit: float() reads 0.05
     ],
 )
 def test_bad_spec(spec, quoted, allowed, params):

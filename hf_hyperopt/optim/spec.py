@@ -93,6 +93,9 @@ def parse_spec(spec: str) -> list[LevelConfig]:
     return levels
 
 
+_NUMBER = re.compile(r"[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|inf|infinity|nan)", re.IGNORECASE | re.ASCII)
+
+
 def _parse_value(key: str, raw: str, kind: str, name: str, spec: str) -> float:
     if kind == "flag":
         if raw.lower() in _TRUE:
@@ -100,10 +103,10 @@ def _parse_value(key: str, raw: str, kind: str, name: str, spec: str) -> float:
         if raw.lower() in _FALSE:
             return 0.0
         raise ValueError(f"{key}={raw!r} for {name} in {spec!r} is not a boolean; use true or false")
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{key}={raw!r} for {name} in {spec!r} is not a number") from None
+    # float() also reads '1_0' and non-ASCII digits: a spec holds plain decimal numbers (and inf/nan, refused later).
+    if not _NUMBER.fullmatch(raw.strip()):
+        raise ValueError(f"{key}={raw!r} for {name} in {spec!r} is not a number")
+    return float(raw)
 
 
 def _split_levels(spec: str) -> list[str]:
