@@ -65,5 +65,29 @@ class SNRPowerRule(_AdamTop):
         return Step([ratio * ratio.abs()], -hp["lr"])
 
 
-for _rule in (SignGainRule, SNRPowerRule):
+class DoGTopRule(Rule):
+    """DoG (Ivgi, Hinder, Carmon 2023) on the learned coordinates: the step is the largest distance moved
+    from where the level started over the root of the summed squared hypergradients, so it has no step
+    size of its own (``lr`` multiplies it, 1 is DoG). The start's distance ``r_eps`` is DoG's
+    ``1e-6 (1 + |x_0|)``. The reference point is taken at the first step the level takes (after the
+    ramp), not at construction."""
+
+    name = "dogtop"
+    hyperparameters: ClassVar[dict[str, HyperSpec]] = {"lr": HyperSpec(1.0, "step", "multiplier on DoG's step")}
+    state_names = ("start", "max_distance", "sum_sq", "started")
+
+    def update(self, params, grads, state, work, hp, step, tangents=None):
+        (p,), (g,) = params, grads
+        (start,), (max_distance,), (sum_sq,), (started,) = (
+            state["start"], state["max_distance"], state["sum_sq"], state["started"]
+        )
+        start.copy_(torch.where(started > 0, start, p))
+        started.fill_(1.0)
+        r_eps = 1e-6 * (1.0 + start.abs())
+        max_distance.copy_(torch.maximum(max_distance, (p - start).abs()).maximum(r_eps))
+        sum_sq.addcmul_(g, g)
+        return Step([g * max_distance / sum_sq.sqrt().clamp_min(1e-30)], -hp["lr"])
+
+
+for _rule in (SignGainRule, SNRPowerRule, DoGTopRule):
     RULES.setdefault(_rule.name, _rule)
