@@ -112,14 +112,14 @@ def weight_level_arguments(argv: Sequence[str]) -> argparse.Namespace | None:
     from transformers import TrainingArguments
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     for name in ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim_args"):
         parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=defaults[name])
-    given, _ = parser.parse_known_args(argv)
     try:
+        given, _ = parser.parse_known_args(argv)
         for name in ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon"):
             setattr(given, name, float(getattr(given, name)))
-    except ValueError:
+    except (argparse.ArgumentError, ValueError):  # e.g. a flag without its value
         return None
     return given
 

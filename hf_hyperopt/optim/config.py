@@ -130,7 +130,7 @@ def as_number(at: str, name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if not isinstance(value, numbers.Real):
-        raise ValueError(f"{at}: {name}={value!r} is not a number")
+        raise ValueError(f"{at + ': ' if at else ''}{name}={value!r} is not a number")
     return float(value)
 
 

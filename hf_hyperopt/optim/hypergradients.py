@@ -173,8 +173,10 @@ def measure_ramp(opt: TowerOptimizer, ts: TowerState) -> None:
     step (the schedule has not moved yet); a group whose factor is 0 moved nothing and adds nothing.
     """
     sq = torch.zeros(2, dtype=torch.float64, device=ts.ramp.factor.device)
-    factors = torch.tensor([g["lr"] / g["initial_lr"] if g["initial_lr"] else 1.0 for g in opt.param_groups])
-    unscheduled = torch.where(factors > 0, factors.double().pow(-2), torch.zeros((), dtype=torch.float64))
+    schedule = torch.tensor(
+        [g["lr"] / g["initial_lr"] if g["initial_lr"] else 1.0 for g in opt.param_groups], dtype=torch.float64
+    )
+    unscheduled = torch.where(schedule > 0, schedule.pow(-2), torch.zeros((), dtype=torch.float64))
     for b in opt._buckets:
         scale = b.scales.get("lr")  # a held tangent: the state buffer times this
         factors = [None] * len(b.local) if scale is None else scale.tolist()
