@@ -274,8 +274,14 @@ def _lm_text() -> tuple[str, str]:
     return (folder / "train.txt").read_text(), (folder / "validation.txt").read_text()
 
 
-def gpt2_task(steps: int, batch_size: int = 16, block: int = 64, n_test: int = 64) -> Task:
-    """A small GPT-2 (built from ``GPT2Config``) with a byte-level BPE trained on the shipped text; metric: perplexity."""
+def gpt2_task(
+    steps: int, batch_size: int = 16, block: int = 64, n_test: int = 64, width: int = 64, layers: int = 2
+) -> Task:
+    """A small GPT-2 (built from ``GPT2Config``) with a byte-level BPE trained on the shipped text; metric: perplexity.
+
+    ``width`` and ``layers`` set its size (heads of 32 dimensions); the default's settings were chosen at
+    the default size, so another size checks them on a model they were not chosen on.
+    """
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -289,7 +295,7 @@ def gpt2_task(steps: int, batch_size: int = 16, block: int = 64, n_test: int = 6
         return ids[: n * block].view(n, block)
 
     train, test = blocks(train_text), blocks(test_text)[:n_test]
-    config = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=block, n_embd=64, n_layer=2, n_head=2)
+    config = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=block, n_embd=width, n_layer=layers, n_head=width // 32)
 
     def build(seed: int) -> nn.Module:
         torch.manual_seed(seed)
@@ -310,5 +316,5 @@ def gpt2_task(steps: int, batch_size: int = 16, block: int = 64, n_test: int = 6
         return math.exp(min(out, 50.0))
 
     return Task(
-        "gpt2", "test perplexity", False, steps, build, batches, loss, evaluate, float(config.vocab_size), False
+        "gpt2" if (width, layers) == (64, 2) else f"gpt2_{width}x{layers}", "test perplexity", False, steps, build, batches, loss, evaluate, float(config.vocab_size), False
     )

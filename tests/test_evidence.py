@@ -182,6 +182,15 @@ def test_sensitivity_quick_gpt2_reports_perplexity_and_skips_reference(tmp_path)
     assert summary["adamw"]["best"] <= summary["adamw"]["worst"]  # perplexity: lower is better
 
 
+@pytest.mark.skipif(not (DATA / "shakespeare_lm" / "train.txt").exists(), reason="data/shakespeare_lm not built")
+def test_the_larger_gpt2_task_is_its_own_setting():
+    """gpt2_128x4 is the small GPT-2 at another size, named as its --task so that --merge finds its batch size."""
+    task = sensitivity.make_task(sensitivity.SensitivityArguments(task="gpt2_128x4", quick=True))
+    config = task.build_model(0).config
+    assert (task.name, config.n_embd, config.n_layer, config.n_head) == ("gpt2_128x4", 128, 4, 4)
+    assert sensitivity.batch_size_of(task.name, None) == 16
+
+
 def test_paper_table_quick_agrees_with_reference(tmp_path):
     args = paper_table.PaperTableArguments(quick=True, out=str(tmp_path))
     paper_table.main(args)
