@@ -64,6 +64,7 @@ from .tasks import (
     cancer_task,
     diabetes_task,
     digits_task,
+    gpt2_finetune_task,
     gpt2_task,
     minilm_demo_task,
     minilm_task,
@@ -579,12 +580,14 @@ def plot(rows: list[dict], task: Task, path: Path) -> None:
 TASK_BUILDERS = {"digits": digits_task, "minilm": minilm_task, "minilm_demo": minilm_demo_task, "gpt2": gpt2_task,
                  "cancer": cancer_task, "diabetes": diabetes_task, "vit_digits": vit_digits_task,
                  # four times the parameters per layer and twice the layers: a size the defaults were not chosen at
-                 "gpt2_128x4": partial(gpt2_task, width=128, layers=4)}  # fmt: skip
+                 "gpt2_128x4": partial(gpt2_task, width=128, layers=4),
+                 "gpt2_finetune": gpt2_finetune_task}  # fmt: skip
 # --quick: a few steps, a small test set where the task has its own
 QUICK = {
     "minilm": {"steps": 3, "n_test": 32},
     "gpt2": {"steps": 3, "n_test": 8},
     "gpt2_128x4": {"steps": 3, "n_test": 8},
+    "gpt2_finetune": {"steps": 3, "n_test": 8, "pretrain_steps": 3},
     "vit_digits": {"epochs": 1},
 }
 QUICK["minilm_demo"] = QUICK["minilm"]  # the same model and data
@@ -618,11 +621,11 @@ class SensitivityArguments:
             "and 64)"
         },
     )
-    steps: int = field(default=150, metadata={"help": "minilm / minilm_demo / gpt2 / gpt2_128x4: training steps (the demo: 450)"})
+    steps: int = field(default=150, metadata={"help": "minilm / minilm_demo / gpt2 / gpt2_128x4 / gpt2_finetune: training steps (the demo: 450)"})
     batch_size: int | None = field(
         default=None,
         metadata={"help": "batch size (default: the task's: digits 256, vit_digits 64, cancer 64, diabetes 32, "
-                  "minilm 16, minilm_demo 16, gpt2 16, gpt2_128x4 16)"},
+                  "minilm 16, minilm_demo 16, gpt2 16, gpt2_128x4 16, gpt2_finetune 16)"},
     )  # fmt: skip
     out: str = field(default="results", metadata={"help": "output folder"})
     tag: str = field(default="", metadata={"help": "suffix of the output files"})

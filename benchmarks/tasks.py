@@ -282,24 +282,92 @@ def gpt2_task(
     ``width`` and ``layers`` set its size (heads of 32 dimensions); the default's settings were chosen at
     the default size, so another size checks them on a model they were not chosen on.
     """
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     train_text, test_text = _lm_text()
+    blocks, config = _small_gpt2(train_text, block, width, layers)
+    train, test = blocks(train_text), blocks(test_text)[:n_test]
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
+
+    name = "gpt2" if (width, layers) == (64, 2) else f"gpt2_{width}x{layers}"
+    return _lm_task(name, steps, batch_size, build, train, test, config.vocab_size)
+
+
+def gpt2_finetune_task(
+    steps: int, batch_size: int = 16, block: int = 64, n_test: int = 64, pretrain_steps: int = 600
+) -> Task:
+    """Fine-tuning a pretrained small GPT-2 on plays it has not read: the ``gpt2`` model, trained first on
+    ``data/shakespeare_lm`` (three plays) with AdamW at the best lr of its sweep (``pretrain_steps``), then
+    fine-tuned on the tragedies' speeches in ``data/shakespeare_genre`` (Hamlet, King Lear, Othello, ...),
+    scored on the tragedies' validation speeches. A too-large first step here undoes the pretraining."""
+    from transformers import GPT2LMHeadModel
+
+    train_text, _ = _lm_text()
+    blocks, config = _small_gpt2(train_text, block, 64, 2)
+    pretrained = _pretrained_gpt2(blocks(train_text), config, batch_size, pretrain_steps)
+    tr_x, tr_y, te_x, te_y, names = _text_rows()
+    tragedy = names.index("tragedy")
+    train = blocks("\n".join(x for x, y in zip(tr_x, tr_y, strict=True) if y == tragedy))
+    test = blocks("\n".join(x for x, y in zip(te_x, te_y, strict=True) if y == tragedy))[:n_test]
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+        model.load_state_dict(pretrained)
+        return model
+
+    return _lm_task("gpt2_finetune", steps, batch_size, build, train, test, config.vocab_size)
+
+
+def _small_gpt2(text: str, block: int, width: int, layers: int):
+    """A byte-level BPE of 1,024 tokens trained on ``text``, the function that cuts a text into blocks of
+    its ids, and a GPT-2 config of ``width`` and ``layers`` for it."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config
+
     tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator([train_text], vocab_size=1024, min_frequency=2, show_progress=False)
+    tok.train_from_iterator([text], vocab_size=1024, min_frequency=2, show_progress=False)
 
     def blocks(text: str) -> Tensor:
         ids = torch.tensor(tok.encode(text).ids)
         n = len(ids) // block
         return ids[: n * block].view(n, block)
 
-    train, test = blocks(train_text), blocks(test_text)[:n_test]
-    config = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=block, n_embd=width, n_layer=layers, n_head=width // 32)
+    config = GPT2Config(
+        vocab_size=tok.get_vocab_size(), n_positions=block, n_embd=width, n_layer=layers, n_head=width // 32
+    )
+    return blocks, config
 
-    def build(seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return GPT2LMHeadModel(config)
+
+_PRETRAINED: dict[tuple, dict[str, Tensor]] = {}
+
+
+def _pretrained_gpt2(train: Tensor, config, batch_size: int, steps: int, lr: float = 2.5e-3) -> dict[str, Tensor]:
+    """The weights of ``config``'s GPT-2 after ``steps`` of constant-lr AdamW on ``train`` (seed 0), once a process."""
+    from transformers import GPT2LMHeadModel
+
+    key = (config.n_embd, config.n_layer, tuple(train.shape), batch_size, steps, lr)
+    if key not in _PRETRAINED:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(config)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        stream = shuffled_batches(len(train), batch_size, 0)
+        for _ in range(steps):
+            idx = next(stream)
+            model(input_ids=train[idx], labels=train[idx]).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _PRETRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return _PRETRAINED[key]
+
+
+def _lm_task(
+    name: str, steps: int, batch_size: int, build: Callable[[int], nn.Module], train: Tensor, test: Tensor, vocab: int
+) -> Task:
+    """Causal language modelling of ``train``'s blocks; metric: perplexity on ``test``'s."""
 
     def batches(seed: int) -> Iterator[dict[str, Tensor]]:
         for idx in shuffled_batches(len(train), batch_size, seed):
@@ -315,6 +383,4 @@ def gpt2_task(
         model.train()
         return math.exp(min(out, 50.0))
 
-    return Task(
-        "gpt2" if (width, layers) == (64, 2) else f"gpt2_{width}x{layers}", "test perplexity", False, steps, build, batches, loss, evaluate, float(config.vocab_size), False
-    )
+    return Task(name, "test perplexity", False, steps, build, batches, loss, evaluate, float(vocab), False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,20 @@ def test_the_larger_gpt2_task_is_its_own_setting():
     config = task.build_model(0).config
     assert (task.name, config.n_embd, config.n_layer, config.n_head) == ("gpt2_128x4", 128, 4, 4)
     assert sensitivity.batch_size_of(task.name, None) == 16
+
+
+@pytest.mark.skipif(not (DATA / "shakespeare_genre" / "train.csv").exists(), reason="data/ not built")
+def test_the_finetuning_gpt2_task_starts_from_pretrained_weights():
+    """gpt2_finetune's models start from the pretrained weights (the same for every seed), not a fresh init."""
+    from transformers import GPT2LMHeadModel
+
+    task = sensitivity.make_task(sensitivity.SensitivityArguments(task="gpt2_finetune", quick=True))
+    a, b = task.build_model(0), task.build_model(1)
+    torch.manual_seed(0)
+    fresh = GPT2LMHeadModel(a.config)  # the init the pretraining started from
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), fresh.parameters(), strict=True))
+    assert task.name == "gpt2_finetune" and math.isfinite(task.evaluate(a))
 
 
 def test_paper_table_quick_agrees_with_reference(tmp_path):
