@@ -66,6 +66,7 @@ def split_argv(argv: Sequence[str]) -> tuple[HyperSettings | None, list[str], bo
             that :meth:`HyperSettings.resolved` refuses.
     """
     found: dict[str, str] = {}
+    seen: dict[str, str] = {}  # every value of the launcher's flags, a standard --optim too
     rest: list[str] = []
     i = 0
     argv = list(argv)
@@ -79,10 +80,11 @@ def split_argv(argv: Sequence[str]) -> tuple[HyperSettings | None, list[str], bo
                     raise ValueError(f"{name} needs a value")
                 value = argv[i + 1]
             step = 1 if eq else 2
+            if key in seen:
+                raise ValueError(f"--{key} is given twice ({seen[key]!r} and {value!r}); give it once")
+            seen[key] = value
             if key == "optim" and value not in HYPER_OPTIMIZERS:
                 rest.extend(argv[i : i + step])  # a standard optimizer: the script's business
-            elif key in found:
-                raise ValueError(f"--{key} is given twice ({found[key]!r} and {value!r}); give it once")
             else:
                 found[key] = value
             i += step

@@ -405,6 +405,8 @@ def test_resume_with_only_incomplete_checkpoints_is_refused(tmp_path):
     # the same checkpoint named by its path: the file is named (it was a bare JSONDecodeError)
     with pytest.raises(ValueError, match="checkpoint-3: trainer_state.json does not read"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    with pytest.raises(ValueError, match="checkpoint-30: it is not a folder"):  # a typo, not a torn save
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-30"))
     assert trainer.state.global_step == 0 and not (tmp_path / "hyper_trajectory.jsonl").exists()
 
 
@@ -519,3 +521,17 @@ def test_resume_from_the_last_checkpoint_of_a_finished_run_takes_no_step(full_ru
     assert trainer.state.global_step == 4
     _assert_like_the_full_run(trainer, full_run)
     assert read_trajectory(tmp_path / "hyper_trajectory.jsonl") == read_trajectory(full_run / "hyper_trajectory.jsonl")
+
+
+def test_a_trajectory_line_that_is_not_a_number_does_not_stop_the_resume(tmp_path):
+    """The output folder's file is compared with the restored values: a null (a non-finite value as written)
+    or a string there means another run's file, not an error."""
+    from hf_hyperopt.trainer.trajectory import TrajectoryWriter
+
+    path = tmp_path / "hyper_trajectory.jsonl"
+    path.write_text('{"step": 1, "hyper/0/lr": 0.001}\n{"step": 2, "hyper/0/lr": null}\n')
+    writer = TrajectoryWriter(path)
+    with pytest.warns(UserWarning, match="is not this checkpoint's trajectory"):
+        writer.start(resume_step=2, source=tmp_path / "missing.jsonl", resumed={"hyper/0/lr": 1e-3})
+    writer.close()
+    assert read_trajectory(path) == []

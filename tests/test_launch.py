@@ -86,6 +86,8 @@ def test_split_argv_takes_only_the_launchers_flags():
         (["--optim", "hyper_adam", "--hyper_tower", "sgd(lr=1e-5)x"], "cannot parse level 1"),
         (["--optim"], "--optim needs a value"),
         (["--optim", "hyper_adam", "--optim=hyper_sgd"], r"--optim is given twice \('hyper_adam' and 'hyper_sgd'\)"),
+        (["--optim", "hyper_adam", "--optim", "adamw_torch"], "--optim is given twice"),  # the tower would train
+        (["--optim", "adamw_torch", "--optim", "hyper_adam"], "--optim is given twice"),
         # the weight level's values on the command line: refused before the script runs, naming the flag
         (["--optim", "hyper_adam", "--weight_decay", "-0.1"], "--weight_decay -0.1 is not allowed"),
         (["--optim", "hyper_adam", "--learning-rate=0"], "lr=0.0: the default mode.*come from --learning_rate"),

@@ -81,6 +81,10 @@ def test_bad_spec(spec, quoted, allowed, params):
         (lambda p: hh.HyperAdaGrad(p, lr_decay=0.1), "lr_decay=0.1 is not supported", "lr_decay=0.0"),
         (lambda p: hh.HyperRMSProp(p, centered=True), "centered=True is not supported", "centered=False"),
         (lambda p: hh.HyperAdam(fused=True), "fused=True is not supported", "fused=None"),
+        # a bool where a number belongs: HyperSGD(p, lr, momentum, weight_decay, nesterov) in the order before
+        # torch.optim's (dampening comes fourth) would read True as a weight decay of 1.0
+        (lambda p: hh.HyperSGD(p, 0.1, 0.9, 0, True), "weight_decay=True", "is a bool, not a number"),
+        (lambda p: hh.HyperAdam([{"params": p, "lr": True}]), "lr=True", "is a bool, not a number"),
         (lambda p: hh.HyperAdam(p, scope="layer"), "'layer'", "shared, group, tensor"),
         (lambda p: hh.HyperAdam(p, compat="paper"), "'paper'", "'gdtuo'"),
         (lambda p: hh.HyperAdam(p, hyper="sgd(lr=1e-5"), "'sgd(lr=1e-5'", "'('"),
@@ -229,3 +233,10 @@ def test_learn_names_get_one_check_from_every_entry_point(params):
         with pytest.raises(ValueError) as err:
             build()
         assert expected in str(err.value)
+
+
+def test_flags_take_numpy_bools_and_adamw_takes_decoupled_weight_decay(params):
+    import numpy as np
+
+    assert hh.HyperSGD(params, 0.1, momentum=0.9, nesterov=np.True_).param_groups[0]["nesterov"] is True
+    hh.HyperAdamW(params, decoupled_weight_decay=True)  # torch.optim.AdamW is decoupled whatever it is told

@@ -301,3 +301,22 @@ def test_a_warm_up_does_not_move_the_ramps_start():
         sched.step()
         targets.append(opt._tower_state.ramp.target.item())
     assert targets[1] == pytest.approx(targets[0], rel=1e-5)
+
+
+def test_a_warm_up_from_zero_takes_the_probe_again_at_its_size():
+    """HF's warm-ups start at a factor of 0: the probe moves nothing because of the schedule, not because it
+    is too small, so it is taken again as it was (not a thousand times larger) once the factor is above 0."""
+    from hf_hyperopt.optim.ramp import RAMP_PROBE
+
+    torch.manual_seed(0)
+    model = nn.Linear(8, 8)
+    opt = hh.HyperAdam(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, t / 10))
+    for sized in (False, True):
+        model(torch.randn(4, 8)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        assert opt._tower_state.ramp.sized is sized
+        if not sized:
+            assert opt._tower_state.ramp.factor.item() == pytest.approx(RAMP_PROBE)

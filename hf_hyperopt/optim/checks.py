@@ -42,7 +42,7 @@ from .config import as_number, validate_value
 from .distributed import local_tensor
 from .ramp import RAMP_SEARCH_DOUBLINGS, RampState
 from .state import TowerState
-from .stepping import group_entry, group_key
+from .stepping import group_entry, group_key, group_value
 
 
 def checked_tower_state(opt: Any, state_dict: dict[str, Any], entries: dict[str, Any]) -> TowerState | None:
@@ -106,6 +106,11 @@ def _check_param_state(opt: Any, index: dict[Any, Tensor], state: dict[Any, dict
     rule = opt._rules[0]
     names = set(rule.state_names)
     learned = opt._learn[0] if len(opt.levels) > 1 else ()
+    # The state a parameter that has stepped keeps, by its group's values (SGD keeps no momentum buffer at 0).
+    kept_for: dict[int, tuple[str, ...]] = {}
+    for g in opt.param_groups:
+        kept = tuple(rule.init_state(torch.zeros(1), {n: group_value(g, n) for n in rule.hyperparameters}))
+        kept_for.update((id(q), kept) for q in g["params"])
     for key, entry in state.items():
         if key not in index:
             raise ValueError(f"state_dict has state for parameter {key!r}, which none of its param groups lists")
@@ -119,10 +124,9 @@ def _check_param_state(opt: Any, index: dict[Any, Tensor], state: dict[Any, dict
         # A parameter that has stepped has all of the rule's state and a tangent (or a held tangent's
         # constant) for each learned name; a partial entry would fail mid-step or resume inexactly.
         if any(n in entry for n in names):
-            kept = rule.init_state(torch.zeros(1), opt._param_values(p))
             # A held tangent's buffer that 0.1.0 wrote as a tangent becomes that buffer (hold_saved_tangents).
             written = {opt._held[n] for n in opt._held if TANGENT_PREFIX + n in entry}
-            needed = [n for n in kept if n not in entry and n not in written]
+            needed = [n for n in kept_for[id(p)] if n not in entry and n not in written]
             needed += [
                 SCALE_PREFIX + n if n in opt._held else TANGENT_PREFIX + n
                 for n in learned

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..levels.base import Rule
@@ -124,13 +125,19 @@ def where(level: int | None, name: str) -> str:
     return name if level is None else f"level {level} ({name})"
 
 
-def as_number(at: str, name: str, value: Any) -> float:
-    """``value`` as a float: a real number (a bool for a flag), or a one-element tensor as ``torch.optim``
-    takes for ``lr``. Anything else (a string, ``None``) raises ``ValueError`` naming it."""
+def as_number(at: str, name: str, value: Any, flag: bool = False) -> float:
+    """``value`` as a float: a real number, a bool for a ``flag`` (only there: ``True`` where a step size
+    belongs is a mistake, such as a call in another argument order), or a one-element tensor as
+    ``torch.optim`` takes for ``lr``. Anything else (a string, ``None``) raises ``ValueError`` naming it."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
+    prefix = f"{at}: " if at else ""
+    if isinstance(value, (bool, np.bool_)):
+        if not flag:
+            raise ValueError(f"{prefix}{name}={value!r} is a bool, not a number")
+        return float(value)
     if not isinstance(value, numbers.Real):
-        raise ValueError(f"{at + ': ' if at else ''}{name}={value!r} is not a number")
+        raise ValueError(f"{prefix}{name}={value!r} is not a number")
     return float(value)
 
 
@@ -138,7 +145,7 @@ def validate_value(level: int | None, rule: type[Rule], name: str, value: Any) -
     """Raise ``ValueError`` naming the level, the hyperparameter and the allowed range."""
     spec = rule.hyperparameters[name]
     at = where(level, rule.name)
-    value = as_number(at, name, value)
+    value = as_number(at, name, value, flag=spec.kind == "flag")
     if not math.isfinite(value):
         raise ValueError(f"{at}: {name}={value!r} is not finite")
     if spec.kind == "step" and value < 0:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .distributed import local_tensor, reduce_hypergradients
 from .ramp import advance_ramp, asks_for_more, size_ramp
+from .stepping import schedule_factor
 
 if TYPE_CHECKING:
     from .buckets import Bucket
@@ -172,10 +173,10 @@ def measure_ramp(opt: TowerOptimizer, ts: TowerState) -> None:
     at the probe) does not start the learned lr a hundred times too high. Its factor is that of the probe
     step (the schedule has not moved yet); a group whose factor is 0 moved nothing and adds nothing.
     """
+    schedule = torch.tensor([schedule_factor(g) for g in opt.param_groups], dtype=torch.float64)
+    if not bool((schedule > 0).any()):  # a warm-up from 0: the probe was scaled to nothing; take it again as it was
+        return
     sq = torch.zeros(2, dtype=torch.float64, device=ts.ramp.factor.device)
-    schedule = torch.tensor(
-        [g["lr"] / g["initial_lr"] if g["initial_lr"] else 1.0 for g in opt.param_groups], dtype=torch.float64
-    )
     unscheduled = torch.where(schedule > 0, schedule.pow(-2), torch.zeros((), dtype=torch.float64))
     for b in opt._buckets:
         scale = b.scales.get("lr")  # a held tangent: the state buffer times this

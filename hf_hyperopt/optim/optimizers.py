@@ -126,7 +126,7 @@ class _HyperOptimizer(TowerOptimizer):
             for name in ("self", "params"):
                 arguments.pop(name)
             options = {k: arguments.pop(k) for k in ("learn", "scope", "compat", "hyper")}
-            cls._check_torch_only({k: arguments.pop(k) for k in cls.torch_only})
+            builtin._check_torch_only({k: arguments.pop(k) for k in builtin.torch_only})
             hyper = None if isinstance(options["hyper"], str) and options["hyper"] == _DEFAULT else options["hyper"]
             level = cls._level(cls._values(**arguments), options["learn"], None)
             return UpperLevels((level, *_levels_of(hyper)), cls.__name__)
@@ -148,7 +148,8 @@ class _HyperOptimizer(TowerOptimizer):
         """This class's level, keeping only the values that differ from the rule's defaults (the spec's form)."""
         defaults = {n: s.default for n, s in cls.rule.hyperparameters.items()}
         at = where(level, cls.rule.name)
-        numbers = {k: as_number(at, k, v) for k, v in values.items()}
+        kinds = {k: spec.kind for k, spec in cls.rule.hyperparameters.items()}
+        numbers = {k: as_number(at, k, v, flag=kinds[k] == "flag") for k, v in values.items()}
         explicit = {k: v for k, v in numbers.items() if v != defaults[k]}
         return checked_level(level, cls.rule, explicit, _learn_tuple(learn))
 
@@ -275,6 +276,8 @@ class HyperAdamW(HyperAdam):
     """AdamW (decoupled weight decay, default 1e-2) that learns its hyperparameters."""
 
     rule = AdamWRule
+    # torch.optim.AdamW has no decoupled_weight_decay (it is always decoupled): either value means AdamW.
+    torch_only = {**HyperAdam.torch_only, "decoupled_weight_decay": (False, True)}
 
 
 class HyperAdaGrad(_HyperOptimizer):

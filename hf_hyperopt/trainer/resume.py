@@ -102,6 +102,8 @@ def warn_if_tower_not_restored(tower: Any, checkpoint: str) -> bool:
 def check_checkpoint_readable(checkpoint: str) -> None:
     """Raise ``ValueError`` naming ``checkpoint``'s ``trainer_state.json`` if it is missing or does not parse
     (a save that stopped halfway), before ``Trainer`` reads it with a bare ``JSONDecodeError``."""
+    if not Path(checkpoint).is_dir():
+        raise ValueError(f"cannot resume from {checkpoint}: it is not a folder (give a checkpoint-N folder, or True)")
     path = Path(checkpoint) / TRAINER_STATE
     try:
         json.loads(path.read_text(encoding="utf-8"))

@@ -142,7 +142,10 @@ class TrajectoryWriter:
 def _same_values(record: dict[str, Any], values: dict[str, float]) -> bool:
     """Whether ``record`` holds ``values`` (``hyper/*`` keys), to float32's precision."""
     return all(
-        key in record and math.isclose(record[key], v, rel_tol=1e-6, abs_tol=0.0) for key, v in values.items()
+        isinstance(record.get(key), (int, float))
+        and not isinstance(record[key], bool)
+        and math.isclose(record[key], v, rel_tol=1e-6, abs_tol=0.0)
+        for key, v in values.items()
     )
 
 
