@@ -41,6 +41,9 @@ Your own data or a Hub dataset::
     # several processes (torchrun, or `accelerate config` once and then `accelerate launch`)
     torchrun --nproc_per_node 2 scripts/finetune.py --optim hyper_adam --output_dir out/ddp
 
+As in those scripts, ``--resume_from_checkpoint out/checkpoint-500`` continues a run, and ``--do_eval``
+without ``--do_train`` evaluates the model given and trains nothing (otherwise the script trains).
+
 Outputs in ``--output_dir``: the model and tokenizer, ``all_results.json`` (train and eval metrics:
 accuracy and F1 for a two-class task; eval loss and perplexity for language modelling), the tower's
 per-step trajectory ``hyper_trajectory.jsonl`` and its plot, and a model card ``README.md`` that ends
@@ -816,17 +819,16 @@ def _clm(model_args, data_args, training_args, raw, texts, config):
 
 
 def _train_and_report(trainer, training_args, data_args, model_args, argvs, perplexity_fn) -> dict[str, float]:
+    if training_args.do_eval and not training_args.do_train:
+        # As in the transformers example scripts: --do_eval alone evaluates the model given, trains nothing.
+        return _evaluate(trainer, perplexity_fn)
     # As the transformers example scripts do: --resume_from_checkpoint (a checkpoint folder) continues that run.
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     metrics = dict(train_result.metrics)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
-    eval_metrics = trainer.evaluate()
-    if perplexity_fn is not None:
-        eval_metrics["eval_perplexity"] = perplexity_fn(eval_metrics["eval_loss"])
-    trainer.log_metrics("eval", eval_metrics)
-    trainer.save_metrics("eval", eval_metrics)
+    eval_metrics = _evaluate(trainer, perplexity_fn)
     info = trainer._finetune_info
     if trainer.is_world_process_zero():
         command, expanded = command_line(argvs[0]), command_line(argvs[1])
@@ -847,6 +849,15 @@ def _train_and_report(trainer, training_args, data_args, model_args, argvs, perp
         )
         _append_command(Path(training_args.output_dir) / "README.md", command, expanded, info["metric_source"])
     return {**metrics, **eval_metrics}
+
+
+def _evaluate(trainer, perplexity_fn) -> dict[str, float]:
+    eval_metrics = trainer.evaluate()
+    if perplexity_fn is not None:
+        eval_metrics["eval_perplexity"] = perplexity_fn(eval_metrics["eval_loss"])
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    return eval_metrics
 
 
 def base_model_id(path: str | None) -> str | None:

@@ -128,6 +128,15 @@ def test_classification_end_to_end(tiny_bert_dir, tmp_path, optim):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_do_eval_alone_evaluates_and_trains_nothing(tiny_bert_dir, tmp_path):
+    """As in the transformers example scripts: --do_eval without --do_train (it trained and saved a model)."""
+    out = tmp_path / "out"
+    metrics = finetune.main([*classification_args(tiny_bert_dir, out, "hyper_adam"), "--do_eval"])
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and "train_loss" not in metrics
+    assert (out / "eval_results.json").is_file()
+    assert not (out / "model.safetensors").exists() and not (out / "hyper_trajectory.jsonl").exists()
+
+
 def test_resume_from_checkpoint_continues_the_run(tiny_bert_dir, tmp_path):
     """--resume_from_checkpoint is honoured (it was dropped: the resumed run restarted from a fresh tower)."""
 
