@@ -6,6 +6,9 @@ returns the tower inside, to read what it has learned::
 
     python examples/accelerate_loop.py
     accelerate launch examples/accelerate_loop.py --steps 200    # several processes: same code
+
+(Several processes need a multi-process Accelerate config: GPUs, or on CPU ``accelerate launch --multi_gpu
+--num_processes 2`` or ``torchrun --nproc_per_node 2``; ``accelerate launch --cpu`` runs one.)
 """
 
 from __future__ import annotations

@@ -85,6 +85,12 @@ def test_plot_overlays_runs_and_refuses_bad_input(tmp_path):
         plot_trajectories([a], tmp_path / "x.png", labels=["x", "y"])
     with pytest.raises(ValueError, match="nothing to plot"):
         plot_trajectories([[{"step": 1, "loss": 1.0}]], tmp_path / "x.png")
+    # a file with no readable record is named, not silently left out; an out without a suffix is the PNG written
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    with pytest.warns(UserWarning, match="bad.jsonl holds no readable trajectory record"):
+        out = plot_trajectories([a, bad], tmp_path / "noext")
+    assert out == tmp_path / "noext.png" and out.is_file()
 
 
 def test_plot_script_redraws_several_runs(tmp_path, capsys):

@@ -242,6 +242,7 @@ class HyperCallback(TrainerCallback):
         self._writer = None
         path = os.path.join(args.output_dir, TRAJECTORY_NAME)
         if self.plot and read_trajectory(path):
-            plot_trajectories([path], os.path.join(args.output_dir, PLOT_NAME), labels=[started_spec(self.tower)])
+            # The spec as the title: as a legend label it was wider than a panel and squeezed the axes.
+            plot_trajectories([path], os.path.join(args.output_dir, PLOT_NAME), title=started_spec(self.tower))
         if self.card:
             self.write_card_section(args, state)

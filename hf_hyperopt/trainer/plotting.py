@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,17 @@ from .trajectory import read_trajectory, trajectory_keys
 
 _STEP_NAMES = ("lr", "eps", "weight_decay")
 _COPY = re.compile(r"/(group|tensor)\d+$")
+
+
+def _wrap(text: str, width: int) -> str:
+    """``text`` in lines of at most ``width`` characters, broken after spaces, commas and slashes (a spec
+    string has no spaces, and a break at a hyphen would split ``1e-08``)."""
+    lines = [""]
+    for piece in re.split(r"(?<=[ ,/])", text):
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append("")
+        lines[-1] += piece
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _panel(key: str) -> str:
@@ -57,6 +69,9 @@ def plot_trajectories(
     if labels is not None and len(labels) != len(runs):
         raise ValueError(f"{len(labels)} labels for {len(runs)} runs; give one label per run")
     records = [read_trajectory(r) if isinstance(r, str | os.PathLike) else list(r) for r in runs]
+    for run, recs in zip(runs, records, strict=True):
+        if isinstance(run, str | os.PathLike) and not recs:
+            warnings.warn(f"{run} holds no readable trajectory record; it is left out of the plot", stacklevel=2)
     if labels is None:
         labels = [
             Path(r).resolve().parent.name if isinstance(r, str | os.PathLike) else f"run {i}"
@@ -87,8 +102,9 @@ def plot_trajectories(
                     legend = label
                 elif len(keys) <= 4:  # a few groups: one legend entry each
                     legend = f"{label} ({key.rsplit('/', 1)[-1]})"
-                else:  # one per tensor: a single entry
-                    legend = f"{label} ({len(keys)} tensors)" if j == 0 else None
+                else:  # one per group or tensor: a single entry
+                    kind = "groups" if "/group" in key else "tensors"
+                    legend = f"{label} ({len(keys)} {kind})" if j == 0 else None
                 ax.plot(xs, ys, color=color, alpha=1.0 if len(keys) == 1 else 0.6, lw=1.4, label=legend,
                         ls=("-", ":", "-.", "--")[j % 4] if len(keys) <= 4 else "-")  # fmt: skip
             if panel == "hyper/0/lr":
@@ -114,10 +130,12 @@ def plot_trajectories(
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
+    if title:  # a tower's spec runs to a hundred characters and more: wrapped to the figure's width
+        fig.suptitle(_wrap(title, 50 * cols), fontsize=9)
     fig.tight_layout()
     out = Path(out)
+    if not out.suffix:  # what matplotlib writes, so that the path returned is the file
+        out = out.with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
