@@ -819,8 +819,10 @@ def _clm(model_args, data_args, training_args, raw, texts, config):
 
 
 def _train_and_report(trainer, training_args, data_args, model_args, argvs, perplexity_fn) -> dict[str, float]:
-    if training_args.do_eval and not training_args.do_train:
-        # As in the transformers example scripts: --do_eval alone evaluates the model given, trains nothing.
+    # As in the transformers example scripts: --do_eval alone evaluates the model given, trains nothing. Read
+    # off the command line: TrainingArguments sets do_eval itself whenever an --eval_strategy is given.
+    flags = {a.partition("=")[0] for a in argvs[0] if a.startswith("--")}
+    if "--do_eval" in flags and "--do_train" not in flags and training_args.do_eval:
         return _evaluate(trainer, perplexity_fn)
     # As the transformers example scripts do: --resume_from_checkpoint (a checkpoint folder) continues that run.
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

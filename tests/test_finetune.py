@@ -135,6 +135,10 @@ def test_do_eval_alone_evaluates_and_trains_nothing(tiny_bert_dir, tmp_path):
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and "train_loss" not in metrics
     assert (out / "eval_results.json").is_file()
     assert not (out / "model.safetensors").exists() and not (out / "hyper_trajectory.jsonl").exists()
+    # An --eval_strategy sets do_eval too (TrainingArguments does): that run trains, as the demo does.
+    out = tmp_path / "strategy"
+    args = [*classification_args(tiny_bert_dir, out, "hyper_adam"), "--eval_strategy", "steps", "--eval_steps", "2"]
+    assert "train_loss" in finetune.main(args) and (out / "model.safetensors").is_file()
 
 
 def test_resume_from_checkpoint_continues_the_run(tiny_bert_dir, tmp_path):
