@@ -38,11 +38,11 @@ from torch import Tensor
 
 from ..levels.base import raw_bounds
 from .buckets import SCALE_PREFIX, TANGENT_PREFIX
-from .config import as_number, validate_value
+from .config import as_number
 from .distributed import local_tensor
 from .ramp import RAMP_SEARCH_DOUBLINGS, RampState
 from .state import TowerState
-from .stepping import group_entry, group_key, group_value
+from .stepping import check_group_values, group_value
 
 
 def checked_tower_state(opt: Any, state_dict: dict[str, Any], entries: dict[str, Any]) -> TowerState | None:
@@ -90,9 +90,7 @@ def _check_groups(opt: Any, groups: list[dict[str, Any]]) -> list[Tensor]:
             )
         # torch.optim replaces the groups' values with these: the constructor's checks, and a schedule's base.
         try:
-            for name in rule.hyperparameters:
-                if group_key(name) in saved:
-                    validate_value(0, rule, name, group_entry(saved, name))
+            check_group_values(rule, saved, given_only=True)
             if "initial_lr" in saved:  # the lr a schedule's factor is taken against
                 base = as_number("", "initial_lr", saved["initial_lr"])
                 if not (math.isfinite(base) and base >= 0):

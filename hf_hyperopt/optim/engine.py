@@ -44,7 +44,7 @@ from .hypergradients import hypergradients, measure_ramp
 from .ramp import RAMP_PROBE
 from .rollback import rollback_on_error
 from .state import TowerState, initial_state, read_tower_entry, tower_entry
-from .stepping import count_step, group_defaults, group_entry, group_value, step_upper_levels, step_weights
+from .stepping import check_group_values, count_step, group_defaults, group_value, step_upper_levels, step_weights
 
 __all__ = ["SCOPES", "LevelConfig", "TowerOptimizer", "validate_level_options", "validate_value"]
 
@@ -125,8 +125,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             raise ValueError("level 0 (sgd): nesterov=true needs momentum > 0")
         super().__init__(params, group_defaults(levels[0]))
         for group in self.param_groups:
-            for name in self._rules[0].hyperparameters:
-                validate_value(0, levels[0].rule, name, group_entry(group, name))
+            check_group_values(levels[0].rule, group)
             group.setdefault("initial_lr", group["lr"])
         if mode == "gdtuo" and len(levels) > 1 and levels[1].ramp_search:
             raise ValueError(
@@ -220,8 +219,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                         "keep it as a real tensor with a trailing dimension of 2 (torch.view_as_real)"
                     )
             if hasattr(self, "_buckets"):  # a group added after construction: check it as __init__ does
-                for name in self._rules[0].hyperparameters:
-                    validate_value(0, self.levels[0].rule, name, group_entry(group, name))
+                check_group_values(self.levels[0].rule, group)
                 group.setdefault("initial_lr", group["lr"])
                 self._check_scope()
                 self._check_sharding()

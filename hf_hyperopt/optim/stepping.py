@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..levels.base import Hyper, Rule, raw_bounds, to_natural
 from .buckets import Bucket
+from .config import validate_value
 from .distributed import local_tensor, wrap_like
 from .tangents import run_rule
 
@@ -244,17 +245,15 @@ def beta_pair(at: str | None, betas: Any) -> tuple[Any, Any]:
     return betas[0], betas[1]
 
 
-def group_key(name: str) -> str:
-    """The param-group key that holds hyperparameter ``name`` (``betas`` for Adam's ``beta1``)."""
-    return _GROUP_KEYS[name][0] if name in _GROUP_KEYS else name
-
-
-def group_entry(group: dict[str, Any], name: str) -> Any:
-    """The entry behind :func:`group_value`, as given, for the checks of a new param group."""
-    if name in _GROUP_KEYS:
-        key, i = _GROUP_KEYS[name]
-        return beta_pair(None, group[key])[i]
-    return group[name]
+def check_group_values(rule: type[Rule], group: dict[str, Any], given_only: bool = False) -> None:
+    """Raise ``ValueError`` naming the first of ``rule``'s hyperparameters that ``group`` holds out of range
+    (the weight level's; ``given_only``: only those the group has, as in a saved state dict)."""
+    for name in rule.hyperparameters:
+        key = _GROUP_KEYS[name][0] if name in _GROUP_KEYS else name
+        if given_only and key not in group:
+            continue
+        value = beta_pair(None, group[key])[_GROUP_KEYS[name][1]] if name in _GROUP_KEYS else group[key]
+        validate_value(0, rule, name, value)
 
 
 def group_value(group: dict[str, Any], name: str) -> float:
