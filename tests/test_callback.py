@@ -140,3 +140,21 @@ def test_trl_sft_trainer_with_a_ready_tower_and_the_callback(tmp_path):
     trainer.train()
     assert [r["step"] for r in read_trajectory(tmp_path / "hyper_trajectory.jsonl")] == [1, 2, 3, 4]
     assert all("hyper/0/lr" in r for r in trainer.state.log_history if "loss" in r)
+
+
+@pytest.mark.parametrize("scope", ["shared", "group", "tensor"])
+def test_initial_values_of_a_resumed_run_keep_the_scopes_shape(scope):
+    """A run resumed where nobody recorded the start (the launcher's stock scripts) reads it from the
+    configuration: per group or per tensor as the learned values are, not one value (the card's 'initial'
+    column collapsed them)."""
+    from hf_hyperopt.trainer.callback import _initial_from_config
+
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))]
+    tower = hh.HyperAdam([{"params": params[:1]}, {"params": params[1:]}], lr=1e-3, scope=scope)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    tower.step()  # the learned values now differ from the start
+    initial = _initial_from_config(tower)
+    expected = {"shared": 1e-3, "group": [1e-3, 1e-3], "tensor": [1e-3, 1e-3]}[scope]
+    assert initial[0]["lr"] == pytest.approx(expected)
+    assert type(initial[0]["lr"]) is type(tower.hyperparameters()[0]["lr"])

@@ -92,12 +92,18 @@ def hyper_logs(tower: TowerOptimizer, schedule_lr: float | None = None) -> dict[
 
 
 def _initial_from_config(tower: TowerOptimizer) -> list[dict[str, float | list[float]]]:
-    """Each level's starting values of what it learns, from the tower's configuration (for resumed runs)."""
+    """Each level's starting values of what it learns, from the tower's configuration (for resumed runs):
+    at level 0 one per unit, as :meth:`TowerOptimizer.hyperparameters` reports them (a list in the group
+    and tensor scopes), from the param groups' initial values."""
     out: list[dict[str, float | list[float]]] = []
     for k, cfg in enumerate(tower.levels):
         names = tower.learned()[k] if k < tower.height else (cfg.learn or ("lr",))
-        values = cfg.full_values()
-        out.append({name: values[name] for name in names})
+        if k == 0 and tower.height:
+            units = tower._level0_unit_values()
+            out.append({name: units[name][0] if tower.scope == "shared" else units[name] for name in names})
+        else:
+            values = cfg.full_values()
+            out.append({name: values[name] for name in names})
     return out
 
 
