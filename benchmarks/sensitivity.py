@@ -575,8 +575,8 @@ def plot(rows: list[dict], task: Task, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-# What each --task builds; a builder that takes ``steps`` trains for --steps (minilm, minilm_demo, gpt2),
-# the others for --epochs.
+# What each --task builds; a builder that takes ``steps`` trains for --steps (minilm, minilm_demo and the
+# gpt2 tasks), the others for --epochs.
 TASK_BUILDERS = {"digits": digits_task, "minilm": minilm_task, "minilm_demo": minilm_demo_task, "gpt2": gpt2_task,
                  "cancer": cancer_task, "diabetes": diabetes_task, "vit_digits": vit_digits_task,
                  # four times the parameters per layer and twice the layers: a size the defaults were not chosen at

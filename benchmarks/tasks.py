@@ -300,18 +300,18 @@ def gpt2_finetune_task(
     steps: int, batch_size: int = 16, block: int = 64, n_test: int = 64, pretrain_steps: int = 600
 ) -> Task:
     """Fine-tuning a pretrained small GPT-2 on plays it has not read: the ``gpt2`` model, trained first on
-    ``data/shakespeare_lm`` (three plays) with AdamW at the best lr of its sweep (``pretrain_steps``), then
-    fine-tuned on the tragedies' speeches in ``data/shakespeare_genre`` (Hamlet, King Lear, Othello, ...),
-    scored on the tragedies' validation speeches. A too-large first step here undoes the pretraining."""
+    ``data/shakespeare_lm`` (three plays) with AdamW at the best lr of its sweep (``pretrain_steps`` at
+    batch 16, whatever ``batch_size`` the fine-tuning takes), then fine-tuned on the tragedies' speeches
+    in ``data/shakespeare_genre`` and scored on their validation speeches, less every speech the
+    pretraining text holds (Macbeth's: it is one of the three): Hamlet, King Lear, Othello, Romeo and
+    Juliet, Timon of Athens. A too-large first step here undoes the pretraining."""
     from transformers import GPT2LMHeadModel
 
     train_text, _ = _lm_text()
     blocks, config = _small_gpt2(train_text, block, 64, 2)
-    pretrained = _pretrained_gpt2(blocks(train_text), config, batch_size, pretrain_steps)
-    tr_x, tr_y, te_x, te_y, names = _text_rows()
-    tragedy = names.index("tragedy")
-    train = blocks("\n".join(x for x, y in zip(tr_x, tr_y, strict=True) if y == tragedy))
-    test = blocks("\n".join(x for x, y in zip(te_x, te_y, strict=True) if y == tragedy))[:n_test]
+    pretrained = _pretrained_gpt2(blocks(train_text), config, pretrain_steps)
+    tune_text, test_text = unread_tragedies(train_text)
+    train, test = blocks(tune_text), blocks(test_text)[:n_test]
 
     def build(seed: int) -> nn.Module:
         torch.manual_seed(seed)
@@ -320,6 +320,19 @@ def gpt2_finetune_task(
         return model
 
     return _lm_task("gpt2_finetune", steps, batch_size, build, train, test, config.vocab_size)
+
+
+def unread_tragedies(pretraining_text: str) -> tuple[str, str]:
+    """The tragedies' train and validation speeches of ``data/shakespeare_genre``, one a line, less those
+    that ``pretraining_text`` (one speech a line) holds."""
+    read = set(pretraining_text.splitlines())
+    tr_x, tr_y, te_x, te_y, names = _text_rows()
+    tragedy = names.index("tragedy")
+
+    def unread(xs: list[str], ys: list[int]) -> str:
+        return "\n".join(x for x, y in zip(xs, ys, strict=True) if y == tragedy and x not in read)
+
+    return unread(tr_x, tr_y), unread(te_x, te_y)
 
 
 def _small_gpt2(text: str, block: int, width: int, layers: int):
@@ -345,8 +358,11 @@ def _small_gpt2(text: str, block: int, width: int, layers: int):
 _PRETRAINED: dict[tuple, dict[str, Tensor]] = {}
 
 
-def _pretrained_gpt2(train: Tensor, config, batch_size: int, steps: int, lr: float = 2.5e-3) -> dict[str, Tensor]:
-    """The weights of ``config``'s GPT-2 after ``steps`` of constant-lr AdamW on ``train`` (seed 0), once a process."""
+def _pretrained_gpt2(
+    train: Tensor, config, steps: int, lr: float = 2.5e-3, batch_size: int = 16
+) -> dict[str, Tensor]:
+    """The weights of ``config``'s GPT-2 after ``steps`` of constant-lr AdamW on ``train`` (seed 0; ``lr`` is
+    the best of the ``gpt2`` sweep at its batch of 16), once a process."""
     from transformers import GPT2LMHeadModel
 
     key = (config.n_embd, config.n_layer, tuple(train.shape), batch_size, steps, lr)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import paper_table, sensitivity
-from benchmarks.tasks import DATA, digits_task
+from benchmarks.tasks import DATA, digits_task, unread_tragedies
 
 
 @pytest.fixture(autouse=True)
@@ -204,6 +204,10 @@ def test_the_finetuning_gpt2_task_starts_from_pretrained_weights():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), fresh.parameters(), strict=True))
     assert task.name == "gpt2_finetune" and math.isfinite(task.evaluate(a))
+    # no speech it fine-tunes or is scored on is in the pretraining text (Macbeth's all were)
+    pretraining = (DATA / "shakespeare_lm" / "train.txt").read_text()
+    tune, test = unread_tragedies(pretraining)
+    assert tune and test and not set(pretraining.splitlines()) & set((tune + "\n" + test).splitlines())
 
 
 def test_paper_table_quick_agrees_with_reference(tmp_path):
