@@ -621,7 +621,10 @@ class SensitivityArguments:
             "and 64)"
         },
     )
-    steps: int = field(default=150, metadata={"help": "minilm / minilm_demo / gpt2 / gpt2_128x4 / gpt2_finetune: training steps (the demo: 450)"})
+    steps: int = field(
+        default=150,
+        metadata={"help": "minilm / minilm_demo / gpt2 / gpt2_128x4 / gpt2_finetune: training steps (the demo: 450)"},
+    )
     batch_size: int | None = field(
         default=None,
         metadata={"help": "batch size (default: the task's: digits 256, vit_digits 64, cancer 64, diabetes 32, "

@@ -358,9 +358,7 @@ def _small_gpt2(text: str, block: int, width: int, layers: int):
 _PRETRAINED: dict[tuple, dict[str, Tensor]] = {}
 
 
-def _pretrained_gpt2(
-    train: Tensor, config, steps: int, lr: float = 2.5e-3, batch_size: int = 16
-) -> dict[str, Tensor]:
+def _pretrained_gpt2(train: Tensor, config, steps: int, lr: float = 2.5e-3, batch_size: int = 16) -> dict[str, Tensor]:
     """The weights of ``config``'s GPT-2 after ``steps`` of constant-lr AdamW on ``train`` (seed 0; ``lr`` is
     the best of the ``gpt2`` sweep at its batch of 16), once a process."""
     from transformers import GPT2LMHeadModel

@@ -79,7 +79,10 @@ class DoGTopRule(Rule):
     def update(self, params, grads, state, work, hp, step, tangents=None):
         (p,), (g,) = params, grads
         (start,), (max_distance,), (sum_sq,), (started,) = (
-            state["start"], state["max_distance"], state["sum_sq"], state["started"]
+            state["start"],
+            state["max_distance"],
+            state["sum_sq"],
+            state["started"],
         )
         start.copy_(torch.where(started > 0, start, p))
         started.fill_(1.0)

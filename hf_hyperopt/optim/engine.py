@@ -173,7 +173,9 @@ class TowerOptimizer(torch.optim.Optimizer):
         kind, how = self._rules[k].hyperparameters[name].kind, self._how(k, name)
         bounds = raw_bounds(kind)
         # Compared as the raw coordinate, with a margin for the round trip through exp/log.
-        inside = value > 0 and (kind == "step" or value < 1) and bounds[0] - 1e-9 <= to_raw(value, how) <= bounds[1] + 1e-9
+        inside = (
+            value > 0 and (kind == "step" or value < 1) and bounds[0] - 1e-9 <= to_raw(value, how) <= bounds[1] + 1e-9
+        )
         if not inside:
             lo, hi = (float(v) for v in to_natural(torch.tensor(bounds, dtype=torch.float64), how))
             raise ValueError(

@@ -214,8 +214,13 @@ class HyperSGD(_HyperOptimizer):
         hyper=_DEFAULT,
     ):
         self._check_torch_only(
-            {"dampening": dampening, "maximize": maximize, "foreach": foreach, "differentiable": differentiable,
-             "fused": fused}  # fmt: skip
+            {
+                "dampening": dampening,
+                "maximize": maximize,
+                "foreach": foreach,
+                "differentiable": differentiable,
+                "fused": fused,
+            }  # fmt: skip
         )
         values = self._values(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         self._setup(params, values, learn, scope, compat, hyper)

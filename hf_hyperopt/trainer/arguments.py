@@ -304,7 +304,11 @@ def check_tower_arguments(args: TrainingArguments, settings: HyperSettings) -> N
         ValueError: naming the argument and what is allowed.
     """
     weight_decay = args.weight_decay
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < float("inf"):
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, (int, float))
+        or not 0 <= weight_decay < float("inf")
+    ):
         raise ValueError(
             f"--weight_decay {weight_decay!r} is not allowed with --optim {settings.optim}: a tower optimizer "
             "needs a finite weight_decay >= 0"
