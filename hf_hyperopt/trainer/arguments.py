@@ -324,12 +324,9 @@ def check_tower_arguments(args: TrainingArguments, settings: HyperSettings) -> N
 def parse_optim_args(optim_args: str | None) -> dict[str, str]:
     """``--optim_args`` as ``transformers`` parses it (``key=value,key=value``, spaces dropped), refusing a
     key given twice (``transformers`` keeps the last silently)."""
-    try:
-        pairs = [item.split("=") for item in optim_args.replace(" ", "").split(",")] if optim_args else []
-        if any(len(pair) != 2 for pair in pairs):
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"--optim_args {optim_args!r} is not of the form 'key=value,key=value'") from None
+    pairs = [item.split("=") for item in optim_args.replace(" ", "").split(",")] if optim_args else []
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"--optim_args {optim_args!r} is not of the form 'key=value,key=value'")
     keys = [key for key, _ in pairs]
     twice = sorted({key for key in keys if keys.count(key) > 1})
     if twice:
