@@ -41,7 +41,7 @@ import runpy
 import sys
 from collections.abc import Sequence
 
-from .trainer.arguments import HYPER_OPTIMIZERS, HyperSettings, check_tower_arguments
+from .trainer.arguments import HYPER_OPTIMIZERS, WEIGHT_LEVEL_FIELDS, HyperSettings, check_tower_arguments
 
 _CHOICES = ",".join(HYPER_OPTIMIZERS)
 USAGE = f"""usage: python -m hf_hyperopt.launch (SCRIPT.py | -m MODULE) [SCRIPT ARGS...]
@@ -115,12 +115,14 @@ def weight_level_arguments(argv: Sequence[str]) -> argparse.Namespace | None:
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    for name in ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim_args"):
+    names = (*WEIGHT_LEVEL_FIELDS, "weight_decay")
+    for name in names:
         parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=defaults[name])
     try:
         given, _ = parser.parse_known_args(argv)
-        for name in ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon"):
-            setattr(given, name, float(getattr(given, name)))
+        for name in names:
+            if name != "optim_args":
+                setattr(given, name, float(getattr(given, name)))
     except (argparse.ArgumentError, ValueError):  # e.g. a flag without its value
         return None
     return given

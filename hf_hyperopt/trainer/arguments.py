@@ -289,8 +289,8 @@ class HyperSettings:
         return f"{HyperOptimizerNames(s.optim).rule_name}({','.join(parts)})/{s.tower}"
 
 
-# Where the weight level's values come from, for messages.
-WEIGHT_LEVEL_FLAGS = "--learning_rate, --adam_beta1, --adam_beta2, --adam_epsilon and --optim_args"
+# The TrainingArguments fields the weight level's values come from (weight_decay: the Trainer's groups).
+WEIGHT_LEVEL_FIELDS = ("learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "optim_args")
 
 
 def check_tower_arguments(args: TrainingArguments, settings: HyperSettings) -> None:
@@ -317,7 +317,8 @@ def check_tower_arguments(args: TrainingArguments, settings: HyperSettings) -> N
         tower([torch.zeros(1)], settings.spec(args), scope=settings.scope)
     except ValueError as err:
         if str(err).startswith("level 0"):
-            raise ValueError(f"{err} (the weight level's values come from {WEIGHT_LEVEL_FLAGS})") from None
+            flags = ", ".join(f"--{f}" for f in WEIGHT_LEVEL_FIELDS)
+            raise ValueError(f"{err} (the weight level's values come from {flags})") from None
         raise
 
 
