@@ -100,9 +100,11 @@ class _HyperOptimizer(TowerOptimizer):
     torch_only: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     @classmethod
-    def _check_torch_only(cls, given: dict[str, Any]) -> None:
-        for name, value in given.items():
-            accepted = cls.torch_only[name]
+    def _check_torch_only(cls, arguments: dict[str, Any]) -> None:
+        """Refuse the constructor's ``arguments`` (``locals()`` of ``__init__``) that set one of ``torch_only``
+        to a value the tower does not run as."""
+        for name, accepted in cls.torch_only.items():
+            value = arguments[name]
             if not any(value is a or (not isinstance(value, bool) and a is not None and value == a) for a in accepted):
                 raise ValueError(
                     f"{cls.__name__}: {name}={value!r} is not supported; a tower runs as torch.optim does with "
@@ -126,7 +128,9 @@ class _HyperOptimizer(TowerOptimizer):
             for name in ("self", "params"):
                 arguments.pop(name)
             options = {k: arguments.pop(k) for k in ("learn", "scope", "compat", "hyper")}
-            builtin._check_torch_only({k: arguments.pop(k) for k in builtin.torch_only})
+            builtin._check_torch_only(arguments)
+            for name in builtin.torch_only:
+                del arguments[name]
             hyper = None if isinstance(options["hyper"], str) and options["hyper"] == _DEFAULT else options["hyper"]
             level = cls._level(cls._values(**arguments), options["learn"], None)
             return UpperLevels((level, *_levels_of(hyper)), cls.__name__)
@@ -213,15 +217,7 @@ class HyperSGD(_HyperOptimizer):
         compat: str | None = None,
         hyper=_DEFAULT,
     ):
-        self._check_torch_only(
-            {
-                "dampening": dampening,
-                "maximize": maximize,
-                "foreach": foreach,
-                "differentiable": differentiable,
-                "fused": fused,
-            }  # fmt: skip
-        )
+        self._check_torch_only(locals())
         values = self._values(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         self._setup(params, values, learn, scope, compat, hyper)
 
@@ -263,10 +259,7 @@ class HyperAdam(_HyperOptimizer):
         compat: str | None = None,
         hyper=_DEFAULT,
     ):
-        self._check_torch_only(
-            {"amsgrad": amsgrad, "foreach": foreach, "maximize": maximize, "capturable": capturable,
-             "differentiable": differentiable, "fused": fused, "decoupled_weight_decay": decoupled_weight_decay}
-        )  # fmt: skip
+        self._check_torch_only(locals())
         values = self._values(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self._setup(params, values, learn, scope, compat, hyper)
 
@@ -314,10 +307,7 @@ class HyperAdaGrad(_HyperOptimizer):
         compat: str | None = None,
         hyper=_DEFAULT,
     ):
-        self._check_torch_only(
-            {"lr_decay": lr_decay, "initial_accumulator_value": initial_accumulator_value, "foreach": foreach,
-             "maximize": maximize, "differentiable": differentiable, "fused": fused}
-        )  # fmt: skip
+        self._check_torch_only(locals())
         self._setup(params, self._values(lr=lr, eps=eps, weight_decay=weight_decay), learn, scope, compat, hyper)
 
 
@@ -351,10 +341,7 @@ class HyperRMSProp(_HyperOptimizer):
         compat: str | None = None,
         hyper=_DEFAULT,
     ):
-        self._check_torch_only(
-            {"momentum": momentum, "centered": centered, "capturable": capturable, "foreach": foreach,
-             "maximize": maximize, "differentiable": differentiable}
-        )  # fmt: skip
+        self._check_torch_only(locals())
         values = self._values(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay)
         self._setup(params, values, learn, scope, compat, hyper)
 

@@ -249,11 +249,10 @@ def check_group_values(rule: type[Rule], group: dict[str, Any], given_only: bool
     """Raise ``ValueError`` naming the first of ``rule``'s hyperparameters that ``group`` holds out of range
     (the weight level's; ``given_only``: only those the group has, as in a saved state dict)."""
     for name in rule.hyperparameters:
-        key = _GROUP_KEYS[name][0] if name in _GROUP_KEYS else name
+        key, i = _GROUP_KEYS.get(name, (name, None))
         if given_only and key not in group:
             continue
-        value = beta_pair(None, group[key])[_GROUP_KEYS[name][1]] if name in _GROUP_KEYS else group[key]
-        validate_value(0, rule, name, value)
+        validate_value(0, rule, name, group[key] if i is None else beta_pair(None, group[key])[i])
 
 
 def group_value(group: dict[str, Any], name: str) -> float:

@@ -213,7 +213,7 @@ class HyperCallback(TrainerCallback):
         # What the resumed tower holds, to tell the run's own trajectory from another run's.
         restored = (
             hyper_log_keys(t.hyperparameters(), t.scope)
-            if state.global_step > 0 and getattr(self, "restarted_at", None) is None
+            if state.global_step > 0 and self.restarted_at is None
             else None
         )
         self._writer.start(resume_step=state.global_step, source=source, resumed=restored)

@@ -55,9 +55,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     )
     skipped = []
     for _, path in found:
-        try:
-            json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        if _unreadable_state(path) is not None:
             skipped.append(path.name)
             continue
         if skipped:
@@ -104,15 +102,22 @@ def check_checkpoint_readable(checkpoint: str) -> None:
     (a save that stopped halfway), before ``Trainer`` reads it with a bare ``JSONDecodeError``."""
     if not Path(checkpoint).is_dir():
         raise ValueError(f"cannot resume from {checkpoint}: it is not a folder (give a checkpoint-N folder, or True)")
-    path = Path(checkpoint) / TRAINER_STATE
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    error = _unreadable_state(Path(checkpoint))
+    if error is not None:
         raise ValueError(
-            f"cannot resume from {checkpoint}: {path.name} does not read ({type(e).__name__}); the run may have stopped "
-            "while saving this checkpoint. Nothing was trained or overwritten; resume from an earlier checkpoint, or "
-            "with resume_from_checkpoint=True for the newest complete one"
-        ) from None
+            f"cannot resume from {checkpoint}: {TRAINER_STATE} does not read ({type(error).__name__}); the run may have "
+            "stopped while saving this checkpoint. Nothing was trained or overwritten; resume from an earlier "
+            "checkpoint, or with resume_from_checkpoint=True for the newest complete one"
+        )
+
+
+def _unreadable_state(checkpoint: Path) -> Exception | None:
+    """Why ``checkpoint``'s ``trainer_state.json`` does not parse (missing, or torn by a save that stopped), or None."""
+    try:
+        json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return e
+    return None
 
 
 def unreadable_checkpoint(checkpoint: str, error: Exception) -> Exception:
