@@ -57,9 +57,13 @@ from torch import nn
 
 import hf_hyperopt as hh
 
-from . import top_levels  # noqa: F401  (registers the experimental top levels for spec strings)
+from . import (
+    tasks,
+    top_levels,  # noqa: F401  (registers the experimental top levels for spec strings)
+)
 from .provenance import git_commit
 from .tasks import (
+    SAMPLINGS,
     Task,
     cancer_task,
     diabetes_task,
@@ -68,6 +72,7 @@ from .tasks import (
     gpt2_task,
     minilm_demo_task,
     minilm_task,
+    stream_task,
     vit_digits_task,
 )
 
@@ -332,9 +337,12 @@ def train_torch(task: Task, method: Method, lr: float, seed: int) -> dict:
 
 def _loop(task: Task, model: nn.Module, seed: int, opt, sched) -> dict:
     losses: list[float] = []
+    # The step size every 1/20 of the run: where a learned lr went, not only where it ended.
+    every = max(1, task.steps // 20)
+    lr_trajectory: list[tuple[int, float]] = []
     batches = task.batches(seed)
     t0 = time.perf_counter()
-    for _ in range(task.steps):
+    for step in range(task.steps):
         if hasattr(opt, "train"):
             opt.train()  # schedule-free AdamW keeps two sequences; train() selects the training one
         loss = task.loss(model, next(batches))
@@ -354,10 +362,12 @@ def _loop(task: Task, model: nn.Module, seed: int, opt, sched) -> dict:
         if sched is not None:
             sched.step()
         opt.zero_grad(set_to_none=True)
+        if (step + 1) % every == 0:
+            lr_trajectory.append((step + 1, final_lr(opt)))
     seconds = time.perf_counter() - t0
     if hasattr(opt, "eval"):
         opt.eval()
-    return _finish(task, model, losses, seconds, final_lr(opt))
+    return _finish(task, model, losses, seconds, final_lr(opt)) | {"lr_trajectory": lr_trajectory}
 
 
 def train_reference(task: Task, method: Method, lr: float, seed: int) -> dict:
@@ -497,8 +507,9 @@ def _std(xs: list[float]) -> float:
 
 
 def _num(x: float) -> str:
-    """Two decimals, or three significant digits for the huge values of diverged runs (capped perplexity)."""
-    return f"{x:.2f}" if abs(x) < 1e6 else f"{x:.3g}"
+    """Two decimals, or three significant digits for values below 1 (small errors) and for the huge values
+    of diverged runs (capped perplexity)."""
+    return f"{x:.2f}" if 1 <= abs(x) < 1e6 else f"{x:#.3g}" if abs(x) < 1 else f"{x:.3g}"
 
 
 def markdown_table(summary: list[dict], metric: str) -> str:
@@ -581,7 +592,7 @@ TASK_BUILDERS = {"digits": digits_task, "minilm": minilm_task, "minilm_demo": mi
                  "cancer": cancer_task, "diabetes": diabetes_task, "vit_digits": vit_digits_task,
                  # four times the parameters per layer and twice the layers: a size the defaults were not chosen at
                  "gpt2_128x4": partial(gpt2_task, width=128, layers=4),
-                 "gpt2_finetune": gpt2_finetune_task}  # fmt: skip
+                 "gpt2_finetune": gpt2_finetune_task, "stream": stream_task}  # fmt: skip
 # --quick: a few steps, a small test set where the task has its own
 QUICK = {
     "minilm": {"steps": 3, "n_test": 32},
@@ -589,6 +600,7 @@ QUICK = {
     "gpt2_128x4": {"steps": 3, "n_test": 8},
     "gpt2_finetune": {"steps": 3, "n_test": 8, "pretrain_steps": 3},
     "vit_digits": {"epochs": 1},
+    "stream": {"steps": 20, "n_test": 64},
 }
 QUICK["minilm_demo"] = QUICK["minilm"]  # the same model and data
 
@@ -623,13 +635,23 @@ class SensitivityArguments:
     )
     steps: int = field(
         default=150,
-        metadata={"help": "minilm / minilm_demo / gpt2 / gpt2_128x4 / gpt2_finetune: training steps (the demo: 450)"},
+        metadata={
+            "help": "minilm / minilm_demo / gpt2 / gpt2_128x4 / gpt2_finetune / stream: training steps (the demo: 450)"
+        },
     )
     batch_size: int | None = field(
         default=None,
         metadata={"help": "batch size (default: the task's: digits 256, vit_digits 64, cancer 64, diabetes 32, "
-                  "minilm 16, minilm_demo 16, gpt2 16, gpt2_128x4 16, gpt2_finetune 16)"},
+                  "minilm 16, minilm_demo 16, gpt2 16, gpt2_128x4 16, gpt2_finetune 16, stream 64)"},
     )  # fmt: skip
+    sampling: str = field(
+        default="epochs",
+        metadata={
+            "help": "how batches are drawn from a finite training set: epochs (each example once an epoch, as the "
+            "Trainer does) or iid (with replacement)",
+            "choices": list(SAMPLINGS),
+        },
+    )
     out: str = field(default="results", metadata={"help": "output folder"})
     tag: str = field(default="", metadata={"help": "suffix of the output files"})
     quick: bool = field(default=False, metadata={"help": "tiny settings (seconds): a smoke test of the pipeline"})
@@ -664,8 +686,11 @@ def batch_size_of(task: str, given: int | None) -> int:
 def make_task(args: SensitivityArguments) -> Task:
     if args.task not in TASK_BUILDERS:
         raise ValueError(f"--task {args.task!r} is not one of {', '.join(TASK_BUILDERS)}")
+    if args.sampling not in SAMPLINGS:
+        raise ValueError(f"--sampling {args.sampling!r} is not one of {', '.join(SAMPLINGS)}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch_size {args.batch_size}: give a positive number of examples")
+    tasks.sampling = args.sampling
     takes_steps = "steps" in inspect.signature(TASK_BUILDERS[args.task]).parameters
     kwargs = {"steps": args.steps} if takes_steps else {"epochs": args.epochs}
     if args.quick:
@@ -732,12 +757,20 @@ def merge(
     files = [json.loads(p.read_text()) for p in paths]
     metas = [f["meta"] for f in files]
     keys = {
-        (m["task"], m["metric"], m["higher_is_better"], m["steps"], batch_size_of(m["task"], m.get("batch_size")))
+        (
+            m["task"],
+            m["metric"],
+            m["higher_is_better"],
+            m["steps"],
+            batch_size_of(m["task"], m.get("batch_size")),
+            m.get("sampling", "epochs"),  # files made before --sampling drew epochs
+        )
         for m in metas
     }
     if len(keys) != 1:
         raise ValueError(
-            f"--merge: the files are not runs of one task setting (task, metric, steps, batch size): {sorted(keys, key=str)}"
+            "--merge: the files are not runs of one task setting (task, metric, steps, batch size, sampling): "
+            f"{sorted(keys, key=str)}"
         )
     dropped = set(drop or ())
     for f in files:
@@ -822,6 +855,7 @@ def main(args: SensitivityArguments) -> list[dict]:
                 )
     meta = {"task": task.name, "metric": task.metric, "higher_is_better": task.higher, "steps": task.steps}
     meta["batch_size"] = batch_size_of(args.task, args.batch_size)
+    meta["sampling"] = args.sampling
     meta |= {"default_hyper": hh.DEFAULT_HYPER["default"], "args": asdict(args), "command": " ".join(sys.argv)}
     meta |= {"torch": torch.__version__, "commit": commit, "hf_hyperopt": str(Path(hh.__file__).parent)}
     print(write_results(rows, task, meta, out, stem))
@@ -831,8 +865,11 @@ def main(args: SensitivityArguments) -> list[dict]:
 def _write_csv(path: Path, rows: list[dict]) -> None:
     import csv
 
+    # Every run's columns (files written before a column existed merge with later ones); a run's step-size
+    # trajectory is a list, kept in the JSON only.
+    fields = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "lr_trajectory"]
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
 

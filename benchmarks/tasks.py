@@ -1,5 +1,6 @@
 """The tasks the benchmarks train: the paper's MLP on digits, a small ViT on digits, a pretrained MiniLM
-classifier, a small GPT-2, and two small tabular problems (a logistic regression, an MLP regression).
+classifier, a small GPT-2, two small tabular problems (a logistic regression, an MLP regression), and an
+MLP learning a teacher from a stream of fresh examples (long runs without overfitting).
 
 Each :class:`Task` bundles a model factory, a batch stream, a loss and a metric, so that a benchmark
 trains every optimizer on exactly the same problem. All run offline: scikit-learn ships the digits and
@@ -38,6 +39,8 @@ class Task:
     chance: float
     # The reference's ModuleWrapper cannot drive models with tied weights (GPT-2's lm_head): KeyError.
     reference_applies: bool = True
+    # Batches an epoch of the training set takes (None: a stream, no epochs).
+    steps_per_epoch: int | None = None
 
 
 def digits_data(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -53,10 +56,28 @@ def mlp(seed: int, d_in: int = 64, hidden: int = 128, classes: int = 10) -> nn.M
     return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, classes))
 
 
-def shuffled_batches(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
-    """Index batches of an endless stream of epochs, reshuffled each epoch from ``seed``."""
+# How the tasks draw batches from a finite training set: "epochs" (every example once an epoch, reshuffled
+# each epoch, as torch's RandomSampler and the Trainer do) or "iid" (each batch drawn afresh, with
+# replacement). Within an epoch the batches' noises are anti-correlated (they sum to zero over the epoch),
+# which biases a one-step hypergradient towards a smaller lr; "iid" takes that away.
+SAMPLINGS = ("epochs", "iid")
+sampling = "epochs"
+
+
+def _epoch(rows: Tensor, batch_size: int) -> int:
+    """The batches :func:`shuffled_batches` draws an epoch (the last one may be short)."""
+    return math.ceil(len(rows) / batch_size)
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int, how: str | None = None) -> Iterator[Tensor]:
+    """Index batches of an endless stream: epochs reshuffled from ``seed``, or i.i.d. batches; as ``how``
+    says, else as the module's ``sampling`` says."""
+    iid = (how or sampling) == "iid"
     g = torch.Generator().manual_seed(seed)
     while True:
+        if iid:
+            yield torch.randint(n, (batch_size,), generator=g)
+            continue
         perm = torch.randperm(n, generator=g)
         yield from perm.split(batch_size)
 
@@ -97,7 +118,9 @@ def _tabular_task(
     def evaluate(model: nn.Module) -> float:
         return float(score(model(x_te), y_te))
 
-    return Task(name, metric, higher, steps, build, batches, loss, evaluate, chance)
+    return Task(
+        name, metric, higher, steps, build, batches, loss, evaluate, chance, steps_per_epoch=_epoch(x_tr, batch_size)
+    )
 
 
 def digits_task(epochs: int, batch_size: int = 256) -> Task:
@@ -133,6 +156,41 @@ def vit_digits_task(epochs: int, batch_size: int = 64) -> Task:
         "vit_digits", digits_data(), build, epochs, batch_size, F.cross_entropy, _accuracy, "test accuracy (%)", True,
         10.0,
     )  # fmt: skip
+
+
+def stream_task(steps: int, batch_size: int = 64, dim: int = 32, noise: float = 0.5, n_test: int = 4096) -> Task:
+    """An MLP learning a fixed random teacher MLP from a stream of fresh noisy examples: no example is seen
+    twice, so a long run does not overfit and what ends a run is the step size's noise floor, which is what
+    a long budget tests (the other tasks repeat their data within a few hundred steps). Metric: the test
+    mean squared error to the teacher's noiseless output (the label noise's ``noise**2`` left out)."""
+    g = torch.Generator().manual_seed(12345)  # one teacher for every seed: the seeds vary the student and the data
+    w1, w2 = torch.randn(dim, 64, generator=g) / math.sqrt(dim), torch.randn(64, 1, generator=g) / 8.0
+
+    def teacher(x: Tensor) -> Tensor:
+        return torch.tanh(x @ w1) @ w2
+
+    x_test = torch.randn(n_test, dim, generator=torch.Generator().manual_seed(54321))
+    y_test = teacher(x_test)
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(dim, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1))
+
+    def batches(seed: int) -> Iterator[dict[str, Tensor]]:
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        while True:
+            x = torch.randn(batch_size, dim, generator=gen)
+            yield {"x": x, "y": teacher(x) + noise * torch.randn(batch_size, 1, generator=gen)}
+
+    def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        return F.mse_loss(model(b["x"]), b["y"])
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        return F.mse_loss(model(x_test), y_test).item()
+
+    chance = float(y_test.pow(2).mean())  # predicting 0 everywhere
+    return Task("stream", "test MSE to the teacher", False, steps, build, batches, loss, evaluate, chance)
 
 
 def _standardised_split(x, y, seed: int, stratify: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -256,7 +314,20 @@ def minilm_task(steps: int, batch_size: int = 16, max_len: int = 64, n_test: int
         model.train()
         return 100.0 * (logits.argmax(-1) == y_te).float().mean().item()
 
-    return Task("minilm", "test accuracy (%)", True, steps, build, batches, loss, evaluate, 100.0 / len(labels))
+    chance = 100.0 / len(labels)
+    return Task(
+        "minilm",
+        "test accuracy (%)",
+        True,
+        steps,
+        build,
+        batches,
+        loss,
+        evaluate,
+        chance,
+        True,
+        _epoch(y_tr, batch_size),
+    )
 
 
 def minilm_demo_task(steps: int, batch_size: int = 16, n_test: int | None = None) -> Task:
@@ -368,7 +439,7 @@ def _pretrained_gpt2(train: Tensor, config, steps: int, lr: float = 2.5e-3, batc
         torch.manual_seed(0)
         model = GPT2LMHeadModel(config)
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
-        stream = shuffled_batches(len(train), batch_size, 0)
+        stream = shuffled_batches(len(train), batch_size, 0, how="epochs")  # one pretrained model, whatever --sampling
         for _ in range(steps):
             idx = next(stream)
             model(input_ids=train[idx], labels=train[idx]).loss.backward()
@@ -397,4 +468,16 @@ def _lm_task(
         model.train()
         return math.exp(min(out, 50.0))
 
-    return Task(name, "test perplexity", False, steps, build, batches, loss, evaluate, float(vocab), False)
+    return Task(
+        name,
+        "test perplexity",
+        False,
+        steps,
+        build,
+        batches,
+        loss,
+        evaluate,
+        float(vocab),
+        False,
+        _epoch(train, batch_size),
+    )

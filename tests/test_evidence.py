@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import paper_table, sensitivity
+from benchmarks import paper_table, sensitivity, tasks
 from benchmarks.tasks import DATA, digits_task, unread_tragedies
 
 
@@ -50,6 +51,16 @@ def test_sensitivity_quick_writes_runs_summary_and_plot(tmp_path):
     data = json.loads((tmp_path / "sensitivity_digits.json").read_text())
     assert data["meta"]["higher_is_better"] is True
     assert len(data["runs"]) == len(runs)
+    # where each learned lr went, in the JSON only (the reference's loop records none)
+    assert "lr_trajectory" not in runs[0]
+    for r in data["runs"]:
+        if r["method"] == "gdtuo_adam_sgd":
+            assert "lr_trajectory" not in r
+            continue
+        steps = [s for s, _ in r["lr_trajectory"]]
+        assert steps == sorted(steps) and len(steps) >= 2 and r["lr_trajectory"][-1][1] == r["final_lr"]
+    tower = [r for r in data["runs"] if r["method"] == "hyper_adam"]
+    assert any(len({lr for _, lr in r["lr_trajectory"]}) > 1 for r in tower)
     assert (tmp_path / "sensitivity_digits.md").read_text().startswith("| method |")
     png = (tmp_path / "sensitivity_digits.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -260,3 +271,50 @@ def test_sensitivity_records_the_commit_its_code_was_loaded_at(tmp_path, monkeyp
     args = sensitivity.SensitivityArguments(task="digits", methods=["adamw"], quick=True, out=str(tmp_path))
     sensitivity.main(args)
     assert json.loads((tmp_path / "sensitivity_digits.json").read_text())["meta"]["commit"] == "at-start"
+
+
+def test_sampling_iid_draws_with_replacement_and_does_not_merge_with_epochs(tmp_path):
+    try:
+        for sampling in ("epochs", "iid"):
+            args = sensitivity.SensitivityArguments(
+                task="digits", methods=["adamw"], quick=True, sampling=sampling, out=str(tmp_path / sampling)
+            )
+            sensitivity.main(args)
+            assert tasks.sampling == sampling
+            epoch = list(itertools.islice(tasks.shuffled_batches(10, 5, seed=0), 2))
+            drawn = torch.cat(epoch).tolist()
+            if sampling == "epochs":
+                assert sorted(drawn) == list(range(10))  # every example once an epoch
+            else:
+                assert len(set(drawn)) < 10  # with replacement: seed 0 repeats an example in its first ten
+        files = [tmp_path / s / "sensitivity_digits.json" for s in ("epochs", "iid")]
+        assert [json.loads(f.read_text())["meta"]["sampling"] for f in files] == ["epochs", "iid"]
+        with pytest.raises(ValueError, match="sampling"):
+            sensitivity.merge(files, tmp_path / "merged", "")
+        with pytest.raises(ValueError, match="--sampling 'shuffle' is not one of epochs, iid"):
+            sensitivity.make_task(sensitivity.SensitivityArguments(task="digits", sampling="shuffle"))
+    finally:
+        tasks.sampling = "epochs"
+
+
+def test_stream_task_draws_fresh_examples_and_has_no_epochs():
+    task = tasks.stream_task(steps=3, n_test=16)
+    assert task.steps_per_epoch is None and digits_task(epochs=1).steps_per_epoch == 6
+    first, second = itertools.islice(task.batches(0), 2)
+    assert not torch.equal(first["x"], second["x"])
+    model = task.build_model(0)
+    assert 0 < task.evaluate(model) < task.chance * 10
+
+
+def test_epoch_bias_measures_both_samplings(tmp_path):
+    from benchmarks import epoch_bias
+
+    args = epoch_bias.EpochBiasArguments(warm_steps=3, epochs=1, burn_in=2, out=str(tmp_path))
+    result = epoch_bias.main(args)
+    assert [r["sampling"] for r in result["rows"]] == ["epochs", "iid"]
+    assert all(r["steps"] == result["steps_per_epoch"] for r in result["rows"])
+    assert result["estimated_epoch_term"] < 0 and math.isfinite(result["measured_epoch_term"])
+    assert 0 < result["in_epoch_share"] < 1 and "its model estimate" in (tmp_path / "epoch_bias.md").read_text()
+    assert tasks.sampling == "epochs"
+    with pytest.raises(ValueError, match="--epochs 0: give at least 1"):
+        epoch_bias.main(epoch_bias.EpochBiasArguments(epochs=0, out=str(tmp_path)))
