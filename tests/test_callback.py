@@ -158,3 +158,28 @@ def test_initial_values_of_a_resumed_run_keep_the_scopes_shape(scope):
     expected = {"shared": 1e-3, "group": [1e-3, 1e-3], "tensor": [1e-3, 1e-3]}[scope]
     assert initial[0]["lr"] == pytest.approx(expected)
     assert type(initial[0]["lr"]) is type(tower.hyperparameters()[0]["lr"])
+
+
+def test_a_stalled_learned_lr_is_said_once_a_run(tmp_path, monkeypatch):
+    """The learned lr 10^4 times below its peak (the long runs' collapse, docs/optimizers.md): one warning,
+    read from the learned values (group scope: the largest unit's), not from a schedule's factor."""
+    from hf_hyperopt.trainer import callback as cb
+
+    said = []
+    monkeypatch.setattr(cb._trainer_logger, "warning", lambda msg, *a: said.append(msg % a))
+    trainer = Trainer(model=tiny_bert(), args=plain_args(tmp_path), train_dataset=classification_data(),
+                      optimizer_cls_and_kwargs=(hh.HyperAdam, {"lr": 3e-3}))  # fmt: skip
+    callback = hh.HyperCallback(plot=False, card=False).attach(trainer)
+    trainer.train()
+    assert said == []  # a run that trains says nothing
+    watching = hh.HyperCallback(plot=False, card=False)
+    watching.tower = callback.tower  # a fresh run's memory of the largest lr, on the trained tower
+    values = iter([(2e-3, 1e-5), (1e-3, 5e-7), (1.9e-7, 1e-9), (1e-7, 1e-9), (1e-8, 1e-3)])
+    monkeypatch.setattr(cb, "hyper_logs", lambda tower, schedule_lr=None: dict(zip(
+        ("hyper/0/lr/group0", "hyper/0/lr/group1"), next(values), strict=True)) | {"learning_rate": 0.0})  # fmt: skip
+    for step in range(10, 15):
+        trainer.state.global_step = step
+        watching.on_log(trainer.args, trainer.state, None, logs={"learning_rate": 1.0})
+    assert len(said) == 1
+    assert "at step 12 the learned lr is 1.9e-07, over 10000 times below the 0.002 it held at step 10" in said[0]
+    assert "docs/optimizers.md" in said[0]

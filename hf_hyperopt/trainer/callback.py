@@ -51,6 +51,8 @@ _trainer_logger = hf_logging.get_logger("transformers.trainer")
 
 PLOT_NAME = "hyper_trajectories.png"
 CARD_NAME = "README.md"
+# A learned lr this many times below the largest it has held: the weights have all but stopped moving.
+STALLED_BELOW_PEAK = 1e-4
 
 
 def _info(msg: str, *args: Any) -> None:
@@ -132,6 +134,8 @@ class HyperCallback(TrainerCallback):
         # The step at which a resume without the tower's state restarted the learned values (HyperTrainer sets it).
         self.restarted_at: int | None = None
         self._writer: TrajectoryWriter | None = None
+        self._lr_peak: tuple[float, int] = (0.0, 0)  # the largest learned lr logged, and its step
+        self._stall_warned = False
 
     # ------------------------------------------------------------------ attaching
     def attach(self, trainer: Any) -> HyperCallback:
@@ -191,6 +195,7 @@ class HyperCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.tower = find_tower(optimizer)
         self._writer = None
+        self._lr_peak, self._stall_warned = (0.0, 0), False
         t = self.tower
         if t is None:
             return
@@ -229,10 +234,33 @@ class HyperCallback(TrainerCallback):
             return
         extra = hyper_logs(self.tower, schedule_lr=logs["learning_rate"])
         logs.update(extra)
+        lrs = [v for k, v in extra.items() if k == "hyper/0/lr" or k.startswith("hyper/0/lr/")]
+        if lrs and args.process_index == 0:
+            self._warn_if_stalled(max(lrs), state.global_step)
         # The Trainer appended a copy of these logs to the history before calling the callbacks.
         last = state.log_history[-1] if state.log_history else None
         if last is not None and last is not logs and "learning_rate" in last and last.get("step") == state.global_step:
             last.update(extra)
+
+    def _warn_if_stalled(self, lr: float, step: int) -> None:
+        """Say once a run when the learned lr (the largest unit's, without the schedule's factor) has fallen
+        ``1 / STALLED_BELOW_PEAK`` times below the largest it has held: the run goes on, but no longer trains."""
+        if lr > self._lr_peak[0]:
+            self._lr_peak = (lr, step)
+        peak, at = self._lr_peak
+        if self._stall_warned or not lr < STALLED_BELOW_PEAK * peak:
+            return
+        self._stall_warned = True
+        _trainer_logger.warning(
+            "hf_hyperopt: at step %d the learned lr is %.3g, over %.0f times below the %.3g it held at step %d: "
+            "the weights have all but stopped moving. Over long runs the one-step hypergradient lowers the lr "
+            "early, and with batches drawn in epochs it can lower it without end (docs/optimizers.md, 'Long runs').",
+            step,
+            lr,
+            1 / STALLED_BELOW_PEAK,
+            peak,
+            at,
+        )
 
     def on_save(self, args, state, control, **kwargs):
         # The checkpoint carries the trajectory up to its step, so that it can be resumed elsewhere.
