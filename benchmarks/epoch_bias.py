@@ -67,6 +67,7 @@ def measure(args: EpochBiasArguments) -> dict:
         "steps_per_epoch": k,
         "rows": rows,
         "measured_epoch_term": by["epochs"]["mean_g_P_m"] - by["iid"]["mean_g_P_m"],
+        "measured_stderr": math.hypot(by["epochs"]["stderr_g_P_m"], by["iid"]["stderr_g_P_m"]),
         "estimated_epoch_term": -by["epochs"]["mean_g_P_g"] / (k - 1) * share,
         "in_epoch_share": share,
     }
@@ -87,8 +88,9 @@ def _read(task, model, params, adam, args: EpochBiasArguments, sampling: str) ->
     m = [torch.zeros_like(p) for p in params]
     v = [adam.state[p]["exp_avg_sq"].clone() for p in params]
     g = gradient(next(stream))
-    pm, pg, n = 0.0, 0.0, 0
-    for t in range(1, args.burn_in + args.epochs * task.steps_per_epoch + 1):
+    k = task.steps_per_epoch
+    pm, pg, n = [0.0] * args.epochs, 0.0, 0  # <g', P m> summed by epoch: its spread is the epochs' means'
+    for t in range(1, args.burn_in + args.epochs * k + 1):
         for mi, vi, gi in zip(m, v, g, strict=True):
             mi.lerp_(gi, 1 - beta1)
             vi.mul_(beta2).addcmul_(gi, gi, value=1 - beta2)
@@ -96,10 +98,14 @@ def _read(task, model, params, adam, args: EpochBiasArguments, sampling: str) ->
         precond = [1 / ((vi / bc2).sqrt() + eps) for vi in v]
         g = gradient(next(stream))
         if t > args.burn_in:
-            pm += sum(float((gi * pi * mi).sum()) for gi, pi, mi in zip(g, precond, m, strict=True)) / bc1
+            e = (t - args.burn_in - 1) // k
+            pm[e] += sum(float((gi * pi * mi).sum()) for gi, pi, mi in zip(g, precond, m, strict=True)) / bc1
             pg += sum(float((gi * pi * gi).sum()) for gi, pi in zip(g, precond, strict=True))
             n += 1
-    return {"sampling": sampling, "mean_g_P_m": pm / n, "mean_g_P_g": pg / n, "steps": n}
+    means = torch.tensor(pm, dtype=torch.float64) / k
+    # Successive <g', P m> share the first moment, so the spread of whole epochs' means, not of steps.
+    stderr = float(means.std() / math.sqrt(len(means))) if len(means) > 1 else float("nan")
+    return {"sampling": sampling, "mean_g_P_m": sum(pm) / n, "stderr_g_P_m": stderr, "mean_g_P_g": pg / n, "steps": n}
 
 
 def main(args: EpochBiasArguments) -> dict:
@@ -115,11 +121,15 @@ def main(args: EpochBiasArguments) -> dict:
         f"Small GPT-2 after {args.warm_steps} Adam steps at lr {args.lr:g}, then frozen; {args.epochs} epochs of "
         f"{result['steps_per_epoch']} batches per sampling (seed {args.seed}).",
         "",
-        "| sampling | mean <g', P m> | mean <g', P g'> |",
+        "| sampling | mean <g', P m> (standard error, from the epochs' means) | mean <g', P g'> |",
         "|---|---|---|",
-        *(f"| {r['sampling']} | {r['mean_g_P_m']:.4g} | {r['mean_g_P_g']:.4g} |" for r in result["rows"]),
+        *(
+            f"| {r['sampling']} | {r['mean_g_P_m']:.4g} ({r['stderr_g_P_m']:.2g}) | {r['mean_g_P_g']:.4g} |"
+            for r in result["rows"]
+        ),
         "",
-        f"Epochs less i.i.d. (the epochs' term, measured): {result['measured_epoch_term']:.4g}; its model estimate, "
+        f"Epochs less i.i.d. (the epochs' term, measured): {result['measured_epoch_term']:.4g} "
+        f"(standard error {result['measured_stderr']:.2g}); its model estimate, "
         f"-<g', P g'> / (K - 1) times the first moment's share in the epoch ({result['in_epoch_share']:.3f}): "
         f"{result['estimated_epoch_term']:.4g}.",
     ]

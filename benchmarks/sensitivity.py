@@ -362,7 +362,7 @@ def _loop(task: Task, model: nn.Module, seed: int, opt, sched) -> dict:
         if sched is not None:
             sched.step()
         opt.zero_grad(set_to_none=True)
-        if (step + 1) % every == 0:
+        if (step + 1) % every == 0 or step + 1 == task.steps:
             lr_trajectory.append((step + 1, final_lr(opt)))
     seconds = time.perf_counter() - t0
     if hasattr(opt, "eval"):
@@ -697,7 +697,10 @@ def make_task(args: SensitivityArguments) -> Task:
         kwargs |= QUICK.get(args.task, {"epochs": 2})
     if args.batch_size is not None:
         kwargs["batch_size"] = args.batch_size
-    return TASK_BUILDERS[args.task](**kwargs)
+    task = TASK_BUILDERS[args.task](**kwargs)
+    if task.steps_per_epoch is None and args.sampling != "epochs":
+        raise ValueError(f"--sampling {args.sampling}: the {task.name} task draws fresh examples, it has no epochs")
+    return task
 
 
 # ``tower:<spec>`` runs Adam on the weights under any upper levels, so that a screen needs no registered name.
@@ -824,6 +827,15 @@ def main(args: SensitivityArguments) -> list[dict]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.quick:
         args.lrs, args.multipliers, args.seeds = [1e-4, 1e-2], [0.1, 1.0], args.seeds[:1]
+    before = tasks.sampling
+    try:
+        return _sweep(args, methods, commit)
+    finally:
+        tasks.sampling = before  # make_task set it for this sweep; a later caller draws as it did
+
+
+def _sweep(args: SensitivityArguments, methods: list[Method], commit: str) -> list[dict]:
+    """Train every method at every point of its grid with every seed; write and return the runs."""
     task = make_task(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

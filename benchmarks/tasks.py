@@ -71,15 +71,18 @@ def _epoch(rows: Tensor, batch_size: int) -> int:
 
 def shuffled_batches(n: int, batch_size: int, seed: int, how: str | None = None) -> Iterator[Tensor]:
     """Index batches of an endless stream: epochs reshuffled from ``seed``, or i.i.d. batches; as ``how``
-    says, else as the module's ``sampling`` says."""
+    says, else as the module's ``sampling`` says when the stream is made (not when it is first read)."""
     iid = (how or sampling) == "iid"
     g = torch.Generator().manual_seed(seed)
-    while True:
-        if iid:
-            yield torch.randint(n, (batch_size,), generator=g)
-            continue
-        perm = torch.randperm(n, generator=g)
-        yield from perm.split(batch_size)
+
+    def stream() -> Iterator[Tensor]:
+        while True:
+            if iid:
+                yield torch.randint(n, (batch_size,), generator=g)
+                continue
+            yield from torch.randperm(n, generator=g).split(batch_size)
+
+    return stream()
 
 
 def _accuracy(out: Tensor, y: Tensor) -> float:

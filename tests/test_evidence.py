@@ -274,31 +274,36 @@ def test_sensitivity_records_the_commit_its_code_was_loaded_at(tmp_path, monkeyp
 
 
 def test_sampling_iid_draws_with_replacement_and_does_not_merge_with_epochs(tmp_path):
+    for sampling in ("epochs", "iid"):
+        args = sensitivity.SensitivityArguments(
+            task="digits", methods=["adamw"], quick=True, sampling=sampling, out=str(tmp_path / sampling)
+        )
+        sensitivity.main(args)
+        assert tasks.sampling == "epochs"  # the sweep's sampling ends with it
+        drawn = torch.cat(list(itertools.islice(tasks.shuffled_batches(10, 5, seed=0, how=sampling), 2))).tolist()
+        if sampling == "epochs":
+            assert sorted(drawn) == list(range(10))  # every example once an epoch
+        else:
+            assert len(set(drawn)) < 10  # with replacement: seed 0 repeats an example in its first ten
+    files = [tmp_path / s / "sensitivity_digits.json" for s in ("epochs", "iid")]
+    assert [json.loads(f.read_text())["meta"]["sampling"] for f in files] == ["epochs", "iid"]
+    runs = [json.loads(f.read_text())["runs"][0]["train_loss_last"] for f in files]
+    assert runs[0] != runs[1]  # the batches differ
+    with pytest.raises(ValueError, match="sampling"):
+        sensitivity.merge(files, tmp_path / "merged", "")
     try:
-        for sampling in ("epochs", "iid"):
-            args = sensitivity.SensitivityArguments(
-                task="digits", methods=["adamw"], quick=True, sampling=sampling, out=str(tmp_path / sampling)
-            )
-            sensitivity.main(args)
-            assert tasks.sampling == sampling
-            epoch = list(itertools.islice(tasks.shuffled_batches(10, 5, seed=0), 2))
-            drawn = torch.cat(epoch).tolist()
-            if sampling == "epochs":
-                assert sorted(drawn) == list(range(10))  # every example once an epoch
-            else:
-                assert len(set(drawn)) < 10  # with replacement: seed 0 repeats an example in its first ten
-        files = [tmp_path / s / "sensitivity_digits.json" for s in ("epochs", "iid")]
-        assert [json.loads(f.read_text())["meta"]["sampling"] for f in files] == ["epochs", "iid"]
-        with pytest.raises(ValueError, match="sampling"):
-            sensitivity.merge(files, tmp_path / "merged", "")
         with pytest.raises(ValueError, match="--sampling 'shuffle' is not one of epochs, iid"):
             sensitivity.make_task(sensitivity.SensitivityArguments(task="digits", sampling="shuffle"))
+        with pytest.raises(ValueError, match="the stream task draws fresh examples"):
+            sensitivity.make_task(sensitivity.SensitivityArguments(task="stream", sampling="iid", quick=True))
     finally:
         tasks.sampling = "epochs"
 
 
 def test_stream_task_draws_fresh_examples_and_has_no_epochs():
-    task = tasks.stream_task(steps=3, n_test=16)
+    task = tasks.stream_task(steps=45, n_test=16)
+    run = sensitivity.train_torch(task, sensitivity.methods_registry()["hyper_adam"], 1e-3, seed=0)
+    assert [s for s, _ in run["lr_trajectory"]][-2:] == [44, 45]  # every 2 steps, and the last
     assert task.steps_per_epoch is None and digits_task(epochs=1).steps_per_epoch == 6
     first, second = itertools.islice(task.batches(0), 2)
     assert not torch.equal(first["x"], second["x"])
