@@ -323,3 +323,16 @@ def test_epoch_bias_measures_both_samplings(tmp_path):
     assert tasks.sampling == "epochs"
     with pytest.raises(ValueError, match="--epochs 0: give at least 1"):
         epoch_bias.main(epoch_bias.EpochBiasArguments(epochs=0, out=str(tmp_path)))
+
+
+def test_epoch_pairs_fits_the_push_per_window(tmp_path):
+    from benchmarks import epoch_pairs
+
+    args = epoch_pairs.EpochPairsArguments(steps=24, windows=2, out=str(tmp_path))
+    lines = epoch_pairs.main(args)
+    assert [w["steps"] for w in lines] == ["0-12", "12-24"]
+    assert all(math.isfinite(w["push_b"]) and w["push_stderr"] > 0 and w["pairs"] >= 3 for w in lines)
+    rows = json.loads((tmp_path / "epoch_pairs_epochs.json").read_text())["rows"]
+    assert [r["position"] for r in rows][:3] == [1, 2, 3] and tasks.sampling == "epochs"
+    with pytest.raises(ValueError, match="--steps 3 --windows 2"):
+        epoch_pairs.main(epoch_pairs.EpochPairsArguments(steps=3, windows=2, out=str(tmp_path)))
