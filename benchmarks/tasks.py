@@ -111,8 +111,8 @@ def _tabular_task(
     steps = epochs * math.ceil(len(x_tr) / batch_size)
 
     def batches(seed: int) -> Iterator[dict[str, Tensor]]:
-        for idx in shuffled_batches(len(x_tr), batch_size, seed):
-            yield {"x": x_tr[idx], "y": y_tr[idx]}
+        # A generator expression over an index stream made now: the sampling is read here, not at the first batch.
+        return ({"x": x_tr[idx], "y": y_tr[idx]} for idx in shuffled_batches(len(x_tr), batch_size, seed))
 
     def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
         return criterion(model(b["x"]), b["y"])
@@ -294,13 +294,15 @@ def minilm_task(steps: int, batch_size: int = 16, max_len: int = 64, n_test: int
         torch.manual_seed(seed)
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
 
+    def batch(idx: Tensor) -> dict[str, Tensor]:
+        return {
+            "input_ids": train["input_ids"][idx],
+            "attention_mask": train["attention_mask"][idx],
+            "labels": y_tr[idx],
+        }
+
     def batches(seed: int) -> Iterator[dict[str, Tensor]]:
-        for idx in shuffled_batches(len(y_tr), batch_size, seed):
-            yield {
-                "input_ids": train["input_ids"][idx],
-                "attention_mask": train["attention_mask"][idx],
-                "labels": y_tr[idx],
-            }
+        return map(batch, shuffled_batches(len(y_tr), batch_size, seed))
 
     def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
         return model(**b).loss
@@ -458,8 +460,9 @@ def _lm_task(
     """Causal language modelling of ``train``'s blocks; metric: perplexity on ``test``'s."""
 
     def batches(seed: int) -> Iterator[dict[str, Tensor]]:
-        for idx in shuffled_batches(len(train), batch_size, seed):
-            yield {"input_ids": train[idx], "labels": train[idx]}
+        return (
+            {"input_ids": train[idx], "labels": train[idx]} for idx in shuffled_batches(len(train), batch_size, seed)
+        )
 
     def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
         return model(**b).loss

@@ -285,6 +285,13 @@ def test_sampling_iid_draws_with_replacement_and_does_not_merge_with_epochs(tmp_
             assert sorted(drawn) == list(range(10))  # every example once an epoch
         else:
             assert len(set(drawn)) < 10  # with replacement: seed 0 repeats an example in its first ten
+    try:  # a task's batch stream keeps the sampling it was made with
+        tasks.sampling = "iid"
+        made = digits_task(epochs=1).batches(0)
+    finally:
+        tasks.sampling = "epochs"
+    drawn = torch.cat([next(made)["y"] for _ in range(6)])
+    assert not torch.equal(drawn, torch.cat([b["y"] for b in itertools.islice(digits_task(epochs=1).batches(0), 6)]))
     files = [tmp_path / s / "sensitivity_digits.json" for s in ("epochs", "iid")]
     assert [json.loads(f.read_text())["meta"]["sampling"] for f in files] == ["epochs", "iid"]
     runs = [json.loads(f.read_text())["runs"][0]["train_loss_last"] for f in files]
