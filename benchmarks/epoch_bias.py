@@ -55,11 +55,7 @@ def measure(args: EpochBiasArguments) -> dict:
         task.loss(model, next(batches)).backward()
         adam.step()
         adam.zero_grad()
-    rows, before = [], tasks.sampling
-    try:
-        rows = [_read(task, model, params, adam, args, sampling) for sampling in tasks.SAMPLINGS]
-    finally:
-        tasks.sampling = before
+    rows = [_read(task, model, params, adam, args, sampling) for sampling in tasks.SAMPLINGS]
     by = {r["sampling"]: r for r in rows}
     k, beta1 = task.steps_per_epoch, adam.defaults["betas"][0]
     share = sum(1 - beta1**p for p in range(k)) / k
@@ -83,8 +79,8 @@ def _read(task, model, params, adam, args: EpochBiasArguments, sampling: str) ->
         task.loss(model, batch).backward()
         return [p.grad.detach().clone() for p in params]
 
-    tasks.sampling = sampling
-    stream = task.batches(args.seed + 1)
+    with tasks.drawn(sampling):
+        stream = task.batches(args.seed + 1)
     m = [torch.zeros_like(p) for p in params]
     v = [adam.state[p]["exp_avg_sq"].clone() for p in params]
     g = gradient(next(stream))

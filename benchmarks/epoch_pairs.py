@@ -46,13 +46,9 @@ class EpochPairsArguments:
 def record(args: EpochPairsArguments) -> tuple[list[dict], int, float]:
     """One row a step from the second on (step, position of the next batch in its epoch, cosine, learned
     lr), the batches an epoch, and the weight level's beta1."""
-    before = tasks.sampling
-    tasks.sampling = args.sampling
-    try:
-        task = tasks.gpt2_task(args.steps)
+    task = tasks.gpt2_task(args.steps)
+    with tasks.drawn(args.sampling):
         stream = task.batches(args.seed)
-    finally:
-        tasks.sampling = before
     k = task.steps_per_epoch
     model = task.build_model(args.seed)
     model.train()
@@ -101,7 +97,7 @@ def fit(rows: list[dict], k: int, beta1: float, windows: int, steps: int) -> lis
 
 
 def main(args: EpochPairsArguments) -> list[dict]:
-    if args.sampling not in tasks.SAMPLINGS:
+    if args.sampling not in tasks.SAMPLINGS:  # before the model is built
         raise ValueError(f"--sampling {args.sampling!r} is not one of {', '.join(tasks.SAMPLINGS)}")
     if args.steps < 2 * args.windows or args.windows < 1:
         raise ValueError(f"--steps {args.steps} --windows {args.windows}: give at least 2 steps a window")

@@ -690,7 +690,6 @@ def make_task(args: SensitivityArguments) -> Task:
         raise ValueError(f"--sampling {args.sampling!r} is not one of {', '.join(SAMPLINGS)}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch_size {args.batch_size}: give a positive number of examples")
-    tasks.sampling = args.sampling
     takes_steps = "steps" in inspect.signature(TASK_BUILDERS[args.task]).parameters
     kwargs = {"steps": args.steps} if takes_steps else {"epochs": args.epochs}
     if args.quick:
@@ -827,11 +826,8 @@ def main(args: SensitivityArguments) -> list[dict]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.quick:
         args.lrs, args.multipliers, args.seeds = [1e-4, 1e-2], [0.1, 1.0], args.seeds[:1]
-    before = tasks.sampling
-    try:
+    with tasks.drawn(args.sampling):  # the streams the sweep makes; a later caller draws as it did
         return _sweep(args, methods, commit)
-    finally:
-        tasks.sampling = before  # make_task set it for this sweep; a later caller draws as it did
 
 
 def _sweep(args: SensitivityArguments, methods: list[Method], commit: str) -> list[dict]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -62,6 +63,19 @@ def mlp(seed: int, d_in: int = 64, hidden: int = 128, classes: int = 10) -> nn.M
 # which biases a one-step hypergradient towards a smaller lr; "iid" takes that away.
 SAMPLINGS = ("epochs", "iid")
 sampling = "epochs"
+
+
+@contextmanager
+def drawn(how: str) -> Iterator[None]:
+    """Batch streams made inside draw as ``how`` says (one of ``SAMPLINGS``); the setting before comes back after."""
+    global sampling
+    if how not in SAMPLINGS:
+        raise ValueError(f"--sampling {how!r} is not one of {', '.join(SAMPLINGS)}")
+    before, sampling = sampling, how
+    try:
+        yield
+    finally:
+        sampling = before
 
 
 def _epoch(rows: Tensor, batch_size: int) -> int:

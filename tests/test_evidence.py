@@ -285,11 +285,9 @@ def test_sampling_iid_draws_with_replacement_and_does_not_merge_with_epochs(tmp_
             assert sorted(drawn) == list(range(10))  # every example once an epoch
         else:
             assert len(set(drawn)) < 10  # with replacement: seed 0 repeats an example in its first ten
-    try:  # a task's batch stream keeps the sampling it was made with
-        tasks.sampling = "iid"
+    with tasks.drawn("iid"):  # a task's batch stream keeps the sampling it was made with
         made = digits_task(epochs=1).batches(0)
-    finally:
-        tasks.sampling = "epochs"
+    assert tasks.sampling == "epochs"
     drawn = torch.cat([next(made)["y"] for _ in range(6)])
     assert not torch.equal(drawn, torch.cat([b["y"] for b in itertools.islice(digits_task(epochs=1).batches(0), 6)]))
     files = [tmp_path / s / "sensitivity_digits.json" for s in ("epochs", "iid")]
@@ -298,13 +296,13 @@ def test_sampling_iid_draws_with_replacement_and_does_not_merge_with_epochs(tmp_
     assert runs[0] != runs[1]  # the batches differ
     with pytest.raises(ValueError, match="sampling"):
         sensitivity.merge(files, tmp_path / "merged", "")
-    try:
-        with pytest.raises(ValueError, match="--sampling 'shuffle' is not one of epochs, iid"):
-            sensitivity.make_task(sensitivity.SensitivityArguments(task="digits", sampling="shuffle"))
-        with pytest.raises(ValueError, match="the stream task draws fresh examples"):
-            sensitivity.make_task(sensitivity.SensitivityArguments(task="stream", sampling="iid", quick=True))
-    finally:
-        tasks.sampling = "epochs"
+    with pytest.raises(ValueError, match="--sampling 'shuffle' is not one of epochs, iid"):
+        sensitivity.make_task(sensitivity.SensitivityArguments(task="digits", sampling="shuffle"))
+    with pytest.raises(ValueError, match="the stream task draws fresh examples"):
+        sensitivity.make_task(sensitivity.SensitivityArguments(task="stream", sampling="iid", quick=True))
+    with pytest.raises(ValueError, match="--sampling 'shuffle'"), tasks.drawn("shuffle"):
+        pass
+    assert tasks.sampling == "epochs"
 
 
 def test_stream_task_draws_fresh_examples_and_has_no_epochs():
