@@ -97,8 +97,7 @@ def fit(rows: list[dict], k: int, beta1: float, windows: int, steps: int) -> lis
 
 
 def main(args: EpochPairsArguments) -> list[dict]:
-    if args.sampling not in tasks.SAMPLINGS:  # before the model is built
-        raise ValueError(f"--sampling {args.sampling!r} is not one of {', '.join(tasks.SAMPLINGS)}")
+    tasks.check_sampling(args.sampling)  # before the model is built
     if args.steps < 2 * args.windows or args.windows < 1:
         raise ValueError(f"--steps {args.steps} --windows {args.windows}: give at least 2 steps a window")
     commit = git_commit()

@@ -686,8 +686,7 @@ def batch_size_of(task: str, given: int | None) -> int:
 def make_task(args: SensitivityArguments) -> Task:
     if args.task not in TASK_BUILDERS:
         raise ValueError(f"--task {args.task!r} is not one of {', '.join(TASK_BUILDERS)}")
-    if args.sampling not in SAMPLINGS:
-        raise ValueError(f"--sampling {args.sampling!r} is not one of {', '.join(SAMPLINGS)}")
+    tasks.check_sampling(args.sampling)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch_size {args.batch_size}: give a positive number of examples")
     takes_steps = "steps" in inspect.signature(TASK_BUILDERS[args.task]).parameters

@@ -65,12 +65,17 @@ SAMPLINGS = ("epochs", "iid")
 sampling = "epochs"
 
 
+def check_sampling(how: str) -> None:
+    """Raise ``ValueError`` naming ``how`` unless it is one of ``SAMPLINGS``."""
+    if how not in SAMPLINGS:
+        raise ValueError(f"--sampling {how!r} is not one of {', '.join(SAMPLINGS)}")
+
+
 @contextmanager
 def drawn(how: str) -> Iterator[None]:
     """Batch streams made inside draw as ``how`` says (one of ``SAMPLINGS``); the setting before comes back after."""
     global sampling
-    if how not in SAMPLINGS:
-        raise ValueError(f"--sampling {how!r} is not one of {', '.join(SAMPLINGS)}")
+    check_sampling(how)
     before, sampling = sampling, how
     try:
         yield
