@@ -701,8 +701,22 @@ def make_task(args: SensitivityArguments) -> Task:
     return task
 
 
-# ``tower:<spec>`` runs Adam on the weights under any upper levels, so that a screen needs no registered name.
+# ``tower:<spec>`` runs Adam on the weights under any upper levels, so that a screen needs no registered name;
+# ``tower+linear:<spec>`` the same with HF's linear decay (no warm-up) multiplying the learned lr.
 TOWER_PREFIX = "tower:"
+LINEAR_TOWER_PREFIX = "tower+linear:"
+
+
+def _linear_tower_method(name: str, spec: str) -> Method:
+    tower = _tower(spec)
+
+    def build(params, lr, steps):
+        from transformers import get_linear_schedule_with_warmup
+
+        opt, _ = tower(params, lr, steps)
+        return opt, get_linear_schedule_with_warmup(opt, 0, steps)
+
+    return Method(name, f"tower h{spec.count('/') + 1}: adam/{spec}, linear decay", build)
 
 
 def resolve_methods(names: list[str]) -> list[Method]:
@@ -710,8 +724,11 @@ def resolve_methods(names: list[str]) -> list[Method]:
     out: list[Method] = []
     for n in names:
         for m in METHOD_SETS.get(n, [n]):
-            if m.startswith(TOWER_PREFIX) and m not in registry:
-                registry[m] = _tower_method(m, m[len(TOWER_PREFIX) :])
+            if m.startswith((TOWER_PREFIX, LINEAR_TOWER_PREFIX)) and m not in registry:
+                if m.startswith(TOWER_PREFIX):
+                    registry[m] = _tower_method(m, m[len(TOWER_PREFIX) :])
+                else:
+                    registry[m] = _linear_tower_method(m, m[len(LINEAR_TOWER_PREFIX) :])
                 # Built once on a dummy weight: a bad spec, or levels that do not fit together, is refused
                 # here (numbered as in the run: level 1 is the first above the weights), before any data loads.
                 registry[m].build([torch.nn.Parameter(torch.zeros(1))], 1e-3, 1)

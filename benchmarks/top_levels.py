@@ -1,10 +1,12 @@
 """Experimental top levels for the sensitivity sweep (issue 10, "a top level with nothing to tune").
 
-Not part of the library: each is Adam on the hypergradient it is given, with a step that adapts to how
-consistent that hypergradient is, so that the top's own step size would matter less. Importing this
-module registers them for spec strings (``signgain(lr=0.05)``, ``snrpow(lr=0.2)``); only as the top
-of a tower (they write no tangents of their own hyperparameters). Results: ``results/README.md``,
-"The top level's step size".
+Not part of the library: each is a top level whose step adapts to how consistent the hypergradient it is
+given is (``signgain``, ``snrpow``, ``dogtop``), so that the top's own step size would matter less, or
+shrinks as the run goes on (``adamsqrt``, ``adagradm``), so that a small bias that keeps its sign moves
+the learned lr less over a long run. Importing this module registers them for spec strings
+(``signgain(lr=0.05)``, ``adamsqrt(lr=0.05,t0=100)``); only as the top of a tower (they write no
+tangents of their own hyperparameters). Results: ``results/README.md``, "The top level's step size" and
+"Long runs".
 """
 
 from __future__ import annotations
@@ -92,5 +94,41 @@ class DoGTopRule(Rule):
         return Step([g * max_distance / sum_sq.sqrt().clamp_min(1e-30)], -hp["lr"])
 
 
-for _rule in (SignGainRule, SNRPowerRule, DoGTopRule):
+class AdamSqrtRule(_AdamTop):
+    """Adam whose step size decays as ``lr * min(1, sqrt(t0 / t))`` after its first ``t0`` steps (an anytime
+    online-learning rate): the default's pace at first, ever slower later."""
+
+    name = "adamsqrt"
+    hyperparameters: ClassVar[dict[str, HyperSpec]] = {
+        **_AdamTop.hyperparameters,
+        "t0": HyperSpec(36.0, "step", "steps at the full step size"),
+    }
+
+    def update(self, params, grads, state, work, hp, step, tangents=None):
+        ratio, _, _ = self.adam_ratio(grads, state, hp, step)
+        t = float(step)
+        decay = min(1.0, math.sqrt(float(hp["t0"][0]) / t))
+        return Step([ratio * decay], -hp["lr"])
+
+
+class AdaGradMomentumRule(Rule):
+    """AdaGrad with a first moment: ``m = beta1 m + (1 - beta1) h`` (no bias correction, so the first steps
+    are small), ``S = S + h^2``, step ``lr * m / sqrt(S)``: about ``lr (1 - beta1^t) / sqrt(t)`` while the
+    hypergradient keeps its sign."""
+
+    name = "adagradm"
+    hyperparameters: ClassVar[dict[str, HyperSpec]] = {
+        "lr": HyperSpec(0.3, "step", "step size"),
+        "beta1": HyperSpec(0.9, "unit", "decay of the first moment"),
+    }
+    state_names = ("exp_avg", "sum")
+
+    def update(self, params, grads, state, work, hp, step, tangents=None):
+        (m,), (s,), (g,) = state["exp_avg"], state["sum"], grads
+        m.lerp_(g, 1 - float(hp["beta1"][0]))
+        s.addcmul_(g, g)
+        return Step([m / s.sqrt().clamp_min(1e-30)], -hp["lr"])
+
+
+for _rule in (SignGainRule, SNRPowerRule, DoGTopRule, AdamSqrtRule, AdaGradMomentumRule):
     RULES.setdefault(_rule.name, _rule)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import hf_hyperopt as hh
 from benchmarks import paper_table, sensitivity, tasks
 from benchmarks.tasks import DATA, digits_task, unread_tragedies
 
@@ -171,6 +172,32 @@ def test_sensitivity_runs_any_tower_spec_given_as_tower_colon_spec():
     # Levels that parse but do not fit together are refused before any task is built, too.
     with pytest.raises(ValueError, match="learn="):
         sensitivity.resolve_methods(["tower:adam(learn=beta1)"])
+
+
+def test_sensitivity_tower_plus_linear_prefix_multiplies_the_learned_lr_by_a_linear_decay():
+    (method,) = sensitivity.resolve_methods(["tower+linear:adagrad(lr=0.3,ramp=0.001)"])
+    assert method.family == "tower h1: adam/adagrad(lr=0.3,ramp=0.001), linear decay"
+    model = torch.nn.Linear(3, 1)
+    opt, scheduler = method.build(model.parameters(), 1e-3, 10)
+    assert opt.spec == "adam(lr=0.001,learn=lr)/adagrad(lr=0.3,ramp=0.001)"
+    for _ in range(5):
+        opt.step()  # no gradients: nothing moves, the schedule still advances
+        scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5)
+
+
+@pytest.mark.parametrize("top", ["adamsqrt(lr=0.05,t0=4)", "adagradm(lr=0.3)"])
+def test_experimental_tops_that_slow_down_learn_the_lr_and_stay_finite(top):
+    """``benchmarks/top_levels.py``'s tops whose pace shrinks: on a quadratic the lr moves and stays finite."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8))
+    opt = hh.tower([w], f"adam(lr=1e-3)/{top}")
+    for _ in range(30):
+        opt.zero_grad()
+        (0.5 * (w**2).sum()).backward()
+        opt.step()
+    lr = opt.hyperparameters()[0]["lr"]
+    assert math.isfinite(lr) and lr != 1e-3
 
 
 def test_sensitivity_rejects_unknown_method_before_training():
