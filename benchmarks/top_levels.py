@@ -96,7 +96,9 @@ class DoGTopRule(Rule):
 
 class AdamSqrtRule(_AdamTop):
     """Adam whose step size decays as ``lr * min(1, sqrt(t0 / t))`` after its first ``t0`` steps (an anytime
-    online-learning rate): the default's pace at first, ever slower later."""
+    online-learning rate): the default's pace at first, ever slower later. ``t`` is the level's step count,
+    which includes the steps the ramp holds it still, so fewer than ``t0`` steps after the ramp are at full
+    pace."""
 
     name = "adamsqrt"
     hyperparameters: ClassVar[dict[str, HyperSpec]] = {
