@@ -25,6 +25,8 @@ import torch
 
 import hf_hyperopt as hh
 
+from . import top_levels  # noqa: F401  (registers the experimental top levels for --hyper)
+
 D, T, SIGMA = 50, 300, 0.01
 CURVATURES = torch.logspace(-2, 1, D, dtype=torch.float64)
 STARTS = (1e-6, 1.0)
