@@ -708,15 +708,16 @@ LINEAR_TOWER_PREFIX = "tower+linear:"
 
 
 def _linear_tower_method(name: str, spec: str) -> Method:
-    tower = _tower(spec)
+    """:func:`_tower_method`'s tower, its learned lr multiplied by HF's linear decay."""
+    plain = _tower_method(name, spec)
 
     def build(params, lr, steps):
         from transformers import get_linear_schedule_with_warmup
 
-        opt, _ = tower(params, lr, steps)
+        opt, _ = plain.build(params, lr, steps)
         return opt, get_linear_schedule_with_warmup(opt, 0, steps)
 
-    return Method(name, f"tower h{spec.count('/') + 1}: adam/{spec}, linear decay", build)
+    return Method(name, f"{plain.family}, linear decay", build)
 
 
 def resolve_methods(names: list[str]) -> list[Method]:
