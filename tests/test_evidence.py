@@ -211,6 +211,30 @@ def test_experimental_tops_that_slow_down_take_the_steps_their_docstrings_give()
     assert steps == pytest.approx([0.3 * (1 - 0.9**t) / math.sqrt(t) for t in range(1, 17)], rel=1e-5)
 
 
+def test_the_library_timescale_option_is_the_adamsqrt_top_the_sweeps_measured():
+    """``adam(...,timescale=T)`` on the top steps as ``benchmarks/top_levels.py``'s ``adamsqrt(t0=T)``, with the
+    default's ramp and search, so the sweeps of ``adamsqrt`` measure the library option."""
+    import hf_hyperopt as hh
+    from benchmarks import top_levels  # noqa: F401  (registers adamsqrt)
+
+    opts = "ramp=0.001,normalize=true,ramp_search=0.3"
+    lrs = {}
+    for top in (f"adamsqrt(lr=0.05,t0=5,{opts})", f"adam(lr=0.05,{opts},timescale=5)"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        opt = hh.tower(model.parameters(), f"adam(lr=1e-4)/{top}")
+        lrs[top] = []
+        for _ in range(60):
+            x = torch.randn(32, 8)
+            torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)).backward()
+            opt.step()
+            opt.zero_grad()
+            lrs[top].append(opt.hyperparameters()[0]["lr"])
+    sqrt_top, library = lrs.values()
+    assert library == pytest.approx(sqrt_top, rel=1e-4)
+    assert max(library) > 10 * library[0]  # the lr did move: the comparison is not of constants
+
+
 def test_sensitivity_rejects_unknown_method_before_training():
     with pytest.raises(ValueError, match="unknown method 'adamx'"):
         sensitivity.resolve_methods(["adamw", "adamx"])

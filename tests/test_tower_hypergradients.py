@@ -48,22 +48,33 @@ def test_sgd_lr_hypergradient_is_minus_gradient_dot_previous_gradient(compat, fl
     assert lr != pytest.approx(0.05, rel=1e-3)
 
 
-def test_sgd_tower_of_three_chains_hypergradients(float64, make_mlp, batches):
-    """sgd(lr)/sgd(kappa)/sgd(lam) in gdtuo mode: lr_t = lr_{t-1} - kappa_t h_t with h_t = -<g_t, g_{t-1}>,
-    so dL_{t+1}/dkappa_t = h_{t+1} * (-h_t) and kappa_{t+1} = kappa_t + lam h_{t+1} h_t."""
+@pytest.mark.parametrize("timescales", [(0, 0), (3, 5)])
+def test_sgd_tower_of_three_chains_hypergradients(float64, make_mlp, batches, timescales):
+    """sgd(lr)/sgd(kappa)/sgd(lam) in gdtuo mode: lr_t = lr_{t-1} - kappa_t c1_t h_t with h_t = -<g_t, g_{t-1}>,
+    so dL_{t+1}/dkappa_t = h_{t+1} * (-c1_t h_t) and kappa_{t+1} = kappa_t + lam c2_{t+1} c1_t h_{t+1} h_t,
+    where ``c_t = min(1, sqrt(timescale / t))`` is a level's step-size factor at its t-th step (1 without a
+    timescale): a learned step size's factor is in its tangent."""
     lam = 1e-3
     model = make_mlp()
-    opt = hh.tower(model.parameters(), f"sgd(lr=0.05)/sgd(lr=0.01)/sgd(lr={lam})", compat="gdtuo")
-    g_prev, h_prev, kappa = None, 0.0, 0.01
-    for x, y in batches(12):
+    t1, t2 = timescales
+    spec = f"sgd(lr=0.05)/sgd(lr=0.01,timescale={t1})/sgd(lr={lam},timescale={t2})"
+    opt = hh.tower(model.parameters(), spec, compat="gdtuo")
+
+    def factor(timescale: int, t: int) -> float:
+        return min(1.0, math.sqrt(timescale / t)) if timescale else 1.0
+
+    g_prev, h_prev, kappa, lr = None, 0.0, 0.01, 0.05
+    for t, (x, y) in enumerate(batches(12), start=1):
         F.mse_loss(model(x), y).backward()
         g = _grads(model)
         opt.step()
         opt.zero_grad()
         h = 0.0 if g_prev is None else -_dot(g, g_prev)
-        new_kappa = opt.hyperparameters()[1]["lr"]
-        assert new_kappa - kappa == pytest.approx(lam * h * h_prev, rel=1e-9, abs=1e-18)
-        g_prev, h_prev, kappa = g, h, new_kappa
+        new_lr, new_kappa = (level["lr"] for level in opt.hyperparameters()[:2])
+        expected = lam * factor(t2, t) * factor(t1, t - 1) * h * h_prev if t > 1 else 0.0
+        assert new_kappa - kappa == pytest.approx(expected, rel=1e-9, abs=1e-18)
+        assert new_lr - lr == pytest.approx(-new_kappa * factor(t1, t) * h, rel=1e-9, abs=1e-18)
+        g_prev, h_prev, kappa, lr = g, h, new_kappa, new_lr
     assert kappa != 0.01
 
 

@@ -37,6 +37,11 @@ CASES = {
         lambda m: hh.tower(m.parameters(), "sgd(lr=0.05,momentum=0.9)/adam(lr=0.01)", scope="tensor"),
         None,
     ),
+    "timescale": (
+        lambda m: hh.tower(m.parameters(), "adam(lr=0.01)/adam(lr=0.01,timescale=2)/sgd(lr=0.001,timescale=3)"),
+        None,
+    ),
+    "default": (lambda m: hh.HyperAdam(m.parameters(), lr=0.01), None),
     "gdtuo-rmsprop": (lambda m: hh.tower(m.parameters(), "rmsprop(lr=0.01)/sgd(lr=0.001)", compat="gdtuo"), None),
 }
 

@@ -33,6 +33,7 @@ def _step(model, opt, batch) -> float:
         # normalized: a non-finite tangent has a non-finite norm, which must not turn h into a finite 0
         "adam(lr=0.01,normalize=true)",
         "adam(lr=0.01,normalize=true)/adam(lr=0.01,normalize=true)",
+        "adam(lr=0.01,normalize=true,timescale=2)/adam(lr=0.01,timescale=3)",
     ],
 )
 def test_nonfinite_hypergradient_is_skipped_and_counted(bad, upper, float64, make_mlp, batches):

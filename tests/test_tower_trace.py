@@ -3,6 +3,7 @@ written-out references; ``trace=0`` is the one-step hypergradient."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from sgd_reference import dot, grads, step_both
 
 import hf_hyperopt as hh
 from hf_hyperopt.optim.optimizers import default_hyper
+from hf_hyperopt.optim.spec import parse_spec
 
 
 @pytest.mark.parametrize("mu", [0.0, 0.5, 0.9])
@@ -96,6 +98,9 @@ def test_trace_on_a_level_above_the_first(float64, make_mlp, batches):
         ("adam/adam(cosine=1.5)", r"level 1 \(adam\): cosine=1.5 is outside \[0, 1\]"),
         ("adam(cosine=0.5)/adam", r"level 0 \(adam\): cosine=0.5 divides by the weights' next gradient"),
         ("adam/adam/adam(cosine=0.5)", r"level 2 \(adam\): cosine=0.5 divides by the weights' next gradient"),
+        ("adam(timescale=100)/adam", r"level 0 \(adam\): timescale=100.0 shrinks the step size of a level above"),
+        ("adam/adam(timescale=-1)", r"level 1 \(adam\): timescale=-1.0 must be a number of steps >= 0"),
+        ("adam/adam(timescale=nan)", r"timescale=nan must be a number of steps >= 0"),
     ],
 )
 def test_bad_level_option_is_refused_with_the_value(spec, match):
@@ -111,9 +116,10 @@ def test_level_options_in_a_hyper_spec_belong_to_the_levels_above():
         hh.HyperAdam([torch.zeros(2, requires_grad=True)], hyper="adam/sgd(ramp=0.5)")
 
 
-def test_trace_round_trips_through_the_spec():
-    opt = hh.tower([torch.zeros(2, requires_grad=True)], "adam(lr=0.001)/adam(lr=0.05,trace=0.9)")
-    assert opt.spec == "adam(lr=0.001)/adam(lr=0.05,trace=0.9)"
+@pytest.mark.parametrize("options", ["trace=0.9", "timescale=100", "timescale=12.5"])
+def test_level_options_round_trip_through_the_spec(options):
+    opt = hh.tower([torch.zeros(2, requires_grad=True)], f"adam(lr=0.001)/adam(lr=0.05,{options})")
+    assert opt.spec == f"adam(lr=0.001)/adam(lr=0.05,{options})"
     assert hh.tower([torch.zeros(2, requires_grad=True)], opt.spec).spec == opt.spec
 
 
@@ -239,11 +245,13 @@ def test_the_default_tower_ramps_only_a_learned_lr():
     w = [torch.zeros(2, requires_grad=True)]
     assert hh.HyperSGD(w, lr=0.1, momentum=0.5, learn="momentum").levels[1].ramp == 0.0
     assert hh.HyperSGD(w, lr=0.1, momentum=0.5, learn="lr+momentum").levels[1].ramp == 1e-3
-    assert default_hyper(learn="momentum") == "adam(lr=0.05,normalize=true)"
+    (top,) = parse_spec(hh.DEFAULT_HYPER["default"])
+    without_ramp = dataclasses.replace(top, ramp=0.0, ramp_search=0.0).to_spec()
+    assert "ramp" not in without_ramp and default_hyper(learn="momentum") == without_ramp
     args = hh.HyperTrainingArguments(
         output_dir="o", optim="hyper_sgd", optim_args="momentum=0.9", hyper_learn="momentum", report_to="none"
     )
-    assert args.hyper_settings.tower == "adam(lr=0.05,normalize=true)"
+    assert args.hyper_settings.tower == without_ramp
     with pytest.raises(ValueError, match="ramp=0.001 ramps the weights' learned lr"):  # written by the user: refused
         hh.HyperSGD(w, lr=0.1, momentum=0.5, learn="momentum", hyper="adam(ramp=0.001)")
 

@@ -60,6 +60,13 @@ class LevelConfig:
             gradient and the last update (scale-free, so it does not shrink as training converges: a
             converged run's lr then rises without bound) and ``0`` (the default) the slope; values in
             between shrink the signal as ``|g|^(1 - cosine)``, a weaker brake than the slope's.
+        timescale: for a level above the weights, shrink its step size as the run goes on: at the level's
+            ``t``-th step (the ramp's steps count) it steps with ``lr * min(1, sqrt(timescale / t))``, T5's
+            inverse-square-root schedule. A level with a constant step size moves what it learns by up
+            to that step on every step a small bias of the hypergradient keeps its sign, so over a long
+            run the bias adds up linearly; with the schedule it adds up as ``sqrt(t)`` while the first
+            ``timescale`` steps move at full pace. ``0`` (a level's default) keeps the step constant;
+            ``DEFAULT_HYPER`` uses ``100``.
     """
 
     rule: type[Rule]
@@ -70,6 +77,7 @@ class LevelConfig:
     normalize: bool = False
     cosine: float = 0.0
     ramp_search: float = 0.0
+    timescale: float = 0.0
 
     def full_values(self) -> dict[str, float]:
         return {name: float(self.values.get(name, spec.default)) for name, spec in self.rule.hyperparameters.items()}
@@ -89,6 +97,9 @@ class LevelConfig:
             parts.append(f"cosine={self.cosine!r}")
         if self.ramp_search:
             parts.append(f"ramp_search={self.ramp_search!r}")
+        if self.timescale:
+            t = self.timescale
+            parts.append(f"timescale={int(t) if t.is_integer() else t!r}")
         return f"{self.rule.name}({','.join(parts)})" if parts else self.rule.name
 
 
@@ -164,11 +175,13 @@ def validate_level_options(
     placed: bool = True,
     cosine: float = 0.0,
     ramp_search: float = 0.0,
+    timescale: float = 0.0,
 ) -> None:
     """Raise ``ValueError`` for a level option out of range or on a level where it means nothing.
 
     ``trace`` (a decay in ``[0, 1)``) and ``normalize`` shape the hypergradient a level learns from,
-    so they belong to a level above the weights; ``ramp`` is checked by :func:`.ramp.validate_ramp`.
+    and ``timescale`` (a number of steps, ``>= 0``) a level's own step size, so they belong to a level
+    above the weights; ``ramp`` is checked by :func:`.ramp.validate_ramp`.
     :func:`checked_level` checks the ranges when a level is written (``placed=False``: a ``hyper=`` spec
     or an upper level is built on its own, so its first level is not the weights'), and both in the
     tower's constructor, which knows each level's place.
@@ -176,6 +189,10 @@ def validate_level_options(
     at = where(level, name)
     if not (isinstance(trace, (int, float)) and math.isfinite(trace) and 0.0 <= trace < 1.0):
         raise ValueError(f"{at}: trace={trace!r} is outside [0, 1)")
+    if isinstance(timescale, bool) or not (
+        isinstance(timescale, (int, float)) and math.isfinite(timescale) and timescale >= 0.0
+    ):
+        raise ValueError(f"{at}: timescale={timescale!r} must be a number of steps >= 0 (0: a constant step size)")
     if placed and level == 0:
         for key, value in (("trace", trace), ("normalize", normalize)):
             if value:
@@ -184,6 +201,12 @@ def validate_level_options(
                     f"level 0 ({name}): {key}={shown} belongs to a level above the weights (it shapes the "
                     "hypergradient that level learns from); move it to level 1"
                 )
+        if timescale:
+            raise ValueError(
+                f"level 0 ({name}): timescale={timescale!r} shrinks the step size of a level above the weights; "
+                "for the weights' learning rate use an LR scheduler (the Trainer's lr_scheduler_type, or "
+                "transformers.get_inverse_sqrt_schedule), which multiplies the learned lr"
+            )
     validate_ramp(at, ramp, placed=placed and level != 1)
     validate_ramp_search(at, ramp_search, ramp)
     if isinstance(cosine, bool) or not (
@@ -210,6 +233,7 @@ def checked_level(
     placed: bool = False,
     cosine: float = 0.0,
     ramp_search: float = 0.0,
+    timescale: float = 0.0,
 ) -> LevelConfig:
     """A :class:`LevelConfig` whose values, ``learn=`` names and options are checked.
 
@@ -238,6 +262,16 @@ def checked_level(
         except ValueError as err:
             raise ValueError(f"{at}: {err}") from None
     validate_level_options(
-        level, rule.name, trace, ramp, normalize, placed=placed, cosine=cosine, ramp_search=ramp_search
+        level,
+        rule.name,
+        trace,
+        ramp,
+        normalize,
+        placed=placed,
+        cosine=cosine,
+        ramp_search=ramp_search,
+        timescale=timescale,
     )
-    return LevelConfig(rule, dict(values), learn, trace, ramp, normalize, cosine, float(ramp_search))
+    if timescale and "lr" not in rule.hyperparameters:
+        raise ValueError(f"{at}: timescale={timescale!r} shrinks a level's lr, and {rule.name} has none")
+    return LevelConfig(rule, dict(values), learn, trace, ramp, normalize, cosine, float(ramp_search), float(timescale))

@@ -109,6 +109,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                 placed=True,
                 cosine=cfg.cosine,
                 ramp_search=cfg.ramp_search,
+                timescale=cfg.timescale,
             )
             self._learn.append(resolve_learn(k, cfg, values, top=k == len(levels) - 1, mode=mode))
             options: dict[str, bool] = {"nesterov": bool(values.get("nesterov", 0.0))}
@@ -414,7 +415,7 @@ class TowerOptimizer(torch.optim.Optimizer):
     def _canonical(self, k: int, cfg: LevelConfig) -> tuple:
         values = cfg.full_values()
         learn = resolve_learn(k, cfg, values, top=k == len(self.levels) - 1, mode=self.mode)
-        options = (cfg.trace, cfg.ramp, cfg.normalize, cfg.cosine, cfg.ramp_search)
+        options = (cfg.trace, cfg.ramp, cfg.normalize, cfg.cosine, cfg.ramp_search, cfg.timescale)
         return cfg.rule.name, tuple(sorted(values.items())), tuple(sorted(learn)), options
 
     def state_dict(self) -> dict[str, Any]:

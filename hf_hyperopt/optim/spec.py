@@ -5,7 +5,8 @@ size 1e-5. Each level is ``name`` or ``name(key=value, ...)``; keys are named as
 (``lr``, ``momentum``, ``nesterov``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``, and ``alpha`` for
 RMSProp's smoothing constant) plus ``learn=lr+beta1`` to choose what the level above learns and, on
 a level above the weights, ``trace=0.9`` for the decay of the tangent trace it learns from,
-``normalize=true`` to learn from the slope along the update and, on level 1, ``ramp=1e-3`` to start
+``normalize=true`` to learn from the slope along the update, ``timescale=100`` to shrink its own step
+size as ``sqrt(100 / t)`` after its first 100 steps and, on level 1, ``ramp=1e-3`` to start
 the weights' learned lr at a step sized by the weights and ``ramp_search=0.3`` to search past that
 start while the hypergradient asks for more (see :class:`LevelConfig`).
 """
@@ -43,7 +44,7 @@ def parse_spec(spec: str) -> list[LevelConfig]:
         rule = RULES[name]
         values: dict[str, float] = {}
         learn = None
-        trace, ramp, normalize, cosine, ramp_search = 0.0, 0.0, False, 0.0, 0.0
+        trace, ramp, normalize, cosine, ramp_search, timescale = 0.0, 0.0, False, 0.0, 0.0, 0.0
         seen: set[str] = set()
         for item in _split_args(body or ""):
             if "=" not in item:
@@ -52,7 +53,7 @@ def parse_spec(spec: str) -> list[LevelConfig]:
             if key in seen:
                 raise ValueError(f"{key!r} is given twice for {name} in tower spec {spec!r}; give each key once")
             seen.add(key)
-            allowed = [*rule.hyperparameters, "learn", "trace", "ramp", "ramp_search", "normalize", "cosine"]
+            allowed = [*rule.hyperparameters, "learn", "trace", "ramp", "ramp_search", "normalize", "cosine", "timescale"]
             if key not in allowed:
                 raise ValueError(
                     f"unknown key {key!r} for {name} in tower spec {spec!r}; allowed: {', '.join(allowed)}"
@@ -75,6 +76,9 @@ def parse_spec(spec: str) -> list[LevelConfig]:
             if key == "cosine":
                 cosine = _parse_value(key, raw, "step", name, spec)
                 continue
+            if key == "timescale":
+                timescale = _parse_value(key, raw, "step", name, spec)
+                continue
             values[key] = _parse_value(key, raw, rule.hyperparameters[key].kind, name, spec)
         levels.append(
             checked_level(
@@ -88,6 +92,7 @@ def parse_spec(spec: str) -> list[LevelConfig]:
                 source=f" of tower spec {spec!r}",
                 cosine=cosine,
                 ramp_search=ramp_search,
+                timescale=timescale,
             )
         )
     return levels

@@ -12,6 +12,7 @@ built from ``theta`` by a function, so that :mod:`.tangents` can differentiate t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +123,7 @@ def upper_hyper_fn(opt: TowerOptimizer, ts: TowerState, k: int) -> Callable[[Ten
     theta_ref = ts.theta[k] if k < len(opt.levels) - 1 else None
     dtype, device = constant_dtype_device(ts.theta[k - 1])
     zero = frozenset(n for n, v in values.items() if v == 0.0 and n not in learn)
+    scale = timescale_factor(opt.levels[k].timescale, ts.level_steps[k - 1])
 
     def build(theta: Tensor | None) -> Hyper:
         at = theta if theta is not None else theta_ref
@@ -129,11 +131,17 @@ def upper_hyper_fn(opt: TowerOptimizer, ts: TowerState, k: int) -> Callable[[Ten
         def learned(name: str, j: int) -> Tensor:
             return to_natural(at[j : j + 1], opt._how(k, name))
 
-        return Hyper(
-            _rule_values(rule, learn, learned, lambda n: torch.full((1,), values[n], dtype=dtype, device=device)), zero
-        )
+        hp = _rule_values(rule, learn, learned, lambda n: torch.full((1,), values[n], dtype=dtype, device=device))
+        if scale != 1.0:  # a learned lr too: its tangent then carries the factor
+            hp["lr"] = hp["lr"] * scale
+        return Hyper(hp, zero)
 
     return build
+
+
+def timescale_factor(timescale: float, step: int) -> float:
+    """The factor ``min(1, sqrt(timescale / step))`` on a level's step size at its ``step``-th step; 1 without a timescale."""
+    return min(1.0, math.sqrt(timescale / max(step, 1))) if timescale else 1.0
 
 
 def level0_hyper_fn(opt: TowerOptimizer, ts: TowerState, b: Bucket) -> Callable[[Tensor | None], Hyper]:
