@@ -33,9 +33,16 @@ from .stepping import beta_pair
 # smaller initial lr and at once from a larger one, so the initial lr decides little. ramp_search=0.3
 # keeps doubling it from there while the next gradient still points along the last update (a cosine
 # of 0.3 or more): a problem whose gradients stay aligned searches, a noisy one (or Adam on a
-# transformer) stops at once and takes the plain ramp's steps. Evidence and the sweeps that chose it:
-# results/README.md (benchmarks/sensitivity.py, benchmarks/quadratic.py). gdtuo mode uses the paper's choice.
-DEFAULT_HYPER = {"default": "adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3)", "gdtuo": "sgd(lr=1e-5)"}
+# transformer) stops at once and takes the plain ramp's steps. timescale=100 keeps the level's pace for
+# its first 100 steps and then shrinks it as sqrt(100 / t): a small bias of the hypergradient that keeps
+# its sign over a long run (its greed over one step, the push of batches drawn in epochs) then moves
+# log(lr) as sqrt(t) rather than t, and a run of a few hundred steps is hardly changed. Evidence and the
+# sweeps that chose it: results/README.md (benchmarks/sensitivity.py, benchmarks/quadratic.py). gdtuo
+# mode uses the paper's choice.
+DEFAULT_HYPER = {
+    "default": "adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3,timescale=100)",
+    "gdtuo": "sgd(lr=1e-5)",
+}
 
 _DEFAULT = "default"
 
