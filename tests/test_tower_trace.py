@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from sgd_reference import dot, grads, step_both
 
 import hf_hyperopt as hh
+from hf_hyperopt.optim.engine import TowerOptimizer
 from hf_hyperopt.optim.optimizers import default_hyper
 from hf_hyperopt.optim.spec import parse_spec
 
@@ -121,6 +122,16 @@ def test_level_options_round_trip_through_the_spec(options):
     opt = hh.tower([torch.zeros(2, requires_grad=True)], f"adam(lr=0.001)/adam(lr=0.05,{options})")
     assert opt.spec == f"adam(lr=0.001)/adam(lr=0.05,{options})"
     assert hh.tower([torch.zeros(2, requires_grad=True)], opt.spec).spec == opt.spec
+
+
+def test_a_level_built_directly_with_an_integer_timescale_saves_its_spec():
+    bottom, top = parse_spec("adam(lr=0.001)/adam(lr=0.05)")
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = TowerOptimizer([w], [bottom, dataclasses.replace(top, timescale=100)])
+    w.grad = torch.ones(3)
+    opt.step()
+    assert opt.spec == "adam(lr=0.001)/adam(lr=0.05,timescale=100)"
+    assert opt.state_dict()["param_groups"][0]["hyper_tower"]
 
 
 def test_normalized_hypergradient_is_the_slope_along_the_update(float64, make_mlp, batches):

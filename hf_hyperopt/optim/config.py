@@ -62,10 +62,11 @@ class LevelConfig:
             between shrink the signal as ``|g|^(1 - cosine)``, a weaker brake than the slope's.
         timescale: for a level above the weights, shrink its step size as the run goes on: at the level's
             ``t``-th step (the ramp's steps count) it steps with ``lr * min(1, sqrt(timescale / t))``, T5's
-            inverse-square-root schedule. A level with a constant step size moves what it learns by up
+            inverse-square-root schedule; ``hyperparameters()`` and the logs give ``lr`` as written (or
+            learned), without the factor. A level with a constant step size moves what it learns by up
             to that step on every step a small bias of the hypergradient keeps its sign, so over a long
-            run the bias adds up linearly; with the schedule it adds up as ``sqrt(t)`` while the first
-            ``timescale`` steps move at full pace. ``0`` (a level's default) keeps the step constant;
+            run the bias adds up linearly; with the schedule it adds up as ``sqrt(t)``, at full pace
+            while ``t <= timescale``. ``0`` (a level's default) keeps the step constant;
             ``DEFAULT_HYPER`` uses ``100``.
     """
 
@@ -98,8 +99,8 @@ class LevelConfig:
         if self.ramp_search:
             parts.append(f"ramp_search={self.ramp_search!r}")
         if self.timescale:
-            t = self.timescale
-            parts.append(f"timescale={int(t) if t.is_integer() else t!r}")
+            t = float(self.timescale)  # a config built directly may hold an int
+            parts.append(f"timescale={int(t) if t.is_integer() and t < 1e15 else t!r}")
         return f"{self.rule.name}({','.join(parts)})" if parts else self.rule.name
 
 
@@ -189,8 +190,8 @@ def validate_level_options(
     at = where(level, name)
     if not (isinstance(trace, (int, float)) and math.isfinite(trace) and 0.0 <= trace < 1.0):
         raise ValueError(f"{at}: trace={trace!r} is outside [0, 1)")
-    if isinstance(timescale, bool) or not (
-        isinstance(timescale, (int, float)) and math.isfinite(timescale) and timescale >= 0.0
+    if isinstance(timescale, (bool, np.bool_)) or not (
+        isinstance(timescale, numbers.Real) and math.isfinite(timescale) and timescale >= 0.0
     ):
         raise ValueError(f"{at}: timescale={timescale!r} must be a number of steps >= 0 (0: a constant step size)")
     if placed and level == 0:

@@ -54,7 +54,9 @@ def hyper_section(
         "This model was trained with a tower of optimizers that learn their own hyperparameters "
         "([hf_hyperopt](https://arxiv.org/abs/1909.13371): *Gradient Descent: The Ultimate Optimizer*, "
         "Chandra et al., NeurIPS 2022). Level 0 updates the weights; level k+1 learns the hyperparameters "
-        "of level k by gradient descent on the training loss; the top level is fixed.",
+        "of level k by gradient descent on the training loss; the top level is fixed. A level written with "
+        "`timescale=T` steps with its lr times min(1, sqrt(T / t)) at its t-th step; the table gives lr as written "
+        "or learned.",
         "",
         f"- Tower (bottom first): `{spec}`",
         f"- Scope of the learned values: `{scope}`",
