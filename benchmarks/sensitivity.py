@@ -182,7 +182,9 @@ PEERS: dict[str, Method] = {
     "gdtuo_adam_sgd": Method("gdtuo_adam_sgd", "reference gdtuo Adam / SGD(1e-5)", None, reference="adam/sgd(1e-5)"),
 }
 
-# Upper levels for HyperAdam: height 1 (one level above the weights), 2 and 3.
+# Upper levels for HyperAdam: height 1 (one level above the weights), 2 and 3. "The default" in the comments
+# below is the default of the time these towers were measured: none has the default's timescale=100,
+# and "hyper_adam(ramp_search=0.3)" is the default before it (the name merged files give its runs).
 TOWERS: dict[str, str] = {
     "hyper_adam/adam(0.005)": "adam(lr=0.005)",
     "hyper_adam/adam(0.01)": "adam(lr=0.01)",
