@@ -1,0 +1,152 @@
+"""Where the lr's hypergradient stops asking for more, against the lr that ends best (issue 10, item 2).
+
+A top level whose step size does not matter drives the learned lr to where its signal is zero on average.
+This measures where that is, without any tower: constant-lr AdamW on the small GPT-2 (as the sensitivity
+sweep's ``adamw``) over a grid of lrs, recording at every step the pull of the next batch's gradient along
+a trace of the updates, ``pull_mu = -cos(g_{t+1}, Z_t)`` with ``Z_t = mu Z_{t-1} + (w_{t+1} - w_t)``:
+positive asks for a larger lr. ``mu = 0`` is the one-step hypergradient's sign (the default's signal),
+``0.9`` and ``0.99`` the tangent traces of ``trace=`` (without the curvature term), ``1`` the displacement
+from the start, ``<g, w_t - w_0>`` (the signal of Mechanic, Prodigy and DoG). Beside them each lr's test
+perplexity at the end: a signal suits a step-free top if it turns negative above the best lr.
+
+A plan may also change its lr: ``1e-2@50,2e-3`` holds 1e-2 for the first 50 steps and 2e-3 after, which
+measures what a top that follows the signal early does to the end.
+
+    python -m benchmarks.greedy_signal --seeds 0 1 2 --out results
+    python -m benchmarks.greedy_signal --seeds 0 1 2 --plans 2e-3 1e-2@30,2e-3 1e-2@50,2e-3 --tag early --out results
+
+Writes ``<out>/greedy_signal_gpt2[_<tag>].md`` (the mean pull per window of the run, over the seeds) and
+``.json`` (also every step's pulls). About 15 s a run on one core.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import tasks
+from .provenance import git_commit
+
+TRACES = (0.0, 0.9, 0.99, 1.0)
+
+
+@dataclass
+class GreedySignalArguments:
+    steps: int = field(default=300, metadata={"help": "training steps"})
+    plans: list[str] = field(
+        default_factory=lambda: ["5e-4", "1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2", "3.2e-2"],
+        metadata={"help": "AdamW's lr: a constant, or LR@STEPS,...,LR (each lr until its step, then the next)"},
+    )
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "model and data-order seeds"})
+    windows: int = field(default=6, metadata={"help": "windows of the run, one column each"})
+    tag: str = field(default="", metadata={"help": "suffix of the output files' names"})
+    out: str = field(default="results", metadata={"help": "output folder"})
+
+
+def parse_plan(plan: str, steps: int) -> list[tuple[int, float]]:
+    """``LR@STEPS,...,LR`` as (first step, lr) pairs; a clear error for anything else."""
+    pieces, start = [], 0
+    parts = plan.split(",")
+    for i, part in enumerate(parts):
+        lr_text, _, until = part.partition("@")
+        try:
+            lr = float(lr_text)
+            end = int(until) if until else None
+        except ValueError:
+            lr, end = math.nan, None
+        last = i == len(parts) - 1
+        if not (math.isfinite(lr) and lr > 0) or (end is None) != last or (end is not None and not start < end < steps):
+            raise ValueError(
+                f"plan {plan!r}: give LR or LR@STEPS,...,LR with lrs > 0 and steps increasing within the run's {steps}"
+            )
+        pieces.append((start, lr))
+        start = end if end is not None else start
+    return pieces
+
+
+def record(task: tasks.Task, plan: list[tuple[int, float]], seed: int) -> tuple[list[list[float]], float]:
+    """Every step's pull for each trace of ``TRACES`` (from the second step on), and the test perplexity."""
+    model = task.build_model(seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=plan[0][1], weight_decay=0.0)
+    batches = task.batches(seed)
+    traces: list[torch.Tensor] | None = None
+    pulls: list[list[float]] = []
+    for t in range(task.steps):
+        for start, lr in plan:
+            if t == start:
+                opt.param_groups[0]["lr"] = lr
+        loss = task.loss(model, next(batches))
+        if not torch.isfinite(loss):
+            return pulls, math.inf
+        loss.backward()
+        g = torch.cat([p.grad.reshape(-1) for p in params])
+        if traces is not None:
+            tiny = torch.finfo(g.dtype).tiny
+            pulls.append([float(-(g @ z) / (g.norm() * z.norm()).clamp_min(tiny)) for z in traces])
+        before = torch.cat([p.detach().reshape(-1) for p in params])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update = torch.cat([p.detach().reshape(-1) for p in params]) - before
+        if traces is None:
+            traces = [update.clone() for _ in TRACES]
+        else:
+            traces = [mu * z + update for mu, z in zip(TRACES, traces, strict=True)]
+    model.eval()
+    return pulls, task.evaluate(model)
+
+
+def main(args: GreedySignalArguments) -> dict:
+    if args.steps < 2 * args.windows or args.windows < 1:
+        raise ValueError(f"--steps {args.steps} --windows {args.windows}: give at least 2 steps a window")
+    plans = {plan: parse_plan(plan, args.steps) for plan in args.plans}  # before any run
+    commit = git_commit()
+    torch.set_num_threads(1)
+    task = tasks.gpt2_task(args.steps)
+    runs = []
+    for plan, pieces in plans.items():
+        for seed in args.seeds:
+            pulls, perplexity = record(task, pieces, seed)
+            runs.append({"plan": plan, "seed": seed, "perplexity": perplexity, "pulls": pulls})
+            print(f"lr {plan} seed {seed}: perplexity {perplexity:.2f}", file=sys.stderr)
+    width = args.steps // args.windows
+    spans = [(lo, min(lo + width, args.steps)) for lo in range(0, args.steps - width + 1, width)]
+    means = {}  # (plan, trace index, window) -> mean pull over the seeds' steps in it
+    for plan in plans:
+        for i in range(len(TRACES)):
+            for w, (lo, hi) in enumerate(spans):
+                vals = [p[i] for r in runs if r["plan"] == plan for p in r["pulls"][max(lo - 1, 0) : hi - 1]]
+                means[plan, i, w] = sum(vals) / len(vals) if vals else math.nan
+    ppl = {plan: sum(r["perplexity"] for r in runs if r["plan"] == plan) / len(args.seeds) for plan in plans}
+    header = "| lr | test perplexity | " + " | ".join(f"steps {lo}-{hi}" for lo, hi in spans) + " |"
+    table = [
+        f"Small GPT-2, AdamW, {args.steps} steps, seeds {' '.join(map(str, args.seeds))} (means); "
+        "the mean pull -cos(g_{t+1}, Z_t) per window, positive asks for a larger lr:",
+    ]
+    for i, mu in enumerate(TRACES):
+        name = "one step" if mu == 0 else ("displacement from the start" if mu == 1 else f"trace {mu:g}")
+        table += ["", f"`mu = {mu:g}` ({name}):", "", header, "|---|---|" + "---|" * len(spans)]
+        for plan in plans:
+            cells = " | ".join(f"{means[plan, i, w]:+.3f}" for w in range(len(spans)))
+            table.append(f"| {plan} | {ppl[plan]:.2f} | {cells} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / ("greedy_signal_gpt2" + (f"_{args.tag}" if args.tag else ""))
+    stem.with_suffix(".md").write_text("\n".join(table) + "\n")
+    meta = {"args": asdict(args), "command": " ".join(sys.argv), "commit": commit, "torch": torch.__version__}
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "traces": TRACES, "runs": runs}))
+    print("\n".join(table))
+    return {"perplexity": ppl, "means": {f"{k[0]}/{TRACES[k[1]]:g}/{k[2]}": v for k, v in means.items()}}
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+
+    (parsed,) = HfArgumentParser(GreedySignalArguments).parse_args_into_dataclasses()
+    main(parsed)
