@@ -1,22 +1,25 @@
 """Where the lr's hypergradient stops asking for more, against the lr that ends best (issue 10, item 2).
 
 A top level whose step size does not matter drives the learned lr to where its signal is zero on average.
-This measures where that is, without any tower: constant-lr AdamW on the small GPT-2 (as the sensitivity
-sweep's ``adamw``) over a grid of lrs, recording at every step the pull of the next batch's gradient along
-a trace of the updates, ``pull_mu = -cos(g_{t+1}, Z_t)`` with ``Z_t = mu Z_{t-1} + (w_{t+1} - w_t)``:
-positive asks for a larger lr. ``mu = 0`` is the one-step hypergradient's sign (the default's signal),
-``0.9`` and ``0.99`` the tangent traces of ``trace=`` (without the curvature term), ``1`` the displacement
-from the start, ``<g, w_t - w_0>`` (the signal of Mechanic, Prodigy and DoG). Beside them each lr's test
-perplexity at the end: a signal suits a step-free top if it turns negative above the best lr.
+This measures where that is, without any tower: AdamW (as the sensitivity sweep's ``adamw``) on a language
+model of the sweep over a grid of constant lrs, recording at every step the pull of the next batch's
+gradient along a trace of the updates, ``pull_mu = -cos(g_{t+1}, Z_t)`` with
+``Z_t = mu Z_{t-1} + (w_{t+1} - w_t)``: positive asks for a larger lr. ``mu = 0`` is the one-step
+hypergradient's sign (the default's signal), ``0.9`` and ``0.99`` the tangent traces of ``trace=``
+(without the curvature term), ``1`` the displacement from the start, ``<g, w_t - w_0>`` (the signal of
+Mechanic, Prodigy and DoG). Beside them each lr's test perplexity at the end: a signal suits a step-free
+top if it turns negative above the best lr.
 
 A plan may also change its lr: ``1e-2@50,2e-3`` holds 1e-2 for the first 50 steps and 2e-3 after, which
-measures what a top that follows the signal early does to the end.
+measures what following the signal early does to the end.
 
     python -m benchmarks.greedy_signal --seeds 0 1 2 --out results
     python -m benchmarks.greedy_signal --seeds 0 1 2 --plans 2e-3 1e-2@30,2e-3 1e-2@50,2e-3 --tag early --out results
 
-Writes ``<out>/greedy_signal_gpt2[_<tag>].md`` (the mean pull per window of the run, over the seeds) and
-``.json`` (also every step's pulls). About 15 s a run on one core.
+``--task`` is ``gpt2`` (the small GPT-2 from scratch), ``gpt2_128x4`` (a larger one) or ``gpt2_finetune``
+(the small one, pretrained). Writes ``<out>/greedy_signal_<task>[_<tag>].md`` (the mean pull per window
+of the run, over the seeds) and ``.json`` (also every step's pulls). About 15 s a run of the small GPT-2
+on one core.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,8 +39,17 @@ from .provenance import git_commit
 TRACES = (0.0, 0.9, 0.99, 1.0)
 
 
+# The language models of the sensitivity sweep: this measures their signal, so their metric is a perplexity.
+LM_TASKS = {
+    "gpt2": tasks.gpt2_task,
+    "gpt2_128x4": partial(tasks.gpt2_task, width=128, layers=4),
+    "gpt2_finetune": tasks.gpt2_finetune_task,
+}
+
+
 @dataclass
 class GreedySignalArguments:
+    task: str = field(default="gpt2", metadata={"help": "the model", "choices": list(LM_TASKS)})
     steps: int = field(default=300, metadata={"help": "training steps"})
     plans: list[str] = field(
         default_factory=lambda: ["5e-4", "1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2", "3.2e-2"],
@@ -105,10 +118,12 @@ def record(task: tasks.Task, plan: list[tuple[int, float]], seed: int) -> tuple[
 def main(args: GreedySignalArguments) -> dict:
     if args.steps < 2 * args.windows or args.windows < 1:
         raise ValueError(f"--steps {args.steps} --windows {args.windows}: give at least 2 steps a window")
+    if args.task not in LM_TASKS:
+        raise ValueError(f"--task {args.task!r}: choose one of {', '.join(LM_TASKS)}")
     plans = {plan: parse_plan(plan, args.steps) for plan in args.plans}  # before any run
     commit = git_commit()
     torch.set_num_threads(1)
-    task = tasks.gpt2_task(args.steps)
+    task = LM_TASKS[args.task](args.steps)
     runs = []
     for plan, pieces in plans.items():
         for seed in args.seeds:
@@ -126,7 +141,7 @@ def main(args: GreedySignalArguments) -> dict:
     ppl = {plan: sum(r["perplexity"] for r in runs if r["plan"] == plan) / len(args.seeds) for plan in plans}
     header = "| lr | test perplexity | " + " | ".join(f"steps {lo}-{hi}" for lo, hi in spans) + " |"
     table = [
-        f"Small GPT-2, AdamW, {args.steps} steps, seeds {' '.join(map(str, args.seeds))} (means); "
+        f"`{args.task}`, AdamW, {args.steps} steps, seeds {' '.join(map(str, args.seeds))} (means); "
         "the mean pull -cos(g_{t+1}, Z_t) per window, positive asks for a larger lr:",
     ]
     for i, mu in enumerate(TRACES):
@@ -137,7 +152,7 @@ def main(args: GreedySignalArguments) -> dict:
             table.append(f"| {plan} | {ppl[plan]:.2f} | {cells} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / ("greedy_signal_gpt2" + (f"_{args.tag}" if args.tag else ""))
+    stem = out / (f"greedy_signal_{args.task}" + (f"_{args.tag}" if args.tag else ""))
     stem.with_suffix(".md").write_text("\n".join(table) + "\n")
     meta = {"args": asdict(args), "command": " ".join(sys.argv), "commit": commit, "torch": torch.__version__}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "traces": TRACES, "runs": runs}))
