@@ -403,3 +403,21 @@ def test_epoch_pairs_fits_the_push_per_window(tmp_path):
     assert [r["position"] for r in rows][:3] == [1, 2, 3] and tasks.sampling == "epochs"
     with pytest.raises(ValueError, match="--steps 3 --windows 2"):
         epoch_pairs.main(epoch_pairs.EpochPairsArguments(steps=3, windows=2, out=str(tmp_path)))
+
+
+def test_greedy_signal_records_each_traces_pull_and_follows_its_plan(tmp_path):
+    from benchmarks import greedy_signal
+
+    args = greedy_signal.GreedySignalArguments(steps=6, windows=2, plans=["1e-3@3,4e-3"], out=str(tmp_path), tag="t")
+    result = greedy_signal.main(args)
+    (run,) = json.loads((tmp_path / "greedy_signal_gpt2_t.json").read_text())["runs"]
+    pulls = run["pulls"]
+    assert len(pulls) == 5 and all(len(p) == len(greedy_signal.TRACES) for p in pulls)
+    # At the first pull every trace holds the one update taken: the four signals agree exactly.
+    assert len(set(pulls[0])) == 1 and all(-1 <= x <= 1 for p in pulls for x in p)
+    assert math.isfinite(result["perplexity"]["1e-3@3,4e-3"]) and len(result["means"]) == 2 * len(greedy_signal.TRACES)
+    assert "| 1e-3@3,4e-3 |" in (tmp_path / "greedy_signal_gpt2_t.md").read_text()
+    assert greedy_signal.parse_plan("1e-2@50,2e-3", 300) == [(0, 1e-2), (50, 2e-3)]
+    for bad in ("2e-3@50", "1e-2@50,2e-3@40,1e-3", "1e-2@300,2e-3", "0", "1e-2,2e-3"):
+        with pytest.raises(ValueError, match=f"plan '{bad}': give LR or LR@STEPS"):
+            greedy_signal.main(greedy_signal.GreedySignalArguments(steps=300, plans=[bad], out=str(tmp_path)))
