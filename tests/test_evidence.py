@@ -408,14 +408,18 @@ def test_epoch_pairs_fits_the_push_per_window(tmp_path):
 def test_greedy_signal_records_each_traces_pull_and_follows_its_plan(tmp_path):
     from benchmarks import greedy_signal
 
-    args = greedy_signal.GreedySignalArguments(steps=6, windows=2, plans=["1e-3@3,4e-3"], out=str(tmp_path), tag="t")
+    plans = ["1e-3@3,4e-3", "1e-3"]
+    args = greedy_signal.GreedySignalArguments(steps=6, windows=2, plans=plans, out=str(tmp_path), tag="t")
     result = greedy_signal.main(args)
-    (run,) = json.loads((tmp_path / "greedy_signal_gpt2_t.json").read_text())["runs"]
+    run, constant = json.loads((tmp_path / "greedy_signal_gpt2_t.json").read_text())["runs"]
     pulls = run["pulls"]
+    # The plan switches the lr at step 3: the pulls read at steps 1-3 are the constant run's, the next is not.
+    assert pulls[:3] == constant["pulls"][:3] and pulls[3] != constant["pulls"][3]
     assert len(pulls) == 5 and all(len(p) == len(greedy_signal.TRACES) for p in pulls)
     # At the first pull every trace holds the one update taken: the four signals agree exactly.
     assert len(set(pulls[0])) == 1 and all(-1 <= x <= 1 for p in pulls for x in p)
-    assert math.isfinite(result["perplexity"]["1e-3@3,4e-3"]) and len(result["means"]) == 2 * len(greedy_signal.TRACES)
+    assert math.isfinite(result["perplexity"]["1e-3@3,4e-3"])
+    assert len(result["means"]) == len(plans) * args.windows * len(greedy_signal.TRACES)
     assert "| 1e-3@3,4e-3 |" in (tmp_path / "greedy_signal_gpt2_t.md").read_text()
     assert greedy_signal.parse_plan("1e-2@50,2e-3", 300) == [(0, 1e-2), (50, 2e-3)]
     for bad in ("2e-3@50", "1e-2@50,2e-3@40,1e-3", "1e-2@300,2e-3", "0", "1e-2,2e-3"):
