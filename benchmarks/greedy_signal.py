@@ -28,23 +28,19 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from . import tasks
 from .provenance import git_commit
+from .sensitivity import TASK_BUILDERS
 
 TRACES = (0.0, 0.9, 0.99, 1.0)
 
 
-# The language models of the sensitivity sweep: this measures their signal, so their metric is a perplexity.
-LM_TASKS = {
-    "gpt2": tasks.gpt2_task,
-    "gpt2_128x4": partial(tasks.gpt2_task, width=128, layers=4),
-    "gpt2_finetune": tasks.gpt2_finetune_task,
-}
+# The language models of the sensitivity sweep (built by its TASK_BUILDERS): their metric is a perplexity.
+LM_TASKS = ("gpt2", "gpt2_128x4", "gpt2_finetune")
 
 
 @dataclass
@@ -123,7 +119,7 @@ def main(args: GreedySignalArguments) -> dict:
     plans = {plan: parse_plan(plan, args.steps) for plan in args.plans}  # before any run
     commit = git_commit()
     torch.set_num_threads(1)
-    task = LM_TASKS[args.task](args.steps)
+    task = TASK_BUILDERS[args.task](args.steps)
     runs = []
     for plan, pieces in plans.items():
         for seed in args.seeds:
