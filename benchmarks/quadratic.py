@@ -64,6 +64,7 @@ def train(
     g = torch.Generator().manual_seed(seed)
     x = torch.ones(len(a), dtype=torch.float64, requires_grad=True)
     opt = hh.HyperSGD([x], lr=lr0) if hyper is None else hh.HyperSGD([x], lr=lr0, hyper=hyper)
+    opt.set_horizon(steps)  # fresh noise every step: no epochs, the run is the horizon (trace=auto)
     for _ in range(steps):
         x.grad = a * x.detach() + sigma * torch.randn(len(a), generator=g, dtype=torch.float64)
         opt.step()

@@ -343,6 +343,8 @@ def _loop(task: Task, model: nn.Module, seed: int, opt, sched) -> dict:
     every = max(1, task.steps // 20)
     lr_trajectory: list[tuple[int, float]] = []
     batches = task.batches(seed)
+    if isinstance(opt, hh.TowerOptimizer):
+        opt.set_horizon(task.horizon)  # as the Trainer integration does (trace=auto)
     t0 = time.perf_counter()
     for step in range(task.steps):
         if hasattr(opt, "train"):

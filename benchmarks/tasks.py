@@ -43,6 +43,12 @@ class Task:
     # Batches an epoch of the training set takes (None: a stream, no epochs).
     steps_per_epoch: int | None = None
 
+    @property
+    def horizon(self) -> int:
+        """The steps of one pass through the data, or of the run where that is shorter or there are no
+        epochs: what the ``Trainer`` integration gives a tower's ``set_horizon`` (``trace=auto``)."""
+        return min(self.steps_per_epoch or self.steps, self.steps)
+
 
 def digits_data(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """scikit-learn's 8x8 digits (ships offline), standardised with training statistics, fixed 75/25 split."""

@@ -88,9 +88,10 @@ def test_trace_on_a_level_above_the_first(float64, make_mlp, batches):
     ("spec", "match"),
     [
         ("adam(trace=0.9)/adam", r"level 0 \(adam\): trace=0.9 belongs to a level above the weights"),
-        ("adam/adam(trace=1.0)", r"level 1 \(adam\): trace=1.0 is outside \[0, 1\)"),
-        ("adam/adam(trace=-0.1)", r"trace=-0.1 is outside \[0, 1\)"),
-        ("adam/adam(trace=x)", r"trace='x' for adam in 'adam/adam\(trace=x\)' is not a number"),
+        ("adam/adam(trace=1.0)", r"level 1 \(adam\): trace=1.0 is neither a decay in \[0, 1\) nor 'auto'"),
+        ("adam/adam(trace=-0.1)", r"trace=-0.1 is neither a decay in \[0, 1\) nor 'auto'"),
+        ("adam/adam(trace=x)", r"trace='x' for adam in 'adam/adam\(trace=x\)' is neither a decay in \[0, 1\) nor"),
+        ("adam(trace=auto)/adam", r"level 0 \(adam\): trace='auto' belongs to a level above the weights"),
         ("adam/adam/adam(ramp=0.5)", r"level 2 \(adam\): ramp=0.5 applies to the weights' learned lr"),
         ("adam/adam(ramp=1.0)", r"ramp=1.0 is outside \[0, 1\)"),
         ("adam(learn=beta1)/adam(ramp=0.1)", r"ramp=0.1 ramps the weights' learned lr, but level 0 learns beta1"),
@@ -117,7 +118,7 @@ def test_level_options_in_a_hyper_spec_belong_to_the_levels_above():
         hh.HyperAdam([torch.zeros(2, requires_grad=True)], hyper="adam/sgd(ramp=0.5)")
 
 
-@pytest.mark.parametrize("options", ["trace=0.9", "timescale=100", "timescale=12.5"])
+@pytest.mark.parametrize("options", ["trace=0.9", "trace=auto", "timescale=100", "timescale=12.5"])
 def test_level_options_round_trip_through_the_spec(options):
     opt = hh.tower([torch.zeros(2, requires_grad=True)], f"adam(lr=0.001)/adam(lr=0.05,{options})")
     assert opt.spec == f"adam(lr=0.001)/adam(lr=0.05,{options})"
@@ -132,6 +133,52 @@ def test_a_level_built_directly_with_an_integer_timescale_saves_its_spec():
     opt.step()
     assert opt.spec == "adam(lr=0.001)/adam(lr=0.05,timescale=100)"
     assert opt.state_dict()["param_groups"][0]["hyper_tower"]
+
+
+def _trained(spec: str, make_mlp, data, horizon: int | None = None) -> tuple[TowerOptimizer, list[torch.Tensor]]:
+    model = make_mlp()
+    opt = hh.tower(model.parameters(), spec)
+    if horizon is not None:
+        opt.set_horizon(horizon)
+    for x, y in data:
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return opt, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("horizon", [1, 7, 300])
+def test_trace_auto_decays_by_one_over_the_horizon(horizon, make_mlp, batches):
+    """trace=auto with set_horizon(n) is trace=1-1/n, step for step (n=1: the one-step hypergradient)."""
+    top = "adam(lr=0.05,beta1=0,trace={},ramp=0.001,normalize=true,ramp_search=0.3,timescale=100)"
+    data = batches(12)
+    auto, auto_weights = _trained("adam(lr=0.01)/" + top.format("auto"), make_mlp, data, horizon)
+    given, given_weights = _trained("adam(lr=0.01)/" + (top.format(1 - 1 / horizon) if horizon > 1 else top.replace("trace={},", "")),
+                     make_mlp, data)  # fmt: skip
+    assert auto.horizon == horizon and given.horizon is None
+    assert auto.hyperparameters() == given.hyperparameters()
+    for p, q in zip(auto_weights, given_weights, strict=True):
+        assert torch.equal(p, q)
+    if horizon == 7:  # the horizon is what the trace is: another gives other steps
+        other, _ = _trained("adam(lr=0.01)/" + top.format("auto"), make_mlp, data, 300)
+        assert other.hyperparameters()[0]["lr"] != auto.hyperparameters()[0]["lr"]
+
+
+def test_trace_auto_without_a_horizon_warns_once_and_spans_100_steps(make_mlp, batches):
+    data = batches(6)
+    with pytest.warns(UserWarning, match=r"trace=auto .* no horizon was set: it spans 100 steps; call set_horizon") as w:
+        auto, _ = _trained("sgd(lr=0.05)/adam(lr=0.05,trace=auto)", make_mlp, data)
+    assert len(w) == 1
+    given, _ = _trained("sgd(lr=0.05)/adam(lr=0.05,trace=0.99)", make_mlp, data)
+    assert auto.hyperparameters() == given.hyperparameters()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "94", None])
+def test_set_horizon_refuses_what_is_not_a_number_of_steps(bad):
+    opt = hh.tower([torch.zeros(2, requires_grad=True)], "adam/adam(trace=auto)")
+    with pytest.raises(ValueError, match=r"set_horizon\(steps=.*\): give a whole number of optimizer steps >= 1"):
+        opt.set_horizon(bad)
+    assert opt.horizon is None
 
 
 def test_normalized_hypergradient_is_the_slope_along_the_update(float64, make_mlp, batches):

@@ -281,3 +281,43 @@ def test_tensorboard_receives_the_hyper_keys(tmp_path, monkeypatch):
     events = [EventAccumulator(str(p.parent)).Reload() for p in (tmp_path / "tb").rglob("events.out.tfevents.*")]
     tags = {t for ea in events for t in ea.Tags()["scalars"]}
     assert {"train/hyper/0/lr", "train/hyper/1/lr", "train/learning_rate"} <= tags
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Examples without a length: the Trainer then counts the run in max_steps, and there are no epochs."""
+
+    def __iter__(self):
+        while True:
+            yield from classification_data()
+
+
+@pytest.mark.parametrize(
+    ("dataset", "kw", "horizon"),
+    [
+        (classification_data(64), {"max_steps": 9}, 8),  # 64 examples at 8 a batch: an epoch is 8 steps
+        (classification_data(64), {"max_steps": 9, "gradient_accumulation_steps": 3}, 3),  # 8 batches: 3 steps
+        (classification_data(64), {"max_steps": 5}, 5),  # a run shorter than an epoch
+        (_Stream(), {"max_steps": 6}, 6),  # a stream: the whole run
+    ],
+)
+def test_trace_auto_spans_the_trainers_epoch(dataset, kw, horizon, tmp_path):
+    """trace=auto's horizon is the Trainer's optimizer steps per epoch, or the run where that is shorter."""
+    args = hyper_args(tmp_path, hyper_tower="adam(lr=0.05,trace=auto)", **kw)
+    trainer = HyperTrainer(model=tiny_bert(), args=args, train_dataset=dataset)
+    trainer.train()
+    assert trainer.tower.horizon == horizon and trainer.tower.spec.endswith("adam(lr=0.05,trace=auto)")
+
+
+def test_resume_with_trace_auto_is_bit_exact(tmp_path):
+    """The horizon is set again on resuming, from the same dataloader: the resumed run is the run."""
+    data = classification_data(48)  # 6 steps an epoch: the trace spans 6 of the 10
+    kw = {"max_steps": 10, "save_strategy": "steps", "save_steps": 4,
+          "hyper_tower": "adam(lr=0.05,beta1=0,trace=auto,ramp=0.001,normalize=true,timescale=100)"}  # fmt: skip
+    full = HyperTrainer(model=tiny_bert(), args=hyper_args(tmp_path / "full", **kw), train_dataset=data)
+    full.train()
+    resumed = HyperTrainer(model=tiny_bert(seed=1), args=hyper_args(tmp_path / "resumed", **kw), train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
+    assert resumed.tower.horizon == full.tower.horizon == 6
+    assert full.tower.hyperparameters() == resumed.tower.hyperparameters()
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -22,6 +22,18 @@ from .ramp import validate_ramp, validate_ramp_search
 
 SCOPES: tuple[str, ...] = ("shared", "group", "tensor")
 
+# trace="auto": the trace spans the run's horizon (TowerOptimizer.set_horizon), this many steps until one is set.
+AUTO_TRACE = "auto"
+AUTO_TRACE_STEPS = 100
+
+
+def trace_decay(trace: float | str, horizon: int | None) -> float:
+    """The decay a level's ``trace`` option stands for: itself, or for ``"auto"`` ``1 - 1/horizon``
+    (``AUTO_TRACE_STEPS`` without a horizon)."""
+    if trace != AUTO_TRACE:
+        return float(trace)
+    return 1.0 - 1.0 / (horizon or AUTO_TRACE_STEPS)
+
 
 @dataclass(frozen=True)
 class LevelConfig:
@@ -36,7 +48,12 @@ class LevelConfig:
         trace: for a level above the weights, the decay ``mu`` of the tangent trace behind the
             hypergradient it learns from: ``Z_t = mu * Z_{t-1} + dw_{t+1}/dtheta_t`` and
             ``h_t = <g_{t+1}, Z_t>`` (MARTHE's first-order horizon). ``0`` is the paper's one-step
-            hypergradient; values near 1 sum the signal over about ``1 / (1 - mu)`` steps.
+            hypergradient; values near 1 sum the signal over about ``1 / (1 - mu)`` steps. ``"auto"``
+            (``trace=auto``) sums it over one pass through the training data: ``mu = 1 - 1/n`` for the
+            horizon ``n`` that :meth:`~hf_hyperopt.optim.engine.TowerOptimizer.set_horizon` sets (the
+            ``Trainer`` integration sets the optimizer steps of an epoch, or of the whole run where that
+            is shorter or the data has no length); 100 steps until one is set. A longer trace would
+            hold updates made from the next batch's own examples an epoch earlier.
         normalize: for a level above the weights, learn from ``h_t / |Z_t|``, the slope of the next
             loss along the last update per unit length, instead of ``h_t``: the tangent grows with the
             learned value (an update is proportional to the step size), so ``h_t`` does too, and an
@@ -73,7 +90,7 @@ class LevelConfig:
     rule: type[Rule]
     values: dict[str, float] = field(default_factory=dict)
     learn: tuple[str, ...] | None = None
-    trace: float = 0.0
+    trace: float | str = 0.0
     ramp: float = 0.0
     normalize: bool = False
     cosine: float = 0.0
@@ -88,7 +105,9 @@ class LevelConfig:
         parts = [f"{k}={_fmt(v, self.rule.hyperparameters[k].kind)}" for k, v in self.values.items()]
         if self.learn is not None:
             parts.append("learn=" + "+".join(self.learn))
-        if self.trace:
+        if self.trace == AUTO_TRACE:
+            parts.append(f"trace={AUTO_TRACE}")
+        elif self.trace:
             parts.append(f"trace={self.trace!r}")
         if self.ramp:
             parts.append(f"ramp={self.ramp!r}")
@@ -169,7 +188,7 @@ def validate_value(level: int | None, rule: type[Rule], name: str, value: Any) -
 def validate_level_options(
     level: int | None,
     name: str,
-    trace: float,
+    trace: float | str,
     ramp: float,
     normalize: bool,
     *,
@@ -180,7 +199,7 @@ def validate_level_options(
 ) -> None:
     """Raise ``ValueError`` for a level option out of range or on a level where it means nothing.
 
-    ``trace`` (a decay in ``[0, 1)``) and ``normalize`` shape the hypergradient a level learns from,
+    ``trace`` (a decay in ``[0, 1)``, or ``"auto"``) and ``normalize`` shape the hypergradient a level learns from,
     and ``timescale`` (a number of steps, ``>= 0``) a level's own step size, so they belong to a level
     above the weights; ``ramp`` is checked by :func:`.ramp.validate_ramp`.
     :func:`checked_level` checks the ranges when a level is written (``placed=False``: a ``hyper=`` spec
@@ -188,8 +207,11 @@ def validate_level_options(
     tower's constructor, which knows each level's place.
     """
     at = where(level, name)
-    if not (isinstance(trace, (int, float)) and math.isfinite(trace) and 0.0 <= trace < 1.0):
-        raise ValueError(f"{at}: trace={trace!r} is outside [0, 1)")
+    if trace != AUTO_TRACE and (
+        isinstance(trace, (bool, np.bool_))
+        or not (isinstance(trace, numbers.Real) and math.isfinite(trace) and 0.0 <= trace < 1.0)
+    ):
+        raise ValueError(f"{at}: trace={trace!r} is neither a decay in [0, 1) nor {AUTO_TRACE!r}")
     if isinstance(timescale, (bool, np.bool_)) or not (
         isinstance(timescale, numbers.Real) and math.isfinite(timescale) and timescale >= 0.0
     ):
@@ -226,7 +248,7 @@ def checked_level(
     rule: type[Rule],
     values: dict[str, float],
     learn: Iterable[str] | None = None,
-    trace: float = 0.0,
+    trace: float | str = 0.0,
     ramp: float = 0.0,
     normalize: bool = False,
     *,

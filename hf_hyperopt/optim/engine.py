@@ -29,6 +29,8 @@ beside them. This module holds the optimizer class that ties them together.
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -38,7 +40,17 @@ from torch import Tensor
 from ..levels.base import MODES, Mode, Rule, parametrisation, raw_bounds, to_natural, to_raw
 from .buckets import SCALE_PREFIX, Bucket, build_buckets, collect, hold_saved_tangents, zero_idle_tangents
 from .checks import checked_tower_state
-from .config import SCOPES, LevelConfig, checked_level, resolve_learn, validate_level_options, validate_value
+from .config import (
+    AUTO_TRACE,
+    AUTO_TRACE_STEPS,
+    SCOPES,
+    LevelConfig,
+    checked_level,
+    resolve_learn,
+    trace_decay,
+    validate_level_options,
+    validate_value,
+)
 from .distributed import TOWER_GROUP_KEY, local_tensor, sharding_group, standalone
 from .hypergradients import hypergradients, measure_ramp
 from .ramp import RAMP_PROBE
@@ -145,6 +157,8 @@ class TowerOptimizer(torch.optim.Optimizer):
         self._bucket_key: tuple[int, ...] | None = None
         self._tower_state: TowerState | None = None  # created by the first step
         self._sharding_group: Any = None
+        self._horizon: int | None = None  # of trace="auto" (set_horizon)
+        self._horizon_warned = False
 
     # ------------------------------------------------------------------ construction helpers
     def _check_sharding(self) -> None:
@@ -183,6 +197,28 @@ class TowerOptimizer(torch.optim.Optimizer):
                 f"level {k} ({self._rules[k].name}): cannot learn {name}={value!r}: the default mode learns it as a "
                 f"{'logarithm' if kind == 'step' else 'logit'} kept in [{lo:.10g}, {hi:.10g}]; start it in that range"
             )
+
+    @property
+    def horizon(self) -> int | None:
+        """The steps a ``trace=auto`` spans (:meth:`set_horizon`); ``None`` until one is set."""
+        return self._horizon
+
+    def set_horizon(self, steps: int) -> None:
+        """Set the horizon of every level with ``trace=auto``: its trace decays by ``1 - 1/steps`` a step.
+
+        Give the optimizer steps of one pass through the training data (of the whole run where that is
+        shorter, or where the data is a stream without epochs): the ``Trainer`` integration does, from its
+        dataloader, before the first step and again on resuming. In your own loop call it before the first
+        step, e.g. with ``min(len(loader), total_steps)``; without it ``trace=auto`` spans 100 steps (with a
+        warning). A tower without ``trace=auto`` keeps the horizon and ignores it.
+        """
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise ValueError(f"set_horizon(steps={steps!r}): give a whole number of optimizer steps >= 1")
+        self._horizon = int(steps)
+
+    def _trace(self, k: int) -> float:
+        """The decay of the trace that level ``k`` learns from (``0.0`` for the weights' level)."""
+        return trace_decay(self.levels[k].trace, self._horizon) if k > 0 else 0.0
 
     @property
     def height(self) -> int:
@@ -324,6 +360,14 @@ class TowerOptimizer(torch.optim.Optimizer):
             self._bucket_key = key
             self._sharding_group = sharding_group([e[0] for e in entries])
         if self._tower_state is None:
+            if self._horizon is None and not self._horizon_warned and any(c.trace == AUTO_TRACE for c in self.levels):
+                self._horizon_warned = True
+                warnings.warn(
+                    f"{type(self).__name__}: trace=auto spans one pass through the training data, and no horizon "
+                    f"was set: it spans {AUTO_TRACE_STEPS} steps; call set_horizon(steps per epoch) before the "
+                    "first step (the Trainer integration does)",
+                    stacklevel=2,
+                )
             first = local_tensor(entries[0][0])
             self._tower_state = initial_state(self, first.device, self._hyper_dtype(first.dtype))
         ts = self._tower_state

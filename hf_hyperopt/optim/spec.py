@@ -4,8 +4,8 @@
 size 1e-5. Each level is ``name`` or ``name(key=value, ...)``; keys are named as in ``torch.optim``
 (``lr``, ``momentum``, ``nesterov``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``, and ``alpha`` for
 RMSProp's smoothing constant) plus ``learn=lr+beta1`` to choose what the level above learns and, on
-a level above the weights, ``trace=0.9`` for the decay of the tangent trace it learns from,
-``normalize=true`` to learn from the slope along the update, ``timescale=100`` to shrink its own step
+a level above the weights, ``trace=0.9`` for the decay of the tangent trace it learns from
+(``trace=auto``: one pass through the training data), ``normalize=true`` to learn from the slope along the update, ``timescale=100`` to shrink its own step
 size as ``sqrt(100 / t)`` after its first 100 steps and, on level 1, ``ramp=1e-3`` to start
 the weights' learned lr at a step sized by the weights and ``ramp_search=0.3`` to search past that
 start while the hypergradient asks for more (see :class:`LevelConfig`).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 from ..levels import RULES
-from .config import LevelConfig, checked_level
+from .config import AUTO_TRACE, LevelConfig, checked_level
 from .engine import TowerOptimizer
 
 _LEVEL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
@@ -62,7 +62,14 @@ def parse_spec(spec: str) -> list[LevelConfig]:
                 learn = [s.strip() for s in raw.split("+") if s.strip()]
                 continue
             if key == "trace":
-                trace = _parse_value(key, raw, "unit", name, spec)
+                if raw.lower() == AUTO_TRACE:
+                    trace = AUTO_TRACE
+                elif not _NUMBER.fullmatch(raw):
+                    raise ValueError(
+                        f"trace={raw!r} for {name} in {spec!r} is neither a decay in [0, 1) nor {AUTO_TRACE!r}"
+                    )
+                else:
+                    trace = float(raw)
                 continue
             if key == "normalize":
                 normalize = bool(_parse_value(key, raw, "flag", name, spec))

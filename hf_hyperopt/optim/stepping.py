@@ -77,7 +77,7 @@ def step_upper_levels(
             tangents,
         )
         # The level above (k + 1) may learn from a trace of these tangents.
-        trace = opt.levels[k + 1].trace if k + 1 < n else 0.0
+        trace = opt._trace(k + 1) if k + 1 < n else 0.0
         kept = ts.upper_tangent[k - 1]
         for name, tangent in tangents.items():
             kept[name] = trace * kept[name] + tangent[0] if trace else tangent[0]
@@ -216,7 +216,7 @@ def step_weights(opt: TowerOptimizer, ts: TowerState) -> None:
             ts.theta[0] if learn else None,
             learn,
             b.views,
-            opt.levels[1].trace if opt.height else 0.0,
+            opt._trace(1) if opt.height else 0.0,
             b.held,
             b.scales,
         )

@@ -37,6 +37,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
 from ..optim import TowerOptimizer
+from ..optim.config import AUTO_TRACE
 from ..optim.spec import started_spec
 from ..unwrap import find_tower
 from .model_card import add_hyper_section, hyper_section
@@ -85,6 +86,18 @@ def effective_learning_rate(tower: TowerOptimizer, schedule_lr: float | None = N
     learned = float(lr[0] if isinstance(lr, list) else lr)
     factor = scheduled / group["initial_lr"] if group.get("initial_lr") else 1.0
     return learned * factor
+
+
+def run_horizon(args: Any, state: Any, train_dataloader: Any = None) -> int:
+    """The optimizer steps of one pass through the training data, as the ``Trainer`` counts them
+    (``num_update_steps_per_epoch``), or of the whole run where that is shorter or the data has no length."""
+    try:
+        batches = len(train_dataloader) if train_dataloader is not None else 0
+    except TypeError:  # an iterable dataset: a stream, no epochs
+        batches = 0
+    accumulation = max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
+    per_epoch = -(-batches // accumulation) if batches else state.max_steps
+    return max(1, min(per_epoch, state.max_steps))
 
 
 def hyper_logs(tower: TowerOptimizer, schedule_lr: float | None = None) -> dict[str, float]:
@@ -199,6 +212,8 @@ class HyperCallback(TrainerCallback):
         t = self.tower
         if t is None:
             return
+        # trace=auto spans one pass through the data; set on every start and resume, before the first step.
+        t.set_horizon(run_horizon(args, state, kwargs.get("train_dataloader")))
         if state.global_step == 0:
             self.initial = t.hyperparameters(given=True)
         elif self.initial is None:
@@ -209,6 +224,8 @@ class HyperCallback(TrainerCallback):
         if not (state.is_world_process_zero and args.process_index == 0):
             return
         _info("hf_hyperopt: training with the tower %s (scope=%s)", started_spec(t), t.scope)
+        if any(level.trace == AUTO_TRACE for level in t.levels):
+            _info("hf_hyperopt: trace=auto spans %d optimizer steps (one epoch, or the run if shorter)", t.horizon)
         path = os.path.join(args.output_dir, TRAJECTORY_NAME)
         source = None
         if state.global_step > 0:
