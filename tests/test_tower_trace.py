@@ -173,6 +173,18 @@ def test_trace_auto_without_a_horizon_warns_once_and_spans_100_steps(make_mlp, b
     assert auto.hyperparameters() == given.hyperparameters()
 
 
+def test_trace_auto_loaded_from_a_state_dict_still_warns_without_a_horizon(make_mlp, batches):
+    data = batches(4)
+    saved, _ = _trained("sgd(lr=0.05)/adam(lr=0.05,trace=auto)", make_mlp, data, horizon=3)
+    model = make_mlp()
+    opt = hh.tower(model.parameters(), "sgd(lr=0.05)/adam(lr=0.05,trace=auto)")
+    opt.load_state_dict(saved.state_dict())
+    x, y = data[0]
+    F.mse_loss(model(x), y).backward()
+    with pytest.warns(UserWarning, match=r"and again after loading a state dict"):
+        opt.step()
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "94", None])
 def test_set_horizon_refuses_what_is_not_a_number_of_steps(bad):
     opt = hh.tower([torch.zeros(2, requires_grad=True)], "adam/adam(trace=auto)")

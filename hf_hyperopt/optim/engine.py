@@ -359,15 +359,16 @@ class TowerOptimizer(torch.optim.Optimizer):
             self._buckets = build_buckets(self, entries)
             self._bucket_key = key
             self._sharding_group = sharding_group([e[0] for e in entries])
+        if self._horizon is None and not self._horizon_warned and any(c.trace == AUTO_TRACE for c in self.levels):
+            # Also after load_state_dict: the horizon is the run's, not saved with the tower.
+            self._horizon_warned = True
+            warnings.warn(
+                f"{type(self).__name__}: trace=auto spans one pass through the training data, and no horizon "
+                f"was set: it spans {AUTO_TRACE_STEPS} steps; call set_horizon(steps per epoch) before the "
+                "first step, and again after loading a state dict (the Trainer integration does)",
+                stacklevel=2,
+            )
         if self._tower_state is None:
-            if self._horizon is None and not self._horizon_warned and any(c.trace == AUTO_TRACE for c in self.levels):
-                self._horizon_warned = True
-                warnings.warn(
-                    f"{type(self).__name__}: trace=auto spans one pass through the training data, and no horizon "
-                    f"was set: it spans {AUTO_TRACE_STEPS} steps; call set_horizon(steps per epoch) before the "
-                    "first step (the Trainer integration does)",
-                    stacklevel=2,
-                )
             first = local_tensor(entries[0][0])
             self._tower_state = initial_state(self, first.device, self._hyper_dtype(first.dtype))
         ts = self._tower_state

@@ -5,8 +5,9 @@ size 1e-5. Each level is ``name`` or ``name(key=value, ...)``; keys are named as
 (``lr``, ``momentum``, ``nesterov``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``, and ``alpha`` for
 RMSProp's smoothing constant) plus ``learn=lr+beta1`` to choose what the level above learns and, on
 a level above the weights, ``trace=0.9`` for the decay of the tangent trace it learns from
-(``trace=auto``: one pass through the training data), ``normalize=true`` to learn from the slope along the update, ``timescale=100`` to shrink its own step
-size as ``sqrt(100 / t)`` after its first 100 steps and, on level 1, ``ramp=1e-3`` to start
+(``trace=auto``: one pass through the training data), ``normalize=true`` to learn from the slope
+along the update, ``timescale=100`` to shrink its own step size as ``sqrt(100 / t)`` after its
+first 100 steps and, on level 1, ``ramp=1e-3`` to start
 the weights' learned lr at a step sized by the weights and ``ramp_search=0.3`` to search past that
 start while the hypergradient asks for more (see :class:`LevelConfig`).
 """
