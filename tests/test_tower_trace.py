@@ -153,8 +153,8 @@ def test_trace_auto_decays_by_one_over_the_horizon(horizon, make_mlp, batches):
     top = "adam(lr=0.05,beta1=0,trace={},ramp=0.001,normalize=true,ramp_search=0.3,timescale=100)"
     data = batches(12)
     auto, auto_weights = _trained("adam(lr=0.01)/" + top.format("auto"), make_mlp, data, horizon)
-    given, given_weights = _trained("adam(lr=0.01)/" + (top.format(1 - 1 / horizon) if horizon > 1 else top.replace("trace={},", "")),
-                     make_mlp, data)  # fmt: skip
+    written = top.format(1 - 1 / horizon) if horizon > 1 else top.replace("trace={},", "")  # 1: no trace
+    given, given_weights = _trained("adam(lr=0.01)/" + written, make_mlp, data)
     assert auto.horizon == horizon and given.horizon is None
     assert auto.hyperparameters() == given.hyperparameters()
     for p, q in zip(auto_weights, given_weights, strict=True):
@@ -166,7 +166,9 @@ def test_trace_auto_decays_by_one_over_the_horizon(horizon, make_mlp, batches):
 
 def test_trace_auto_without_a_horizon_warns_once_and_spans_100_steps(make_mlp, batches):
     data = batches(6)
-    with pytest.warns(UserWarning, match=r"trace=auto .* no horizon was set: it spans 100 steps; call set_horizon") as w:
+    with pytest.warns(
+        UserWarning, match=r"trace=auto .* no horizon was set: it spans 100 steps; call set_horizon"
+    ) as w:
         auto, _ = _trained("sgd(lr=0.05)/adam(lr=0.05,trace=auto)", make_mlp, data)
     assert len(w) == 1
     given, _ = _trained("sgd(lr=0.05)/adam(lr=0.05,trace=0.99)", make_mlp, data)

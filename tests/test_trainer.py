@@ -321,3 +321,28 @@ def test_resume_with_trace_auto_is_bit_exact(tmp_path):
     assert full.tower.hyperparameters() == resumed.tower.hyperparameters()
     for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_plain_trainer_with_the_callback_counts_the_horizon_itself(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", max_steps=9, per_device_train_batch_size=8,
+                             lr_scheduler_type="constant", disable_tqdm=True, save_strategy="no")  # fmt: skip
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=classification_data(48),
+                      optimizer_cls_and_kwargs=(hh.HyperAdam, {"lr": 3e-3, "hyper": "adam(lr=0.05,trace=auto)"}))  # fmt: skip
+    callback = hh.HyperCallback().attach(trainer)
+    trainer.train()
+    assert callback.horizon is None and callback.tower.horizon == 6  # 48 examples at 8 a batch
+
+
+def test_run_horizon_reads_data_without_a_length_as_a_stream():
+    from types import SimpleNamespace
+
+    from hf_hyperopt.trainer.callback import run_horizon
+
+    class NoLength:  # Ray's datasets raise AttributeError from len()
+        def __len__(self):
+            raise AttributeError("no length")
+
+    args, state = SimpleNamespace(gradient_accumulation_steps=4), SimpleNamespace(max_steps=50)
+    assert run_horizon(args, state, NoLength()) == 50
+    assert run_horizon(args, state, list(range(30))) == 8  # 30 batches, 4 a step: 8 steps an epoch
+    assert run_horizon(args, SimpleNamespace(max_steps=5), list(range(30))) == 5

@@ -131,7 +131,8 @@ class TowerOptimizer(torch.optim.Optimizer):
                 options.update(gdtuo_init=True, eps_in_sqrt=True)
             if k == 0 and len(levels) > 1:
                 # A rule may keep tangents that are multiples of its state there (Rule.held_tangents),
-                # unless a trace accumulates them across steps.
+                # unless a trace accumulates them across steps: trace=auto counts as one whatever its
+                # horizon, which is set after construction (and after loading), so the layout cannot follow it.
                 options.update(hold=not levels[1].trace, has_momentum=bool(values.get("momentum", 0.0)))
             self._rules.append(cfg.rule(mode, **options))
         if levels[0].values.get("nesterov") and levels[0].full_values()["momentum"] == 0.0:
@@ -208,9 +209,10 @@ class TowerOptimizer(torch.optim.Optimizer):
 
         Give the optimizer steps of one pass through the training data (of the whole run where that is
         shorter, or where the data is a stream without epochs): the ``Trainer`` integration does, from its
-        dataloader, before the first step and again on resuming. In your own loop call it before the first
-        step, e.g. with ``min(len(loader), total_steps)``; without it ``trace=auto`` spans 100 steps (with a
-        warning). A tower without ``trace=auto`` keeps the horizon and ignores it.
+        count of the epoch, before the first step and again on resuming (replacing a horizon set before).
+        In your own loop call it before the first step, e.g. with ``min(ceil(len(loader) / accumulation),
+        total_steps)``; without it ``trace=auto`` spans 100 steps (with a warning). A tower without
+        ``trace=auto`` keeps the horizon and ignores it.
         """
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
             raise ValueError(f"set_horizon(steps={steps!r}): give a whole number of optimizer steps >= 1")
@@ -366,7 +368,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__}: trace=auto spans one pass through the training data, and no horizon "
                 f"was set: it spans {AUTO_TRACE_STEPS} steps; call set_horizon(steps per epoch) before the "
                 "first step, and again after loading a state dict (the Trainer integration does)",
-                stacklevel=2,
+                stacklevel=5,  # the caller of step(), past no_grad's, compiler.disable's and torch.optim's wrappers
             )
         if self._tower_state is None:
             first = local_tensor(entries[0][0])

@@ -34,6 +34,7 @@ import shutil
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import has_length
 from transformers.utils import logging as hf_logging
 
 from ..optim import TowerOptimizer
@@ -89,12 +90,10 @@ def effective_learning_rate(tower: TowerOptimizer, schedule_lr: float | None = N
 
 
 def run_horizon(args: Any, state: Any, train_dataloader: Any = None) -> int:
-    """The optimizer steps of one pass through the training data, as the ``Trainer`` counts them
-    (``num_update_steps_per_epoch``), or of the whole run where that is shorter or the data has no length."""
-    try:
-        batches = len(train_dataloader) if train_dataloader is not None else 0
-    except TypeError:  # an iterable dataset: a stream, no epochs
-        batches = 0
+    """The optimizer steps of one pass through the training data, counted as transformers 5 counts
+    ``num_update_steps_per_epoch``, or of the whole run where that is shorter or the data has no length
+    (a stream: no epochs). ``HyperTrainer`` hands the callback the ``Trainer``'s own count instead."""
+    batches = len(train_dataloader) if train_dataloader is not None and has_length(train_dataloader) else 0
     accumulation = max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
     per_epoch = -(-batches // accumulation) if batches else state.max_steps
     return max(1, min(per_epoch, state.max_steps))
@@ -136,6 +135,8 @@ class HyperCallback(TrainerCallback):
         initial: every level's learned values before the first step.
         resumed_from: the checkpoint the run resumed from, if known (``HyperTrainer`` sets it);
             otherwise ``<output_dir>/checkpoint-<step>`` is assumed, the ``Trainer``'s layout.
+        horizon: the steps a ``trace=auto`` spans, as the ``Trainer`` counted them (``HyperTrainer`` sets
+            it); otherwise :func:`run_horizon` counts them from the dataloader.
     """
 
     def __init__(self, plot: bool = True, card: bool = True):
@@ -149,6 +150,8 @@ class HyperCallback(TrainerCallback):
         self._writer: TrajectoryWriter | None = None
         self._lr_peak: tuple[float, int] = (0.0, 0)  # the largest learned lr logged, and its step
         self._stall_warned = False
+        # min(num_update_steps_per_epoch, max_steps) as the Trainer counted them (HyperTrainer sets it).
+        self.horizon: int | None = None
 
     # ------------------------------------------------------------------ attaching
     def attach(self, trainer: Any) -> HyperCallback:
@@ -212,8 +215,10 @@ class HyperCallback(TrainerCallback):
         t = self.tower
         if t is None:
             return
-        # trace=auto spans one pass through the data; set on every start and resume, before the first step.
-        t.set_horizon(run_horizon(args, state, kwargs.get("train_dataloader")))
+        # trace=auto spans one pass through the data: set on every start and resume, before the first step
+        # (a horizon set on a ready tower is replaced: the run's is the Trainer's to count).
+        if any(level.trace == AUTO_TRACE for level in t.levels):
+            t.set_horizon(self.horizon or run_horizon(args, state, kwargs.get("train_dataloader")))
         if state.global_step == 0:
             self.initial = t.hyperparameters(given=True)
         elif self.initial is None:

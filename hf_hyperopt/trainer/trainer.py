@@ -191,6 +191,8 @@ class HyperTrainer(Trainer):
         epochs_trained, steps = super()._init_training_state(
             max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs
         )
+        # trace=auto's horizon, counted as the Trainer counts its epochs (with its version's rounding).
+        self._hyper_callback.horizon = max(1, min(num_update_steps_per_epoch, max_steps))
         if max_steps > 0 and self.state.global_step >= max_steps:
             # Resumed from the last checkpoint of a finished run (killed before it returned). Trainer would
             # re-enter the unfinished epoch and take one step more than max_steps: there is nothing left to train.
