@@ -156,6 +156,7 @@ def test_trace_auto_decays_by_one_over_the_horizon(horizon, make_mlp, batches):
     written = top.format(1 - 1 / horizon) if horizon > 1 else top.replace("trace={},", "")  # 1: no trace
     given, given_weights = _trained("adam(lr=0.01)/" + written, make_mlp, data)
     assert auto.horizon == horizon and given.horizon is None
+    assert auto.uses_horizon and not given.uses_horizon
     assert auto.hyperparameters() == given.hyperparameters()
     for p, q in zip(auto_weights, given_weights, strict=True):
         assert torch.equal(p, q)

@@ -160,6 +160,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         self._sharding_group: Any = None
         self._horizon: int | None = None  # of trace="auto" (set_horizon)
         self._horizon_warned = False
+        self._uses_horizon = any(cfg.trace == AUTO_TRACE for cfg in levels)
 
     # ------------------------------------------------------------------ construction helpers
     def _check_sharding(self) -> None:
@@ -198,6 +199,11 @@ class TowerOptimizer(torch.optim.Optimizer):
                 f"level {k} ({self._rules[k].name}): cannot learn {name}={value!r}: the default mode learns it as a "
                 f"{'logarithm' if kind == 'step' else 'logit'} kept in [{lo:.10g}, {hi:.10g}]; start it in that range"
             )
+
+    @property
+    def uses_horizon(self) -> bool:
+        """Whether a level learns from ``trace=auto``, whose horizon :meth:`set_horizon` sets."""
+        return self._uses_horizon
 
     @property
     def horizon(self) -> int | None:
@@ -361,7 +367,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             self._buckets = build_buckets(self, entries)
             self._bucket_key = key
             self._sharding_group = sharding_group([e[0] for e in entries])
-        if self._horizon is None and not self._horizon_warned and any(c.trace == AUTO_TRACE for c in self.levels):
+        if self._uses_horizon and self._horizon is None and not self._horizon_warned:
             # Also after load_state_dict: the horizon is the run's, not saved with the tower.
             self._horizon_warned = True
             warnings.warn(

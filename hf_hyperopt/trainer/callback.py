@@ -38,7 +38,6 @@ from transformers.trainer_utils import has_length
 from transformers.utils import logging as hf_logging
 
 from ..optim import TowerOptimizer
-from ..optim.config import AUTO_TRACE
 from ..optim.spec import started_spec
 from ..unwrap import find_tower
 from .model_card import add_hyper_section, hyper_section
@@ -217,7 +216,7 @@ class HyperCallback(TrainerCallback):
             return
         # trace=auto spans one pass through the data: set on every start and resume, before the first step
         # (a horizon set on a ready tower is replaced: the run's is the Trainer's to count).
-        if any(level.trace == AUTO_TRACE for level in t.levels):
+        if t.uses_horizon:
             t.set_horizon(self.horizon or run_horizon(args, state, kwargs.get("train_dataloader")))
         if state.global_step == 0:
             self.initial = t.hyperparameters(given=True)
@@ -229,7 +228,7 @@ class HyperCallback(TrainerCallback):
         if not (state.is_world_process_zero and args.process_index == 0):
             return
         _info("hf_hyperopt: training with the tower %s (scope=%s)", started_spec(t), t.scope)
-        if any(level.trace == AUTO_TRACE for level in t.levels):
+        if t.uses_horizon:
             _info("hf_hyperopt: trace=auto spans %d optimizer steps (one epoch, or the run if shorter)", t.horizon)
         path = os.path.join(args.output_dir, TRAJECTORY_NAME)
         source = None
