@@ -104,6 +104,7 @@ DEFAULT_MODE_BASES: list[tuple[str, str, str]] = [
 def run_hf(task: Task, spec: str, seed: int, compat: str | None) -> tuple[float, list[torch.Tensor], float, float]:
     model = task.build_model(seed)
     opt = hh.tower(model.parameters(), spec, compat=compat)
+    opt.set_horizon(task.horizon)  # as the Trainer does, for a level with trace=auto (others ignore it)
     batches = task.batches(seed)
     t0 = time.perf_counter()
     for _ in range(task.steps):

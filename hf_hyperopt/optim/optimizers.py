@@ -40,7 +40,7 @@ from .stepping import beta_pair
 # sweeps that chose it: results/README.md (benchmarks/sensitivity.py, benchmarks/quadratic.py). gdtuo
 # mode uses the paper's choice.
 DEFAULT_HYPER = {
-    "default": "adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3,timescale=100)",
+    "default": "adam(lr=0.05,beta1=0.0,trace=auto,ramp=0.001,normalize=true,ramp_search=0.3,timescale=100)",
     "gdtuo": "sgd(lr=1e-5)",
 }
 
