@@ -762,17 +762,23 @@ def merge(
 
     A (method, learning rate, seed) run present in more than one file is an error: which to keep is
     the caller's decision, not this function's: ``drop`` names methods whose runs are left out, and
-    ``rename`` (``OLD=NEW``) gives method OLD's runs the name and label of the registered method NEW.
+    ``rename`` (``OLD=NEW``) gives method OLD's runs the name and label of the registered method NEW, or of
+    ``tower:<spec>`` (a default renamed after its spec once it is no longer the default).
     """
     registry = methods_registry()
     renames: dict[str, str] = {}
     for pair in rename or ():
         # Names may hold '=' themselves (hyper_adam(ramp_search=0)): NEW is the registered name after one.
         splits = [(pair[:i], pair[i + 1 :]) for i, ch in enumerate(pair) if ch == "=" and i > 0]
-        found = [(old, new) for old, new in splits if new in registry]
+        towers = [(old, new) for old, new in splits if new.startswith(TOWER_PREFIX)]
+        found = [(old, new) for old, new in splits if new in registry] or towers[:1]
         if not found:
-            raise ValueError(f"--rename {pair!r}: give OLD=NEW with NEW one of {', '.join(registry)}")
+            raise ValueError(
+                f"--rename {pair!r}: give OLD=NEW with NEW one of {', '.join(registry)}, or {TOWER_PREFIX}<spec>"
+            )
         old, new = found[0]
+        if new not in registry:
+            registry[new] = resolve_methods([new])[0]
         renames[old] = new
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:

@@ -97,6 +97,12 @@ def test_sensitivity_merge_writes_one_sweep_and_refuses_overlaps(tmp_path):
         parts, tmp_path / "m4", "", drop=["adamw"], rename=["hyper_adam=hyper_adam(ramp_search=0)"]
     )
     assert {r["method"] for r in rows} == {"hyper_adam(ramp_search=0)"}
+    # a former default renamed after its spec: the tower's name and label
+    old_default = "tower:adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3,timescale=100)"
+    rows = sensitivity.merge(parts, tmp_path / "m5", "", drop=["adamw"], rename=[f"hyper_adam={old_default}"])
+    assert {(r["method"], r["family"]) for r in rows} == {
+        (old_default, "tower h1: adam/adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3,timescale=100)")
+    }
     with pytest.raises(ValueError, match="--rename 'hyper_adam=nope'"):
         sensitivity.merge(parts, tmp_path / "m3", "", rename=["hyper_adam=nope"])
 

@@ -54,7 +54,16 @@ def parse_spec(spec: str) -> list[LevelConfig]:
             if key in seen:
                 raise ValueError(f"{key!r} is given twice for {name} in tower spec {spec!r}; give each key once")
             seen.add(key)
-            allowed = [*rule.hyperparameters, "learn", "trace", "ramp", "ramp_search", "normalize", "cosine", "timescale"]
+            allowed = [
+                *rule.hyperparameters,
+                "learn",
+                "trace",
+                "ramp",
+                "ramp_search",
+                "normalize",
+                "cosine",
+                "timescale",
+            ]
             if key not in allowed:
                 raise ValueError(
                     f"unknown key {key!r} for {name} in tower spec {spec!r}; allowed: {', '.join(allowed)}"
@@ -154,7 +163,7 @@ def started_spec(tower: TowerOptimizer) -> str:
 
     :attr:`TowerOptimizer.spec` leaves out values equal to ``torch.optim``'s defaults (it is the
     tower's identity in checkpoints); a reader of a model card or a plot legend wants them all, e.g.
-    ``adam(lr=0.001,beta1=0.9,beta2=0.999,eps=1e-08,weight_decay=0.0,learn=lr)/adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3,timescale=100)``.
+    ``adam(lr=0.001,beta1=0.9,beta2=0.999,eps=1e-08,weight_decay=0.0,learn=lr)/adam(lr=0.05,beta1=0.0,trace=auto,ramp=0.001,normalize=true,ramp_search=0.3,timescale=100)``.
     The levels above the weights are written as given.
     """
     bottom, *above = tower.levels
