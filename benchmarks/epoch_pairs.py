@@ -1,7 +1,7 @@
 """The epochs' push on the lr's hypergradient during training, read off the batches' positions in their epoch.
 
-``benchmarks/epoch_bias.py`` measures the push on a frozen model; this measures it in a run of the default
-tower on the small GPT-2. At every step it reads the cosine of the next batch's gradient and the last
+``benchmarks/epoch_bias.py`` measures the push on a frozen model; this measures it in a run of a tower on
+the small GPT-2 (``--hyper``: by default the default tower of the shipped results, whose lr collapses). At every step it reads the cosine of the next batch's gradient and the last
 update, ``cos(g_{t+1}, u_t)`` (the sign of the lr's one-step hypergradient: positive asks for a smaller
 lr), and the share of the last update's first moment that comes from batches of the next batch's epoch,
 ``1 - beta1^p`` for a next batch at position ``p`` of its epoch (at ``p = 0`` none: a new permutation
@@ -37,6 +37,11 @@ from .sensitivity import final_lr
 class EpochPairsArguments:
     steps: int = field(default=3000, metadata={"help": "training steps"})
     lr: float = field(default=1e-3, metadata={"help": "the tower's initial lr"})
+    # The default tower when results/epoch_pairs_*.json were made: the push is read where the lr collapses.
+    hyper: str = field(
+        default="adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3)",
+        metadata={"help": "the level(s) above Adam on the weights; 'default' for DEFAULT_HYPER"},
+    )
     sampling: str = field(default="epochs", metadata={"help": "epochs or iid", "choices": list(tasks.SAMPLINGS)})
     windows: int = field(default=6, metadata={"help": "windows of the run, one line each"})
     seed: int = field(default=0, metadata={"help": "model and data-order seed"})
@@ -53,7 +58,8 @@ def record(args: EpochPairsArguments) -> tuple[list[dict], int, float]:
     model = task.build_model(args.seed)
     model.train()
     params = list(model.parameters())
-    opt = hh.HyperAdam(params, lr=args.lr)
+    opt = hh.HyperAdam(params, lr=args.lr, **({} if args.hyper == "default" else {"hyper": args.hyper}))
+    opt.set_horizon(task.horizon)  # as the Trainer does, for a level with trace=auto (others ignore it)
     rows, update = [], None
     for t in range(args.steps):
         task.loss(model, next(stream)).backward()

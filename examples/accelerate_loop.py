@@ -40,6 +40,9 @@ def main(steps: int = 100, lr: float = 1e-4, batch_size: int = 32, seed: int = 0
     loader = torch.utils.data.DataLoader(make_data(), batch_size=batch_size, shuffle=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     tower = hf_hyperopt.unwrap(optimizer)  # the HyperAdam that `optimizer` steps
+    # The default's trace spans one pass through the data: the optimizer steps of an epoch (of this
+    # process's shard), or the whole run where that is shorter. The Trainer integration does this itself.
+    tower.set_horizon(min(len(loader), steps))
 
     step, loss = 0, torch.tensor(float("nan"))
     while step < steps:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,11 @@ def test_accelerate_example_trains_and_learns_its_step_size():
     spec = importlib.util.spec_from_file_location("accelerate_loop", EXAMPLES / "accelerate_loop.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    out = example.main(steps=60, lr=1e-4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = example.main(steps=60, lr=1e-4)
+    # The example gives the default's trace=auto its horizon (16 batches an epoch), so nothing warns of it.
+    assert not [w for w in caught if "horizon" in str(w.message)]
     # From 1e-4 the default tower raises the step size, and the loss falls below the targets' variance.
     assert out["lr"] > 3 * out["initial_lr"]
     assert out["loss"] < 0.6

@@ -103,6 +103,8 @@ def test_sensitivity_merge_writes_one_sweep_and_refuses_overlaps(tmp_path):
     assert {(r["method"], r["family"]) for r in rows} == {
         (old_default, "tower h1: adam/adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3,timescale=100)")
     }
+    with pytest.raises(ValueError, match="is Adam on the weights"):  # AdamW's runs are not a tower's
+        sensitivity.merge(parts, tmp_path / "m6", "", drop=["hyper_adam"], rename=[f"adamw={old_default}"])
     with pytest.raises(ValueError, match="--rename 'hyper_adam=nope'"):
         sensitivity.merge(parts, tmp_path / "m3", "", rename=["hyper_adam=nope"])
 

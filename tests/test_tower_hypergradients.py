@@ -137,14 +137,23 @@ def test_adam_log_lr_hypergradient_matches_finite_difference(float64, make_mlp, 
     assert sum(abs(h) > 1e-4 for h in expected) >= 5  # the derivative is not trivially zero
 
 
+ONE_STEP = "adam(lr=0.05,ramp=0.001,normalize=true)"  # a level above without a trace
+
+
 @pytest.mark.parametrize(
     "build, names, held",
     [
         (lambda p: hh.HyperAdam(p, lr=0.01), {"lr"}, set()),
         (lambda p: hh.HyperAdam(p, lr=0.01, learn="lr+beta1+beta2"), {"lr", "beta1", "beta2"}, set()),
-        # Without Nesterov SGD's tangents are multiples of its momentum buffers: held there, not written.
-        (lambda p: hh.HyperSGD(p, lr=0.01, momentum=0.9, learn="lr+momentum"), set(), {"lr", "momentum"}),
-        (lambda p: hh.HyperSGD(p, lr=0.01, momentum=0.9), set(), {"lr"}),
+        # Without Nesterov SGD's tangents are multiples of its momentum buffers: held there, not written
+        # (with a level above that learns from one step; the default's trace needs buffers).
+        (
+            lambda p: hh.HyperSGD(p, lr=0.01, momentum=0.9, learn="lr+momentum", hyper=ONE_STEP),
+            set(),
+            {"lr", "momentum"},
+        ),
+        (lambda p: hh.HyperSGD(p, lr=0.01, momentum=0.9, hyper=ONE_STEP), set(), {"lr"}),
+        (lambda p: hh.HyperSGD(p, lr=0.01, momentum=0.9), {"lr"}, set()),
         (
             lambda p: hh.HyperSGD(p, lr=0.01, momentum=0.9, nesterov=True, learn="lr+momentum"),
             {"lr", "momentum"},

@@ -260,11 +260,14 @@ def test_the_ramp_sizes_itself_where_the_probe_step_is_below_the_dtype(dtype, lr
     p = nn.Parameter(torch.randn(64).to(dtype))
     start = p.detach().clone()
     opt = hh.HyperAdam([p], lr=lr)
+    lrs = []
     for _ in range(40):
         p.grad = p.detach().clone()  # the gradient of |p|^2 / 2
         opt.step()
+        lrs.append(opt.hyperparameters()[0]["lr"])
     assert opt._tower_state.ramp.sized
-    assert opt.hyperparameters()[0]["lr"] > 100 * lr
+    # The ramp climbs; once the weights sit near the minimum the level above may bring the lr down again.
+    assert max(lrs) > 100 * lr
     assert not torch.equal(p.detach(), start)
 
 

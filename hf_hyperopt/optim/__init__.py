@@ -1,4 +1,4 @@
-"""The tower engine: optimizers that learn their own hyperparameters from one-step hypergradients."""
+"""The tower engine: optimizers that learn their own hyperparameters from hypergradients."""
 
 from .config import SCOPES, LevelConfig
 from .engine import TowerOptimizer

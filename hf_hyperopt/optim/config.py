@@ -53,7 +53,8 @@ class LevelConfig:
             horizon ``n`` that :meth:`~hf_hyperopt.optim.engine.TowerOptimizer.set_horizon` sets (the
             ``Trainer`` integration sets the optimizer steps of an epoch, or of the whole run where that
             is shorter or the data has no length); 100 steps until one is set. A longer trace would
-            hold updates made from the next batch's own examples an epoch earlier.
+            hold updates made from the next batch's own examples an epoch earlier. ``DEFAULT_HYPER``
+            uses ``"auto"``.
         normalize: for a level above the weights, learn from ``h_t / |Z_t|``, the slope of the next
             loss along the last update per unit length, instead of ``h_t``: the tangent grows with the
             learned value (an update is proportional to the step size), so ``h_t`` does too, and an

@@ -36,9 +36,13 @@ from .stepping import beta_pair
 # transformer) stops at once and takes the plain ramp's steps. timescale=100 keeps the level's pace for
 # its first 100 steps and then shrinks it as sqrt(100 / t): a small bias of the hypergradient that keeps
 # its sign over a long run (its greed over one step, the push of batches drawn in epochs) then moves
-# log(lr) as sqrt(t) rather than t, and a run of a few hundred steps is hardly changed. Evidence and the
-# sweeps that chose it: results/README.md (benchmarks/sensitivity.py, benchmarks/quadratic.py). gdtuo
-# mode uses the paper's choice.
+# log(lr) as sqrt(t) rather than t, and a run of a few hundred steps is hardly changed. trace=auto
+# learns from the hypergradient of the lr held over one pass through the data (the Trainer integration
+# sets the horizon; a plain loop calls set_horizon), whose sign is an epoch's, not one minibatch's; a
+# shorter trace is greedy over a long stream, a longer one reaches back over several epochs of a small
+# dataset. beta1=0: the trace already averages over steps; with Adam's momentum on top of it the noisy
+# quadratic's learned lr missed its target. Evidence and the sweeps that chose it: results/README.md (benchmarks/sensitivity.py,
+# benchmarks/quadratic.py). gdtuo mode uses the paper's choice.
 DEFAULT_HYPER = {
     "default": "adam(lr=0.05,beta1=0.0,trace=auto,ramp=0.001,normalize=true,ramp_search=0.3,timescale=100)",
     "gdtuo": "sgd(lr=1e-5)",

@@ -77,7 +77,7 @@ class HyperTrainingArguments(TrainingArguments):
 
         <weight level from the usual arguments>/<hyper_tower>
 
-    e.g. ``adam(lr=5e-05,beta1=0.9,beta2=0.999,eps=1e-08,learn=lr)/adam(lr=0.05,ramp=0.001,normalize=true,ramp_search=0.3,timescale=100)``. The weight level takes
+    e.g. ``adam(lr=5e-05,beta1=0.9,beta2=0.999,eps=1e-08,learn=lr)/adam(lr=0.05,beta1=0.0,trace=auto,ramp=0.001,normalize=true,ramp_search=0.3,timescale=100)``. The weight level takes
     ``learning_rate -> lr``, ``adam_beta1/adam_beta2 -> beta1/beta2`` and ``adam_epsilon -> eps``
     (Adam, AdamW), ``weight_decay`` for the decay param group (biases and norms get 0, as in
     ``Trainer``), and the rest through ``optim_args`` as ``transformers`` does: SGD's
@@ -95,7 +95,11 @@ class HyperTrainingArguments(TrainingArguments):
       there it keeps doubling while the next gradient still points along the last update
       (``ramp_search=0.3``), which ended at once on the transformers measured with Adam (it runs with SGD
       on the weights); after its first 100 steps the level's own step shrinks as ``sqrt(100 / t)``
-      (``timescale=100``), so that over a long run it does not anneal the lr early. The paper's ``sgd(lr=1e-5)`` barely moves a ``Trainer``'s step size.
+      (``timescale=100``), so that over a long run it does not anneal the lr early. It learns from the
+      hypergradient of the lr held over one pass through the training data (``trace=auto``: the
+      callback sets the horizon to the optimizer steps of an epoch) with no momentum of its own
+      (``beta1=0``), so an epoch's worth of minibatches speaks, not one. The paper's ``sgd(lr=1e-5)``
+      barely moves a ``Trainer``'s step size.
     - ``hyper_learn=None`` resolves to ``"lr"`` and ``hyper_scope=None`` to ``"shared"``: the cheapest
       of the settings that ``python -m benchmarks.benchmark_trainer --sweep`` measured equally robust
       to the initial learning rate (``results/README.md``). ``shared`` learns one scalar and logs one

@@ -274,8 +274,8 @@ class HyperCallback(TrainerCallback):
         self._stall_warned = True
         _trainer_logger.warning(
             "hf_hyperopt: at step %d the learned lr is %.3g, over %.0f times below the %.3g it held at step %d: "
-            "the weights have all but stopped moving. Over long runs the one-step hypergradient lowers the lr "
-            "early, and with batches drawn in epochs it can lower it without end (docs/optimizers.md, 'Long runs').",
+            "the weights have all but stopped moving. Over long runs a greedy hypergradient lowers the lr early, "
+            "and with batches drawn in epochs it can lower it without end (docs/optimizers.md, 'Long runs').",
             step,
             lr,
             1 / STALLED_BELOW_PEAK,
