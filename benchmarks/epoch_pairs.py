@@ -1,13 +1,14 @@
 """The epochs' push on the lr's hypergradient during training, read off the batches' positions in their epoch.
 
 ``benchmarks/epoch_bias.py`` measures the push on a frozen model; this measures it in a run of a tower on
-the small GPT-2 (``--hyper``: by default the default tower of the shipped results, whose lr collapses). At every step it reads the cosine of the next batch's gradient and the last
-update, ``cos(g_{t+1}, u_t)`` (the sign of the lr's one-step hypergradient: positive asks for a smaller
-lr), and the share of the last update's first moment that comes from batches of the next batch's epoch,
-``1 - beta1^p`` for a next batch at position ``p`` of its epoch (at ``p = 0`` none: a new permutation
-is independent of the last). Within each window of the run a least-squares line ``cos = a + b * share``
-separates the push (``b``, at a whole first moment from the epoch) from the signal (``a``). With batches
-drawn with replacement (``--sampling iid``) the positions mean nothing, so ``b`` is a control.
+the small GPT-2 (``--hyper``: by default the default tower of the shipped results, whose lr collapses).
+At every step it reads the cosine of the next batch's gradient and the last update, ``cos(g_{t+1}, u_t)``
+(the sign of the lr's one-step hypergradient: positive asks for a smaller lr), and the share of the last
+update's first moment that comes from batches of the next batch's epoch, ``1 - beta1^p`` for a next batch
+at position ``p`` of its epoch (at ``p = 0`` none: a new permutation is independent of the last). Within
+each window of the run a least-squares line ``cos = a + b * share`` separates the push (``b``, at a whole
+first moment from the epoch) from the signal (``a``). With batches drawn with replacement (``--sampling
+iid``) the positions mean nothing, so ``b`` is a control.
 
     python -m benchmarks.epoch_pairs --steps 3000 --sampling epochs --out results
     python -m benchmarks.epoch_pairs --steps 3000 --sampling iid --out results

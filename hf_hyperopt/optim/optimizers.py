@@ -41,8 +41,8 @@ from .stepping import beta_pair
 # sets the horizon; a plain loop calls set_horizon), whose sign is an epoch's, not one minibatch's; a
 # shorter trace is greedy over a long stream, a longer one reaches back over several epochs of a small
 # dataset. beta1=0: the trace already averages over steps; with Adam's momentum on top of it the noisy
-# quadratic's learned lr missed its target. Evidence and the sweeps that chose it: results/README.md (benchmarks/sensitivity.py,
-# benchmarks/quadratic.py). gdtuo mode uses the paper's choice.
+# quadratic's learned lr missed its target. Evidence and the sweeps that chose it: results/README.md
+# (benchmarks/sensitivity.py, benchmarks/quadratic.py). gdtuo mode uses the paper's choice.
 DEFAULT_HYPER = {
     "default": "adam(lr=0.05,beta1=0.0,trace=auto,ramp=0.001,normalize=true,ramp_search=0.3,timescale=100)",
     "gdtuo": "sgd(lr=1e-5)",
