@@ -307,7 +307,8 @@ def test_accelerator_code_paths_match(monkeypatch, float64, make_mlp, batches):
     for module in (base_mod, adam_mod, sgd_mod, adagrad_mod, rmsprop_mod, tangents):
         if hasattr(module, "scalars"):
             monkeypatch.setattr(module, "scalars", as_tensors)
-    monkeypatch.setattr(base_mod, "_one_pass", lambda *lists: False)
+    for module in (base_mod, tangents, hypergradients_mod):  # and the trace, and |Z|, as on an accelerator
+        monkeypatch.setattr(module, "one_pass", lambda *lists: False)
     # The hypergradient consumes written tangents in place (a held one, the rule's state, never).
     monkeypatch.setattr(hypergradients_mod, "consumes_tangents", lambda opt, b: not opt.levels[1].trace)
     monkeypatch.setattr(tangents, "_near_one", lambda x: False)

@@ -156,7 +156,7 @@ def scalars(x: Tensor) -> list[float] | list[Tensor]:
     return list(x.unbind(0))
 
 
-def _one_pass(*lists: list[Tensor]) -> bool:
+def one_pass(*lists: list[Tensor]) -> bool:
     """Whether ``out=`` ops tensor by tensor may stand in for a copy and an in-place ``_foreach`` op.
 
     On the CPU ``_foreach_*`` ops run tensor by tensor anyway, so an op that writes its result into
@@ -168,7 +168,7 @@ def _one_pass(*lists: list[Tensor]) -> bool:
 
 def sqrt_into(dst: list[Tensor], src: list[Tensor], divides: bool = False) -> list[Tensor]:
     """``dst[i] = sqrt(src[i])``, guarded as :func:`sqrt_`."""
-    if not _one_pass(dst, src):
+    if not one_pass(dst, src):
         copy_(dst, src)
         return sqrt_(dst, divides)
     for d, s in zip(dst, src, strict=True):
@@ -182,7 +182,7 @@ def sqrt_into(dst: list[Tensor], src: list[Tensor], divides: bool = False) -> li
 def mul_into(dst: list[Tensor], src: list[Tensor], alpha: Tensor) -> None:
     """``dst[i] = src[i] * alpha[i]`` (``alpha`` a per-tensor vector without a tangent)."""
     a = scalars(alpha)
-    if _one_pass(dst, src) and a and isinstance(a[0], float):
+    if one_pass(dst, src) and a and isinstance(a[0], float):
         for d, s, x in zip(dst, src, a, strict=True):
             torch.mul(s, x, out=d)
     else:
@@ -192,7 +192,7 @@ def mul_into(dst: list[Tensor], src: list[Tensor], alpha: Tensor) -> None:
 
 def div_into(dst: list[Tensor], num: list[Tensor], den: list[Tensor]) -> None:
     """``dst[i] = num[i] / den[i]``; ``dst`` may be ``den``."""
-    if _one_pass(dst, num, den):
+    if one_pass(dst, num, den):
         for d, n, q in zip(dst, num, den, strict=True):
             torch.div(n, q, out=d)
     elif dst is den:
@@ -213,7 +213,7 @@ def _floats(alpha: Tensor | None) -> list[float] | None:
 def lincomb_into(dst: list[Tensor], x: list[Tensor], y: list[Tensor], alpha: Tensor) -> None:
     """``dst[i] = x[i] + alpha[i] * y[i]``; ``dst`` may be ``y``."""
     a = _floats(alpha)
-    if a is not None and _one_pass(dst, x, y):
+    if a is not None and one_pass(dst, x, y):
         for d, s, t, v in zip(dst, x, y, a, strict=True):
             torch.add(s, t, alpha=v, out=d)
     elif dst is y:
@@ -227,7 +227,7 @@ def lincomb_into(dst: list[Tensor], x: list[Tensor], y: list[Tensor], alpha: Ten
 def addcmul_into(dst: list[Tensor], x: list[Tensor], t1: list[Tensor], t2: list[Tensor], value: Tensor) -> None:
     """``dst[i] = x[i] + value[i] * t1[i] * t2[i]``."""
     a = _floats(value)
-    if a is not None and _one_pass(dst, x, t1, t2):
+    if a is not None and one_pass(dst, x, t1, t2):
         for d, s, u, w, v in zip(dst, x, t1, t2, a, strict=True):
             torch.addcmul(s, u, w, value=v, out=d)
     else:
@@ -242,7 +242,7 @@ def _zero(like: Tensor) -> Tensor:
 def quotient_into(dst: list[Tensor], num: list[Tensor], den: list[Tensor], alpha: Tensor | None = None) -> None:
     """``dst[i] = alpha[i] * num[i] / den[i]`` (``alpha=None``: 1); ``dst`` may be ``num`` or ``den``."""
     a = _floats(alpha)
-    if alpha is None or a is not None and _one_pass(dst, num, den):
+    if alpha is None or a is not None and one_pass(dst, num, den):
         if alpha is None:
             div_into(dst, num, den)
             return
@@ -257,7 +257,7 @@ def quotient_into(dst: list[Tensor], num: list[Tensor], den: list[Tensor], alpha
 def product_into(dst: list[Tensor], t1: list[Tensor], t2: list[Tensor], alpha: Tensor) -> None:
     """``dst[i] = alpha[i] * t1[i] * t2[i]``; ``dst`` may be ``t1`` or ``t2``."""
     a = _floats(alpha)
-    if a is not None and _one_pass(dst, t1, t2):
+    if a is not None and one_pass(dst, t1, t2):
         zero = _zero(dst[0])
         for d, u, w, v in zip(dst, t1, t2, a, strict=True):
             torch.addcmul(zero, u, w, value=v, out=d)
@@ -331,7 +331,7 @@ def scaled_root_into(dst: list[Tensor], src: list[Tensor], inv_square: Tensor) -
     nothing divides by the root); the two orders differ in the last bits.
     """
     a = _floats(inv_square)
-    if a is not None and _one_pass(dst, src):
+    if a is not None and one_pass(dst, src):
         tiny = torch.tensor(torch.finfo(src[0].dtype).tiny, dtype=src[0].dtype)
         for d, s, v in zip(dst, src, a, strict=True):
             torch.add(tiny, s, alpha=v, out=d).sqrt_()

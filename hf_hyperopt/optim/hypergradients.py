@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..levels.base import one_pass
 from .distributed import local_tensor, reduce_hypergradients
 from .ramp import advance_ramp, asks_for_more, size_ramp
 from .stepping import schedule_factor
@@ -63,12 +64,13 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
             norms[0] += gsq.sum()
             norms[1] += tangent_squared_norms(b, "lr").sum().to(norms.device, norms.dtype)
         keep = not consumes_tangents(opt, b)
-        dots = per_tensor_dots(b, grads, [n for n in opt._learn[0] if keep or n in b.scales])
+        names = [n for n in opt._learn[0] if keep or n in b.scales]
+        dots, squares = per_tensor_dots(b, grads, names, squares=normalize and one_pass(b.local))
         for j, name in enumerate(opt._learn[0]):
             # A held tangent is a state buffer (never overwritten here) times one constant per tensor.
             scale = b.scales.get(name)
             if normalize:
-                zsq = tangent_squared_norms(b, name)
+                zsq = tangent_squared_norms(b, name, squares=squares.get(name))
                 zz0.index_add_(0, b.unit_index.to(theta0.device) + j * units, zsq.to(theta0.device, theta0.dtype))
             if cosine:
                 gg0.index_add_(0, b.unit_index.to(theta0.device) + j * units, gsq)
@@ -125,17 +127,26 @@ def consumes_tangents(opt: TowerOptimizer, b: Bucket) -> bool:
     return not (opt.levels[1].trace or opt.scope == "tensor" or b.local[0].device.type == "cpu")
 
 
-def per_tensor_dots(b: Bucket, grads: list[Tensor], names: list[str]) -> dict[str, Tensor]:
+def per_tensor_dots(
+    b: Bucket, grads: list[Tensor], names: list[str], squares: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``<tangent, g>`` of each tensor for each of ``names``, tensor by tensor: a gradient that fits in
-    the cache is read from memory once for all the names."""
+    the cache is read from memory once for all the names. With ``squares`` (on the CPU, where one
+    ``_foreach_norm`` would run tensor by tensor too), also each tangent's ``<tangent, tangent>`` (its
+    buffer's, unscaled) right after, while it is in the cache."""
     out: list[list[Tensor]] = [[] for _ in names]
+    sq: list[list[Tensor]] = [[] for _ in names] if squares else []
     views = [b.views[n] for n in names]
     low = grads and grads[0].dtype in (torch.float16, torch.bfloat16)
     for i, g in enumerate(grads):
         g = g.reshape(-1)
-        for acc, z in zip(out, views, strict=True):
-            acc.append(dot(z[i], g) if low else torch.dot(z[i].reshape(-1), g))
-    return {n: torch.stack(acc) for n, acc in zip(names, out, strict=True)}
+        for j, z in enumerate(views):
+            z = z[i].reshape(-1)
+            out[j].append(dot(z, g) if low else torch.dot(z, g))
+            if squares:
+                sq[j].append(dot(z, z) if low else torch.dot(z, z))
+    dots = {n: torch.stack(acc) for n, acc in zip(names, out, strict=True)}
+    return dots, {n: torch.stack(acc) for n, acc in zip(names, sq, strict=True)} if squares else {}
 
 
 def guard(h: Tensor, ts: TowerState, k: int, skip_masks: dict[int, Tensor]) -> Tensor:
@@ -200,9 +211,12 @@ def per_length(h: Tensor, norms_sq: Tensor) -> Tensor:
     return torch.where(norms_sq == 0, h * 0, per)
 
 
-def tangent_squared_norms(b: Bucket, name: str, dtype: torch.dtype | None = None) -> Tensor:
-    """``|Z|^2`` of each tensor's tangent for ``name``: of its buffer, times its constant squared if held."""
-    sq = squared_norms(b.views[name], dtype)
+def tangent_squared_norms(
+    b: Bucket, name: str, dtype: torch.dtype | None = None, squares: Tensor | None = None
+) -> Tensor:
+    """``|Z|^2`` of each tensor's tangent for ``name``: of its buffer (``squares`` where already
+    summed), times its constant squared if held."""
+    sq = squared_norms(b.views[name], dtype) if squares is None else squares
     scale = b.scales.get(name)
     return sq if scale is None else sq * scale.to(sq.dtype).square()
 

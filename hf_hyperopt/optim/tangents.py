@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from ..levels.base import Hyper, Rule, Step, Tangent, add_scaled_, mul_into, scalars
+from ..levels.base import Hyper, Rule, Step, Tangent, add_scaled_, mul_into, one_pass, scalars
 
 # A step size's tangent is the increment over the step size: d(scale) / scale is 1 up to rounding
 # with a log-parametrised lr, and then the increment is the tangent. Rounding: a few units in the
@@ -110,8 +110,22 @@ def written(
     _apply_written(params, st, bufs, hp, "lr" if "lr" in written_names else None, scales)
     if trace:
         for name in written_names:
-            torch._foreach_mul_(out[name], trace)
-            torch._foreach_add_(out[name], bufs[name])
+            accumulate_trace(out[name], bufs[name], trace)
+
+
+def accumulate_trace(kept: list[Tensor], new: list[Tensor], trace: float) -> None:
+    """``kept <- trace * kept + new`` in place.
+
+    On the CPU one pass per tensor (``torch.add`` with ``alpha``, whose kernel fuses the multiply and
+    the add, so it rounds once where the two ``_foreach`` ops round twice); elsewhere the two fused
+    multi-tensor kernels, fewer launches than one op per tensor (:func:`~..levels.base.one_pass`).
+    """
+    if one_pass(kept, new):
+        for z, d in zip(kept, new, strict=True):
+            torch.add(d, z, alpha=trace, out=z)
+    else:
+        torch._foreach_mul_(kept, trace)
+        torch._foreach_add_(kept, new)
 
 
 def _apply_written(
@@ -263,8 +277,7 @@ def apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None, t
         # The buffers may have carried the direction's tangent; write through their primal.
         primal = [fwAD.unpack_dual(t).primal for t in tangent]
         if trace:
-            torch._foreach_mul_(primal, trace)
-            torch._foreach_add_(primal, out)
+            accumulate_trace(primal, out, trace)
         else:
             torch._foreach_copy_(primal, out)
         return
@@ -295,8 +308,7 @@ def apply_step(params: list[Tensor], step: Step, tangent: list[Tensor] | None, t
     if decay_term is not None:
         torch._foreach_add_(step_tangent, decay_term)
     if trace:
-        torch._foreach_mul_(tangent, trace)
-        torch._foreach_add_(tangent, step_tangent)
+        accumulate_trace(tangent, step_tangent, trace)
 
 
 def _near_one(x: Tensor | None) -> bool:
