@@ -808,7 +808,9 @@ def merge(
                 new = registry[renames[r["method"]]]
                 if new.name.startswith(TOWER_PREFIX) and " adam/" not in r["family"]:
                     # tower:<spec> runs Adam on the weights: it cannot name runs of another algorithm.
-                    raise ValueError(f"--rename: {new.name} is Adam on the weights, {r['method']!r} ran {r['family']!r}")
+                    raise ValueError(
+                        f"--rename: {new.name} is Adam on the weights, {r['method']!r} ran {r['family']!r}"
+                    )
                 r["method"], r["family"] = new.name, new.family
     rows = [r for f in files for r in f["runs"] if r["method"] not in dropped]
     seen: dict[tuple, str] = {}
