@@ -102,3 +102,62 @@ def test_scheduler_scales_the_learned_lr(float64, make_mlp, batches):
     for p, b, g in zip(model.parameters(), before, grads, strict=True):
         torch.testing.assert_close(p.detach(), b - 0.025 * g)
     assert opt.hyperparameters()[0]["lr"] == pytest.approx(0.05)
+
+
+def _first_updates(opt_factory, make_scheduler, steps=4):
+    """The size of each of the first updates of one weight whose gradient is 1, with the scheduler stepped after each."""
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = opt_factory([p])
+    sched = make_scheduler(opt)
+    out = []
+    for _ in range(steps):
+        p.grad = torch.ones_like(p)
+        before = p.item()
+        opt.step()
+        sched.step()
+        out.append(before - p.item())
+    return out
+
+
+def _set_by_hand_then_lambda(opt):
+    for g in opt.param_groups:
+        g["lr"] = 1e-3
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [
+        _set_by_hand_then_lambda,
+        lambda opt: torch.optim.lr_scheduler.CyclicLR(
+            opt, base_lr=1e-3, max_lr=1e-2, step_size_up=3, cycle_momentum=False
+        ),
+    ],
+    ids=["lr set by hand, then LambdaLR", "CyclicLR"],
+)
+def test_a_scheduler_takes_its_base_as_with_torch_optim(make_scheduler, float64):
+    """A torch scheduler takes group["lr"] as it finds it (CyclicLR sets base_lr there first) unless the
+    optimizer has written an "initial_lr" of its own: the tower writes none, so it matches torch.optim."""
+    expected = _first_updates(lambda ps: torch.optim.SGD(ps, lr=0.1), make_scheduler)
+    assert expected[0] == pytest.approx(1e-3)
+    got = _first_updates(lambda ps: hh.HyperSGD(ps, lr=0.1, hyper=None), make_scheduler)
+    assert got == pytest.approx(expected, rel=1e-12)
+    # A tower learns its lr from the scheduler's base: a level above that cannot move keeps torch's steps.
+    frozen = _first_updates(lambda ps: hh.HyperSGD(ps, lr=0.1, hyper=hh.HyperSGD(lr=0.0)), make_scheduler)
+    assert frozen == pytest.approx(expected, rel=1e-12)
+
+
+def test_an_lr_set_by_hand_without_a_scheduler_scales_the_learned_lr(float64):
+    """With no scheduler, group["lr"] set by hand (as ReduceLROnPlateau does) is a factor on the learned
+    step size against the lr the group was built with."""
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = hh.HyperSGD([p], lr=0.1, hyper=hh.HyperSGD(lr=0.0))
+    sizes = []
+    for lr in (0.1, 0.05, 0.05):
+        opt.param_groups[0]["lr"] = lr
+        p.grad = torch.ones_like(p)
+        before = p.item()
+        opt.step()
+        sizes.append(before - p.item())
+    assert sizes == pytest.approx([0.1, 0.05, 0.05], rel=1e-12)
+    assert opt.hyperparameters()[0]["lr"] == pytest.approx(0.1) and opt.schedule_base(0) == 0.1

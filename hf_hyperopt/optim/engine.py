@@ -140,7 +140,10 @@ class TowerOptimizer(torch.optim.Optimizer):
         super().__init__(params, group_defaults(levels[0]))
         for group in self.param_groups:
             check_group_values(levels[0].rule, group)
-            group.setdefault("initial_lr", group["lr"])
+        # What a hand-set group["lr"] is a factor of where no scheduler has set group["initial_lr"]. Kept
+        # here, not in the group: a torch scheduler takes an "initial_lr" it finds as its base, so one
+        # written at construction would hide an lr set by hand before the scheduler (or CyclicLR's base_lr).
+        self._built_lrs = [float(g["lr"]) for g in self.param_groups]
         if mode == "gdtuo" and len(levels) > 1 and levels[1].ramp_search:
             raise ValueError(
                 f"level 1 ({self._rules[1].name}): ramp_search={levels[1].ramp_search!r} judges the hypergradient of "
@@ -224,6 +227,15 @@ class TowerOptimizer(torch.optim.Optimizer):
             raise ValueError(f"set_horizon(steps={steps!r}): give a whole number of optimizer steps >= 1")
         self._horizon = int(steps)
 
+    def schedule_base(self, i: int) -> float:
+        """What ``param_groups[i]["lr"]`` is a factor of on the learned step size: a torch scheduler's
+        ``initial_lr``, or, where none has set one, the lr the group was built with (a hand-set
+        ``group["lr"]`` then scales the learned step size as a schedule would)."""
+        group = self.param_groups[i]
+        if "initial_lr" in group:
+            return float(group["initial_lr"])
+        return self._built_lrs[i]
+
     def _trace(self, k: int) -> float:
         """The decay of the trace that level ``k`` learns from (``0.0`` for the weights' level)."""
         return trace_decay(self.levels[k].trace, self._horizon) if k > 0 else 0.0
@@ -267,13 +279,14 @@ class TowerOptimizer(torch.optim.Optimizer):
                     )
             if hasattr(self, "_buckets"):  # a group added after construction: check it as __init__ does
                 check_group_values(self.levels[0].rule, group)
-                group.setdefault("initial_lr", group["lr"])
                 self._check_scope()
                 self._check_sharding()
                 self._buckets = None
         except ValueError:
             self.param_groups.pop()
             raise
+        if hasattr(self, "_built_lrs"):
+            self._built_lrs.append(float(group["lr"]))
         if started:  # the new tensors have taken no step yet, as in torch.optim
             ts = self._tower_state
             ts.weight_steps = [*ts.weight_steps, *[0] * len(group["params"])]
@@ -316,10 +329,10 @@ class TowerOptimizer(torch.optim.Optimizer):
     def _level0_unit_values(self) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {}
         for name in self._learn[0]:
-            # The learned lr starts from the group's initial lr: a scheduler (a warm-up, or
+            # The learned lr starts from the schedule's base: a scheduler (a warm-up, or
             # torch.distributed.checkpoint's zero-lr initialising step) may already have changed group["lr"].
             per_group = [
-                float(g.get("initial_lr", g["lr"])) if name == "lr" else group_value(g, name) for g in self.param_groups
+                self.schedule_base(i) if name == "lr" else group_value(g, name) for i, g in enumerate(self.param_groups)
             ]
             if self.scope == "shared":
                 out[name] = per_group[:1]

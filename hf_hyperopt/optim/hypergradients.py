@@ -184,7 +184,9 @@ def measure_ramp(opt: TowerOptimizer, ts: TowerState) -> None:
     at the probe) does not start the learned lr a hundred times too high. Its factor is that of the probe
     step (the schedule has not moved yet); a group whose factor is 0 moved nothing and adds nothing.
     """
-    schedule = torch.tensor([schedule_factor(g) for g in opt.param_groups], dtype=torch.float64)
+    schedule = torch.tensor(
+        [schedule_factor(g, opt.schedule_base(i)) for i, g in enumerate(opt.param_groups)], dtype=torch.float64
+    )
     if not bool((schedule > 0).any()):  # a warm-up from 0: the probe was scaled to nothing; take it again as it was
         return
     sq = torch.zeros(2, dtype=torch.float64, device=ts.ramp.factor.device)

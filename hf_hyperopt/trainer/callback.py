@@ -70,7 +70,8 @@ def effective_learning_rate(tower: TowerOptimizer, schedule_lr: float | None = N
     """The weight-level step size of param group 0: the learned ``lr`` times the schedule's factor.
 
     A schedule rewrites ``group["lr"]``; the tower reads it as the factor ``group["lr"] /
-    group["initial_lr"]`` on its learned step size. Without a learned ``lr`` it is the schedule's value.
+    group["initial_lr"]`` on its learned step size (:meth:`~hf_hyperopt.optim.engine.TowerOptimizer.schedule_base`).
+    Without a learned ``lr`` it is the schedule's value.
 
     Args:
         tower: the tower.
@@ -84,8 +85,8 @@ def effective_learning_rate(tower: TowerOptimizer, schedule_lr: float | None = N
         return scheduled
     lr = tower.hyperparameters()[0]["lr"]
     learned = float(lr[0] if isinstance(lr, list) else lr)
-    factor = scheduled / group["initial_lr"] if group.get("initial_lr") else 1.0
-    return learned * factor
+    base = tower.schedule_base(0)
+    return learned * (scheduled / base if base else 1.0)
 
 
 def run_horizon(args: Any, state: Any, train_dataloader: Any = None) -> int:
