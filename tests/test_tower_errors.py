@@ -138,6 +138,28 @@ def test_load_state_dict_from_a_different_tower(saved, loader, quoted, params):
 
 
 @pytest.mark.parametrize(
+    "saved, loader, differs",
+    [
+        ("adam/sgd(lr=1e-5)", "adam(lr=5e-4)/sgd(lr=1e-5)", "(level 0 (adam): lr=0.001 saved, 0.0005 here)"),
+        (
+            "adam/adam(lr=0.05)",
+            "adam/adam(lr=0.02,trace=0.9)",
+            "(level 1 (adam): lr=0.05 saved, 0.02 here, trace=0.0 saved, 0.9 here)",
+        ),
+        ("adam/adam(lr=0.05)", "adamw/sgd", "(level 0: adam saved, adamw here; level 1: adam saved, sgd here)"),
+        ("adam/adam(lr=0.05)", "adam/adam/sgd", "(2 levels saved, 3 here)"),
+    ],
+)
+def test_a_different_tower_is_named_by_what_differs(saved, loader, differs, params):
+    """The error says first what differs, value by value: a spec leaves its defaults out (a saved
+    'adam/...' started at lr=0.001), and a Trainer's resume quotes only the message's beginning."""
+    sd = _trained(saved, params).state_dict()
+    with pytest.raises(ValueError) as err:
+        hh.tower(params, loader).load_state_dict(sd)
+    assert str(err.value).startswith("state_dict is from a different tower " + differs + ": its spec is")
+
+
+@pytest.mark.parametrize(
     "build",
     [
         lambda p: hh.HyperAdam(p, lr=1e-3, hyper=hh.HyperSGD(lr=1e-5)),  # spec 'adam/sgd(lr=1e-05)'

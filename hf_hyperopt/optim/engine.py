@@ -61,6 +61,10 @@ from .stepping import check_group_values, count_step, group_defaults, group_valu
 __all__ = ["SCOPES", "LevelConfig", "TowerOptimizer", "validate_level_options", "validate_value"]
 
 
+# The options of a level that change what it learns (compared when a state dict is loaded).
+LEVEL_OPTIONS = ("trace", "ramp", "normalize", "cosine", "ramp_search", "timescale")
+
+
 class DifferentTowerError(ValueError):
     """A state dict saved by a tower of another spec, scope or mode: every checkpoint of that run is refused
     alike, so what loads it is that tower, not an earlier checkpoint."""
@@ -478,10 +482,41 @@ class TowerOptimizer(torch.optim.Optimizer):
         except ValueError:  # not a spec, or not one that could build a tower
             return False
 
+    def _spec_difference(self, spec: str) -> str:
+        """Level by level, how the tower ``spec`` describes differs from this one, e.g. ``level 0 (adam):
+        lr=0.001 saved, 0.0005 here``; empty where ``spec`` cannot be read as a tower of this mode."""
+        from .spec import parse_spec  # spec.py builds optimizers of this module
+
+        try:
+            saved = [self._canonical(k, cfg) for k, cfg in enumerate(parse_spec(spec))]
+            here = [self._canonical(k, cfg) for k, cfg in enumerate(self.levels)]
+        except ValueError:
+            return ""
+        if len(saved) != len(here):
+            return f"{len(saved)} levels saved, {len(here)} here"
+        out = []
+        for k, (a, b) in enumerate(zip(saved, here, strict=True)):
+            if a == b:
+                continue
+            if a[0] != b[0]:
+                out.append(f"level {k}: {a[0]} saved, {b[0]} here")
+                continue
+            values_a, values_b = dict(a[1]), dict(b[1])
+            parts = [
+                f"{n}={values_a[n]:.10g} saved, {values_b[n]:.10g} here" for n in values_b if values_a[n] != values_b[n]
+            ]
+            if a[2] != b[2]:
+                parts.append(f"learn={'+'.join(a[2])} saved, {'+'.join(b[2])} here")
+            parts += [
+                f"{n}={x!r} saved, {y!r} here" for n, x, y in zip(LEVEL_OPTIONS, a[3], b[3], strict=True) if x != y
+            ]
+            out.append(f"level {k} ({b[0]}): " + ", ".join(parts))
+        return "; ".join(out)
+
     def _canonical(self, k: int, cfg: LevelConfig) -> tuple:
         values = cfg.full_values()
         learn = resolve_learn(k, cfg, values, top=k == len(self.levels) - 1, mode=self.mode)
-        options = (cfg.trace, cfg.ramp, cfg.normalize, cfg.cosine, cfg.ramp_search, cfg.timescale)
+        options = tuple(getattr(cfg, name) for name in LEVEL_OPTIONS)
         return cfg.rule.name, tuple(sorted(values.items())), tuple(sorted(learn)), options
 
     def state_dict(self) -> dict[str, Any]:
@@ -514,9 +549,11 @@ class TowerOptimizer(torch.optim.Optimizer):
                     if identity[key] == "default"
                     else f"build this optimizer with compat={identity[key]!r}",
                 }[key]
+                # What differs first: the message may be cut short where it is quoted (a Trainer's resume).
+                differs = self._spec_difference(identity[key]) if key == "spec" else ""
                 raise DifferentTowerError(
-                    f"state_dict is from a different tower: its {key} is {identity[key]!r}, this optimizer's is "
-                    f"{value!r}; to load it, {how}"
+                    f"state_dict is from a different tower{f' ({differs})' if differs else ''}: its {key} is "
+                    f"{identity[key]!r}, this optimizer's is {value!r}; to load it, {how}"
                 )
         groups = state_dict.get("param_groups") or [{}]
         state_dict = {k: v for k, v in state_dict.items() if k != "tower"}  # 0.1.0 also wrote it there
