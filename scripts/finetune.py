@@ -312,6 +312,10 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
         n = getattr(training_args, flag)
         if n < 1:
             raise InputError(f"--{flag} {n}: give a positive number")
+    if training_args.max_steps <= 0 and not training_args.num_train_epochs > 0:  # the Trainer would train 0 steps
+        raise InputError(
+            f"--num_train_epochs {training_args.num_train_epochs}: give a positive number of epochs, or --max_steps"
+        )
     allowed = (".csv", ".json", ".jsonl") + ((".txt",) if data_args.task == "clm" else ())
     for flag in ("train_file", "validation_file"):
         path = getattr(data_args, flag)

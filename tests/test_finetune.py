@@ -404,6 +404,8 @@ BAD_DATA = {
     "--max_seq_length 0": (TRAIN, TRAIN, ["--max_seq_length", "0"], "--max_seq_length 0: give a positive"),
     "--block_size 0": (TRAIN, TRAIN, ["--block_size", "0"], "--block_size 0: give a positive number of tokens"),
     "--per_device_train_batch_size 0": (TRAIN, TRAIN, ["--per_device_train_batch_size", "0"], "batch_size 0: give"),
+    # the Trainer trains 0 steps and writes a model and card
+    "--num_train_epochs -1": (TRAIN, TRAIN, ["--num_train_epochs", "-1"], "--num_train_epochs -1.0: give a positive"),
     "a head for 3 labels, data with 2": (
         TRAIN,
         TRAIN,

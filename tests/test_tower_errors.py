@@ -31,6 +31,8 @@ def params():
         ("adam(learn=lr+momentum)/sgd", "'momentum'", "lr, beta1, beta2, eps, weight_decay"),
         ("adam(learn=lr+lr)/sgd", "learn=lr+lr", "twice"),
         ("adam(learn=)/sgd", "learn= is empty", "lr, beta1, beta2, eps, weight_decay"),
+        ("adam(learn=lr+)/sgd", "adam in tower spec", "learn='lr+' has an empty name"),
+        ("adam(learn=lr++beta1)/sgd", "learn='lr++beta1'", "learn=lr+beta1"),
         ("adam(lr=-1e-3)/sgd", "lr=-0.001", ">= 0"),
         ("adam(beta1=1.0)/sgd", "beta1=1.0", "[0, 1)"),
         ("adam(beta2=-0.1)/sgd", "beta2=-0.1", "[0, 1)"),
@@ -235,6 +237,13 @@ def test_an_upper_level_is_a_plain_description_checked_when_written():
         (lambda: hh.HyperSGD(lr=-1.0), "sgd: lr=-1.0 is negative"),
         (lambda: hh.HyperAdam(betas=(0.9, 1.5)), "adam: beta2=1.5 is outside [0, 1)"),
         (lambda: hh.HyperAdam(learn="lr+gamma"), "adam: learn=lr+gamma: 'gamma' is not a hyperparameter"),
+        # The tower's own arguments would be dropped: they are refused, naming where they go.
+        (lambda: hh.HyperSGD(lr=1e-5, scope="tensor"), "scope='tensor' is the whole tower's: give it to the optimizer"),
+        (
+            lambda: hh.HyperSGD(lr=1e-5, compat="gdtuo", scope="group"),
+            "HyperAdam(params, scope='group', compat='gdtuo'",
+        ),
+        (lambda: hh.tower([torch.zeros(1)], hh.HyperSGD(lr=1e-5)), "a tower spec is a string"),
     ]:
         with pytest.raises(ValueError) as err:
             build()
@@ -247,14 +256,18 @@ def test_learn_names_get_one_check_from_every_entry_point(params):
 
     expected = "learn=lr+gamma: 'gamma' is not a hyperparameter of adam that can be learned; allowed: lr, beta1"
     entry_points = [
-        lambda: hh.parse_spec("adam(learn=lr+gamma)/sgd"),
-        lambda: hh.HyperAdam(params, learn="lr+gamma"),
-        lambda: HyperTrainingArguments(output_dir="unused", optim="hyper_adam", hyper_learn="lr+gamma"),
+        lambda learn: hh.parse_spec(f"adam(learn={learn})/sgd"),
+        lambda learn: hh.HyperAdam(params, learn=learn),
+        lambda learn: HyperTrainingArguments(output_dir="unused", optim="hyper_adam", hyper_learn=learn),
+        lambda learn: hh.HyperAdam(learn=learn),  # an upper level
     ]
     for build in entry_points:
         with pytest.raises(ValueError) as err:
-            build()
+            build("lr+gamma")
         assert expected in str(err.value)
+        with pytest.raises(ValueError) as err:  # and a name left empty between the '+' signs
+            build("lr+")
+        assert "learn='lr+' has an empty name" in str(err.value)
 
 
 def test_flags_take_numpy_bools_and_adamw_takes_decoupled_weight_decay(params):

@@ -496,6 +496,15 @@ class Rule:
     def learnable(cls) -> tuple[str, ...]:
         return tuple(n for n, s in cls.hyperparameters.items() if s.kind != "flag")
 
+    @staticmethod
+    def split_learn(learn: str) -> tuple[str, ...]:
+        """The names of a ``learn=`` string, ``"lr+beta1"``; ``ValueError`` for an empty name between
+        ``+`` signs (``"lr+"``). An empty string gives no names, which :meth:`check_learn` refuses."""
+        names = tuple(s.strip() for s in learn.split("+"))
+        if learn.strip() and not all(names):
+            raise ValueError(f"learn={learn!r} has an empty name; give names joined by '+', e.g. learn=lr+beta1")
+        return tuple(n for n in names if n)
+
     @classmethod
     def check_learn(cls, names: Iterable[str]) -> tuple[str, ...]:
         """``names`` as a tuple, if they are a valid ``learn=`` for this rule; else ``ValueError``.

@@ -69,7 +69,7 @@ def _learn_tuple(learn: str | Iterable[str] | None) -> tuple[str, ...] | None:
     if learn is None:
         return None
     if isinstance(learn, str):
-        return tuple(s.strip() for s in learn.split("+") if s.strip())
+        return Rule.split_learn(learn)
     names = tuple(learn) if isinstance(learn, Iterable) else None
     if names is None or not all(isinstance(n, str) for n in names):
         raise ValueError(f"learn={learn!r}: give hyperparameter names, joined by '+' ('lr+beta1') or as a list")
@@ -139,6 +139,14 @@ class _HyperOptimizer(TowerOptimizer):
             for name in ("self", "params"):
                 arguments.pop(name)
             options = {k: arguments.pop(k) for k in ("learn", "scope", "compat", "hyper")}
+            given = {k: options[k] for k in ("scope", "compat") if bound.signature.parameters[k].default != options[k]}
+            if given:
+                written = ", ".join(f"{k}={v!r}" for k, v in given.items())
+                raise ValueError(
+                    f"{cls.__name__}(...) without params is an upper level, and "
+                    f"{written} {'is' if len(given) == 1 else 'are'} the whole tower's: give it to the optimizer of "
+                    f"the weights, e.g. HyperAdam(params, {written}, hyper={cls.__name__}(...))"
+                )
             builtin._check_torch_only(arguments)
             for name in builtin.torch_only:
                 del arguments[name]

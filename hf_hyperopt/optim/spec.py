@@ -30,7 +30,12 @@ def parse_spec(spec: str) -> list[LevelConfig]:
     Raises:
         ValueError: quoting the token that does not parse, and what is allowed there.
     """
-    if not isinstance(spec, str) or not spec.strip():
+    if not isinstance(spec, str):
+        raise ValueError(
+            f"a tower spec is a string, e.g. 'adam(lr=1e-3)/sgd(lr=1e-5)'; got {type(spec).__name__} {spec!r}"
+            + (" (an optimizer's levels above the weights go in its hyper=)" if hasattr(spec, "levels") else "")
+        )
+    if not spec.strip():
         raise ValueError(f"empty tower spec {spec!r}; expected e.g. 'adam(lr=1e-3)/sgd(lr=1e-5)'")
     levels = []
     for k, text in enumerate(_split_levels(spec)):
@@ -69,7 +74,10 @@ def parse_spec(spec: str) -> list[LevelConfig]:
                     f"unknown key {key!r} for {name} in tower spec {spec!r}; allowed: {', '.join(allowed)}"
                 )
             if key == "learn":
-                learn = [s.strip() for s in raw.split("+") if s.strip()]
+                try:
+                    learn = list(rule.split_learn(raw))
+                except ValueError as err:
+                    raise ValueError(f"{name} in tower spec {spec!r}: {err}") from None
                 continue
             if key == "trace":
                 if raw.lower() == AUTO_TRACE:

@@ -269,7 +269,7 @@ class HyperSettings:
         learn = "lr" if self.learn is None else self.learn
         rule = RULES[HyperOptimizerNames(self.optim).rule_name]
         try:
-            names = rule.check_learn(s.strip() for s in str(learn).split("+") if s.strip())
+            names = rule.check_learn(rule.split_learn(str(learn)))
         except ValueError as err:
             raise ValueError(f"--hyper_learn {learn!r} with --optim {self.optim}: {err}") from None
         if "weight_decay" in names:
