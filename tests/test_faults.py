@@ -317,6 +317,18 @@ def test_unreadable_optimizer_state_stops_the_resume_and_keeps_everything(fault,
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]  # nothing trained
 
 
+def test_a_tower_checkpoint_resumed_with_a_standard_optim_is_one_error(full_run, tmp_path):
+    """torch.optim read the tower's state dict as its own and failed inside (KeyError: 'step')."""
+    shutil.copytree(full_run / "checkpoint-2", tmp_path / "checkpoint-2")
+    args = _args(tmp_path, optim="adamw_torch", hyper_tower=None)
+    trainer = HyperTrainer(model=tiny_bert(seed=1), args=args, train_dataset=_data())
+    with pytest.raises(
+        ValueError, match=r"with --optim adamw_torch: its optimizer state is that of a tower optimizer \(adam"
+    ):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]  # nothing trained
+
+
 def test_missing_optimizer_state_warns_what_is_lost_and_the_card_says_so(full_run, tmp_path):
     def drop(out, ckpt):
         (ckpt / "optimizer.pt").unlink()

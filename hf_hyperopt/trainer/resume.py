@@ -120,6 +120,20 @@ def _unreadable_state(checkpoint: Path) -> Exception | None:
     return None
 
 
+def saved_tower_spec(checkpoint: str) -> str | None:
+    """The spec of the tower whose state ``checkpoint/optimizer.pt`` holds; ``None`` if it holds none or
+    does not read."""
+    import torch
+
+    from ..optim.state import read_tower_entry
+
+    try:
+        found = read_tower_entry(torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True))
+    except Exception:  # noqa: BLE001 - any file that does not read holds no tower that can be named
+        return None
+    return found[0]["spec"] if found is not None else None
+
+
 def unreadable_checkpoint(checkpoint: str, error: Exception) -> Exception:
     """The error to raise when the optimizer state of ``checkpoint`` fails to load (``error``)."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""

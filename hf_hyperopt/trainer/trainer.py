@@ -40,6 +40,7 @@ from .resume import (
     check_checkpoint_readable,
     checkpoint_step,
     last_complete_checkpoint,
+    saved_tower_spec,
     unreadable_checkpoint,
     warn_if_tower_not_restored,
 )
@@ -206,8 +207,20 @@ class HyperTrainer(Trainer):
         try:
             super()._load_optimizer_and_scheduler(checkpoint)
         except Exception as e:  # noqa: BLE001 - a damaged optimizer.pt: one error naming the checkpoint
-            if checkpoint is None or self.tower is None:
+            if checkpoint is None:
                 raise
+            if self.tower is None:
+                # torch.optim reads a tower's state dict as its own and fails deep inside (KeyError: 'step').
+                spec = saved_tower_spec(checkpoint)
+                if spec is None:
+                    raise
+                optim = getattr(self.args.optim, "value", self.args.optim)
+                raise ValueError(
+                    f"cannot resume from {checkpoint} with --optim {optim}: its optimizer state is that of "
+                    f"a tower optimizer ({spec}). Nothing was trained or overwritten; resume with the --optim "
+                    "hyper_* and --hyper_tower it was saved with, or start this optimizer afresh without "
+                    "resume_from_checkpoint"
+                ) from e
             raise unreadable_checkpoint(checkpoint, e) from e
         self._hyper_callback.resumed_from = checkpoint
         if checkpoint is not None and warn_if_tower_not_restored(self.tower, checkpoint):
