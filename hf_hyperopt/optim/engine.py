@@ -457,7 +457,9 @@ class TowerOptimizer(torch.optim.Optimizer):
         return out
 
     def skipped_hyper_updates(self) -> list[int]:
-        """For each learned level, how many hyperparameter updates were skipped as non-finite."""
+        """For each learned level, how many updates of its learned values were skipped as non-finite: one
+        per value and step (a step skipped for ``learn=lr+beta1`` counts 2; with ``scope="tensor"``, one
+        per tensor), so a count is 0 exactly when every update was taken."""
         if self._tower_state is None:
             return [0] * max(self.height, 1)
         return [int(x) for x in self._tower_state.skipped.tolist()]
