@@ -161,3 +161,50 @@ def test_an_lr_set_by_hand_without_a_scheduler_scales_the_learned_lr(float64):
         sizes.append(before - p.item())
     assert sizes == pytest.approx([0.1, 0.05, 0.05], rel=1e-12)
     assert opt.hyperparameters()[0]["lr"] == pytest.approx(0.1) and opt.schedule_base(0) == 0.1
+
+
+def test_the_schedule_base_travels_in_the_state_dict_once_the_tower_has_started(float64):
+    """From the first step a group holds its base as initial_lr, so a resumed run scales a hand-set lr
+    as the run that never stopped did, whatever lr the new optimizer's group was built with."""
+
+    def build(lr_of_group):
+        p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        return p, hh.HyperSGD([{"params": [p], "lr": lr_of_group}], lr=0.1, hyper=hh.HyperSGD(lr=0.0))
+
+    def take_step(p, opt):
+        p.grad = torch.ones_like(p)
+        before = p.item()
+        opt.step()
+        return before - p.item()
+
+    p, opt = build(0.1)
+    assert "initial_lr" not in opt.param_groups[0]  # a scheduler made now takes group["lr"] as torch's do
+    take_step(p, opt)
+    assert opt.param_groups[0]["initial_lr"] == 0.1
+    opt.param_groups[0]["lr"] = 0.025  # ReduceLROnPlateau
+    saved = opt.state_dict()
+    q, resumed = build(0.2)
+    resumed.load_state_dict(saved)
+    assert take_step(q, resumed) == pytest.approx(take_step(p, opt), rel=1e-12) == pytest.approx(0.025)
+
+
+def test_an_optimizer_pickled_before_the_built_lrs_and_the_horizon_loads_and_steps(float64, make_mlp, batches):
+    import pickle
+
+    model = make_mlp()
+    opt = hh.HyperAdam(model.parameters(), lr=1e-3)
+    opt.param_groups[0]["initial_lr"] = 1e-3  # as the earlier version wrote it at construction
+    for name in ("_built_lrs", "_horizon", "_horizon_warned", "_uses_horizon"):
+        del opt.__dict__[name]
+    model, again = pickle.loads(pickle.dumps((model, opt)))
+    assert again.schedule_base(0) == 1e-3 and again.uses_horizon and again.horizon is None
+    again.set_horizon(5)
+    again.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    assert again.schedule_base(1) == 1e-3
+    before = [p.detach().clone() for p in model.parameters()]
+    for x, y in batches(2):
+        F.mse_loss(model(x), y).backward()
+        again.step()
+        again.zero_grad()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert again.skipped_hyper_updates() == [0]

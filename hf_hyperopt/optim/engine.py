@@ -144,9 +144,10 @@ class TowerOptimizer(torch.optim.Optimizer):
         super().__init__(params, group_defaults(levels[0]))
         for group in self.param_groups:
             check_group_values(levels[0].rule, group)
-        # What a hand-set group["lr"] is a factor of where no scheduler has set group["initial_lr"]. Kept
-        # here, not in the group: a torch scheduler takes an "initial_lr" it finds as its base, so one
-        # written at construction would hide an lr set by hand before the scheduler (or CyclicLR's base_lr).
+        # What a hand-set group["lr"] is a factor of until the first step, where no scheduler has set
+        # group["initial_lr"]. Kept here, not in the group, until then: a torch scheduler takes an
+        # "initial_lr" it finds as its base, so one written now would hide an lr set by hand before the
+        # scheduler is made (or CyclicLR's base_lr). The first step writes it (see step()).
         self._built_lrs = [float(g["lr"]) for g in self.param_groups]
         if mode == "gdtuo" and len(levels) > 1 and levels[1].ramp_search:
             raise ValueError(
@@ -291,9 +292,19 @@ class TowerOptimizer(torch.optim.Optimizer):
             raise
         if hasattr(self, "_built_lrs"):
             self._built_lrs.append(float(group["lr"]))
-        if started:  # the new tensors have taken no step yet, as in torch.optim
+        if started:  # the new tensors have taken no step yet, as in torch.optim; the groups hold their base (step())
+            group.setdefault("initial_lr", group["lr"])
             ts = self._tower_state
             ts.weight_steps = [*ts.weight_steps, *[0] * len(group["params"])]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Pickled by an earlier version: every group held its initial_lr then, and there was no horizon.
+        if "_built_lrs" not in self.__dict__:
+            self._built_lrs = [float(g.get("initial_lr", g["lr"])) for g in self.param_groups]
+        if "_uses_horizon" not in self.__dict__:
+            self._horizon, self._horizon_warned = None, False
+            self._uses_horizon = any(cfg.trace == AUTO_TRACE for cfg in self.levels)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults, state and param_groups, which would lose the tower on
@@ -394,6 +405,10 @@ class TowerOptimizer(torch.optim.Optimizer):
                 stacklevel=5,  # the caller of step(), past no_grad's, compiler.disable's and torch.optim's wrappers
             )
         if self._tower_state is None:
+            # The learned lr starts here: from now on its schedule base is fixed, and it travels in the
+            # state dict as the scheduler's own (a scheduler made later takes it, as it takes torch's).
+            for i, group in enumerate(self.param_groups):
+                group.setdefault("initial_lr", self._built_lrs[i])
             first = local_tensor(entries[0][0])
             self._tower_state = initial_state(self, first.device, self._hyper_dtype(first.dtype))
         ts = self._tower_state
@@ -495,7 +510,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         except ValueError:
             return ""
         if len(saved) != len(here):
-            return f"{len(saved)} levels saved, {len(here)} here"
+            return f"{len(saved)} level{'s' * (len(saved) != 1)} saved, {len(here)} here"
         out = []
         for k, (a, b) in enumerate(zip(saved, here, strict=True)):
             if a == b:

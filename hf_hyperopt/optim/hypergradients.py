@@ -65,12 +65,12 @@ def hypergradients(opt: TowerOptimizer, ts: TowerState) -> tuple[list[Tensor], d
             norms[1] += tangent_squared_norms(b, "lr").sum().to(norms.device, norms.dtype)
         keep = not consumes_tangents(opt, b)
         names = [n for n in opt._learn[0] if keep or n in b.scales]
-        dots, squares = per_tensor_dots(b, grads, names, squares=normalize and one_pass(b.local))
+        dots, zsq_read = per_tensor_dots(b, grads, names, squares=normalize and one_pass(b.local))
         for j, name in enumerate(opt._learn[0]):
             # A held tangent is a state buffer (never overwritten here) times one constant per tensor.
             scale = b.scales.get(name)
             if normalize:
-                zsq = tangent_squared_norms(b, name, squares=squares.get(name))
+                zsq = tangent_squared_norms(b, name, squares=zsq_read.get(name))
                 zz0.index_add_(0, b.unit_index.to(theta0.device) + j * units, zsq.to(theta0.device, theta0.dtype))
             if cosine:
                 gg0.index_add_(0, b.unit_index.to(theta0.device) + j * units, gsq)

@@ -118,7 +118,7 @@ def accumulate_trace(kept: list[Tensor], new: list[Tensor], trace: float) -> Non
 
     On the CPU one pass per tensor (``torch.add`` with ``alpha``, whose kernel fuses the multiply and
     the add, so it rounds once where the two ``_foreach`` ops round twice); elsewhere the two fused
-    multi-tensor kernels, fewer launches than one op per tensor (:func:`~..levels.base.one_pass`).
+    multi-tensor kernels, fewer launches than one op per tensor (:func:`~hf_hyperopt.levels.base.one_pass`).
     """
     if one_pass(kept, new):
         for z, d in zip(kept, new, strict=True):
