@@ -43,6 +43,31 @@ def test_schedule_defaults_constant_with_warmup_and_explicit_is_kept(tmp_path):
     assert not standard.is_hyper
 
 
+@pytest.mark.parametrize("how", ["set_lr_scheduler", "assigned"])
+def test_a_schedule_set_after_construction_is_the_one_that_runs(how, tmp_path):
+    """The constant schedule chosen for the user gave way only to one given at construction: a schedule
+    set later (TrainingArguments.set_lr_scheduler, or the field assigned) was replaced without a word."""
+    args = parse("--optim", "hyper_adam", "--max_steps", "8", tmp_path=tmp_path)
+    assert not args.lr_scheduler_explicit
+    if how == "set_lr_scheduler":
+        args = args.set_lr_scheduler(name="cosine", num_epochs=1, warmup_steps=2)
+    else:
+        args.lr_scheduler_type = "cosine"
+    assert args.lr_scheduler_explicit
+    trainer = HyperTrainer(model=tiny_bert(), args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=8)
+    assert type(trainer.lr_scheduler).__name__ == "LambdaLR"
+    factors = []
+    for _ in range(8):
+        factors.append(trainer.lr_scheduler.get_last_lr()[0] / trainer.optimizer.param_groups[0]["initial_lr"])
+        trainer.lr_scheduler.step()
+    assert factors[-1] < 0.2  # cosine decays to 0; the constant schedule would hold 1
+    # Warm-up set later still goes with the schedule chosen for the user.
+    late = parse("--optim", "hyper_adam", tmp_path=tmp_path)
+    late.warmup_steps = 3
+    assert not late.lr_scheduler_explicit
+
+
 def test_weight_level_takes_the_usual_arguments(tmp_path):
     args = parse(
         "--optim",

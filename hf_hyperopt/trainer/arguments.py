@@ -182,8 +182,8 @@ class HyperTrainingArguments(TrainingArguments):
                 f"{', '.join(f'--{k} {v!r}' for k, v in given.items())} given with --optim {optim!r}, which is not a "
                 f"tower optimizer; use one of {', '.join(HYPER_OPTIMIZERS)} or drop the --hyper_* arguments"
             )
-        # Whether the user chose a schedule: only then does it multiply the learned step size.
-        self.lr_scheduler_explicit = self.lr_scheduler_type is not None
+        # The schedule chosen for the user, if none was given (lr_scheduler_explicit compares with it).
+        self._auto_lr_scheduler = None
         if hyper:
             if self.deepspeed:
                 raise ValueError(
@@ -195,8 +195,9 @@ class HyperTrainingArguments(TrainingArguments):
             check_tower_arguments(self, settings)
             if self.lr_scheduler_type is None:
                 self.lr_scheduler_type = "constant_with_warmup" if self.warmup_steps > 0 else "constant"
+                self._auto_lr_scheduler = self.lr_scheduler_type
         elif self.lr_scheduler_type is None:
-            self.lr_scheduler_type = "linear"
+            self.lr_scheduler_type = self._auto_lr_scheduler = "linear"
         # TrainingArguments converts optim with OptimizerNames(...), which refuses the hyper names: let
         # it check a standard placeholder, then put the real value back as a HyperOptimizerNames.
         if hyper:
@@ -206,6 +207,14 @@ class HyperTrainingArguments(TrainingArguments):
             self.optim = HyperOptimizerNames(optim)
 
     # ------------------------------------------------------------------ the tower these arguments describe
+    @property
+    def lr_scheduler_explicit(self) -> bool:
+        """Whether a schedule was chosen: given, or set after construction (``set_lr_scheduler``, or
+        ``lr_scheduler_type`` assigned). Only then does it multiply the learned step size; otherwise the
+        ``Trainer`` runs a constant one, with warm-up if warm-up steps are set when it starts."""
+        auto = self.__dict__.get("_auto_lr_scheduler")
+        return auto is None or str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)) != auto
+
     @property
     def is_hyper(self) -> bool:
         """Whether ``optim`` selects a tower optimizer."""

@@ -77,7 +77,7 @@ def warn_if_tower_not_restored(tower: Any, checkpoint: str) -> bool:
     """Warn if loading ``checkpoint`` left ``tower`` fresh (its state was not in the checkpoint); True if so."""
     if tower is None or tower._tower_state is not None or not tower.height:
         return False
-    initial = hyper_log_keys(tower.hyperparameters(), tower.scope)
+    initial = hyper_log_keys(tower.hyperparameters(given=True), tower.scope)  # not the ramp's probe
     saved = _last_record(os.path.join(checkpoint, TRAJECTORY_NAME))
     lost = {k: saved[k] for k in initial if saved and saved.get(k) is not None}
     what = (

@@ -2,7 +2,7 @@
 
 Each line is flat and uses the same keys as the ``Trainer`` logs::
 
-    {"step": 12, "epoch": 0.5, "learning_rate": 5.3e-05, "hyper/0/lr": 5.3e-05, "hyper/1/lr": 0.01}
+    {"step": 12, "learning_rate": 5.3e-05, "hyper/0/lr": 5.3e-05, "hyper/1/lr": 0.01}
 
 A line is written, flushed and ``fsync``'d as soon as the step is taken, so a crash loses at most the
 step in flight; a torn last line is skipped by :func:`read_trajectory`. On resume from a checkpoint
