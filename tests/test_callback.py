@@ -188,3 +188,21 @@ def test_a_stalled_learned_lr_is_said_once_a_run(tmp_path, monkeypatch):
     assert len(said) == 1
     assert "at step 12 the learned lr is 1.9e-07, over 10000 times below the 0.002 it held at step 10" in said[0]
     assert "docs/optimizers.md" in said[0]
+
+
+def test_plain_trainer_resumed_without_optimizer_state_warns_and_the_card_says_so(tmp_path):
+    """HyperTrainer warned that the learned values restart; a plain Trainer with the callback (so the
+    launcher) restarted them without a word."""
+    from hf_hyperopt.trainer.resume import TowerNotRestoredWarning
+
+    def trainer(**kw):
+        args = plain_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, save_only_model=True, **kw)
+        return Trainer(model=tiny_bert(), args=args, train_dataset=classification_data(),
+                       optimizer_cls_and_kwargs=(hh.HyperAdam, {"lr": 3e-3, "hyper": "adam(lr=0.05)"}),
+                       callbacks=[hh.HyperCallback()])  # fmt: skip
+
+    trainer().train()
+    with pytest.warns(TowerNotRestoredWarning, match=r"checkpoint-2 has no optimizer state.*lr=0\.003.*at step 2"):
+        resumed = trainer()
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert "Resumed at step 2 from a checkpoint without the optimizer state" in (tmp_path / "README.md").read_text()

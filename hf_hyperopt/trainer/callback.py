@@ -42,7 +42,7 @@ from ..optim.spec import started_spec
 from ..unwrap import find_tower
 from .model_card import add_hyper_section, hyper_section
 from .plotting import plot_trajectories
-from .resume import card_hyperparameters
+from .resume import card_hyperparameters, warn_if_tower_not_restored
 from .trajectory import TRAJECTORY_NAME, TrajectoryWriter, hyper_log_keys, read_trajectory
 
 logger = logging.getLogger(__name__)
@@ -219,6 +219,12 @@ class HyperCallback(TrainerCallback):
         # (a horizon set on a ready tower is replaced: the run's is the Trainer's to count).
         if t.uses_horizon:
             t.set_horizon(self.horizon or run_horizon(args, state, kwargs.get("train_dataloader")))
+        if state.global_step > 0 and self.restarted_at is None:
+            # Resumed by a plain Trainer (HyperTrainer has checked already, naming its checkpoint): a tower
+            # still fresh had no optimizer state to load.
+            ckpt = self.resumed_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if warn_if_tower_not_restored(t, ckpt):
+                self.restarted_at = state.global_step
         if state.global_step == 0:
             self.initial = t.hyperparameters(given=True)
         elif self.initial is None:
