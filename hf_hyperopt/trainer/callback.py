@@ -219,10 +219,11 @@ class HyperCallback(TrainerCallback):
         # (a horizon set on a ready tower is replaced: the run's is the Trainer's to count).
         if t.uses_horizon:
             t.set_horizon(self.horizon or run_horizon(args, state, kwargs.get("train_dataloader")))
+        # The checkpoint resumed from: HyperTrainer names it; a plain Trainer's is found by its step.
+        ckpt = self.resumed_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if state.global_step > 0 and self.restarted_at is None:
-            # Resumed by a plain Trainer (HyperTrainer has checked already, naming its checkpoint): a tower
-            # still fresh had no optimizer state to load.
-            ckpt = self.resumed_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            # Resumed by a plain Trainer (HyperTrainer has checked already): a tower still fresh had no
+            # optimizer state to load.
             if warn_if_tower_not_restored(t, ckpt):
                 self.restarted_at = state.global_step
         if state.global_step == 0:
@@ -238,10 +239,7 @@ class HyperCallback(TrainerCallback):
         if t.uses_horizon:
             _info("hf_hyperopt: trace=auto spans %d optimizer steps (one epoch, or the run if shorter)", t.horizon)
         path = os.path.join(args.output_dir, TRAJECTORY_NAME)
-        source = None
-        if state.global_step > 0:
-            ckpt = self.resumed_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            source = os.path.join(ckpt, TRAJECTORY_NAME)
+        source = os.path.join(ckpt, TRAJECTORY_NAME) if state.global_step > 0 else None
         self._writer = TrajectoryWriter(path)
         # What the resumed tower holds, to tell the run's own trajectory from another run's.
         restored = (
