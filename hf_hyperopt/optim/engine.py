@@ -56,7 +56,15 @@ from .hypergradients import hypergradients, measure_ramp
 from .ramp import RAMP_PROBE
 from .rollback import rollback_on_error
 from .state import TowerState, initial_state, read_tower_entry, tower_entry
-from .stepping import check_group_values, count_step, group_defaults, group_value, step_upper_levels, step_weights
+from .stepping import (
+    check_group_values,
+    count_step,
+    group_defaults,
+    group_value,
+    schedule_factor,
+    step_upper_levels,
+    step_weights,
+)
 
 __all__ = ["SCOPES", "LevelConfig", "TowerOptimizer", "validate_level_options", "validate_value"]
 
@@ -240,6 +248,11 @@ class TowerOptimizer(torch.optim.Optimizer):
         if "initial_lr" in group:
             return float(group["initial_lr"])
         return self._built_lrs[i]
+
+    def schedule_factors(self) -> list[float]:
+        """Per param group, the factor a schedule puts on the learned step size: ``group["lr"]`` over
+        :meth:`schedule_base`."""
+        return [schedule_factor(g["lr"], self.schedule_base(i)) for i, g in enumerate(self.param_groups)]
 
     def _trace(self, k: int) -> float:
         """The decay of the trace that level ``k`` learns from (``0.0`` for the weights' level)."""

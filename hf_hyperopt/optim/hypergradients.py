@@ -23,7 +23,6 @@ from torch import Tensor
 from ..levels.base import one_pass
 from .distributed import local_tensor, reduce_hypergradients
 from .ramp import advance_ramp, asks_for_more, size_ramp
-from .stepping import schedule_factor
 
 if TYPE_CHECKING:
     from .buckets import Bucket
@@ -184,9 +183,7 @@ def measure_ramp(opt: TowerOptimizer, ts: TowerState) -> None:
     at the probe) does not start the learned lr a hundred times too high. Its factor is that of the probe
     step (the schedule has not moved yet); a group whose factor is 0 moved nothing and adds nothing.
     """
-    schedule = torch.tensor(
-        [schedule_factor(g, opt.schedule_base(i)) for i, g in enumerate(opt.param_groups)], dtype=torch.float64
-    )
+    schedule = torch.tensor(opt.schedule_factors(), dtype=torch.float64)
     if not bool((schedule > 0).any()):  # a warm-up from 0: the probe was scaled to nothing; take it again as it was
         return
     sq = torch.zeros(2, dtype=torch.float64, device=ts.ramp.factor.device)

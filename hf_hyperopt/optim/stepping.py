@@ -170,7 +170,7 @@ def level0_hyper_fn(opt: TowerOptimizer, ts: TowerState, b: Bucket) -> Callable[
                 if ts.ramp is not None:
                     vec = vec * ts.ramp.factor.to(vec.device, vec.dtype)
                 # A scheduler rewrites group["lr"]; it multiplies the learned step size.
-                factors = [schedule_factor(g, opt.schedule_base(i)) for i, g in enumerate(groups)]
+                factors = opt.schedule_factors()
                 if any(f != 1.0 for f in factors):
                     vec = vec * torch.tensor(factors, dtype=vec.dtype, device=device)[group_index]
             return vec
@@ -240,10 +240,10 @@ def constant_dtype_device(like: Tensor) -> tuple[torch.dtype, torch.device]:
 _GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
 
 
-def schedule_factor(group: dict[str, Any], base: float) -> float:
-    """The factor an LR scheduler has put on the learned step size: ``group["lr"] / base``, ``base`` the
-    group's :meth:`~.engine.TowerOptimizer.schedule_base` (1 where it is 0)."""
-    return float(group["lr"]) / base if base else 1.0
+def schedule_factor(lr: float, base: float) -> float:
+    """The factor an LR scheduler has put on the learned step size: a group's ``lr`` over its
+    :meth:`~.engine.TowerOptimizer.schedule_base` (1 where that is 0)."""
+    return float(lr) / base if base else 1.0
 
 
 def beta_pair(at: str | None, betas: Any) -> tuple[Any, Any]:

@@ -39,6 +39,7 @@ from transformers.utils import logging as hf_logging
 
 from ..optim import TowerOptimizer
 from ..optim.spec import started_spec
+from ..optim.stepping import schedule_factor
 from ..unwrap import find_tower
 from .model_card import add_hyper_section, hyper_section
 from .plotting import plot_trajectories
@@ -85,8 +86,7 @@ def effective_learning_rate(tower: TowerOptimizer, schedule_lr: float | None = N
         return scheduled
     lr = tower.hyperparameters()[0]["lr"]
     learned = float(lr[0] if isinstance(lr, list) else lr)
-    base = tower.schedule_base(0)
-    return learned * (scheduled / base if base else 1.0)
+    return learned * schedule_factor(scheduled, tower.schedule_base(0))
 
 
 def run_horizon(args: Any, state: Any, train_dataloader: Any = None) -> int:
