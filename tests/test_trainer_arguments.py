@@ -5,6 +5,8 @@ Everything here runs before any training step; the bad inputs must raise at pars
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tiny_models import tiny_bert
@@ -66,6 +68,58 @@ def test_a_schedule_set_after_construction_is_the_one_that_runs(how, tmp_path):
     late = parse("--optim", "hyper_adam", tmp_path=tmp_path)
     late.warmup_steps = 3
     assert not late.lr_scheduler_explicit
+
+
+@pytest.mark.parametrize("copy", ["replace", "to_dict"])
+def test_copies_choose_their_defaults_afresh(copy, tmp_path):
+    """dataclasses.replace (and HyperTrainingArguments(**args.to_dict())) hand every field to the new
+    arguments, including what __post_init__ chose for the user: the constant schedule then read as given
+    and dropped the copy's warm-up, and the resolved --hyper_* defaults refused a standard --optim."""
+
+    def copied(args, **changes):
+        if copy == "replace":
+            return dataclasses.replace(args, **changes)
+        init = {f.name for f in dataclasses.fields(args) if f.init}
+        return HyperTrainingArguments(**{k: v for k, v in {**args.to_dict(), **changes}.items() if k in init})
+
+    hyper = parse("--optim", "hyper_adam", "--max_steps", "8", tmp_path=tmp_path)
+    warm = copied(hyper, warmup_steps=3)
+    assert warm.lr_scheduler_type == "constant_with_warmup" and not warm.lr_scheduler_explicit
+    assert warm.hyper_tower == hh.DEFAULT_HYPER["default"]
+    trainer = HyperTrainer(model=tiny_bert(), args=warm)
+    trainer.create_optimizer_and_scheduler(num_training_steps=8)
+    assert trainer.lr_scheduler.get_last_lr()[0] == 0.0  # warm-up from 0, as a schedule given with it does
+    standard = copied(hyper, optim="adamw_torch")
+    assert standard.lr_scheduler_type == "linear" and not standard.is_hyper
+    assert (standard.hyper_tower, standard.hyper_learn, standard.hyper_scope) == (None, None, None)
+    back = copied(standard, optim="hyper_adam")
+    assert back.lr_scheduler_type == "constant" and not back.lr_scheduler_explicit
+    # What the user gave stays given.
+    given = parse("--optim", "hyper_adam", "--lr_scheduler_type", "cosine", "--hyper_scope", "group", tmp_path=tmp_path)
+    kept = copied(given, warmup_steps=3)
+    assert kept.lr_scheduler_type == "cosine" and kept.lr_scheduler_explicit and kept.hyper_scope == "group"
+    with pytest.raises(ValueError, match="hyper_scope 'group'"):
+        copied(given, optim="adamw_torch")
+
+
+def test_set_optimizer_takes_the_tower_optimizers(tmp_path):
+    """TrainingArguments.set_optimizer refused the hyper names (OptimizerNames(name)); switching kept the
+    schedule and tower settings chosen for the previous optimizer."""
+    args = parse("--optim", "adamw_torch", tmp_path=tmp_path)
+    assert args.set_optimizer(name="hyper_adam", learning_rate=3e-4, beta1=0.8) is args
+    assert args.is_hyper and args.hyper_tower == hh.DEFAULT_HYPER["default"]
+    assert args.lr_scheduler_type == "constant" and not args.lr_scheduler_explicit
+    assert args.hyper_spec().startswith("adam(lr=0.0003,beta1=0.8,")
+    args.set_optimizer(name="adamw_torch")
+    assert args.optim == OptimizerNames.ADAMW_TORCH and args.lr_scheduler_type == "linear"
+    assert (args.hyper_tower, args.hyper_learn, args.hyper_scope) == (None, None, None)
+    # A refused change leaves the arguments as they were.
+    given = parse("--optim", "hyper_sgd", "--hyper_tower", "sgd(lr=1e-5)", tmp_path=tmp_path)
+    with pytest.raises(ValueError, match="hyper_tower 'sgd"):
+        given.set_optimizer(name="adamw_torch", learning_rate=1.0)
+    with pytest.raises(ValueError, match="not a known optimizer"):
+        given.set_optimizer(name="hyper_lion")
+    assert str(given.optim) == "hyper_sgd" and given.learning_rate == 5e-5 and given.hyper_tower == "sgd(lr=1e-5)"
 
 
 def test_weight_level_takes_the_usual_arguments(tmp_path):

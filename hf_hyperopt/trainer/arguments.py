@@ -63,6 +63,41 @@ _FALSE = ("false", "0", "no")
 _TRUE = ("true", "1", "yes")
 
 
+class ChosenDefault(str):
+    """A value :class:`HyperTrainingArguments` filled in because none was given (the schedule, the
+    ``hyper_*`` settings). It reads as the plain string, and marks the value as not the user's:
+    ``dataclasses.replace(args, ...)`` and ``HyperTrainingArguments(**args.to_dict())`` hand it to the
+    new arguments, which choose afresh for their own ``optim`` and warm-up instead of taking the old
+    choice as given."""
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        """The plain string, as the ``SchedulerType`` member would give it (``transformers`` reads ``.value``)."""
+        return str(self)
+
+
+def _given(value: object) -> object:
+    """``value``, or ``None`` where it is a default chosen earlier (:class:`ChosenDefault`)."""
+    return None if isinstance(value, ChosenDefault) else value
+
+
+# What set_optimizer changes (besides the optimizer itself and a schedule chosen for the user).
+_SET_OPTIMIZER_FIELDS = (
+    "optim",
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "optim_args",
+    "hyper_tower",
+    "hyper_learn",
+    "hyper_scope",
+)
+
+
 def is_hyper_optim(optim: object) -> bool:
     """Whether ``optim`` (a string or enum member) names a tower optimizer."""
     return str(getattr(optim, "value", optim)) in HYPER_OPTIMIZERS
@@ -165,9 +200,28 @@ class HyperTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         optim = str(getattr(self.optim, "value", self.optim))
+        chosen = self._choose_defaults(optim)
+        # TrainingArguments converts optim with OptimizerNames(...), which refuses the hyper names: let
+        # it check a standard placeholder, then put the real value back as a HyperOptimizerNames.
+        hyper = optim in HYPER_OPTIMIZERS
+        if hyper:
+            self.optim = OptimizerNames.ADAMW_TORCH.value
+        super().__post_init__()
+        if chosen is not None:
+            self.lr_scheduler_type = chosen  # TrainingArguments made it a SchedulerType, which reads as given
+        if hyper:
+            self.optim = HyperOptimizerNames(optim)
+
+    def _choose_defaults(self, optim: str) -> ChosenDefault | None:
+        """Check ``optim`` with the ``--hyper_*`` fields and fill in, as :class:`ChosenDefault`, what was not
+        given for it: the tower settings and the schedule (returned where chosen). Defaults chosen earlier
+        (for another ``optim``, or copied from other arguments) are chosen afresh."""
         if optim not in ALL_OPTIMIZERS:
             raise ValueError(f"--optim {optim!r} is not a known optimizer; choose one of: {', '.join(ALL_OPTIMIZERS)}")
         hyper = optim in HYPER_OPTIMIZERS
+        self.hyper_tower, self.hyper_learn, self.hyper_scope = map(
+            _given, (self.hyper_tower, self.hyper_learn, self.hyper_scope)
+        )
         given = {
             k: v
             for k, v in (
@@ -182,8 +236,6 @@ class HyperTrainingArguments(TrainingArguments):
                 f"{', '.join(f'--{k} {v!r}' for k, v in given.items())} given with --optim {optim!r}, which is not a "
                 f"tower optimizer; use one of {', '.join(HYPER_OPTIMIZERS)} or drop the --hyper_* arguments"
             )
-        # The schedule chosen for the user, if none was given (lr_scheduler_explicit compares with it).
-        self._auto_lr_scheduler = None
         if hyper:
             if self.deepspeed:
                 raise ValueError(
@@ -191,20 +243,46 @@ class HyperTrainingArguments(TrainingArguments):
                     "the optimizer step. Use FSDP (--fsdp) or DDP (torchrun) with a tower optimizer."
                 )
             settings = HyperSettings(optim, self.hyper_tower, self.hyper_learn, self.hyper_scope).resolved()
-            self.hyper_tower, self.hyper_learn, self.hyper_scope = settings.tower, settings.learn, settings.scope
             check_tower_arguments(self, settings)
-            if self.lr_scheduler_type is None:
-                self.lr_scheduler_type = "constant_with_warmup" if self.warmup_steps > 0 else "constant"
-                self._auto_lr_scheduler = self.lr_scheduler_type
-        elif self.lr_scheduler_type is None:
-            self.lr_scheduler_type = self._auto_lr_scheduler = "linear"
-        # TrainingArguments converts optim with OptimizerNames(...), which refuses the hyper names: let
-        # it check a standard placeholder, then put the real value back as a HyperOptimizerNames.
+            self.hyper_tower = ChosenDefault(settings.tower) if self.hyper_tower is None else self.hyper_tower
+            self.hyper_learn = ChosenDefault(settings.learn) if self.hyper_learn is None else self.hyper_learn
+            self.hyper_scope = ChosenDefault(settings.scope) if self.hyper_scope is None else self.hyper_scope
+        if _given(self.lr_scheduler_type) is not None:
+            return None
         if hyper:
-            self.optim = OptimizerNames.ADAMW_TORCH.value
-        super().__post_init__()
-        if hyper:
-            self.optim = HyperOptimizerNames(optim)
+            self.lr_scheduler_type = ChosenDefault("constant_with_warmup" if self.warmup_steps > 0 else "constant")
+        else:
+            self.lr_scheduler_type = ChosenDefault("linear")
+        return self.lr_scheduler_type
+
+    def set_optimizer(
+        self,
+        name: str | OptimizerNames | HyperOptimizerNames = "adamw_torch",
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        epsilon: float = 1e-8,
+        args: str | None = None,
+    ) -> HyperTrainingArguments:
+        """``TrainingArguments.set_optimizer``, which also takes the tower optimizers (``name="hyper_adam"``).
+
+        The ``--hyper_*`` settings and the schedule that were chosen for the user follow the new
+        optimizer; ones that were given stay (and are refused with a standard optimizer, as at
+        construction). Raises ``ValueError`` as construction does, and then changes nothing.
+        """
+        kept = {k: getattr(self, k) for k in (*_SET_OPTIMIZER_FIELDS, "lr_scheduler_type")}
+        self.learning_rate, self.weight_decay = learning_rate, weight_decay
+        self.adam_beta1, self.adam_beta2, self.adam_epsilon, self.optim_args = beta1, beta2, epsilon, args
+        optim = str(getattr(name, "value", name))
+        try:
+            self._choose_defaults(optim)
+        except ValueError:
+            for k, v in kept.items():
+                setattr(self, k, v)
+            raise
+        self.optim = HyperOptimizerNames(optim) if optim in HYPER_OPTIMIZERS else OptimizerNames(optim)
+        return self
 
     # ------------------------------------------------------------------ the tower these arguments describe
     @property
@@ -212,8 +290,7 @@ class HyperTrainingArguments(TrainingArguments):
         """Whether a schedule was chosen: given, or set after construction (``set_lr_scheduler``, or
         ``lr_scheduler_type`` assigned). Only then does it multiply the learned step size; otherwise the
         ``Trainer`` runs a constant one, with warm-up if warm-up steps are set when it starts."""
-        auto = self.__dict__.get("_auto_lr_scheduler")
-        return auto is None or str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)) != auto
+        return not isinstance(self.lr_scheduler_type, ChosenDefault)
 
     @property
     def is_hyper(self) -> bool:
@@ -290,7 +367,8 @@ class HyperSettings:
         tower_spec = default_hyper(None, learn) if self.tower is None else self.tower
         # Parsed under the weight level, so that an error numbers the levels as the tower does.
         parse_spec(f"{rule.name}(learn={learn})/{tower_spec}")
-        return HyperSettings(self.optim, tower_spec, learn, scope)
+        # Plain strings: a ChosenDefault would reach the optimizer's state dict, which torch.load(weights_only) refuses.
+        return HyperSettings(self.optim, str(tower_spec), str(learn), str(scope))
 
     def spec(self, args: TrainingArguments) -> str:
         """The full tower spec, weight level first, with the weight level's values taken from ``args``."""
