@@ -206,3 +206,28 @@ def test_plain_trainer_resumed_without_optimizer_state_warns_and_the_card_says_s
         resumed = trainer()
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert "Resumed at step 2 from a checkpoint without the optimizer state" in (tmp_path / "README.md").read_text()
+
+
+def test_attached_callback_resumed_from_another_folder_keeps_the_trajectory(tmp_path):
+    """A plain Trainer resumed from a checkpoint outside its output_dir: the callback looked for the
+    trajectory in its own output_dir, and the new run's file started at the resumed step."""
+
+    def trainer(out, steps):
+        args = plain_args(out, max_steps=steps, save_strategy="steps", save_steps=2)
+        t = Trainer(model=tiny_bert(), args=args, train_dataset=classification_data(),
+                    optimizer_cls_and_kwargs=(hh.HyperAdam, {"lr": 3e-3, "hyper": "adam(lr=0.05)"}))  # fmt: skip
+        hh.HyperCallback().attach(t)
+        return t
+
+    trainer(tmp_path / "first", 4).train()
+    saved = read_trajectory(tmp_path / "first" / "checkpoint-2" / "hyper_trajectory.jsonl")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        trainer(tmp_path / "second", 4).train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-2"))
+    assert not [w for w in said if "trajectory" in str(w.message)]
+    records = read_trajectory(tmp_path / "second" / "hyper_trajectory.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[:2] == saved
+    # resume_from_checkpoint=True finds the newest checkpoint of its own output_dir, as the Trainer does.
+    again = trainer(tmp_path / "second", 6)
+    again.train(resume_from_checkpoint=True)
+    assert [r["step"] for r in read_trajectory(tmp_path / "second" / "hyper_trajectory.jsonl")] == list(range(1, 7))

@@ -34,7 +34,7 @@ import shutil
 from typing import Any
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import has_length
+from transformers.trainer_utils import get_last_checkpoint, has_length
 from transformers.utils import logging as hf_logging
 
 from ..optim import TowerOptimizer
@@ -133,8 +133,8 @@ class HyperCallback(TrainerCallback):
     Attributes:
         tower: the tower being trained (set when training begins), or ``None``.
         initial: every level's learned values before the first step.
-        resumed_from: the checkpoint the run resumed from, if known (``HyperTrainer`` sets it);
-            otherwise ``<output_dir>/checkpoint-<step>`` is assumed, the ``Trainer``'s layout.
+        resumed_from: the checkpoint the run resumed from, if known (set when attached, see
+            :meth:`attach`); otherwise ``<output_dir>/checkpoint-<step>`` is assumed, the ``Trainer``'s layout.
         horizon: the steps a ``trace=auto`` spans, as the ``Trainer`` counted them (``HyperTrainer`` sets
             it); otherwise :func:`run_horizon` counts them from the dataloader.
     """
@@ -155,12 +155,14 @@ class HyperCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ attaching
     def attach(self, trainer: Any) -> HyperCallback:
-        """Put this callback first on ``trainer`` and keep its card section when the card is rewritten.
+        """Put this callback first on ``trainer``, keep its card section when the card is rewritten, and
+        note which checkpoint a run resumes from.
 
         First, so that the reporters that come with ``report_to`` receive the ``hyper/*`` keys and the
         effective ``learning_rate``; ``trainer.create_model_card`` (which ``push_to_hub`` calls and
         which rewrites ``README.md``) is wrapped on this ``trainer`` instance only, to add the section
-        back. Attaching twice is harmless.
+        back; so is ``trainer.train``, to learn ``resume_from_checkpoint`` (the trajectory up to it is
+        read from there, wherever it is). Attaching twice is harmless.
 
         Returns:
             This callback.
@@ -180,6 +182,22 @@ class HyperCallback(TrainerCallback):
 
             create_model_card._hyper_callback = self  # type: ignore[attr-defined]
             trainer.create_model_card = create_model_card
+        train = trainer.train
+        if getattr(train, "_hyper_callback", None) is not self:
+
+            @functools.wraps(train)
+            def train_and_note_checkpoint(resume_from_checkpoint=None, *args, **kwargs):
+                # The checkpoint a plain Trainer resumes from is not passed to callbacks: note it here, as the
+                # Trainer finds it (HyperTrainer sets it again once loaded).
+                self.resumed_from, self.restarted_at = None, None
+                if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+                    self.resumed_from = os.fspath(resume_from_checkpoint)
+                elif resume_from_checkpoint is True and os.path.isdir(trainer.args.output_dir):
+                    self.resumed_from = get_last_checkpoint(trainer.args.output_dir)
+                return train(resume_from_checkpoint, *args, **kwargs)
+
+            train_and_note_checkpoint._hyper_callback = self  # type: ignore[attr-defined]
+            trainer.train = train_and_note_checkpoint
         return self
 
     # ------------------------------------------------------------------ the card
