@@ -238,6 +238,10 @@ def effective_argv(argv: list[str]) -> list[str]:
         for i in reversed(range(0, len(demo), 2)):
             if demo[i].startswith("--hyper_"):
                 del demo[i : i + 2]
+    # A step count given for saving or evaluating means by steps: the demo's "no" / "epoch" would ignore it.
+    for steps_flag, strategy_flag in (("--save_steps", "--save_strategy"), ("--eval_steps", "--eval_strategy")):
+        if steps_flag in names and strategy_flag not in names and strategy_flag in demo:
+            demo[demo.index(strategy_flag) + 1] = "steps"
     return demo + list(argv)
 
 

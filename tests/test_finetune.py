@@ -305,6 +305,15 @@ def test_task_clm_alone_is_the_gpt2_demo_and_flags_override_it():
     assert training_args.learning_rate == 3e-4
 
 
+def test_demo_with_save_or_eval_steps_saves_and_evaluates_by_steps():
+    """The demo's --save_strategy no (and --eval_strategy epoch) ignored a --save_steps/--eval_steps given
+    without a strategy, without a word."""
+    _, _, args = finetune.parse_args(finetune.effective_argv(["--save_steps", "20", "--eval_steps", "30"]))
+    assert (args.save_strategy, args.save_steps, args.eval_strategy, args.eval_steps) == ("steps", 20, "steps", 30)
+    _, _, args = finetune.parse_args(finetune.effective_argv(["--save_steps", "20", "--save_strategy", "epoch"]))
+    assert (args.save_strategy, args.eval_strategy) == ("epoch", "epoch")
+
+
 def test_own_data_gets_no_demo_defaults(tmp_path):
     argv = ["--model_name_or_path", "x", "--train_file", "t.csv", "--output_dir", str(tmp_path)]
     assert finetune.effective_argv(argv) == argv
