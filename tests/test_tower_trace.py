@@ -188,7 +188,17 @@ def test_trace_auto_loaded_from_a_state_dict_still_warns_without_a_horizon(make_
         opt.step()
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "94", None])
+def test_set_horizon_takes_integers_of_any_kind():
+    """Counts come as numpy integers or 0-d tensors (len of a sampler, a reduced step count)."""
+    import numpy as np
+
+    opt = hh.tower([torch.zeros(2, requires_grad=True)], "adam/adam(trace=auto)")
+    for steps in (np.int64(7), torch.tensor(9)):
+        opt.set_horizon(steps)
+        assert opt.horizon == int(steps) and type(opt.horizon) is int
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "94", None, torch.tensor(2.5), torch.tensor(0)])
 def test_set_horizon_refuses_what_is_not_a_number_of_steps(bad):
     opt = hh.tower([torch.zeros(2, requires_grad=True)], "adam/adam(trace=auto)")
     with pytest.raises(ValueError, match=r"set_horizon\(steps=.*\): give a whole number of optimizer steps >= 1"):

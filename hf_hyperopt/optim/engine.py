@@ -29,7 +29,7 @@ beside them. This module holds the optimizer class that ties them together.
 
 from __future__ import annotations
 
-import numbers
+import operator
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -236,9 +236,13 @@ class TowerOptimizer(torch.optim.Optimizer):
         total_steps)``; without it ``trace=auto`` spans 100 steps (with a warning). A tower without
         ``trace=auto`` keeps the horizon and ignores it.
         """
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        try:  # ints, numpy integers, one-element integer tensors
+            n = None if isinstance(steps, bool) else operator.index(steps)
+        except TypeError:
+            n = None
+        if n is None or n < 1:
             raise ValueError(f"set_horizon(steps={steps!r}): give a whole number of optimizer steps >= 1")
-        self._horizon = int(steps)
+        self._horizon = n
 
     def schedule_base(self, i: int) -> float:
         """What ``param_groups[i]["lr"]`` is a factor of on the learned step size: a torch scheduler's
