@@ -83,6 +83,20 @@ def test_bad_spec(spec, quoted, allowed, params):
         (lambda p: hh.HyperAdaGrad(p, lr_decay=0.1), "lr_decay=0.1 is not supported", "lr_decay=0.0"),
         (lambda p: hh.HyperRMSProp(p, centered=True), "centered=True is not supported", "centered=False"),
         (lambda p: hh.HyperAdam(fused=True), "fused=True is not supported", "fused=None"),
+        # ... and in a param group, where they were dropped: maximize=True descended
+        (lambda p: hh.HyperAdam([{"params": p, "maximize": True}]), "group 0: maximize=True", "maximize=False"),
+        (lambda p: hh.HyperAdam([{"params": p, "amsgrad": True}]), "group 0: amsgrad=True", "amsgrad=False"),
+        (
+            lambda p: hh.HyperAdam([{"params": p[:1]}, {"params": p[1:], "decoupled_weight_decay": True}]),
+            "group 1: decoupled_weight_decay=True",
+            "decoupled_weight_decay=False",
+        ),
+        (lambda p: hh.HyperRMSProp([{"params": p, "centered": True}]), "group 0: centered=True", "centered=False"),
+        (
+            lambda p: hh.HyperSGD([{"params": p, "nesterov": True}], lr=0.1, momentum=0.9),
+            "group 0: nesterov=True",
+            "nesterov=False for every group; give nesterov to the optimizer",
+        ),
         # a bool where a number belongs: HyperSGD(p, lr, momentum, weight_decay, nesterov) in the order before
         # torch.optim's (dampening comes fourth) would read True as a weight decay of 1.0
         (lambda p: hh.HyperSGD(p, 0.1, 0.9, 0, True), "weight_decay=True", "is a bool, not a number"),
@@ -105,6 +119,16 @@ def test_bad_arguments(build, quoted, allowed, params):
     with pytest.raises(ValueError) as err:
         build(params)
     assert quoted in str(err.value) and allowed in str(err.value), str(err.value)
+
+
+def test_param_groups_may_repeat_what_the_tower_runs_as(params):
+    """Options at the values the tower runs as (torch.optim's defaults, or the optimizer's own) are taken."""
+    hh.HyperAdamW([{"params": params, "decoupled_weight_decay": True, "foreach": True, "maximize": False}])
+    hh.HyperSGD([{"params": params, "nesterov": True}], lr=0.1, momentum=0.9, nesterov=True)
+    opt = hh.HyperAdam(params[:1])
+    with pytest.raises(ValueError, match="param group 1: maximize=True"):
+        opt.add_param_group({"params": params[1:], "maximize": True})
+    assert len(opt.param_groups) == 1
 
 
 def test_errors_come_before_any_step(params):

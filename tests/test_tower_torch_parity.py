@@ -86,6 +86,25 @@ def test_zero_hyper_step_two_param_groups(case, scope, float64, make_mlp, batche
     assert opt.hyperparameters()[0]["lr"] == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("hyper", [None, "sgd(lr=0)"])
+@pytest.mark.parametrize("momenta", [(0.9, 0.0), (0.0, 0.9)])
+def test_sgd_groups_with_and_without_momentum(hyper, momenta, float64, make_mlp, batches):
+    """torch.optim.SGD takes a group at momentum 0 beside one with momentum (no momentum for biases, say);
+    the tower failed at its first step (KeyError: 'momentum_buffer')."""
+    data = batches(STEPS)
+    ref_model, model = make_mlp(), make_mlp()
+
+    def groups(m):
+        return [{"params": g["params"], "momentum": mu} for g, mu in zip(_hf_groups(m, 0.0), momenta, strict=True)]
+
+    ref = torch.optim.SGD(groups(ref_model), lr=0.05)
+    opt = hh.HyperSGD(groups(model), lr=0.05, hyper=hyper)
+    _train(ref_model, ref, data)
+    _train(model, opt, data)
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=1e-10)
+
+
 def test_plain_algorithm_without_tower(float64, make_mlp, batches):
     """``hyper=None`` is height 0: plain Adam, no tangents kept."""
     data = batches(10)

@@ -171,6 +171,12 @@ def build_buckets(opt: TowerOptimizer, entries: list[Entry]) -> list[Bucket]:
             if not any(n in st for n in rule0.state_names):
                 for name, buf in rule0.init_state(t, opt._param_values(p)).items():
                     st[name] = wrap_like(p, buf)
+        # A bucket steps in one multi-tensor call, so its tensors hold the same buffers: one whose group needs
+        # none (SGD at momentum 0 beside a group with momentum) gets them as zeros, and steps as torch's would.
+        kept = {n for p in b.params for n in opt.state[p] if n in rule0.state_names}
+        for p, t in zip(b.params, b.local, strict=True):
+            for name in kept.difference(opt.state[p]):
+                opt.state[p][name] = wrap_like(p, torch.zeros_like(t, memory_format=torch.preserve_format))
         b.attach_tangents(opt.state, opt._held, opt._hyper_dtype(b.local[0].dtype))
         if not learn0 or rule0.writes_tangents:
             # A learned lr's tangent buffer is the direction's workspace (a rule run by forward AD

@@ -32,7 +32,7 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -57,6 +57,7 @@ from .ramp import RAMP_PROBE
 from .rollback import rollback_on_error
 from .state import TowerState, initial_state, read_tower_entry, tower_entry
 from .stepping import (
+    check_group_options,
     check_group_values,
     count_step,
     group_defaults,
@@ -99,6 +100,10 @@ class TowerOptimizer(torch.optim.Optimizer):
     A hypergradient that is NaN or infinite is replaced by zero for that step and the hyperparameter
     keeps its value; such skips are counted (:meth:`skipped_hyper_updates`).
     """
+
+    # torch.optim's options that the weight level does not implement, and the values it runs as (the
+    # optimizer classes fill it in): any other value is refused, in the constructor or a param group.
+    torch_only: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     def __init__(
         self,
@@ -150,8 +155,9 @@ class TowerOptimizer(torch.optim.Optimizer):
         if levels[0].values.get("nesterov") and levels[0].full_values()["momentum"] == 0.0:
             raise ValueError("level 0 (sgd): nesterov=true needs momentum > 0")
         super().__init__(params, group_defaults(levels[0]))
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             check_group_values(levels[0].rule, group)
+            check_group_options(levels[0], group, i, self.torch_only)
         # What a hand-set group["lr"] is a factor of until the first step, where no scheduler has set
         # group["initial_lr"]. Kept here, not in the group, until then: a torch scheduler takes an
         # "initial_lr" it finds as its base, so one written now would hide an lr set by hand before the
@@ -301,6 +307,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                     )
             if hasattr(self, "_buckets"):  # a group added after construction: check it as __init__ does
                 check_group_values(self.levels[0].rule, group)
+                check_group_options(self.levels[0], group, len(self.param_groups) - 1, self.torch_only)
                 self._check_scope()
                 self._check_sharding()
                 self._buckets = None

@@ -18,13 +18,13 @@ import dataclasses
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from ..levels import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, Rule, SGDRule
 from .config import LevelConfig, as_number, checked_level, where
 from .engine import TowerOptimizer
 from .spec import parse_spec
-from .stepping import beta_pair
+from .stepping import beta_pair, runs_as
 
 # The level above the weights when none is given. It learns log(lr) from the slope of the next loss
 # along the last update (normalize=true), a signal whose size does not follow the lr, so Adam moves
@@ -107,8 +107,6 @@ class _HyperOptimizer(TowerOptimizer):
     """
 
     rule: type[Rule]
-    # torch.optim's arguments that the tower does not implement: the values it accepts for each.
-    torch_only: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     @classmethod
     def _check_torch_only(cls, arguments: dict[str, Any]) -> None:
@@ -116,7 +114,7 @@ class _HyperOptimizer(TowerOptimizer):
         to a value the tower does not run as."""
         for name, accepted in cls.torch_only.items():
             value = arguments[name]
-            if not any(value is a or (not isinstance(value, bool) and a is not None and value == a) for a in accepted):
+            if not runs_as(value, accepted):
                 raise ValueError(
                     f"{cls.__name__}: {name}={value!r} is not supported; a tower runs as torch.optim does with "
                     f"{name}={accepted[0]!r}"
