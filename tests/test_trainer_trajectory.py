@@ -123,3 +123,17 @@ def test_model_card_section_is_written_once_and_tagged(tmp_path):
     assert "`adam(lr=0.001)/adam(lr=0.01)`" in text and "| 0 | lr | 0.001 | 0.0031 |" in text and "0.0025" not in text
     assert "| 1 | lr (fixed) | 0.01 | 0.01 |" in text and "](hyper_trajectories.png)" in text
     assert "- hf-hyperopt" in text and "- generated_from_trainer" in text
+
+
+def test_a_new_model_card_starts_with_its_metadata_and_nothing_else(tmp_path):
+    """Without a README.md yet, the card began '---\\ntags: ...\\n---\\n---\\n---': the empty metadata block it
+    was built from did not parse and was kept as body text (two horizontal rules on the Hub)."""
+    from huggingface_hub import ModelCard
+
+    card = tmp_path / "README.md"
+    add_hyper_section(card, hyper_section("sgd(lr=0.1)/sgd(lr=0.01)", "shared", [{"lr": 0.1}, {"lr": 0.01}],
+                                          [{"lr": 0.2}, {"lr": 0.01}]))  # fmt: skip
+    text = card.read_text()
+    assert text.startswith("---\ntags:\n- hf-hyperopt\n---\n") and text.count("---\n") == 2
+    loaded = ModelCard.load(card)
+    assert loaded.data.tags == ["hf-hyperopt"] and loaded.text.lstrip().startswith("<!-- hf_hyperopt:begin -->")

@@ -78,7 +78,8 @@ def hyper_section(
 def add_hyper_section(card_path: str | os.PathLike, section: str) -> None:
     """Put ``section`` into the model card at ``card_path`` (replacing an earlier one) and tag the card."""
     path = Path(card_path)
-    card = ModelCard.load(path) if path.is_file() else ModelCard("---\n---\n")
+    # A new card starts with its metadata: an empty block does not parse, and would be kept as body text.
+    card = ModelCard.load(path) if path.is_file() else ModelCard(f"---\ntags:\n- {TAG}\n---\n")
     text = card.text
     if BEGIN in text and END in text:
         head, _, rest = text.partition(BEGIN)
