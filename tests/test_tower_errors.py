@@ -25,6 +25,7 @@ def params():
         ("", "''", "adam(lr=1e-3)/sgd(lr=1e-5)"),
         ("adam(lr=fast)", "lr='fast'", "not a number"),
         ("sgd(nesterov=maybe)", "nesterov='maybe'", "true or false"),
+        ("adam/sgd(lr=0.05,nesterov=true)", "level 1 (sgd)", "nesterov=true needs momentum > 0"),
         ("adam(1e-3)", "'1e-3'", "key=value"),
         ("lion(lr=1e-4)/sgd", "'lion'", "sgd, adam, adamw, adagrad, rmsprop"),
         ("adam(momentum=0.9)/sgd", "'momentum'", "lr, beta1, beta2, eps, weight_decay, learn"),

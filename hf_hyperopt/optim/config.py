@@ -298,4 +298,6 @@ def checked_level(
     )
     if timescale and "lr" not in rule.hyperparameters:
         raise ValueError(f"{at}: timescale={timescale!r} shrinks a level's lr, and {rule.name} has none")
+    if values.get("nesterov") and not values.get("momentum", rule.hyperparameters["momentum"].default):
+        raise ValueError(f"{at}: nesterov=true needs momentum > 0")  # as torch.optim.SGD, at every level
     return LevelConfig(rule, dict(values), learn, trace, ramp, normalize, cosine, float(ramp_search), float(timescale))

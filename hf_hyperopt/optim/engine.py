@@ -152,8 +152,6 @@ class TowerOptimizer(torch.optim.Optimizer):
                 # horizon, which is set after construction (and after loading), so the layout cannot follow it.
                 options.update(hold=not levels[1].trace, has_momentum=bool(values.get("momentum", 0.0)))
             self._rules.append(cfg.rule(mode, **options))
-        if levels[0].values.get("nesterov") and levels[0].full_values()["momentum"] == 0.0:
-            raise ValueError("level 0 (sgd): nesterov=true needs momentum > 0")
         super().__init__(params, group_defaults(levels[0]))
         for i, group in enumerate(self.param_groups):
             check_group_values(levels[0].rule, group)
