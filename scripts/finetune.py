@@ -38,10 +38,12 @@ Your own data or a Hub dataset::
         --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --block_size 512 \\
         --optim hyper_adamw --learning_rate 5e-5 --output_dir out/wikitext
 
-    # several processes (torchrun, or `accelerate config` once and then `accelerate launch`)
+    # several processes (torchrun, or `accelerate config` once and then `accelerate launch`); add
+    # --use_cpu on a machine without a GPU, where the Trainer would otherwise run separate copies
     torchrun --nproc_per_node 2 scripts/finetune.py --optim hyper_adam --output_dir out/ddp
 
-As in those scripts, ``--resume_from_checkpoint out/checkpoint-500`` continues a run, and ``--do_eval``
+As in those scripts, ``--resume_from_checkpoint out/checkpoint-500`` continues a run (``true``: from the
+newest checkpoint in ``--output_dir``), and ``--do_eval``
 without ``--do_train`` evaluates the model given and trains nothing (otherwise the script trains).
 
 Outputs in ``--output_dir``: the model and tokenizer, ``all_results.json`` (train and eval metrics:
@@ -260,15 +262,29 @@ def parse_args(argv: list[str]):
     """Parse into ``(ModelArguments, DataArguments, HyperTrainingArguments)``; bad values exit with one line."""
     parser = make_parser()
 
-    def one_line(message: str):  # argparse prints its whole usage first; the message alone says it
-        raise InputError(message)
+    def refuse(message: str):  # argparse prints its whole usage first; the message alone says it
+        raise InputError(one_line(message))
 
-    parser.error = one_line
+    parser.error = refuse
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # raised by a dataclass's __post_init__ (e.g. an unknown --hyper_tower)
-        raise InputError(str(e).splitlines()[0]) from None
+        raise InputError(one_line(str(e))) from None
     return model_args, data_args, training_args
+
+
+def one_line(text: str, limit: int = 600) -> str:
+    """``text``'s non-empty lines joined into one (a library's message often gives its cause on later lines)."""
+    joined = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return joined if len(joined) <= limit else joined[: limit - 3] + "..."
+
+
+def resume_checkpoint(value: str | None) -> str | bool | None:
+    """``--resume_from_checkpoint`` as ``Trainer.train`` takes it: ``true``/``last`` resume from the newest
+    checkpoint in ``--output_dir``, a path from that folder."""
+    if value is not None and value.strip().lower() in ("true", "last"):
+        return True
+    return value
 
 
 def resolve_model_path(name: str | None) -> str | None:
@@ -320,6 +336,20 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
         raise InputError(
             f"--num_train_epochs {training_args.num_train_epochs}: give a positive number of epochs, or --max_steps"
         )
+    resume = resume_checkpoint(training_args.resume_from_checkpoint)
+    if isinstance(resume, str) and not Path(resume).is_dir():
+        raise InputError(
+            f"--resume_from_checkpoint {resume} is not a folder; give a checkpoint-N folder of an earlier run, or "
+            "true for the newest one in --output_dir"
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and str(getattr(training_args.parallel_mode, "value", training_args.parallel_mode)) != "distributed":
+        raise InputError(
+            f"launched as {world} processes (WORLD_SIZE={world}), but they would train as {world} separate copies "
+            f"of the run writing to one --output_dir (the Trainer's parallel mode is "
+            f"{getattr(training_args.parallel_mode, 'value', training_args.parallel_mode)}); on a machine without a "
+            "GPU add --use_cpu"
+        )
     allowed = (".csv", ".json", ".jsonl") + ((".txt",) if data_args.task == "clm" else ())
     for flag in ("train_file", "validation_file"):
         path = getattr(data_args, flag)
@@ -331,6 +361,19 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
             raise InputError(
                 f"--{flag} {path}: the {data_args.task} task reads {', '.join(allowed)} files, not {Path(path).suffix!r}"
             )
+    if data_args.train_file is not None and data_args.validation_file is not None:
+        kinds = {_file_kind(data_args.train_file), _file_kind(data_args.validation_file)}
+        if len(kinds) > 1:
+            raise InputError(
+                f"--train_file {data_args.train_file} and --validation_file {data_args.validation_file} are of "
+                "different kinds; give both as CSV, both as JSON/JSON lines, or both as text"
+            )
+
+
+def _file_kind(path: str) -> str:
+    """The ``datasets`` builder that reads ``path`` (``.json`` and ``.jsonl`` are one)."""
+    ext = Path(path).suffix.lower().lstrip(".")
+    return {"jsonl": "json", "txt": "text"}.get(ext, ext)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -345,24 +388,22 @@ def load_raw_datasets(data_args: DataArguments, cache_dir: str | None = None):
             files = {"train": data_args.train_file}
             if data_args.validation_file is not None:
                 files["validation"] = data_args.validation_file
-            ext = Path(data_args.train_file).suffix.lower().lstrip(".")
-            builder = {"jsonl": "json", "txt": "text"}.get(ext, ext)
-            raw = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir)
+            raw = datasets.load_dataset(_file_kind(data_args.train_file), data_files=files, cache_dir=cache_dir)
     except Exception as e:  # noqa: BLE001 - any failure here is the user's data source, reported in one line
         what = (
             f"--dataset_name {data_args.dataset_name}"
             + (f" --dataset_config_name {data_args.dataset_config_name}" if data_args.dataset_config_name else "")
             if data_args.dataset_name
             else f"--train_file {data_args.train_file}"
+            + (f" with --validation_file {data_args.validation_file}" if data_args.validation_file else "")
         )
         hint = (
             "; offline (HF_HUB_OFFLINE=1 or no network) a Hub dataset loads only if it is in the cache: run once "
             "online, or give --train_file/--validation_file"
             if data_args.dataset_name
-            else "; check that the file is valid CSV/JSON/text"
+            else "; check that the files are valid CSV/JSON/text with the same columns"
         )
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise InputError(f"cannot load {what}: {type(e).__name__}: {first}{hint}") from None
+        raise InputError(f"cannot load {what}: {type(e).__name__}: {one_line(str(e))}{hint}") from None
     if "train" not in raw:
         raise InputError(f"the dataset has no 'train' split (it has {', '.join(raw)})")
     return raw
@@ -374,7 +415,13 @@ def hold_out_validation(data_args: DataArguments, raw):
 
     if "validation" in raw:
         return raw
-    held_out = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=0)
+    try:
+        held_out = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=0)
+    except ValueError as e:  # too few examples to split
+        raise InputError(
+            f"{_source(data_args, 'train')}: cannot hold out {data_args.validation_split_percentage}% of its "
+            f"{len(raw['train'])} example(s) for validation ({one_line(str(e))}); give --validation_file or more examples"
+        ) from None
     return datasets.DatasetDict(train=held_out["train"], validation=held_out["test"])
 
 
@@ -384,6 +431,19 @@ def _source(data_args: DataArguments, split: str) -> str:
     if path is not None:
         return f"--{split}_file {path}"
     return f"the {split} split of --dataset_name {data_args.dataset_name}"
+
+
+def _prepared_source(data_args: DataArguments, split: str, held_out: bool) -> str:
+    """``split`` as the script prepared it: the validation data held out of the train data where none was
+    given, and each split cut by ``--max_train_samples``/``--max_eval_samples``."""
+    pct = data_args.validation_split_percentage
+    if split == "validation" and held_out:
+        text = f"the {pct}% of {_source(data_args, 'train')} held out for validation (no validation data was given)"
+    else:
+        text = _source(data_args, split) + (f" less the {pct}% held out for validation" if held_out else "")
+    flag = "max_train_samples" if split == "train" else "max_eval_samples"
+    n = getattr(data_args, flag)
+    return text + (f", cut to its first {n} examples by --{flag}" if n is not None else "")
 
 
 def _missing(value: Any) -> bool:
@@ -451,8 +511,10 @@ def _feature_kind(feature) -> str:
     return f"{feature.dtype} values" if isinstance(feature, datasets.Value) else f"{type(feature).__name__} values"
 
 
-def label_names(data_args: DataArguments, raw) -> list[str]:
-    """The class names, in the order of their ids: the dataset's ``ClassLabel`` names, else the sorted values."""
+def label_names(data_args: DataArguments, raw, held_out: bool = False) -> list[str]:
+    """The class names, in the order of their ids: the dataset's ``ClassLabel`` names, else the sorted values.
+
+    ``held_out``: the validation split was held out of the train data (messages say so)."""
     import datasets
 
     columns = raw["train"].column_names
@@ -474,23 +536,25 @@ def label_names(data_args: DataArguments, raw) -> list[str]:
             f"--label_column_name {data_args.label_column_name!r} holds floats: regression is not supported; give "
             "a column of class labels (strings or integers)"
         )
-    check_label_values(data_args, raw)
+    check_label_values(data_args, raw, held_out)
     return [str(v) for v in sorted(set(raw["train"].unique(data_args.label_column_name)))]
 
 
-def check_label_values(data_args: DataArguments, raw) -> None:
+def check_label_values(data_args: DataArguments, raw, held_out: bool = False) -> None:
     """The train split has two classes or more, and the validation split no class the train split lacks."""
     column = data_args.label_column_name
     train = set(raw["train"].unique(column))
     if len(train) < 2:
         raise InputError(
-            f"{_source(data_args, 'train')}: --label_column_name {column!r} has {len(train)} distinct value(s) "
+            f"{_prepared_source(data_args, 'train', held_out)}: --label_column_name {column!r} has {len(train)} "
+            "distinct value(s) "
             f"({', '.join(map(repr, sorted(train)))}); a classifier needs examples of 2 classes or more to train on"
         )
     unseen = set(raw["validation"].unique(column)) - train
     if unseen:
         raise InputError(
-            f"{_source(data_args, 'validation')}: label(s) {', '.join(map(repr, sorted(unseen)))} never occur in the "
+            f"{_prepared_source(data_args, 'validation', held_out)}: label(s) {', '.join(map(repr, sorted(unseen)))} "
+            "never occur in the "
             f"train split, whose labels are {', '.join(map(repr, sorted(train)))}; add training examples of them or "
             "drop them from the validation data"
         )
@@ -600,41 +664,69 @@ def load_config(model_args: ModelArguments, task: str, **kwargs):
     return config
 
 
-def check_head(model_args: ModelArguments, labels: list[str]) -> None:
-    """A checkpoint saved with a classification head must have one output per label of the data.
+def head_labels(model_args: ModelArguments, labels: list[str]) -> list[str]:
+    """The data's ``labels`` in the order of the model's classification head, checked against the head.
 
-    ``from_pretrained`` would otherwise fail on the head's shape after reading the weights. A model
-    saved without a head (``BertModel``, a masked-LM checkpoint) gets a new one of the right size.
+    A checkpoint saved with a head must have one output per label of the data: ``from_pretrained`` would
+    otherwise fail on the head's shape after reading the weights (``--ignore_mismatched_sizes`` replaces
+    it). Where the head names its outputs and the names are the data's labels (case aside, as run_glue
+    matches them), the head's order is kept: its outputs mean those labels. Generic names (``LABEL_0``, ...)
+    keep the data's order; other names are warned about. A model saved without a head gets a new one.
     """
     from transformers import AutoConfig
 
-    if model_args.ignore_mismatched_sizes:
-        return
     try:
         config = AutoConfig.from_pretrained(model_args.model_name_or_path)  # as saved
     except Exception:  # noqa: BLE001 - not a model: load_config reports it in one line
-        return
+        return labels
     if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
-        return
+        return labels
     saved = config.num_labels
-    if saved == len(labels):
-        return
-    raise InputError(
-        f"--model_name_or_path {model_args.model_name_or_path} has a classification head for {saved} labels, the data "
-        f"has {len(labels)} ({', '.join(labels)}); give a model without a head, data with {saved} labels, or "
-        "--ignore_mismatched_sizes to replace the head"
+    if saved != len(labels):
+        if model_args.ignore_mismatched_sizes:
+            return labels
+        raise InputError(
+            f"--model_name_or_path {model_args.model_name_or_path} has a classification head for {saved} labels, "
+            f"the data has {len(labels)} ({', '.join(labels)}); give a model without a head, data with {saved} "
+            "labels, or --ignore_mismatched_sizes to replace the head"
+        )
+    names = [str(config.id2label.get(i, config.id2label.get(str(i), f"LABEL_{i}"))) for i in range(saved)]
+    if names == [f"LABEL_{i}" for i in range(saved)]:
+        return labels
+    by_name = {label.lower(): label for label in labels}
+    if len(by_name) == len(labels) and sorted(n.lower() for n in names) == sorted(by_name):
+        ordered = [by_name[n.lower()] for n in names]
+        if ordered != labels:
+            logger.info("labels in the order of the model's head: %s", ", ".join(ordered))
+        return ordered
+    logger.warning(
+        "--model_name_or_path %s names its %d outputs %s, the data's labels are %s: the head's outputs are "
+        "trained as the data's labels in this order",
+        model_args.model_name_or_path,
+        saved,
+        ", ".join(names),
+        ", ".join(labels),
     )
+    return labels
 
 
-def train_bpe_tokenizer(files: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer (GPT-2's algorithm) trained on ``files``, as a fast HF tokenizer."""
+def train_bpe_tokenizer(source: list[str], vocab_size: int, from_files: bool = True):
+    """A byte-level BPE tokenizer (GPT-2's algorithm) trained on the files (or, ``from_files=False``, the
+    texts) in ``source``, as a fast HF tokenizer."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train(
-        files=files, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False
-    )
+    options = {
+        "vocab_size": vocab_size,
+        "min_frequency": 2,
+        "special_tokens": ["<|endoftext|>"],
+        "show_progress": False,
+    }
+    if from_files:
+        bpe.train(files=source, **options)
+    else:
+        bpe.train_from_iterator([t for t in source if t], **options)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
     )
@@ -663,9 +755,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if data_args.task == "classification":
         if data_args.label_column_name in columns:
             check_cells(data_args, raw, [*texts, data_args.label_column_name])
+        held_out = "validation" not in raw
         raw = _limit_splits(hold_out_validation(data_args, raw), data_args)
-        labels = label_names(data_args, raw)
-        check_head(model_args, labels)
+        labels = head_labels(model_args, label_names(data_args, raw, held_out))
         config = load_config(
             model_args,
             "classification",
@@ -714,9 +806,14 @@ def _classification(model_args, data_args, training_args, raw, texts, labels, co
     config.pad_token_id = tokenizer.pad_token_id
     label2id = config.label2id
     label_col = data_args.label_column_name
+    limit = min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", None) or math.inf)
+    max_seq_length = data_args.max_seq_length
+    if max_seq_length > limit:  # as run_glue: warn, and use the model's maximum
+        logger.warning("--max_seq_length %d is longer than the model takes; using %d", max_seq_length, limit)
+        max_seq_length = int(limit)
 
     def preprocess(batch):
-        out = tokenizer(*(batch[c] for c in texts), truncation=True, max_length=data_args.max_seq_length)
+        out = tokenizer(*(batch[c] for c in texts), truncation=True, max_length=max_seq_length)
         out["labels"] = [label2id[v] if isinstance(v, str) else label2id.get(str(v), v) for v in batch[label_col]]
         return out
 
@@ -762,8 +859,11 @@ def _clm(model_args, data_args, training_args, raw, texts, config):
     else:
         if data_args.train_file is None:
             raise InputError("a new tokenizer is trained on --train_file; give it, or give --tokenizer_name")
-        # Every process trains the same tokenizer on the same file (deterministic, a second or two).
-        tokenizer = train_bpe_tokenizer([data_args.train_file], model_args.tokenizer_vocab_size)
+        # Every process trains the same tokenizer on the same text (deterministic, a second or two): a text
+        # file as it is, a CSV or JSON file's text column (not its quotes, keys and labels).
+        text_file = _file_kind(data_args.train_file) == "text"
+        source = [data_args.train_file] if text_file else raw["train"][texts[0]]
+        tokenizer = train_bpe_tokenizer(source, model_args.tokenizer_vocab_size, from_files=text_file)
     if model_args.model_name_or_path is None:
         config.vocab_size = len(tokenizer)
         config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
@@ -832,8 +932,13 @@ def _train_and_report(trainer, training_args, data_args, model_args, argvs, perp
     flags = {a.partition("=")[0] for a in argvs[0] if a.startswith("--")}
     if "--do_eval" in flags and "--do_train" not in flags and training_args.do_eval:
         return _evaluate(trainer, perplexity_fn)
-    # As the transformers example scripts do: --resume_from_checkpoint (a checkpoint folder) continues that run.
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if training_args.do_predict:
+        logger.warning(
+            "--do_predict: this script writes no predictions (it has no test split); it trains and evaluates"
+        )
+    # As the transformers example scripts do: --resume_from_checkpoint (a checkpoint folder, or true for the
+    # newest in --output_dir) continues that run.
+    train_result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
     trainer.save_model()
     metrics = dict(train_result.metrics)
     trainer.log_metrics("train", metrics)

@@ -475,3 +475,105 @@ def test_demo_model_package_missing(no_model_load, monkeypatch, tmp_path):
 def test_bad_tower_is_one_line(tmp_path):
     message = _error(["--hyper_tower", "adam(lr=oops)", "--output_dir", str(tmp_path)])
     assert "oops" in message
+
+
+# ------------------------------------------------------------------ data and flags a user brings (red team)
+def _head_named(tiny_bert_dir: Path, tmp_path: Path, names: list[str]) -> Path:
+    """``tiny_bert_dir``'s config with a classification head whose outputs are ``names``, in that order."""
+    path = tmp_path / "named-head"
+    path.mkdir(exist_ok=True)
+    config = json.loads((tiny_bert_dir / "config.json").read_text())
+    config["id2label"] = {str(i): n for i, n in enumerate(names)}
+    config["label2id"] = {n: i for i, n in enumerate(names)}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_a_head_that_names_its_labels_keeps_its_order(tiny_bert_dir, tmp_path, caplog):
+    """The script sorted the data's labels and gave the model that order, so a head saved as
+    {0: tragedy, 1: comedy} was evaluated and trained with its outputs swapped (accuracy 0 for 1)."""
+    labels = ["comedy", "tragedy"]
+
+    def order(names):
+        model_args = finetune.ModelArguments(model_name_or_path=str(_head_named(tiny_bert_dir, tmp_path, names)))
+        return finetune.head_labels(model_args, labels)
+
+    assert order(["tragedy", "comedy"]) == ["tragedy", "comedy"]
+    assert order(["TRAGEDY", "Comedy"]) == ["tragedy", "comedy"]  # run_glue matches names case aside
+    assert order(["LABEL_0", "LABEL_1"]) == labels
+    assert order(["negative", "positive"]) == labels and "names its 2 outputs negative, positive" in caplog.text
+
+
+def test_max_seq_length_above_the_models_is_capped(tiny_bert_dir, tmp_path, capsys):
+    """Longer than the model's 64 positions, it failed inside the first forward pass, as run_glue caps it."""
+    args = classification_args(tiny_bert_dir, tmp_path / "out", "hyper_adam")
+    args[args.index("--max_seq_length") + 1] = "1000"
+    args[args.index("--max_steps") + 1] = "1"
+    assert math.isfinite(finetune.main(args)["eval_loss"])
+    assert "--max_seq_length 1000 is longer than the model takes; using 64" in capsys.readouterr().err
+
+
+def test_clm_tokenizer_learns_the_text_column_of_a_csv(tmp_path):
+    """It was trained on the raw file, so its vocabulary held the CSV's quotes, commas and column names."""
+    lines = (LM / "train.txt").read_text(encoding="utf-8").splitlines()[:200]
+    data = tmp_path / "lm.csv"
+    with open(data, "w", newline="", encoding="utf-8") as f:
+        import csv
+
+        writer = csv.writer(f)
+        writer.writerow(["text", "speaker_label"])
+        writer.writerows([line, "speaker_label"] for line in lines)
+    args = clm_args(tmp_path / "out", "hyper_adam")
+    args += ["--model_type", "gpt2", "--train_file", str(data), "--max_steps", "1"]
+    finetune.main(args)
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab()
+    assert not [t for t in vocab if "speaker" in t or "label" in t]
+
+
+def test_resume_from_checkpoint_true_means_the_newest(tmp_path):
+    assert finetune.resume_checkpoint("true") is True and finetune.resume_checkpoint("last") is True
+    assert finetune.resume_checkpoint("out/checkpoint-4") == "out/checkpoint-4"
+
+
+MORE_BAD_INPUT = {
+    # (train rows or None for the shipped file, validation: rows / None for none / a path suffix, extra, message)
+    "a resume folder that is not there": (TRAIN, TRAIN, ["--resume_from_checkpoint", "nope/checkpoint-9"],
+                                          "--resume_from_checkpoint nope/checkpoint-9 is not a folder"),
+    "a validation file of another kind": (TRAIN, ".jsonl", [], "are of different kinds; give both as CSV"),
+    "a validation file with other columns": (TRAIN, "text,label,idx\nHark,comedy,1\n", [],
+                                             "with --validation_file"),
+    "one example and no validation file": ("A fine day,comedy\n", None, [],
+                                           "cannot hold out 5% of its 1 example(s) for validation"),
+    "the hold-out leaves one class": ("A fine day,comedy\nA foul day,tragedy\n", None,
+                                      ["--validation_split_percentage", "50"], "less the 50% held out for validation"),
+    "--max_train_samples leaves one class": (TRAIN, TRAIN, ["--max_train_samples", "1"],
+                                             "cut to its first 1 examples by --max_train_samples"),
+    "a transformers error on two lines": (TRAIN, TRAIN, ["--save_strategy", "epoch", "--eval_strategy", "no",
+                                                         "--load_best_model_at_end"], "Save strategy: SaveStrategy.EPOCH"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(MORE_BAD_INPUT))
+def test_more_bad_input_is_one_line_that_names_its_source(case, no_model_load, tiny_bert_dir, tmp_path):
+    train, validation, extra, expected = MORE_BAD_INPUT[case]
+    args = ["--model_name_or_path", str(tiny_bert_dir), "--train_file", _csv(tmp_path, "train.csv", train),
+            "--output_dir", str(tmp_path / "out"), *extra]  # fmt: skip
+    if validation == ".jsonl":
+        (tmp_path / "v.jsonl").write_text('{"text": "Hark", "label": "comedy"}\n')
+        args += ["--validation_file", str(tmp_path / "v.jsonl")]
+    elif validation is not None and validation.startswith("text,"):
+        (tmp_path / "v.csv").write_text(validation)
+        args += ["--validation_file", str(tmp_path / "v.csv")]
+    elif validation is not None:
+        args += ["--validation_file", _csv(tmp_path, "validation.csv", validation)]
+    assert expected in _error(args)
+
+
+def test_processes_that_would_not_train_together_are_refused(no_model_load, tiny_bert_dir, tmp_path, monkeypatch):
+    """torchrun on a machine without a GPU and without --use_cpu ran every process as a whole run of its own."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ["--model_name_or_path", str(tiny_bert_dir), "--train_file", _csv(tmp_path, "train.csv", TRAIN),
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    assert "launched as 2 processes (WORLD_SIZE=2), but they would train as 2 separate copies" in _error(args)
