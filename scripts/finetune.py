@@ -273,6 +273,13 @@ def parse_args(argv: list[str]):
     return model_args, data_args, training_args
 
 
+def get_last_checkpoint_of(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` folder in ``output_dir`` (``None``: none, or no such folder)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
 def one_line(text: str, limit: int = 600) -> str:
     """``text``'s non-empty lines joined into one (a library's message often gives its cause on later lines)."""
     joined = " ".join(line.strip() for line in text.splitlines() if line.strip())
@@ -343,12 +350,16 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
             "true for the newest one in --output_dir"
         )
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and str(getattr(training_args.parallel_mode, "value", training_args.parallel_mode)) != "distributed":
+    if world > 1 and training_args.world_size != world:
         raise InputError(
-            f"launched as {world} processes (WORLD_SIZE={world}), but they would train as {world} separate copies "
-            f"of the run writing to one --output_dir (the Trainer's parallel mode is "
-            f"{getattr(training_args.parallel_mode, 'value', training_args.parallel_mode)}); on a machine without a "
-            "GPU add --use_cpu"
+            f"launched as {world} processes (WORLD_SIZE={world}), but the Trainer sees {training_args.world_size}: "
+            f"they would train as {world} separate copies of the run, writing to one --output_dir; on a machine "
+            "without a GPU add --use_cpu"
+        )
+    if resume is True and get_last_checkpoint_of(training_args.output_dir) is None:
+        raise InputError(
+            f"--resume_from_checkpoint true: there is no checkpoint-N folder in --output_dir "
+            f"{training_args.output_dir} to resume from"
         )
     allowed = (".csv", ".json", ".jsonl") + ((".txt",) if data_args.task == "clm" else ())
     for flag in ("train_file", "validation_file"):
@@ -669,8 +680,8 @@ def head_labels(model_args: ModelArguments, labels: list[str]) -> list[str]:
 
     A checkpoint saved with a head must have one output per label of the data: ``from_pretrained`` would
     otherwise fail on the head's shape after reading the weights (``--ignore_mismatched_sizes`` replaces
-    it). Where the head names its outputs and the names are the data's labels (case aside, as run_glue
-    matches them), the head's order is kept: its outputs mean those labels. Generic names (``LABEL_0``, ...)
+    it). Where the head names its outputs and the names are the data's labels (case aside; run_glue
+    compares the head's names lowercased), the head's order is kept: its outputs mean those labels. Generic names (``LABEL_0``, ...)
     keep the data's order; other names are warned about. A model saved without a head gets a new one.
     """
     from transformers import AutoConfig
@@ -795,6 +806,16 @@ def _limit_splits(raw, data_args: DataArguments):
     )
 
 
+def label_ids(feature, label2id: dict[str, int]) -> Callable[[Any], int]:
+    """The model's id of a label value: by its name, which ``label2id`` orders as the head does. A
+    ``ClassLabel``'s values are ids in the dataset's own order, so they go through its names first."""
+    import datasets
+
+    if isinstance(feature, datasets.ClassLabel):
+        return lambda v: label2id[feature.int2str(int(v))]
+    return lambda v: label2id[str(v)]
+
+
 def _classification(model_args, data_args, training_args, raw, texts, labels, config):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
@@ -804,8 +825,8 @@ def _classification(model_args, data_args, training_args, raw, texts, labels, co
     if tokenizer.pad_token is None:  # GPT-2-style tokenizers: pad with end-of-text, as run_glue does
         tokenizer.pad_token = tokenizer.eos_token
     config.pad_token_id = tokenizer.pad_token_id
-    label2id = config.label2id
     label_col = data_args.label_column_name
+    to_id = label_ids(raw["train"].features[label_col], config.label2id)
     limit = min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", None) or math.inf)
     max_seq_length = data_args.max_seq_length
     if max_seq_length > limit:  # as run_glue: warn, and use the model's maximum
@@ -814,7 +835,7 @@ def _classification(model_args, data_args, training_args, raw, texts, labels, co
 
     def preprocess(batch):
         out = tokenizer(*(batch[c] for c in texts), truncation=True, max_length=max_seq_length)
-        out["labels"] = [label2id[v] if isinstance(v, str) else label2id.get(str(v), v) for v in batch[label_col]]
+        out["labels"] = [to_id(v) for v in batch[label_col]]
         return out
 
     with training_args.main_process_first(desc="tokenize"):

@@ -550,6 +550,8 @@ MORE_BAD_INPUT = {
                                       ["--validation_split_percentage", "50"], "less the 50% held out for validation"),
     "--max_train_samples leaves one class": (TRAIN, TRAIN, ["--max_train_samples", "1"],
                                              "cut to its first 1 examples by --max_train_samples"),
+    "resume from the newest of no checkpoints": (TRAIN, TRAIN, ["--resume_from_checkpoint", "true"],
+                                                "--resume_from_checkpoint true: there is no checkpoint-N folder"),
     "a transformers error on two lines": (TRAIN, TRAIN, ["--save_strategy", "epoch", "--eval_strategy", "no",
                                                          "--load_best_model_at_end"], "Save strategy: SaveStrategy.EPOCH"),
 }  # fmt: skip
@@ -576,4 +578,39 @@ def test_processes_that_would_not_train_together_are_refused(no_model_load, tiny
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = ["--model_name_or_path", str(tiny_bert_dir), "--train_file", _csv(tmp_path, "train.csv", TRAIN),
             "--output_dir", str(tmp_path / "out")]  # fmt: skip
-    assert "launched as 2 processes (WORLD_SIZE=2), but they would train as 2 separate copies" in _error(args)
+    assert "launched as 2 processes (WORLD_SIZE=2), but the Trainer sees 1: they would train as 2 separate" in _error(
+        args
+    )
+
+
+def test_classlabel_ids_follow_the_heads_order(tiny_bert_dir, tmp_path):
+    """A Hub dataset's ClassLabel values are ids in the dataset's order; with a head that orders the labels
+    otherwise they were passed through unchanged, so every example trained and scored as the other label."""
+    import datasets
+    from transformers import BertForSequenceClassification
+
+    model_dir = tmp_path / "reversed-head"
+    model = BertForSequenceClassification.from_pretrained(
+        tiny_bert_dir, id2label={0: "tragedy", 1: "comedy"}, label2id={"tragedy": 0, "comedy": 1}
+    )
+    model.save_pretrained(model_dir)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(model_dir)
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["comedy", "tragedy"])}
+    )
+    rows = {"text": ["A merry jest", "A bloody deed"], "label": [0, 1]}  # comedy, tragedy in the dataset's ids
+    raw = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict(rows, features=features),
+        validation=datasets.Dataset.from_dict(rows, features=features),
+    )
+    argv = ["--model_name_or_path", str(model_dir), "--dataset_name", "in-memory", "--output_dir", str(tmp_path / "o"),
+            "--use_cpu", "--report_to", "none"]  # fmt: skip
+    model_args, data_args, training_args = finetune.parse_args(argv)
+    labels = finetune.head_labels(model_args, finetune.label_names(data_args, raw))
+    assert labels == ["tragedy", "comedy"]
+    config = finetune.load_config(model_args, "classification", num_labels=2, id2label=dict(enumerate(labels)),
+                                  label2id={name: i for i, name in enumerate(labels)})  # fmt: skip
+    trainer, _ = finetune._classification(model_args, data_args, training_args, raw, ["text"], labels, config)
+    assert trainer.train_dataset["labels"] == [1, 0]  # comedy is the head's output 1

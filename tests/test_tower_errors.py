@@ -93,6 +93,11 @@ def test_bad_spec(spec, quoted, allowed, params):
             "decoupled_weight_decay=False",
         ),
         (lambda p: hh.HyperRMSProp([{"params": p, "centered": True}]), "group 0: centered=True", "centered=False"),
+        (  # torch.optim.Adam's groups: coupled decay, which AdamW does not run
+            lambda p: hh.HyperAdamW(torch.optim.Adam(p).param_groups),
+            "group 0: decoupled_weight_decay=False",
+            "decoupled_weight_decay=True",
+        ),
         (
             lambda p: hh.HyperSGD([{"params": p, "nesterov": True}], lr=0.1, momentum=0.9),
             "group 0: nesterov=True",

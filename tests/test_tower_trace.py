@@ -198,7 +198,7 @@ def test_set_horizon_takes_integers_of_any_kind():
         assert opt.horizon == int(steps) and type(opt.horizon) is int
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "94", None, torch.tensor(2.5), torch.tensor(0)])
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "94", None, torch.tensor(2.5), torch.tensor(0), torch.tensor(True)])
 def test_set_horizon_refuses_what_is_not_a_number_of_steps(bad):
     opt = hh.tower([torch.zeros(2, requires_grad=True)], "adam/adam(trace=auto)")
     with pytest.raises(ValueError, match=r"set_horizon\(steps=.*\): give a whole number of optimizer steps >= 1"):

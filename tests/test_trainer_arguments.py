@@ -120,6 +120,23 @@ def test_set_optimizer_takes_the_tower_optimizers(tmp_path):
     with pytest.raises(ValueError, match="not a known optimizer"):
         given.set_optimizer(name="hyper_lion")
     assert str(given.optim) == "hyper_sgd" and given.learning_rate == 5e-5 and given.hyper_tower == "sgd(lr=1e-5)"
+    with pytest.raises(TypeError):  # a value that is not a number fails in float(): nothing changes either
+        given.set_optimizer(name="hyper_adam", learning_rate=None)
+    assert str(given.optim) == "hyper_sgd" and given.learning_rate == 5e-5 and not given.lr_scheduler_explicit
+
+
+def test_a_schedule_set_by_a_hyperparameter_search_runs(tmp_path):
+    """Trainer's hyperparameter search sets type(old)(value): a searched "cosine" became a ChosenDefault and
+    was replaced by the constant schedule chosen for the user."""
+    from transformers.trainer_utils import HPSearchBackend
+
+    args = parse("--optim", "hyper_adam", "--max_steps", "10", tmp_path=tmp_path)
+    trainer = HyperTrainer(model=tiny_bert(), args=args)
+    trainer.hp_search_backend = HPSearchBackend.RAY  # the trial is a plain dict of values
+    trainer._hp_search_setup({"lr_scheduler_type": "cosine"})
+    assert trainer.args.lr_scheduler_type == "cosine" and trainer.args.lr_scheduler_explicit
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    assert trainer.lr_scheduler.lr_lambdas[0](5) == pytest.approx(0.5)
 
 
 def test_weight_level_takes_the_usual_arguments(tmp_path):

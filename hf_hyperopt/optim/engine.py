@@ -241,7 +241,8 @@ class TowerOptimizer(torch.optim.Optimizer):
         ``trace=auto`` keeps the horizon and ignores it.
         """
         try:  # ints, numpy integers, one-element integer tensors
-            n = None if isinstance(steps, bool) else operator.index(steps)
+            flag = isinstance(steps, bool) or (isinstance(steps, Tensor) and steps.dtype == torch.bool)
+            n = None if flag else operator.index(steps)
         except TypeError:
             n = None
         if n is None or n < 1:

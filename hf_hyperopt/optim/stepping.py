@@ -281,6 +281,8 @@ def check_group_options(cfg: LevelConfig, group: dict[str, Any], index: int, tor
                 f"{name}={bool(values[name])} for every group; give {name} to the optimizer itself"
             )
     for name, accepted in torch_only.items():
+        if name == "decoupled_weight_decay":  # in a group it says which rule: torch.optim.Adam's groups carry False
+            accepted = (cfg.rule.name == "adamw",)
         if name in group and not runs_as(group[name], accepted):
             raise ValueError(
                 f"param group {index}: {name}={group[name]!r} is not supported; a tower runs as torch.optim "

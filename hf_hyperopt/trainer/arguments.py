@@ -78,11 +78,7 @@ class ChosenDefault(str):
         return str(self)
 
 
-def _given(value: object) -> object:
-    """``value``, or ``None`` where it is a default chosen earlier (:class:`ChosenDefault`)."""
-    return None if isinstance(value, ChosenDefault) else value
-
-
+_HYPER_FIELDS = ("hyper_tower", "hyper_learn", "hyper_scope")
 # What set_optimizer changes (besides the optimizer itself and a schedule chosen for the user).
 _SET_OPTIMIZER_FIELDS = (
     "optim",
@@ -212,6 +208,22 @@ class HyperTrainingArguments(TrainingArguments):
         if hyper:
             self.optim = HyperOptimizerNames(optim)
 
+    def _given(self, name: str) -> object:
+        """Field ``name``'s value, or ``None`` where it is a default chosen for the user: a
+        :class:`ChosenDefault` these arguments chose (a copy's came from the arguments it copies). One that
+        differs from the choice was set since, keeping the type (``Trainer``'s hyperparameter search sets
+        ``type(old)(value)``), and counts as given."""
+        value = getattr(self, name)
+        chosen = self.__dict__.get("_chosen", {})
+        return None if isinstance(value, ChosenDefault) and value == chosen.get(name, value) else value
+
+    def _choose(self, name: str, value: str) -> ChosenDefault:
+        """Set field ``name`` to ``value``, chosen for the user."""
+        chosen = ChosenDefault(value)
+        setattr(self, name, chosen)
+        self.__dict__.setdefault("_chosen", {})[name] = chosen
+        return chosen
+
     def _choose_defaults(self, optim: str) -> ChosenDefault | None:
         """Check ``optim`` with the ``--hyper_*`` fields and fill in, as :class:`ChosenDefault`, what was not
         given for it: the tower settings and the schedule (returned where chosen). Defaults chosen earlier
@@ -219,9 +231,7 @@ class HyperTrainingArguments(TrainingArguments):
         if optim not in ALL_OPTIMIZERS:
             raise ValueError(f"--optim {optim!r} is not a known optimizer; choose one of: {', '.join(ALL_OPTIMIZERS)}")
         hyper = optim in HYPER_OPTIMIZERS
-        self.hyper_tower, self.hyper_learn, self.hyper_scope = map(
-            _given, (self.hyper_tower, self.hyper_learn, self.hyper_scope)
-        )
+        self.hyper_tower, self.hyper_learn, self.hyper_scope = map(self._given, _HYPER_FIELDS)
         given = {
             k: v
             for k, v in (
@@ -244,16 +254,14 @@ class HyperTrainingArguments(TrainingArguments):
                 )
             settings = HyperSettings(optim, self.hyper_tower, self.hyper_learn, self.hyper_scope).resolved()
             check_tower_arguments(self, settings)
-            self.hyper_tower = ChosenDefault(settings.tower) if self.hyper_tower is None else self.hyper_tower
-            self.hyper_learn = ChosenDefault(settings.learn) if self.hyper_learn is None else self.hyper_learn
-            self.hyper_scope = ChosenDefault(settings.scope) if self.hyper_scope is None else self.hyper_scope
-        if _given(self.lr_scheduler_type) is not None:
+            for name, value in zip(_HYPER_FIELDS, (settings.tower, settings.learn, settings.scope), strict=True):
+                if getattr(self, name) is None:
+                    self._choose(name, value)
+        if self._given("lr_scheduler_type") is not None:
             return None
         if hyper:
-            self.lr_scheduler_type = ChosenDefault("constant_with_warmup" if self.warmup_steps > 0 else "constant")
-        else:
-            self.lr_scheduler_type = ChosenDefault("linear")
-        return self.lr_scheduler_type
+            return self._choose("lr_scheduler_type", "constant_with_warmup" if self.warmup_steps > 0 else "constant")
+        return self._choose("lr_scheduler_type", "linear")
 
     def set_optimizer(
         self,
@@ -269,17 +277,19 @@ class HyperTrainingArguments(TrainingArguments):
 
         The ``--hyper_*`` settings and the schedule that were chosen for the user follow the new
         optimizer; ones that were given stay (and are refused with a standard optimizer, as at
-        construction). Raises ``ValueError`` as construction does, and then changes nothing.
+        construction). Raises as construction does, and then changes nothing.
         """
         kept = {k: getattr(self, k) for k in (*_SET_OPTIMIZER_FIELDS, "lr_scheduler_type")}
+        chosen = dict(self.__dict__.get("_chosen", {}))
         self.learning_rate, self.weight_decay = learning_rate, weight_decay
         self.adam_beta1, self.adam_beta2, self.adam_epsilon, self.optim_args = beta1, beta2, epsilon, args
         optim = str(getattr(name, "value", name))
         try:
             self._choose_defaults(optim)
-        except ValueError:
+        except Exception:  # noqa: BLE001 - whatever failed (a bad value's TypeError too), change nothing
             for k, v in kept.items():
                 setattr(self, k, v)
+            self.__dict__["_chosen"] = chosen
             raise
         self.optim = HyperOptimizerNames(optim) if optim in HYPER_OPTIMIZERS else OptimizerNames(optim)
         return self
@@ -290,7 +300,7 @@ class HyperTrainingArguments(TrainingArguments):
         """Whether a schedule was chosen: given, or set after construction (``set_lr_scheduler``, or
         ``lr_scheduler_type`` assigned). Only then does it multiply the learned step size; otherwise the
         ``Trainer`` runs a constant one, with warm-up if warm-up steps are set when it starts."""
-        return not isinstance(self.lr_scheduler_type, ChosenDefault)
+        return self._given("lr_scheduler_type") is not None
 
     @property
     def is_hyper(self) -> bool:

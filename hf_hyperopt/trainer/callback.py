@@ -34,7 +34,7 @@ import shutil
 from typing import Any
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint, has_length
+from transformers.trainer_utils import has_length
 from transformers.utils import logging as hf_logging
 
 from ..optim import TowerOptimizer
@@ -187,13 +187,12 @@ class HyperCallback(TrainerCallback):
 
             @functools.wraps(train)
             def train_and_note_checkpoint(resume_from_checkpoint=None, *args, **kwargs):
-                # The checkpoint a plain Trainer resumes from is not passed to callbacks: note it here, as the
-                # Trainer finds it (HyperTrainer sets it again once loaded).
+                # The checkpoint a plain Trainer resumes from is not passed to callbacks: note a path given here
+                # (True is output_dir/checkpoint-<step>, which on_train_begin assumes; HyperTrainer sets it again
+                # once loaded).
                 self.resumed_from, self.restarted_at = None, None
                 if isinstance(resume_from_checkpoint, (str, os.PathLike)):
                     self.resumed_from = os.fspath(resume_from_checkpoint)
-                elif resume_from_checkpoint is True and os.path.isdir(trainer.args.output_dir):
-                    self.resumed_from = get_last_checkpoint(trainer.args.output_dir)
                 return train(resume_from_checkpoint, *args, **kwargs)
 
             train_and_note_checkpoint._hyper_callback = self  # type: ignore[attr-defined]
