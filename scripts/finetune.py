@@ -558,16 +558,15 @@ def check_label_values(data_args: DataArguments, raw, held_out: bool = False) ->
     if len(train) < 2:
         raise InputError(
             f"{_prepared_source(data_args, 'train', held_out)}: --label_column_name {column!r} has {len(train)} "
-            "distinct value(s) "
-            f"({', '.join(map(repr, sorted(train)))}); a classifier needs examples of 2 classes or more to train on"
+            f"distinct value(s) ({', '.join(map(repr, sorted(train)))}); a classifier needs examples of 2 classes "
+            "or more to train on"
         )
     unseen = set(raw["validation"].unique(column)) - train
     if unseen:
         raise InputError(
             f"{_prepared_source(data_args, 'validation', held_out)}: label(s) {', '.join(map(repr, sorted(unseen)))} "
-            "never occur in the "
-            f"train split, whose labels are {', '.join(map(repr, sorted(train)))}; add training examples of them or "
-            "drop them from the validation data"
+            f"never occur in the train split, whose labels are {', '.join(map(repr, sorted(train)))}; add training "
+            "examples of them or drop them from the validation data"
         )
 
 
@@ -681,8 +680,9 @@ def head_labels(model_args: ModelArguments, labels: list[str]) -> list[str]:
     A checkpoint saved with a head must have one output per label of the data: ``from_pretrained`` would
     otherwise fail on the head's shape after reading the weights (``--ignore_mismatched_sizes`` replaces
     it). Where the head names its outputs and the names are the data's labels (case aside; run_glue
-    compares the head's names lowercased), the head's order is kept: its outputs mean those labels. Generic names (``LABEL_0``, ...)
-    keep the data's order; other names are warned about. A model saved without a head gets a new one.
+    compares the head's names lowercased), the head's order is kept: its outputs mean those labels.
+    Generic names (``LABEL_0``, ...) keep the data's order; other names are warned about. A model saved
+    without a head gets a new one.
     """
     from transformers import AutoConfig
 
