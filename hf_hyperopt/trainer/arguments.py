@@ -81,16 +81,8 @@ class ChosenDefault(str):
 _HYPER_FIELDS = ("hyper_tower", "hyper_learn", "hyper_scope")
 # What set_optimizer changes (besides the optimizer itself and a schedule chosen for the user).
 _SET_OPTIMIZER_FIELDS = (
-    "optim",
-    "learning_rate",
-    "weight_decay",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "optim_args",
-    "hyper_tower",
-    "hyper_learn",
-    "hyper_scope",
+    *("optim", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim_args"),
+    *_HYPER_FIELDS,
 )
 
 
@@ -232,15 +224,7 @@ class HyperTrainingArguments(TrainingArguments):
             raise ValueError(f"--optim {optim!r} is not a known optimizer; choose one of: {', '.join(ALL_OPTIMIZERS)}")
         hyper = optim in HYPER_OPTIMIZERS
         self.hyper_tower, self.hyper_learn, self.hyper_scope = map(self._given, _HYPER_FIELDS)
-        given = {
-            k: v
-            for k, v in (
-                ("hyper_tower", self.hyper_tower),
-                ("hyper_learn", self.hyper_learn),
-                ("hyper_scope", self.hyper_scope),
-            )
-            if v is not None
-        }
+        given = {k: getattr(self, k) for k in _HYPER_FIELDS if getattr(self, k) is not None}
         if not hyper and given:
             raise ValueError(
                 f"{', '.join(f'--{k} {v!r}' for k, v in given.items())} given with --optim {optim!r}, which is not a "
