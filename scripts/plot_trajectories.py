@@ -14,10 +14,12 @@ folders or the files. Commands (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from hf_hyperopt.trainer import TRAJECTORY_NAME, plot_trajectories
+from hf_hyperopt.trainer.callback import PLOT_NAME
 
 
 def resolve(run: str) -> Path:
@@ -35,7 +37,10 @@ def resolve(run: str) -> Path:
 def main(argv: list[str] | None = None) -> Path:
     args = make_parser().parse_args(argv)
     runs = [resolve(r) for r in args.runs]
-    out = plot_trajectories(runs, args.out, labels=args.labels, title=args.title)
+    out = Path(args.out)
+    if out.is_dir() or args.out.endswith(("/", os.sep)):  # a folder: the file a run's own plot is named
+        out = out / PLOT_NAME
+    out = plot_trajectories(runs, out, labels=args.labels, title=args.title)
     print(f"wrote {out} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
     return out
 
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> Path:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help=f"run folders (holding {TRAJECTORY_NAME}) or trajectory files")
-    parser.add_argument("--out", default="hyper_trajectories.png", help="the PNG to write")
+    parser.add_argument("--out", default=PLOT_NAME, help=f"the PNG to write, or a folder to write {PLOT_NAME} in")
     parser.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: folder names)")
     parser.add_argument("--title", default=None, help="the figure's title")
     return parser

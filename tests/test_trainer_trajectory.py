@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from hf_hyperopt.trainer import TrajectoryWriter, add_hyper_section, hyper_log_keys, hyper_section, read_trajectory
+from hf_hyperopt.trainer.callback import PLOT_NAME
 from hf_hyperopt.trainer.plotting import plot_trajectories
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +109,14 @@ def test_plot_script_redraws_several_runs(tmp_path, capsys):
     assert "2 runs" in capsys.readouterr().out and out.stat().st_size > 5000
     with pytest.raises(FileNotFoundError, match="no trajectory file"):
         script.main([str(tmp_path / "nope")])
+    # --out a folder writes the run plot's name in it (it wrote <folder>.png beside it)
+    (tmp_path / "plots").mkdir()
+    assert script.main([str(tmp_path / "r1"), "--out", str(tmp_path / "plots")]) == tmp_path / "plots" / PLOT_NAME
+    # records that parse but are not trajectory records: one error naming the line (was a bare TypeError)
+    for line in ("null", "[1, 2]", '{"loss": 1.0}', '{"step": 1, "hyper/0/lr": "0.1"}'):
+        (tmp_path / "r1" / "hyper_trajectory.jsonl").write_text(line + "\n" + line + "\n")
+        with pytest.raises(ValueError, match="line 1 is not a trajectory record"):
+            script.main([str(tmp_path / "r1")])
 
 
 def test_model_card_section_is_written_once_and_tagged(tmp_path):

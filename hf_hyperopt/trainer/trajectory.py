@@ -159,7 +159,8 @@ def read_trajectory(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a trajectory file, in order; a torn (unparseable) last line is skipped.
 
     Raises:
-        ValueError: if a line other than the last does not parse (the file is not a trajectory).
+        ValueError: if a line other than the last does not parse, or a line is not a record of numbers
+            (or nulls) with a whole ``step`` (the file is not a trajectory).
     """
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     records = []
@@ -167,11 +168,20 @@ def read_trajectory(path: str | os.PathLike) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break  # the step that was being written when the run stopped
             raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+        numbers = isinstance(record, dict) and all(  # null: a value that was not finite (_dumps)
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in record.values()
+        )
+        if not (numbers and isinstance(record.get("step"), int)):
+            raise ValueError(
+                f"{path}: line {i + 1} is not a trajectory record (an object of numbers or nulls with a whole "
+                f"'step'): {line[:80]!r}"
+            )
+        records.append(record)
     return records
 
 
