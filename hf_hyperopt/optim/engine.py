@@ -153,9 +153,8 @@ class TowerOptimizer(torch.optim.Optimizer):
                 options.update(hold=not levels[1].trace, has_momentum=bool(values.get("momentum", 0.0)))
             self._rules.append(cfg.rule(mode, **options))
         super().__init__(params, group_defaults(levels[0]))
-        for i, group in enumerate(self.param_groups):
-            check_group_values(levels[0].rule, group)
-            check_group_options(levels[0], group, i, self.torch_only)
+        for i in range(len(self.param_groups)):
+            self._check_group(i)
         # What a hand-set group["lr"] is a factor of until the first step, where no scheduler has set
         # group["initial_lr"]. Kept here, not in the group, until then: a torch scheduler takes an
         # "initial_lr" it finds as its base, so one written now would hide an lr set by hand before the
@@ -183,6 +182,11 @@ class TowerOptimizer(torch.optim.Optimizer):
         self._uses_horizon = any(cfg.trace == AUTO_TRACE for cfg in levels)
 
     # ------------------------------------------------------------------ construction helpers
+    def _check_group(self, i: int) -> None:
+        """Refuse param group ``i`` if a value is out of range or it sets what the tower would ignore."""
+        check_group_values(self.levels[0].rule, self.param_groups[i])
+        check_group_options(self.levels[0], self.param_groups[i], i, self.torch_only)
+
     def _check_sharding(self) -> None:
         """Refuse, before any step, trainable parameters sharded in ways no single reduction can sum."""
         sharding_group([p for g in self.param_groups for p in g["params"] if p.requires_grad])
@@ -305,8 +309,7 @@ class TowerOptimizer(torch.optim.Optimizer):
                         "keep it as a real tensor with a trailing dimension of 2 (torch.view_as_real)"
                     )
             if hasattr(self, "_buckets"):  # a group added after construction: check it as __init__ does
-                check_group_values(self.levels[0].rule, group)
-                check_group_options(self.levels[0], group, len(self.param_groups) - 1, self.torch_only)
+                self._check_group(len(self.param_groups) - 1)
                 self._check_scope()
                 self._check_sharding()
                 self._buckets = None

@@ -24,7 +24,7 @@ from ..levels import AdaGradRule, AdamRule, AdamWRule, RMSPropRule, Rule, SGDRul
 from .config import LevelConfig, as_number, checked_level, where
 from .engine import TowerOptimizer
 from .spec import parse_spec
-from .stepping import beta_pair, runs_as
+from .stepping import beta_pair, refuse_torch_only
 
 # The level above the weights when none is given. It learns log(lr) from the slope of the next loss
 # along the last update (normalize=true), a signal whose size does not follow the lr, so Adam moves
@@ -112,13 +112,7 @@ class _HyperOptimizer(TowerOptimizer):
     def _check_torch_only(cls, arguments: dict[str, Any]) -> None:
         """Refuse the constructor's ``arguments`` (``locals()`` of ``__init__``) that set one of ``torch_only``
         to a value the tower does not run as."""
-        for name, accepted in cls.torch_only.items():
-            value = arguments[name]
-            if not runs_as(value, accepted):
-                raise ValueError(
-                    f"{cls.__name__}: {name}={value!r} is not supported; a tower runs as torch.optim does with "
-                    f"{name}={accepted[0]!r}"
-                )
+        refuse_torch_only(arguments, cls.torch_only, cls.__name__)
 
     def __new__(cls, params=None, *args: Any, **kwargs: Any):
         if params is None:

@@ -264,15 +264,21 @@ def check_group_values(rule: type[Rule], group: dict[str, Any], given_only: bool
         validate_value(0, rule, name, group[key] if i is None else beta_pair(None, group[key])[i])
 
 
-def runs_as(value: Any, accepted: tuple[Any, ...]) -> bool:
-    """Whether a ``torch.optim`` option at ``value`` is one of the values ``accepted`` (``True`` is not ``1``)."""
-    return any(value is a or (not isinstance(value, bool) and a is not None and value == a) for a in accepted)
+def refuse_torch_only(options: dict[str, Any], torch_only: dict[str, tuple[Any, ...]], where: str) -> None:
+    """Raise ``ValueError`` (starting with ``where``) for the first of ``torch_only`` (``torch.optim``
+    options no level implements, with the values the tower runs as) that ``options`` sets to another value
+    (``True`` is not ``1``)."""
+    for name, accepted in torch_only.items():
+        value = options.get(name, accepted[0])
+        if not any(value is a or (not isinstance(value, bool) and a is not None and value == a) for a in accepted):
+            raise ValueError(
+                f"{where}: {name}={value!r} is not supported; a tower runs as torch.optim does with {name}={accepted[0]!r}"
+            )
 
 
 def check_group_options(cfg: LevelConfig, group: dict[str, Any], index: int, torch_only: dict[str, tuple]) -> None:
     """Raise ``ValueError`` for a param group that sets what the tower would ignore: a flag of the weight
-    level's rule (``nesterov``) other than the level's, or one of ``torch_only`` (``torch.optim`` options no
-    level implements, such as ``maximize``) at a value the tower does not run as."""
+    level's rule (``nesterov``) other than the level's, or one of ``torch_only`` (:func:`refuse_torch_only`)."""
     values = cfg.full_values()
     for name, spec in cfg.rule.hyperparameters.items():
         if spec.kind == "flag" and name in group and bool(group[name]) != bool(values[name]):
@@ -280,14 +286,9 @@ def check_group_options(cfg: LevelConfig, group: dict[str, Any], index: int, tor
                 f"param group {index}: {name}={group[name]!r}, but the weight level ({cfg.rule.name}) runs with "
                 f"{name}={bool(values[name])} for every group; give {name} to the optimizer itself"
             )
-    for name, accepted in torch_only.items():
-        if name == "decoupled_weight_decay":  # in a group it says which rule: torch.optim.Adam's groups carry False
-            accepted = (cfg.rule.name == "adamw",)
-        if name in group and not runs_as(group[name], accepted):
-            raise ValueError(
-                f"param group {index}: {name}={group[name]!r} is not supported; a tower runs as torch.optim "
-                f"does with {name}={accepted[0]!r}"
-            )
+    if "decoupled_weight_decay" in torch_only:  # in a group it says which rule: torch.optim.Adam's carry False
+        torch_only = {**torch_only, "decoupled_weight_decay": (cfg.rule.name == "adamw",)}
+    refuse_torch_only(group, torch_only, f"param group {index}")
 
 
 def group_value(group: dict[str, Any], name: str) -> float:

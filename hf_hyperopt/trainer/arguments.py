@@ -81,9 +81,8 @@ class ChosenDefault(str):
 _HYPER_FIELDS = ("hyper_tower", "hyper_learn", "hyper_scope")
 # What set_optimizer changes (besides the optimizer itself and a schedule chosen for the user).
 _SET_OPTIMIZER_FIELDS = (
-    *("optim", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim_args"),
-    *_HYPER_FIELDS,
-)
+    "optim", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim_args", *_HYPER_FIELDS
+)  # fmt: skip
 
 
 def is_hyper_optim(optim: object) -> bool:
