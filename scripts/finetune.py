@@ -273,13 +273,6 @@ def parse_args(argv: list[str]):
     return model_args, data_args, training_args
 
 
-def get_last_checkpoint_of(output_dir: str) -> str | None:
-    """The newest ``checkpoint-N`` folder in ``output_dir`` (``None``: none, or no such folder)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-
-
 def one_line(text: str, limit: int = 600) -> str:
     """``text``'s non-empty lines joined into one (a library's message often gives its cause on later lines)."""
     joined = " ".join(line.strip() for line in text.splitlines() if line.strip())
@@ -308,7 +301,8 @@ def resolve_model_path(name: str | None) -> str | None:
 
 
 def check_args(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
-    """Checks that need no file contents: which sources were given, whether the files exist, sizes."""
+    """Checks that need no file contents: which sources were given, whether the files exist, sizes. A
+    ``--resume_from_checkpoint true`` becomes the newest complete checkpoint's folder here."""
     if model_args.model_name_or_path is None and model_args.model_type is None:
         raise InputError("give --model_name_or_path (a Hub id or a folder) or --model_type (to train from scratch)")
     if model_args.model_type is not None and data_args.task != "clm" and model_args.model_name_or_path is None:
@@ -356,11 +350,19 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
             f"they would train as {world} separate copies of the run, writing to one --output_dir; on a machine "
             "without a GPU add --use_cpu"
         )
-    if resume is True and get_last_checkpoint_of(training_args.output_dir) is None:
-        raise InputError(
-            f"--resume_from_checkpoint true: there is no checkpoint-N folder in --output_dir "
-            f"{training_args.output_dir} to resume from"
-        )
+    if resume is True:  # the newest complete checkpoint, found once, as HyperTrainer finds it for True
+        from hf_hyperopt.trainer.resume import last_complete_checkpoint
+
+        try:
+            newest = last_complete_checkpoint(training_args.output_dir)
+        except ValueError as e:  # there are checkpoints, none complete
+            raise InputError(f"--resume_from_checkpoint true: {one_line(str(e))}") from None
+        if newest is None:
+            raise InputError(
+                f"--resume_from_checkpoint true: there is no checkpoint-N folder in --output_dir "
+                f"{training_args.output_dir} to resume from"
+            )
+        training_args.resume_from_checkpoint = newest
     allowed = (".csv", ".json", ".jsonl") + ((".txt",) if data_args.task == "clm" else ())
     for flag in ("train_file", "validation_file"):
         path = getattr(data_args, flag)
@@ -959,7 +961,9 @@ def _train_and_report(trainer, training_args, data_args, model_args, argvs, perp
         )
     # As the transformers example scripts do: --resume_from_checkpoint (a checkpoint folder, or true for the
     # newest in --output_dir) continues that run.
-    train_result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
+    train_result = trainer.train(
+        resume_from_checkpoint=training_args.resume_from_checkpoint
+    )  # check_args resolved true
     trainer.save_model()
     metrics = dict(train_result.metrics)
     trainer.log_metrics("train", metrics)

@@ -160,6 +160,10 @@ def test_resume_from_checkpoint_continues_the_run(tiny_bert_dir, tmp_path):
     assert (checkpoint / "optimizer.pt").stat().st_mtime_ns == saved
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["hyper/0/lr"] for r in resumed] == [r["hyper/0/lr"] for r in whole]
+    # --resume_from_checkpoint true: the newest checkpoint in --output_dir (it was refused as not a folder)
+    run(tmp_path / "newest", 2)
+    newest = run(tmp_path / "newest", 4, "--resume_from_checkpoint", "true")
+    assert [r["hyper/0/lr"] for r in newest] == [r["hyper/0/lr"] for r in whole]
 
 
 @pytest.mark.parametrize("optim", ["hyper_adam", "adamw_torch"])
