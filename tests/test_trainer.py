@@ -259,6 +259,39 @@ def test_peft_lora_only_trainable_parameters_are_in_the_tower(tmp_path):
     assert read_trajectory(tmp_path / "hyper_trajectory.jsonl")[-1]["hyper/0/lr"] != pytest.approx(3e-3, rel=1e-4)
 
 
+@pytest.mark.parametrize(("trainable", "worst_is_best"), [("weights", True), ("biases", False)])
+def test_group_scope_leaves_out_a_param_group_without_parameters(trainable, worst_is_best, tmp_path):
+    # LoRA without trainable biases or norms leaves the Trainer's no-decay group (1) empty, BitFit (biases
+    # only) its weight-decay group (0): the empty group's lr moves no weight, so it must not be logged, stand
+    # in for the learning rate, reach the card, or be read back for the best checkpoint.
+    model = tiny_bert(dropout=0.0)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("bias") == (trainable == "biases") and "LayerNorm" not in name)
+    # A "best" checkpoint before the last (by the highest or the lowest loss, whichever is early here), whose
+    # values the card reads back from the trajectory.
+    kw = {"max_steps": 8, "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "steps", "save_steps": 2,
+          "load_best_model_at_end": True, "metric_for_best_model": "loss", "greater_is_better": worst_is_best,
+          "hyper_scope": "group"}  # fmt: skip
+    trainer = HyperTrainer(model=model, args=hyper_args(tmp_path, **kw), train_dataset=classification_data(),
+                           eval_dataset=classification_data(16, seed=3))  # fmt: skip
+    trainer.train()
+    empty, full = (1, 0) if trainable == "weights" else (0, 1)
+    assert not trainer.tower.param_groups[empty]["params"] and trainer.tower.param_groups[full]["params"]
+    records = read_trajectory(tmp_path / "hyper_trajectory.jsonl")
+    logs = train_logs(trainer)
+    for r in [*records, *logs]:
+        assert f"hyper/0/lr/group{full}" in r and f"hyper/0/lr/group{empty}" not in r
+    assert all(r["learning_rate"] == r[f"hyper/0/lr/group{full}"] for r in logs)
+    card = (tmp_path / "README.md").read_text()
+    assert f"Param groups without parameters (left out): {empty}" in card
+    row = next(line for line in card.splitlines() if line.startswith("| 0 | lr |"))
+    assert row.count(",") == 0, row  # one value a column: the group with parameters
+    step = int(Path(trainer.state.best_model_checkpoint).name.split("-")[1])
+    assert step < 8  # read back from the trajectory, not the tower's last values
+    best = next(r for r in records if r["step"] == step)[f"hyper/0/lr/group{full}"]
+    assert f"{best:.4g} |" in row, (row, best)
+
+
 def test_bf16_autocast_on_cpu(tmp_path):
     model = tiny_bert()
     before = [p.detach().clone() for p in model.parameters()]

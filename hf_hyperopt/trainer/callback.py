@@ -44,7 +44,14 @@ from ..unwrap import find_tower
 from .model_card import add_hyper_section, hyper_section
 from .plotting import plot_trajectories
 from .resume import card_hyperparameters, warn_if_tower_not_restored
-from .trajectory import TRAJECTORY_NAME, TrajectoryWriter, hyper_log_keys, read_trajectory
+from .trajectory import (
+    TRAJECTORY_NAME,
+    TrajectoryWriter,
+    empty_groups,
+    hyper_log_keys,
+    read_trajectory,
+    without_empty_groups,
+)
 
 logger = logging.getLogger(__name__)
 # The Trainer's own start-of-training lines ("***** Running training *****") go to this logger, which
@@ -68,7 +75,8 @@ def _info(msg: str, *args: Any) -> None:
 
 
 def effective_learning_rate(tower: TowerOptimizer, schedule_lr: float | None = None) -> float:
-    """The weight-level step size of param group 0: the learned ``lr`` times the schedule's factor.
+    """The weight-level step size of the first param group with parameters: the learned ``lr`` times the
+    schedule's factor (group 0's, as the ``Trainer`` logs it).
 
     A schedule rewrites ``group["lr"]``; the tower reads it as the factor ``group["lr"] /
     group["initial_lr"]`` on its learned step size (:meth:`~hf_hyperopt.optim.engine.TowerOptimizer.schedule_base`).
@@ -85,7 +93,9 @@ def effective_learning_rate(tower: TowerOptimizer, schedule_lr: float | None = N
     if not tower.height or "lr" not in tower.learned()[0]:
         return scheduled
     lr = tower.hyperparameters()[0]["lr"]
-    learned = float(lr[0] if isinstance(lr, list) else lr)
+    # Per group (or tensor): the first that moves weights (BitFit leaves HF's weight-decay group 0 empty).
+    empty = empty_groups(tower)
+    learned = float(lr[min(set(range(len(lr))) - empty, default=0)] if isinstance(lr, list) else lr)
     return learned * schedule_factor(scheduled, tower.schedule_base(0))
 
 
@@ -102,7 +112,7 @@ def run_horizon(args: Any, state: Any, train_dataloader: Any = None) -> int:
 def hyper_logs(tower: TowerOptimizer, schedule_lr: float | None = None) -> dict[str, float]:
     """``learning_rate`` (effective, see :func:`effective_learning_rate`) and every ``hyper/{level}/{name}``, now."""
     lr = effective_learning_rate(tower, schedule_lr)
-    return {"learning_rate": lr, **hyper_log_keys(tower.hyperparameters(), tower.scope)}
+    return {"learning_rate": lr, **hyper_log_keys(tower.hyperparameters(), tower.scope, empty_groups(tower))}
 
 
 def _initial_from_config(tower: TowerOptimizer) -> list[dict[str, float | list[float]]]:
@@ -212,10 +222,16 @@ class HyperCallback(TrainerCallback):
         output_dir = args.output_dir
         plot = PLOT_NAME if os.path.isfile(os.path.join(output_dir, PLOT_NAME)) else None
         final, label, notes = card_hyperparameters(args, state, t, self.restarted_at)
+        initial = self.initial or t.hyperparameters()
+        empty = empty_groups(t)
+        if empty:
+            initial, final = without_empty_groups(initial, empty), without_empty_groups(final, empty)
+            groups = ", ".join(map(str, sorted(empty)))
+            notes = [*notes, f"Param groups without parameters (left out): {groups}"]
         section = hyper_section(
             started_spec(t),
             t.scope,
-            self.initial or t.hyperparameters(),
+            initial,
             final,
             plot=plot,
             steps=state.global_step,
@@ -260,7 +276,7 @@ class HyperCallback(TrainerCallback):
         self._writer = TrajectoryWriter(path)
         # What the resumed tower holds, to tell the run's own trajectory from another run's.
         restored = (
-            hyper_log_keys(t.hyperparameters(), t.scope)
+            hyper_log_keys(t.hyperparameters(), t.scope, empty_groups(t))
             if state.global_step > 0 and self.restarted_at is None
             else None
         )

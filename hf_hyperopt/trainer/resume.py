@@ -24,11 +24,12 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from ..optim.engine import DifferentTowerError
-from .trajectory import TRAJECTORY_NAME, hyper_log_keys, salvage_trajectory
+from .trajectory import TRAJECTORY_NAME, empty_groups, hyper_log_keys, salvage_trajectory
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -152,7 +153,7 @@ def unreadable_checkpoint(checkpoint: str, error: Exception) -> Exception:
 
 
 def hyperparameters_at(
-    trajectory: str | os.PathLike, step: int, like: list[dict[str, Any]], scope: str
+    trajectory: str | os.PathLike, step: int, like: list[dict[str, Any]], scope: str, empty_groups: Collection[int] = ()
 ) -> list[dict[str, Any]] | None:
     """The tower's hyperparameters after optimizer step ``step``, from the trajectory file, shaped like ``like``.
 
@@ -161,6 +162,7 @@ def hyperparameters_at(
         step: the optimizer step (a checkpoint's ``N``).
         like: :meth:`TowerOptimizer.hyperparameters` of the same tower (gives the names and the layout).
         scope: the tower's scope (how per-group / per-tensor keys are suffixed).
+        empty_groups: param groups without parameters (not in the file): their values are ``like``'s.
 
     Returns:
         The values, or ``None`` if the file has no complete record of that step.
@@ -168,7 +170,8 @@ def hyperparameters_at(
     if not os.path.isfile(trajectory):
         return None
     record = next((r for r in salvage_trajectory(trajectory)[0] if r.get("step") == step), None)
-    if record is None or any(record.get(k) is None for k in hyper_log_keys(like, scope)):
+    keys = hyper_log_keys(like, scope, empty_groups)
+    if record is None or any(record.get(k) is None for k in keys):
         return None
     suffix = "tensor" if scope == "tensor" else "group"
     out: list[dict[str, Any]] = []
@@ -177,7 +180,9 @@ def hyperparameters_at(
         for name, value in entry.items():
             key = f"hyper/{level}/{name}"
             values[name] = (
-                [record[f"{key}/{suffix}{i}"] for i in range(len(value))] if isinstance(value, list) else record[key]
+                [record[f"{key}/{suffix}{i}"] if f"{key}/{suffix}{i}" in keys else v for i, v in enumerate(value)]
+                if isinstance(value, list)
+                else record[key]
             )
         out.append(values)
     return out
@@ -202,7 +207,7 @@ def card_hyperparameters(
     if step is None or step == state.global_step:
         return final, label, notes
     for path in (os.path.join(args.output_dir, TRAJECTORY_NAME), os.path.join(best, TRAJECTORY_NAME)):
-        values = hyperparameters_at(path, step, final, tower.scope)
+        values = hyperparameters_at(path, step, final, tower.scope, empty_groups(tower))
         if values is not None:
             notes.append(
                 f"Weights: the best checkpoint (step {step} of {state.global_step}, by {args.metric_for_best_model}); "

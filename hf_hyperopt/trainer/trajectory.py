@@ -16,31 +16,58 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 TRAJECTORY_NAME = "hyper_trajectory.jsonl"
 
 
-def hyper_log_keys(hyperparameters: list[dict[str, float | list[float]]], scope: str) -> dict[str, float]:
+def hyper_log_keys(
+    hyperparameters: list[dict[str, float | list[float]]], scope: str, empty_groups: Collection[int] = ()
+) -> dict[str, float]:
     """Flatten :meth:`TowerOptimizer.hyperparameters` into ``hyper/{level}/{name}`` keys.
 
-    Per-group values get ``/group{i}`` appended, per-tensor values ``/tensor{i}``.
+    Per-group values get ``/group{i}`` appended, per-tensor values ``/tensor{i}``. ``empty_groups`` (scope
+    ``group``): param groups without parameters, whose values move no weight and are left out.
 
     Example:
         ``[{"lr": 1e-3}, {"lr": 0.01}]`` -> ``{"hyper/0/lr": 1e-3, "hyper/1/lr": 0.01}``.
     """
     suffix = "tensor" if scope == "tensor" else "group"
+    skipped = frozenset(empty_groups) if scope == "group" else frozenset()
     out: dict[str, float] = {}
     for level, entry in enumerate(hyperparameters):
         for name, value in entry.items():
             if isinstance(value, list):
                 for i, v in enumerate(value):
-                    out[f"hyper/{level}/{name}/{suffix}{i}"] = float(v)
+                    if i not in skipped:
+                        out[f"hyper/{level}/{name}/{suffix}{i}"] = float(v)
             else:
                 out[f"hyper/{level}/{name}"] = float(value)
     return out
+
+
+def empty_groups(tower: Any) -> frozenset[int]:
+    """The tower's param groups that hold no parameters, in scope ``group`` (e.g. the no-decay group of a LoRA
+    model without trainable biases or norms): each still has an lr, which moves no weight, so the logs, the
+    trajectory and the model card leave it out."""
+    if tower.scope != "group":
+        return frozenset()
+    return frozenset(i for i, group in enumerate(tower.param_groups) if not group["params"])
+
+
+def without_empty_groups(
+    hyperparameters: list[dict[str, float | list[float]]], empty: Collection[int]
+) -> list[dict[str, float | list[float]]]:
+    """``hyperparameters`` (scope ``group``) without the per-group values of the groups in ``empty``."""
+    return [
+        {
+            name: [v for i, v in enumerate(value) if i not in empty] if isinstance(value, list) else value
+            for name, value in entry.items()
+        }
+        for entry in hyperparameters
+    ]
 
 
 class TrajectoryWriter:
