@@ -22,8 +22,9 @@ Flags taken by the launcher (anywhere among the script's arguments, ``--flag val
 - ``--hyper_tower``, ``--hyper_learn``, ``--hyper_scope``: as in ``HyperTrainingArguments``.
 
 As with ``HyperTrainingArguments``, a tower runs a constant schedule (``constant_with_warmup`` with
-warmup) unless ``--lr_scheduler_type`` is given, in which case the schedule multiplies the learned
-step size. The flags, and the weight level's values given on the command line (``--learning_rate``,
+warmup) unless a schedule is asked for, in which case it multiplies the learned step size: with
+``--lr_scheduler_type`` on the command line, or a value other than the arguments' default that the
+script's config file or code sets. The flags, and the weight level's values given on the command line (``--learning_rate``,
 ``--adam_*``, ``--weight_decay``, ``--optim_args``), are checked before the script starts; values the
 script sets in code, when the ``Trainer`` is created, before training.
 
@@ -160,8 +161,11 @@ def configure_trainer(trainer, settings: HyperSettings, explicit_schedule: bool)
     check_tower_arguments(args, settings)
     # Built by the Trainer's create_optimizer over its decay / no-decay param groups, as for HyperTrainer.
     trainer.optimizer_cls_and_kwargs = hyper_optimizer_cls_and_kwargs(args, settings)
-    if not explicit_schedule:
-        # The tower owns its step size (HyperTrainingArguments' default).
+    default = next(f.default for f in dataclasses.fields(args) if f.name == "lr_scheduler_type")
+    chosen = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    if not explicit_schedule and chosen == str(getattr(default, "value", default)):
+        # The tower owns its step size (HyperTrainingArguments' default), unless a schedule was asked for: on
+        # the command line, or by the script's config file or code (a value other than the default).
         warmup = (args.warmup_steps or 0) > 0 or (getattr(args, "warmup_ratio", 0) or 0) > 0
         args.lr_scheduler_type = SchedulerType.CONSTANT_WITH_WARMUP if warmup else SchedulerType.CONSTANT
     # The saved training_args.json and the card then name the optimizer that trained the model.

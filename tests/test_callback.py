@@ -72,6 +72,23 @@ def test_attached_callback_survives_create_model_card_and_reaches_reporters_firs
     assert card.count("## Hyperoptimizer") == 1 and "sgd(lr=0.1,momentum=0.0,weight_decay=0.0,nesterov=false" in card
 
 
+def test_a_trainer_keeps_one_hyper_callback(tmp_path, caplog):
+    # Both documented ways at once, then one more added by hand: one callback does the work.
+    first = hh.HyperCallback()
+    trainer = Trainer(model=tiny_bert(), args=plain_args(tmp_path, max_steps=4, logging_steps=2),
+                      train_dataset=classification_data(), callbacks=[first],
+                      optimizer_cls_and_kwargs=(hh.HyperAdam, {"lr": 3e-3}))  # fmt: skip
+    assert hh.HyperCallback().attach(trainer) is first
+    trainer.add_callback(hh.HyperCallback())
+    with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
+        trainer.train()
+    assert sum(isinstance(cb, hh.HyperCallback) for cb in trainer.callback_handler.callbacks) == 2
+    assert "this Trainer has two HyperCallbacks; the second does nothing" in caplog.text
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    assert logs and all(r["learning_rate"] == r["hyper/0/lr"] for r in logs)  # rewritten once, not twice
+    assert [r["step"] for r in read_trajectory(tmp_path / "hyper_trajectory.jsonl")] == [1, 2, 3, 4]
+
+
 def test_without_a_tower_the_callback_does_nothing(tmp_path):
     trainer = Trainer(model=tiny_bert(), args=plain_args(tmp_path, max_steps=2), train_dataset=classification_data(),
                       callbacks=[hh.HyperCallback()])  # fmt: skip

@@ -293,8 +293,21 @@ def _saved_by_another_tower(out, ckpt):
     torch.save(sd, ckpt / "optimizer.pt")
 
 
+def _saved_by_adamw(out, ckpt):
+    """A checkpoint of a run trained with torch's AdamW (--optim adamw_torch), resumed with a tower."""
+    sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    for group in sd["param_groups"]:
+        group.pop("hyper_tower", None)
+    torch.save(sd, ckpt / "optimizer.pt")
+
+
 # fault -> (damage, the error raised and what it says)
 UNREADABLE_CHECKPOINTS = {
+    "optimizer.pt of torch's AdamW": (
+        _saved_by_adamw,
+        ValueError,
+        r"holds a standard optimizer's state.*resume it with that --optim",  # not: an earlier checkpoint
+    ),
     "optimizer.pt of another tower": (
         _saved_by_another_tower,
         ValueError,

@@ -125,6 +125,10 @@ def test_configure_trainer_builds_the_tower_from_the_stock_arguments(tmp_path):
     explicit = _trainer(tmp_path, args={"lr_scheduler_type": "cosine"})
     configure_trainer(explicit, settings, explicit_schedule=True)
     assert str(explicit.args.lr_scheduler_type.value) == "cosine"  # multiplies the learned step size
+    # A schedule the script's config file or code sets is asked for too (it was replaced by the constant one).
+    in_code = _trainer(tmp_path, args={"lr_scheduler_type": "cosine"})
+    configure_trainer(in_code, settings, explicit_schedule=False)
+    assert str(in_code.args.lr_scheduler_type.value) == "cosine"
 
 
 def test_configure_trainer_refuses_what_it_cannot_honour(tmp_path):

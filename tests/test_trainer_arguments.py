@@ -125,6 +125,27 @@ def test_set_optimizer_takes_the_tower_optimizers(tmp_path):
     assert str(given.optim) == "hyper_sgd" and given.learning_rate == 5e-5 and not given.lr_scheduler_explicit
 
 
+def test_assigning_optim_chooses_for_the_new_optimizer(tmp_path):
+    """``args.optim = "adamw_torch"`` on the default arguments (a baseline run) kept the constant schedule
+    chosen for the tower: AdamW ran without the linear decay TrainingArguments gives it."""
+    args = HyperTrainingArguments(output_dir=str(tmp_path), report_to="none")
+    assert args.lr_scheduler_type == "constant"
+    args.optim = "adamw_torch"
+    assert args.optim == OptimizerNames.ADAMW_TORCH and args.lr_scheduler_type == "linear"
+    assert (args.hyper_tower, args.hyper_learn, args.hyper_scope) == (None, None, None)
+    args.optim = "hyper_adam"
+    assert str(args.optim) == "hyper_adam" and args.lr_scheduler_type == "constant" and args.hyper_scope == "shared"
+    given = parse("--optim", "hyper_sgd", "--hyper_tower", "sgd(lr=1e-5)", "--lr_scheduler_type", "cosine",
+                  tmp_path=tmp_path)  # fmt: skip
+    for bad, match in (("adamw_torch", "hyper_tower 'sgd"), ("hyper_lion", "not a known optimizer")):
+        with pytest.raises(ValueError, match=match):
+            given.optim = bad
+        assert str(given.optim) == "hyper_sgd" and given.hyper_tower == "sgd(lr=1e-5)" and given.hyper_learn == "lr"
+    given.hyper_tower = None
+    given.optim = "adamw_torch"
+    assert given.lr_scheduler_type == "cosine" and given.lr_scheduler_explicit  # given: kept
+
+
 def test_a_schedule_set_by_a_hyperparameter_search_runs(tmp_path):
     """Trainer's hyperparameter search sets type(old)(value): a searched "cosine" became a ChosenDefault and
     was replaced by the constant schedule chosen for the user."""

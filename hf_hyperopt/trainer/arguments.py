@@ -79,10 +79,8 @@ class ChosenDefault(str):
 
 
 _HYPER_FIELDS = ("hyper_tower", "hyper_learn", "hyper_scope")
-# What set_optimizer changes (besides the optimizer itself and a schedule chosen for the user).
-_SET_OPTIMIZER_FIELDS = (
-    "optim", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim_args", *_HYPER_FIELDS
-)  # fmt: skip
+# What set_optimizer sets besides ``optim`` (whose assignment chooses the tower settings and schedule afresh).
+_SET_OPTIMIZER_FIELDS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim_args")
 
 
 def is_hyper_optim(optim: object) -> bool:
@@ -198,6 +196,23 @@ class HyperTrainingArguments(TrainingArguments):
             self.lr_scheduler_type = chosen  # TrainingArguments made it a SchedulerType, which reads as given
         if hyper:
             self.optim = HyperOptimizerNames(optim)
+        self.__dict__["_built"] = True
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # ``args.optim = "adamw_torch"`` after construction: what was chosen for the old optimizer (the constant
+        # schedule, the tower settings) follows the new one, as with set_optimizer; a refusal changes nothing.
+        if name == "optim" and self.__dict__.get("_built"):
+            optim = str(getattr(value, "value", value))
+            kept = {k: getattr(self, k) for k in (*_HYPER_FIELDS, "lr_scheduler_type")}
+            chosen = dict(self.__dict__.get("_chosen", {}))
+            try:
+                self._choose_defaults(optim)
+            except Exception:  # noqa: BLE001 - whatever failed (a bad value's TypeError too), change nothing
+                self.__dict__.update(kept)
+                self.__dict__["_chosen"] = chosen
+                raise
+            value = HyperOptimizerNames(optim) if optim in HYPER_OPTIMIZERS else OptimizerNames(optim)
+        super().__setattr__(name, value)
 
     def _given(self, name: str) -> object:
         """Field ``name``'s value, or ``None`` where it is a default chosen for the user: a
@@ -262,19 +277,14 @@ class HyperTrainingArguments(TrainingArguments):
         optimizer; ones that were given stay (and are refused with a standard optimizer, as at
         construction). Raises as construction does, and then changes nothing.
         """
-        kept = {k: getattr(self, k) for k in (*_SET_OPTIMIZER_FIELDS, "lr_scheduler_type")}
-        chosen = dict(self.__dict__.get("_chosen", {}))
+        kept = {k: getattr(self, k) for k in _SET_OPTIMIZER_FIELDS}
         self.learning_rate, self.weight_decay = learning_rate, weight_decay
         self.adam_beta1, self.adam_beta2, self.adam_epsilon, self.optim_args = beta1, beta2, epsilon, args
-        optim = str(getattr(name, "value", name))
         try:
-            self._choose_defaults(optim)
-        except Exception:  # noqa: BLE001 - whatever failed (a bad value's TypeError too), change nothing
-            for k, v in kept.items():
-                setattr(self, k, v)
-            self.__dict__["_chosen"] = chosen
+            self.optim = name  # chooses afresh for it (__setattr__), or raises having changed nothing of its own
+        except Exception:  # noqa: BLE001 - whatever failed, change nothing
+            self.__dict__.update(kept)
             raise
-        self.optim = HyperOptimizerNames(optim) if optim in HYPER_OPTIMIZERS else OptimizerNames(optim)
         return self
 
     # ------------------------------------------------------------------ the tower these arguments describe

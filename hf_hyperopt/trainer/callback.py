@@ -172,12 +172,16 @@ class HyperCallback(TrainerCallback):
         effective ``learning_rate``; ``trainer.create_model_card`` (which ``push_to_hub`` calls and
         which rewrites ``README.md``) is wrapped on this ``trainer`` instance only, to add the section
         back; so is ``trainer.train``, to learn ``resume_from_checkpoint`` (the trajectory up to it is
-        read from there, wherever it is). Attaching twice is harmless.
+        read from there, wherever it is). Attaching twice is harmless, and a trainer has one: attaching
+        another returns the one it has (two would rewrite ``learning_rate`` twice and write every line twice).
 
         Returns:
-            This callback.
+            This callback, or the one ``trainer`` already has.
         """
         callbacks = trainer.callback_handler.callbacks
+        present = next((cb for cb in callbacks if isinstance(cb, HyperCallback) and cb is not self), None)
+        if present is not None:
+            return present.attach(trainer)
         if self in callbacks:
             callbacks.remove(self)
         callbacks.insert(0, self)
@@ -247,6 +251,14 @@ class HyperCallback(TrainerCallback):
         self._lr_peak, self._stall_warned = (0.0, 0), False
         t = self.tower
         if t is None:
+            return
+        # One callback a run (a second, from trainer.add_callback, would rewrite learning_rate again and write
+        # every trajectory line twice): the first to start this run's state does the work, the others nothing.
+        owner = state.__dict__.setdefault("_hf_hyperopt_callback", self)
+        if owner is not self:
+            self.tower = None
+            if state.is_world_process_zero and args.process_index == 0:
+                _trainer_logger.warning("hf_hyperopt: this Trainer has two HyperCallbacks; the second does nothing")
             return
         # trace=auto spans one pass through the data: set on every start and resume, before the first step
         # (a horizon set on a ready tower is replaced: the run's is the Trainer's to count).

@@ -121,16 +121,26 @@ def _unreadable_state(checkpoint: Path) -> Exception | None:
     return None
 
 
+def _saved_optimizer_state(checkpoint: str) -> dict | None:
+    """``checkpoint/optimizer.pt``, or ``None`` if it does not read as an optimizer's state dict."""
+    import torch
+
+    try:
+        state = torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True)
+    except Exception:  # noqa: BLE001 - any file that does not read holds no state
+        return None
+    return state if isinstance(state, dict) and "param_groups" in state else None
+
+
 def saved_tower_spec(checkpoint: str) -> str | None:
     """The spec of the tower whose state ``checkpoint/optimizer.pt`` holds; ``None`` if it holds none or
     does not read."""
-    import torch
-
     from ..optim.state import read_tower_entry
 
+    state = _saved_optimizer_state(checkpoint)
     try:
-        found = read_tower_entry(torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True))
-    except Exception:  # noqa: BLE001 - any file that does not read holds no tower that can be named
+        found = read_tower_entry(state) if state is not None else None
+    except Exception:  # noqa: BLE001 - a malformed entry names no tower
         return None
     return found[0]["spec"] if found is not None else None
 
@@ -138,12 +148,19 @@ def saved_tower_spec(checkpoint: str) -> str | None:
 def unreadable_checkpoint(checkpoint: str, error: Exception) -> Exception:
     """The error to raise when the optimizer state of ``checkpoint`` fails to load (``error``)."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    advice = (
-        "start it with the tower the checkpoint names: the weight level's arguments (--learning_rate, the "
-        "optimizer's betas/--optim_args, --hyper_learn) and --hyper_tower/--hyper_scope as saved"
-        if isinstance(error, DifferentTowerError)
-        else "resume from an earlier checkpoint"
-    )
+    if isinstance(error, DifferentTowerError):
+        advice = (
+            "start it with the tower the checkpoint names: the weight level's arguments (--learning_rate, the "
+            "optimizer's betas/--optim_args, --hyper_learn) and --hyper_tower/--hyper_scope as saved"
+        )
+    elif _saved_optimizer_state(checkpoint) is not None and saved_tower_spec(checkpoint) is None:
+        advice = (
+            "the checkpoint holds a standard optimizer's state (it was trained with a torch.optim --optim): "
+            "resume it with that --optim, or start a tower from its weights (load the model from the checkpoint "
+            "folder and train without resume_from_checkpoint)"
+        )
+    else:
+        advice = "resume from an earlier checkpoint"
     message = (
         f"cannot resume from {checkpoint}: its optimizer state (optimizer.pt, scheduler.pt) does not load "
         f"({type(error).__name__}: {first[:400]}). "
