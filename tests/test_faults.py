@@ -319,6 +319,19 @@ UNREADABLE_CHECKPOINTS = {
 }
 
 
+def test_only_a_checkpoint_without_a_tower_is_called_a_standard_optimizers(tmp_path):
+    from hf_hyperopt.trainer.resume import unreadable_checkpoint
+
+    group = {"params": [0], "lr": 1e-3}
+    for name, groups, said in (
+        ("adamw", [group], "holds a standard optimizer's state"),
+        ("damaged", [{**group, "hyper_tower": {"scope": "shared"}}], "resume from an earlier checkpoint"),
+    ):
+        (tmp_path / name).mkdir()
+        torch.save({"state": {}, "param_groups": groups}, tmp_path / name / "optimizer.pt")
+        assert said in str(unreadable_checkpoint(str(tmp_path / name), ValueError("no 'tower' entry")))
+
+
 @pytest.mark.parametrize("fault", list(UNREADABLE_CHECKPOINTS))
 def test_unreadable_optimizer_state_stops_the_resume_and_keeps_everything(fault, full_run, tmp_path):
     damage, error, message = UNREADABLE_CHECKPOINTS[fault]

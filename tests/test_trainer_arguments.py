@@ -5,6 +5,7 @@ Everything here runs before any training step; the bad inputs must raise at pars
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -144,6 +145,12 @@ def test_assigning_optim_chooses_for_the_new_optimizer(tmp_path):
     given.hyper_tower = None
     given.optim = "adamw_torch"
     assert given.lr_scheduler_type == "cosine" and given.lr_scheduler_explicit  # given: kept
+    # A shallow copy's choices are its own: the original's schedule stays chosen, not given.
+    args = HyperTrainingArguments(output_dir=str(tmp_path), report_to="none")
+    other = copy.copy(args)
+    other.optim = "adamw_torch"
+    assert other.lr_scheduler_type == "linear" and args.lr_scheduler_type == "constant"
+    assert not args.lr_scheduler_explicit
 
 
 def test_a_schedule_set_by_a_hyperparameter_search_runs(tmp_path):

@@ -227,7 +227,8 @@ class HyperTrainingArguments(TrainingArguments):
         """Set field ``name`` to ``value``, chosen for the user."""
         chosen = ChosenDefault(value)
         setattr(self, name, chosen)
-        self.__dict__.setdefault("_chosen", {})[name] = chosen
+        # A new dict, not an update: copy.copy(args) shares the old one, and the copy's choices are its own.
+        self.__dict__["_chosen"] = {**self.__dict__.get("_chosen", {}), name: chosen}
         return chosen
 
     def _choose_defaults(self, optim: str) -> ChosenDefault | None:

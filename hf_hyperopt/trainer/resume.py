@@ -28,6 +28,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from ..optim.distributed import TOWER_GROUP_KEY
 from ..optim.engine import DifferentTowerError
 from .trajectory import TRAJECTORY_NAME, empty_groups, hyper_log_keys, salvage_trajectory
 
@@ -122,11 +123,11 @@ def _unreadable_state(checkpoint: Path) -> Exception | None:
 
 
 def _saved_optimizer_state(checkpoint: str) -> dict | None:
-    """``checkpoint/optimizer.pt``, or ``None`` if it does not read as an optimizer's state dict."""
+    """``checkpoint/optimizer.pt`` (on the CPU), or ``None`` if it does not read as an optimizer's state dict."""
     import torch
 
     try:
-        state = torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True)
+        state = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - any file that does not read holds no state
         return None
     return state if isinstance(state, dict) and "param_groups" in state else None
@@ -145,6 +146,14 @@ def saved_tower_spec(checkpoint: str) -> str | None:
     return found[0]["spec"] if found is not None else None
 
 
+def _holds_torch_optimizer_state(checkpoint: str) -> bool:
+    """Whether ``checkpoint/optimizer.pt`` is a standard optimizer's state: it reads, and no trace of a tower."""
+    state = _saved_optimizer_state(checkpoint)
+    if state is None or "tower" in state:  # "tower": the 0.1.0 layout's entry
+        return False
+    return not any(isinstance(g, dict) and TOWER_GROUP_KEY in g for g in state["param_groups"])
+
+
 def unreadable_checkpoint(checkpoint: str, error: Exception) -> Exception:
     """The error to raise when the optimizer state of ``checkpoint`` fails to load (``error``)."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -153,7 +162,7 @@ def unreadable_checkpoint(checkpoint: str, error: Exception) -> Exception:
             "start it with the tower the checkpoint names: the weight level's arguments (--learning_rate, the "
             "optimizer's betas/--optim_args, --hyper_learn) and --hyper_tower/--hyper_scope as saved"
         )
-    elif _saved_optimizer_state(checkpoint) is not None and saved_tower_spec(checkpoint) is None:
+    elif _holds_torch_optimizer_state(checkpoint):
         advice = (
             "the checkpoint holds a standard optimizer's state (it was trained with a torch.optim --optim): "
             "resume it with that --optim, or start a tower from its weights (load the model from the checkpoint "
@@ -170,7 +179,7 @@ def unreadable_checkpoint(checkpoint: str, error: Exception) -> Exception:
 
 
 def hyperparameters_at(
-    trajectory: str | os.PathLike, step: int, like: list[dict[str, Any]], scope: str, empty_groups: Collection[int] = ()
+    trajectory: str | os.PathLike, step: int, like: list[dict[str, Any]], scope: str, skipped: Collection[int] = ()
 ) -> list[dict[str, Any]] | None:
     """The tower's hyperparameters after optimizer step ``step``, from the trajectory file, shaped like ``like``.
 
@@ -179,7 +188,7 @@ def hyperparameters_at(
         step: the optimizer step (a checkpoint's ``N``).
         like: :meth:`TowerOptimizer.hyperparameters` of the same tower (gives the names and the layout).
         scope: the tower's scope (how per-group / per-tensor keys are suffixed).
-        empty_groups: param groups without parameters (not in the file): their values are ``like``'s.
+        skipped: param groups without parameters (:func:`empty_groups`; not in the file): their values are ``like``'s.
 
     Returns:
         The values, or ``None`` if the file has no complete record of that step.
@@ -187,7 +196,7 @@ def hyperparameters_at(
     if not os.path.isfile(trajectory):
         return None
     record = next((r for r in salvage_trajectory(trajectory)[0] if r.get("step") == step), None)
-    keys = hyper_log_keys(like, scope, empty_groups)
+    keys = hyper_log_keys(like, scope, skipped)
     if record is None or any(record.get(k) is None for k in keys):
         return None
     suffix = "tensor" if scope == "tensor" else "group"
