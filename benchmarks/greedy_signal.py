@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from . import tasks
+from .curved_trace import CurvedTrace
 from .provenance import git_commit
 from .sensitivity import TASK_BUILDERS
 
@@ -53,6 +54,14 @@ class GreedySignalArguments:
     )
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "model and data-order seeds"})
     windows: int = field(default=6, metadata={"help": "windows of the run, one column each"})
+    curved: list[float] = field(
+        default_factory=list,
+        metadata={"help": "decays mu of traces with the curvature term (a Hessian-vector product a step each)"},
+    )
+    eval_at: list[int] = field(
+        default_factory=list,
+        metadata={"help": "steps before the end at which the test perplexity is also measured (a shorter run's end)"},
+    )
     tag: str = field(default="", metadata={"help": "suffix of the output files' names"})
     out: str = field(default="results", metadata={"help": "output folder"})
 
@@ -78,37 +87,70 @@ def parse_plan(plan: str, steps: int) -> list[tuple[int, float]]:
     return pieces
 
 
-def record(task: tasks.Task, plan: list[tuple[int, float]], seed: int) -> tuple[list[list[float]], float]:
-    """Every step's pull for each trace of ``TRACES`` (from the second step on), and the test perplexity."""
+def record(
+    task: tasks.Task,
+    plan: list[tuple[int, float]],
+    seed: int,
+    eval_at: tuple[int, ...] = (),
+    curved: tuple[float, ...] = (),
+) -> tuple[list[list[float]], float, dict[int, float]]:
+    """Every step's pull for each trace of ``TRACES`` and then of ``curved`` (:class:`CurvedTrace`, from the
+    second step on), the test perplexity, and the test perplexity after each step count of ``eval_at``.
+    Evaluating draws no random numbers (no dropout), so the run goes on as without it: a constant lr's
+    perplexity at step s is that of an s-step run."""
     model = task.build_model(seed)
+    if curved:  # a Hessian-vector product a step: differentiate the backward pass
+        model.set_attn_implementation("eager")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=plan[0][1], weight_decay=0.0)
+    flat = lambda key: torch.cat([opt.state[p][key].reshape(-1) for p in params])  # noqa: E731
     batches = task.batches(seed)
     traces: list[torch.Tensor] | None = None
+    curves: list[CurvedTrace] = []
     pulls: list[list[float]] = []
+    midway: dict[int, float] = {}
     for t in range(task.steps):
         for start, lr in plan:
             if t == start:
                 opt.param_groups[0]["lr"] = lr
         loss = task.loss(model, next(batches))
         if not torch.isfinite(loss):
-            return pulls, math.inf
-        loss.backward()
-        g = torch.cat([p.grad.reshape(-1) for p in params])
+            return pulls, math.inf, {**midway, **{s: math.inf for s in eval_at if s not in midway}}
+        grads = torch.autograd.grad(loss, params, create_graph=bool(curved))
+        g = torch.cat([x.detach().reshape(-1) for x in grads])
         if traces is not None:
             tiny = torch.finfo(g.dtype).tiny
-            pulls.append([float(-(g @ z) / (g.norm() * z.norm()).clamp_min(tiny)) for z in traces])
+            zs = [*traces, *(c.z for c in curves)]
+            pulls.append([float(-(g @ z) / (g.norm() * z.norm()).clamp_min(tiny)) for z in zs])
+        hvps = []
+        for c in curves:
+            vec = list(c.z.split([p.numel() for p in params]))
+            vec = [v.view_as(p) for v, p in zip(vec, params, strict=True)]
+            hz = torch.autograd.grad(grads, params, grad_outputs=vec, retain_graph=True)
+            hvps.append(torch.cat([x.reshape(-1) for x in hz]))
+        for p, x in zip(params, grads, strict=True):
+            p.grad = x.detach()
         before = torch.cat([p.detach().reshape(-1) for p in params])
         opt.step()
         opt.zero_grad(set_to_none=True)
         update = torch.cat([p.detach().reshape(-1) for p in params]) - before
         if traces is None:
             traces = [update.clone() for _ in TRACES]
+            curves = [CurvedTrace(mu, g) for mu in curved]
+            hvps = [torch.zeros_like(g) for _ in curved]
         else:
             traces = [mu * z + update for mu, z in zip(TRACES, traces, strict=True)]
+        if curves:
+            group = opt.param_groups[0]
+            adam = {"m": flat("exp_avg"), "v": flat("exp_avg_sq"), "step": float(opt.state[params[0]]["step"]),
+                    "betas": group["betas"], "eps": group["eps"]}  # fmt: skip
+            for c, hz in zip(curves, hvps, strict=True):
+                c.advance(hz, g, adam, group["lr"], update)
+        if t + 1 in eval_at:
+            midway[t + 1] = task.evaluate(model)
     model.eval()
-    return pulls, task.evaluate(model)
+    return pulls, task.evaluate(model), midway
 
 
 def main(args: GreedySignalArguments) -> dict:
@@ -117,43 +159,95 @@ def main(args: GreedySignalArguments) -> dict:
     if args.task not in LM_TASKS:
         raise ValueError(f"--task {args.task!r}: choose one of {', '.join(LM_TASKS)}")
     plans = {plan: parse_plan(plan, args.steps) for plan in args.plans}  # before any run
+    bad = [s for s in args.eval_at if not 0 < s < args.steps]
+    if bad:
+        raise ValueError(
+            f"--eval_at {' '.join(map(str, bad))}: give steps between 1 and --steps - 1 ({args.steps - 1})"
+        )
+    eval_at = tuple(sorted(set(args.eval_at)))
+    if not all(0 <= mu <= 1 for mu in args.curved):
+        raise ValueError(f"--curved {' '.join(map(str, args.curved))}: give decays between 0 and 1")
+    curved = tuple(args.curved)
+    signals = [*TRACES, *curved]  # the pulls' columns
+    names = [f"{mu:g}" for mu in TRACES] + [f"curved {mu:g}" for mu in curved]
     commit = git_commit()
     torch.set_num_threads(1)
     task = TASK_BUILDERS[args.task](args.steps)
     runs = []
     for plan, pieces in plans.items():
         for seed in args.seeds:
-            pulls, perplexity = record(task, pieces, seed)
-            runs.append({"plan": plan, "seed": seed, "perplexity": perplexity, "pulls": pulls})
+            pulls, perplexity, midway = record(task, pieces, seed, eval_at, curved)
+            runs.append(
+                {
+                    "plan": plan,
+                    "seed": seed,
+                    "perplexity": perplexity,
+                    "pulls": pulls,
+                    "perplexity_at": {str(s): v for s, v in midway.items()},
+                }
+            )
             print(f"lr {plan} seed {seed}: perplexity {perplexity:.2f}", file=sys.stderr)
     width = args.steps // args.windows
     spans = [(lo, min(lo + width, args.steps)) for lo in range(0, args.steps - width + 1, width)]
-    means = {}  # (plan, trace index, window) -> mean pull over the seeds' steps in it
+    means = {}  # (plan, trace index, window) -> mean pull over the seeds' steps in it (the finite ones)
+    overflowed = {}  # the same keys -> whether some of those steps' traces had overflowed
     for plan in plans:
-        for i in range(len(TRACES)):
+        for i in range(len(signals)):
             for w, (lo, hi) in enumerate(spans):
                 vals = [p[i] for r in runs if r["plan"] == plan for p in r["pulls"][max(lo - 1, 0) : hi - 1]]
-                means[plan, i, w] = sum(vals) / len(vals) if vals else math.nan
+                finite = [x for x in vals if math.isfinite(x)]  # a curved trace can overflow (chaotic steps)
+                means[plan, i, w] = sum(finite) / len(finite) if finite else math.nan
+                overflowed[plan, i, w] = len(finite) < len(vals)
     ppl = {plan: sum(r["perplexity"] for r in runs if r["plan"] == plan) / len(args.seeds) for plan in plans}
     header = "| lr | test perplexity | " + " | ".join(f"steps {lo}-{hi}" for lo, hi in spans) + " |"
     table = [
         f"`{args.task}`, AdamW, {args.steps} steps, seeds {' '.join(map(str, args.seeds))} (means); "
-        "the mean pull -cos(g_{t+1}, Z_t) per window, positive asks for a larger lr:",
+        "the mean pull -cos(g_{t+1}, Z_t) per window, positive asks for a larger lr (`*`: of the finite "
+        "values, some seed's trace having overflowed; `overflow`: none finite):",
     ]
-    for i, mu in enumerate(TRACES):
+    for i, mu in enumerate(signals):
         name = "one step" if mu == 0 else ("displacement from the start" if mu == 1 else f"trace {mu:g}")
+        if i >= len(TRACES):
+            name = f"trace {mu:g} with the curvature term" + (
+                " (the exact hypergradient of a constant lr)" if mu == 1 else ""
+            )
         table += ["", f"`mu = {mu:g}` ({name}):", "", header, "|---|---|" + "---|" * len(spans)]
         for plan in plans:
-            cells = " | ".join(f"{means[plan, i, w]:+.3f}" for w in range(len(spans)))
+            cells = " | ".join(
+                "overflow"
+                if math.isnan(means[plan, i, w])
+                else f"{means[plan, i, w]:+.3f}" + "*" * overflowed[plan, i, w]
+                for w in range(len(spans))
+            )
             table.append(f"| {plan} | {ppl[plan]:.2f} | {cells} |")
+    if eval_at:
+        at = {
+            (plan, s): sum(r["perplexity_at"][str(s)] for r in runs if r["plan"] == plan) / len(args.seeds)
+            for plan in plans
+            for s in eval_at
+        }
+        for plan in plans:
+            at[plan, args.steps] = ppl[plan]
+        ends = (*eval_at, args.steps)
+        best = {s: min(plans, key=lambda plan: at[plan, s]) for s in ends}
+        table += [
+            "",
+            "Test perplexity after each step count (means; bold: the best plan at that step):",
+            "",
+            "| lr | " + " | ".join(f"step {s}" for s in ends) + " |",
+            "|---|" + "---|" * len(ends),
+        ]
+        for plan in plans:
+            cells = " | ".join(f"**{at[plan, s]:.2f}**" if best[s] == plan else f"{at[plan, s]:.2f}" for s in ends)
+            table.append(f"| {plan} | {cells} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / (f"greedy_signal_{args.task}" + (f"_{args.tag}" if args.tag else ""))
     stem.with_suffix(".md").write_text("\n".join(table) + "\n")
     meta = {"args": asdict(args), "command": " ".join(sys.argv), "commit": commit, "torch": torch.__version__}
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "traces": TRACES, "runs": runs}))
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "traces": TRACES, "curved": curved, "runs": runs}))
     print("\n".join(table))
-    return {"perplexity": ppl, "means": {f"{k[0]}/{TRACES[k[1]]:g}/{k[2]}": v for k, v in means.items()}}
+    return {"perplexity": ppl, "means": {f"{k[0]}/{names[k[1]]}/{k[2]}": v for k, v in means.items()}}
 
 
 if __name__ == "__main__":

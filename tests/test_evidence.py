@@ -413,6 +413,106 @@ def test_epoch_pairs_fits_the_push_per_window(tmp_path):
         epoch_pairs.main(epoch_pairs.EpochPairsArguments(steps=3, windows=2, out=str(tmp_path)))
 
 
+def test_greedy_signal_curved_traces_and_midway_perplexities(tmp_path):
+    from benchmarks import greedy_signal
+
+    kw = {"steps": 6, "windows": 2, "plans": ["1e-3"], "out": str(tmp_path)}
+    plain = greedy_signal.main(greedy_signal.GreedySignalArguments(**kw, tag="plain"))
+    greedy_signal.main(greedy_signal.GreedySignalArguments(**kw, curved=[0.9, 1.0], eval_at=[3], tag="c"))
+    (run,) = json.loads((tmp_path / "greedy_signal_gpt2_c.json").read_text())["runs"]
+    # Evaluating midway draws no random numbers, and the curvature's extra differentiation changes nothing
+    # the run does: its end is the plain run's.
+    assert run["perplexity"] == pytest.approx(plain["perplexity"]["1e-3"], rel=1e-6)
+    assert math.isfinite(run["perplexity_at"]["3"]) and run["perplexity_at"]["3"] > run["perplexity"]
+    assert all(len(p) == len(greedy_signal.TRACES) + 2 for p in run["pulls"])
+    assert len(set(run["pulls"][0])) == 1  # every trace holds the one update taken
+    assert run["pulls"][-1][-1] != run["pulls"][-1][len(greedy_signal.TRACES) - 1]  # the curvature term counts
+    assert "trace 1 with the curvature term" in (tmp_path / "greedy_signal_gpt2_c.md").read_text()
+    with pytest.raises(ValueError, match="--eval_at 6: give steps between 1 and"):
+        greedy_signal.main(greedy_signal.GreedySignalArguments(**kw, eval_at=[6]))
+    with pytest.raises(ValueError, match="--curved 1.5: give decays between 0 and 1"):
+        greedy_signal.main(greedy_signal.GreedySignalArguments(**kw, curved=[1.5]))
+
+
+def test_greedy_signal_keeps_midway_perplexities_of_a_run_that_diverges_later(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from benchmarks import greedy_signal
+
+    task = greedy_signal.TASK_BUILDERS["gpt2"](6)
+    calls = []
+
+    def loss(model, batch):  # the fourth step's loss is not finite
+        calls.append(1)
+        return task.loss(model, batch) * (math.nan if len(calls) >= 4 else 1.0)
+
+    monkeypatch.setitem(greedy_signal.TASK_BUILDERS, "gpt2", lambda steps: replace(task, loss=loss))
+    args = greedy_signal.GreedySignalArguments(steps=6, windows=2, plans=["1e-3"], eval_at=[2, 5], out=str(tmp_path))
+    greedy_signal.main(args)
+    (run,) = json.loads((tmp_path / "greedy_signal_gpt2.json").read_text())["runs"]
+    assert math.isfinite(run["perplexity_at"]["2"]) and run["perplexity_at"]["5"] == math.inf
+
+
+@pytest.mark.parametrize("mu", [1.0, 0.7])
+def test_curved_trace_is_the_derivative_of_the_weights_in_log_lr(mu):
+    """The trace is dw_T / d(step k's log(lr)) summed with weights mu^(T-1-k), over T AdamW steps: central
+    differences of whole runs whose log(lr)s move by those weights agree, in float64."""
+    from benchmarks.curved_trace import CurvedTrace
+
+    x = torch.randn(64, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.sin(x.sum(1, keepdim=True))
+    steps, lr = 10, 1e-2
+
+    def run(offset: float) -> tuple[torch.Tensor, CurvedTrace]:
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+        params = list(model.parameters())
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        trace, flat = None, lambda ts: torch.cat([t.detach().reshape(-1) for t in ts])
+        for t in range(steps):
+            opt.param_groups[0]["lr"] = step_lr = lr * math.exp(offset * mu ** (steps - 1 - t))
+            rows = slice(16 * (t % 4), 16 * (t % 4) + 16)
+            grads = torch.autograd.grad(((model(x[rows]) - y[rows]) ** 2).mean(), params, create_graph=True)
+            g, hz = flat(grads), flat(grads) * 0
+            if trace is not None:
+                z = [v.view_as(p) for v, p in zip(trace.z.split([p.numel() for p in params]), params, strict=True)]
+                hz = flat(torch.autograd.grad(grads, params, grad_outputs=z))
+            for p, d in zip(params, grads, strict=True):
+                p.grad = d.detach()
+            before = flat(params)
+            opt.step()
+            trace = trace or CurvedTrace(mu, g)
+            state = [opt.state[p] for p in params]
+            adam = {"m": flat(s["exp_avg"] for s in state), "v": flat(s["exp_avg_sq"] for s in state),
+                    "step": float(state[0]["step"]), "betas": (0.9, 0.999), "eps": 1e-8}  # fmt: skip
+            trace.advance(hz, g, adam, step_lr, flat(params) - before)
+        return flat(params), trace
+
+    _, trace = run(0.0)
+    eps = 1e-5
+    numeric = (run(eps)[0] - run(-eps)[0]) / (2 * eps)
+    assert (trace.z - numeric).norm() < 1e-6 * numeric.norm()
+
+
+def test_curved_top_learns_the_lr_from_either_trace(tmp_path):
+    from benchmarks import curved_top
+
+    args = curved_top.CurvedTopArguments(
+        steps=6, signals=["trace:0.99", "curved:1"], tops=[0.1], starts=[1e-4], out=str(tmp_path), tag="t"
+    )
+    worst = curved_top.main(args)
+    runs = json.loads((tmp_path / "curved_top_gpt2_t.json").read_text())["runs"]
+    assert [r["signal"] for r in runs] == ["trace:0.99", "curved:1"]
+    for r in runs:  # the lr left its start, and the first steps raise it
+        assert r["final_lr"] > 1e-4 * 1.01 and math.isfinite(r["perplexity"]) and r["restarts"] == 0
+    assert runs[0]["final_lr"] != runs[1]["final_lr"]  # the curvature term changes the signal
+    assert set(worst) == {"trace:0.99/0.1", "curved:1/0.1"}
+    assert "| curved:1 |" in (tmp_path / "curved_top_gpt2_t.md").read_text()
+    for bad in ("trace", "curved:2", "exact:0.9"):
+        with pytest.raises(ValueError, match=f"signal '{bad}': give trace:MU or curved:MU"):
+            curved_top.main(curved_top.CurvedTopArguments(signals=[bad], out=str(tmp_path)))
+
+
 def test_greedy_signal_records_each_traces_pull_and_follows_its_plan(tmp_path):
     from benchmarks import greedy_signal
 
