@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import tasks
-from .curved_trace import CurvedTrace
+from .curved_trace import CurvedTrace, flat, step_with
 from .greedy_signal import LM_TASKS
 from .provenance import git_commit
 from .sensitivity import TASK_BUILDERS
@@ -70,7 +70,6 @@ def run(task: tasks.Task, curved: bool, mu: float, top: float, start: float, see
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=start, weight_decay=0.0)
-    flat = lambda ts: torch.cat([t.detach().reshape(-1) for t in ts])  # noqa: E731
     batches = task.batches(seed)
     log_lr, v, top_steps, restarts = math.log(start), 0.0, 0, 0
     trace: CurvedTrace | None = None
@@ -93,21 +92,11 @@ def run(task: tasks.Task, curved: bool, mu: float, top: float, start: float, see
             log_lr += step * slope / (math.sqrt(v / (1 - 0.999**top_steps)) + 1e-12)
             opt.param_groups[0]["lr"] = math.exp(log_lr)
             if curved:
-                z = [x.view_as(p) for x, p in zip(trace.z.split([p.numel() for p in params]), params, strict=True)]
-                hz = flat(torch.autograd.grad(grads, params, grad_outputs=z))
-        for p, d in zip(params, grads, strict=True):
-            p.grad = d.detach()
-        before = flat(params)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update = flat(params) - before
+                hz = trace.hessian_times_z(grads, params)
+        update = step_with(opt, params, grads)
         trace = trace or CurvedTrace(mu, g)
         if curved:
-            state = [opt.state[p] for p in params]
-            group = opt.param_groups[0]
-            adam = {"m": flat(s["exp_avg"] for s in state), "v": flat(s["exp_avg_sq"] for s in state),
-                    "step": float(state[0]["step"]), "betas": group["betas"], "eps": group["eps"]}  # fmt: skip
-            trace.advance(hz, g, adam, group["lr"], update)
+            trace.advance_adamw(opt, hz, g, update)
         else:
             trace.z = mu * trace.z + update
         if (t + 1) % 25 == 0:

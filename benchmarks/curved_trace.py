@@ -11,6 +11,21 @@ from __future__ import annotations
 import torch
 
 
+def flat(tensors) -> torch.Tensor:
+    """The tensors, detached, as one vector."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def step_with(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads) -> torch.Tensor:
+    """``opt``'s step with the gradients ``grads`` (taken by ``torch.autograd.grad``); the update it made."""
+    for p, d in zip(params, grads, strict=True):
+        p.grad = d.detach()
+    before = flat(params)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return flat(params) - before
+
+
 class CurvedTrace:
     """``dw_t / d log(lr)`` with the curvature term, decayed by ``mu`` a step, through AdamW's moments: the
     derivative of the weights when step k's log(lr) moves by ``mu^(t-1-k)`` (``mu = 1``: a constant lr since
@@ -37,3 +52,18 @@ class CurvedTrace:
         du = self.zm / (1 - b1**t) / denom - m_hat * dv / denom**2
         self.z = self.mu * (self.z - lr * du) + update
         self.zm, self.zv = self.mu * self.zm, self.mu * self.zv
+
+    def hessian_times_z(self, grads: tuple[torch.Tensor, ...], params: list[torch.Tensor]) -> torch.Tensor:
+        """``H z`` at the weights the gradients ``grads`` (taken with ``create_graph=True``) were taken at."""
+        z = [v.view_as(p) for v, p in zip(self.z.split([p.numel() for p in params]), params, strict=True)]
+        return flat(torch.autograd.grad(grads, params, grad_outputs=z, retain_graph=True))
+
+    def advance_adamw(
+        self, opt: torch.optim.Optimizer, hz: torch.Tensor, g: torch.Tensor, update: torch.Tensor
+    ) -> None:
+        """:meth:`advance` after ``opt``'s step (AdamW over one param group, no weight decay), with its moments."""
+        group = opt.param_groups[0]
+        state = [opt.state[p] for p in group["params"]]
+        adam = {"m": flat(s["exp_avg"] for s in state), "v": flat(s["exp_avg_sq"] for s in state),
+                "step": float(state[0]["step"]), "betas": group["betas"], "eps": group["eps"]}  # fmt: skip
+        self.advance(hz, g, adam, group["lr"], update)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from . import tasks
-from .curved_trace import CurvedTrace
+from .curved_trace import CurvedTrace, flat, step_with
 from .provenance import git_commit
 from .sensitivity import TASK_BUILDERS
 
@@ -104,7 +104,6 @@ def record(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=plan[0][1], weight_decay=0.0)
-    flat = lambda key: torch.cat([opt.state[p][key].reshape(-1) for p in params])  # noqa: E731
     batches = task.batches(seed)
     traces: list[torch.Tensor] | None = None
     curves: list[CurvedTrace] = []
@@ -118,35 +117,21 @@ def record(
         if not torch.isfinite(loss):
             return pulls, math.inf, {**midway, **{s: math.inf for s in eval_at if s not in midway}}
         grads = torch.autograd.grad(loss, params, create_graph=bool(curved))
-        g = torch.cat([x.detach().reshape(-1) for x in grads])
+        g = flat(grads)
         if traces is not None:
             tiny = torch.finfo(g.dtype).tiny
             zs = [*traces, *(c.z for c in curves)]
             pulls.append([float(-(g @ z) / (g.norm() * z.norm()).clamp_min(tiny)) for z in zs])
-        hvps = []
-        for c in curves:
-            vec = list(c.z.split([p.numel() for p in params]))
-            vec = [v.view_as(p) for v, p in zip(vec, params, strict=True)]
-            hz = torch.autograd.grad(grads, params, grad_outputs=vec, retain_graph=True)
-            hvps.append(torch.cat([x.reshape(-1) for x in hz]))
-        for p, x in zip(params, grads, strict=True):
-            p.grad = x.detach()
-        before = torch.cat([p.detach().reshape(-1) for p in params])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update = torch.cat([p.detach().reshape(-1) for p in params]) - before
+        hvps = [c.hessian_times_z(grads, params) for c in curves]
+        update = step_with(opt, params, grads)
         if traces is None:
             traces = [update.clone() for _ in TRACES]
             curves = [CurvedTrace(mu, g) for mu in curved]
             hvps = [torch.zeros_like(g) for _ in curved]
         else:
             traces = [mu * z + update for mu, z in zip(TRACES, traces, strict=True)]
-        if curves:
-            group = opt.param_groups[0]
-            adam = {"m": flat("exp_avg"), "v": flat("exp_avg_sq"), "step": float(opt.state[params[0]]["step"]),
-                    "betas": group["betas"], "eps": group["eps"]}  # fmt: skip
-            for c, hz in zip(curves, hvps, strict=True):
-                c.advance(hz, g, adam, group["lr"], update)
+        for c, hz in zip(curves, hvps, strict=True):
+            c.advance_adamw(opt, hz, g, update)
         if t + 1 in eval_at:
             midway[t + 1] = task.evaluate(model)
     model.eval()

@@ -457,7 +457,7 @@ def test_greedy_signal_keeps_midway_perplexities_of_a_run_that_diverges_later(tm
 def test_curved_trace_is_the_derivative_of_the_weights_in_log_lr(mu):
     """The trace is dw_T / d(step k's log(lr)) summed with weights mu^(T-1-k), over T AdamW steps: central
     differences of whole runs whose log(lr)s move by those weights agree, in float64."""
-    from benchmarks.curved_trace import CurvedTrace
+    from benchmarks.curved_trace import CurvedTrace, flat, step_with
 
     x = torch.randn(64, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = torch.sin(x.sum(1, keepdim=True))
@@ -468,24 +468,16 @@ def test_curved_trace_is_the_derivative_of_the_weights_in_log_lr(mu):
         model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
         params = list(model.parameters())
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        trace, flat = None, lambda ts: torch.cat([t.detach().reshape(-1) for t in ts])
+        trace = None
         for t in range(steps):
-            opt.param_groups[0]["lr"] = step_lr = lr * math.exp(offset * mu ** (steps - 1 - t))
+            opt.param_groups[0]["lr"] = lr * math.exp(offset * mu ** (steps - 1 - t))
             rows = slice(16 * (t % 4), 16 * (t % 4) + 16)
             grads = torch.autograd.grad(((model(x[rows]) - y[rows]) ** 2).mean(), params, create_graph=True)
-            g, hz = flat(grads), flat(grads) * 0
-            if trace is not None:
-                z = [v.view_as(p) for v, p in zip(trace.z.split([p.numel() for p in params]), params, strict=True)]
-                hz = flat(torch.autograd.grad(grads, params, grad_outputs=z))
-            for p, d in zip(params, grads, strict=True):
-                p.grad = d.detach()
-            before = flat(params)
-            opt.step()
+            g = flat(grads)
+            hz = trace.hessian_times_z(grads, params) if trace is not None else torch.zeros_like(g)
+            update = step_with(opt, params, grads)
             trace = trace or CurvedTrace(mu, g)
-            state = [opt.state[p] for p in params]
-            adam = {"m": flat(s["exp_avg"] for s in state), "v": flat(s["exp_avg_sq"] for s in state),
-                    "step": float(state[0]["step"]), "betas": (0.9, 0.999), "eps": 1e-8}  # fmt: skip
-            trace.advance(hz, g, adam, step_lr, flat(params) - before)
+            trace.advance_adamw(opt, hz, g, update)
         return flat(params), trace
 
     _, trace = run(0.0)
