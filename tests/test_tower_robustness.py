@@ -324,3 +324,55 @@ def test_a_warm_up_from_zero_takes_the_probe_again_at_its_size():
         assert opt._tower_state.ramp.sized is sized
         if not sized:
             assert opt._tower_state.ramp.factor.item() == pytest.approx(RAMP_PROBE)
+
+
+def _two_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    return model, [{"params": model[0].parameters()}, {"params": model[1].parameters()}]
+
+
+def _train_step(model, opt):
+    model(torch.randn(8, 4)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_a_scheduler_that_gives_groups_different_bases_is_refused_under_one_shared_lr():
+    """OneCycleLR(max_lr=[...]) gives each group its own base lr: one shared learned lr ran every group at
+    group 0's (the second moved 100x more than under torch.optim); a group at lr 0 hit log(0)."""
+    model, groups = _two_groups()
+    opt = hh.HyperAdam(groups, lr=1e-2)
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-1, 1e-3], total_steps=10, cycle_momentum=False)
+    with pytest.raises(ValueError, match=r"different base lrs \(group\['initial_lr'\]: \[0.004, 4e-05\]\)"):
+        _train_step(model, opt)
+    model, groups = _two_groups()
+    opt = hh.HyperAdam(groups, lr=1e-2, scope="group")  # one lr per group: each keeps its own base
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-1, 1e-3], total_steps=10, cycle_momentum=False)
+    _train_step(model, opt)
+    model, groups = _two_groups()
+    opt = hh.HyperAdam(groups, lr=1e-2, scope="group")
+    opt.param_groups[1]["lr"] = 0.0
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+    with pytest.raises(ValueError, match=r"param group 1's base lr is 0.0 .* must be positive"):
+        _train_step(model, opt)
+
+
+@pytest.mark.parametrize("learn", ["lr+beta1", "lr+weight_decay"])
+def test_a_write_to_a_learned_group_value_is_refused(learn):
+    """OneCycleLR's cycle_momentum rewrites group["betas"] every step; the tower learns beta1 and ignored it
+    (param_groups then showed a value not in use). The same for a hand-set weight_decay."""
+    model, groups = _two_groups()
+    opt = hh.HyperAdamW(groups, lr=1e-2, learn=learn)
+    _train_step(model, opt)
+    before = copy.deepcopy(opt.state_dict())
+    if learn == "lr+beta1":
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)  # cycle_momentum by default
+        match = r"param group 0's beta1 was set to .* cycle_momentum=False\), or do not learn beta1"
+    else:
+        opt.param_groups[1]["weight_decay"] = 0.5
+        match = r"param group 1's weight_decay was set to 0.5 after the tower began learning it from 0.01"
+    with pytest.raises(ValueError, match=match):
+        _train_step(model, opt)
+    opt.load_state_dict(before)  # loading takes the groups' values afresh, and the run goes on
+    _train_step(model, opt)

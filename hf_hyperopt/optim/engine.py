@@ -59,9 +59,12 @@ from .state import TowerState, initial_state, read_tower_entry, tower_entry
 from .stepping import (
     check_group_options,
     check_group_values,
+    check_learned_unwritten,
+    check_schedule_bases,
     count_step,
     group_defaults,
     group_value,
+    learned_group_values,
     schedule_factor,
     step_upper_levels,
     step_weights,
@@ -176,6 +179,8 @@ class TowerOptimizer(torch.optim.Optimizer):
         self._buckets: list[Bucket] | None = None
         self._bucket_key: tuple[int, ...] | None = None
         self._tower_state: TowerState | None = None  # created by the first step
+        # The groups' copies of what level 0 learns besides lr, when the tower took them over (first step, load).
+        self._learned_start: dict[tuple[int, str], float] = {}
         self._sharding_group: Any = None
         self._horizon: int | None = None  # of trace="auto" (set_horizon)
         self._horizon_warned = False
@@ -331,6 +336,8 @@ class TowerOptimizer(torch.optim.Optimizer):
         if "_uses_horizon" not in self.__dict__:
             self._horizon, self._horizon_warned = None, False
             self._uses_horizon = any(cfg.trace == AUTO_TRACE for cfg in self.levels)
+        if "_learned_start" not in self.__dict__:
+            self._learned_start = learned_group_values(self) if self._tower_state is not None else {}
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults, state and param_groups, which would lose the tower on
@@ -433,10 +440,13 @@ class TowerOptimizer(torch.optim.Optimizer):
         if self._tower_state is None:
             # The learned lr starts here: from now on its schedule base is fixed, and it travels in the
             # state dict as the scheduler's own (a scheduler made later takes it, as it takes torch's).
+            check_schedule_bases(self)
             for i, group in enumerate(self.param_groups):
                 group.setdefault("initial_lr", self._built_lrs[i])
             first = local_tensor(entries[0][0])
             self._tower_state = initial_state(self, first.device, self._hyper_dtype(first.dtype))
+            self._learned_start = learned_group_values(self)
+        check_learned_unwritten(self, self._learned_start)
         ts = self._tower_state
         with rollback_on_error(self):  # a step that raises leaves the learned values as they were
             count_step(self, ts)
@@ -617,4 +627,5 @@ class TowerOptimizer(torch.optim.Optimizer):
                 )
         hold_saved_tangents(self)
         self._tower_state = tower_state
+        self._learned_start = learned_group_values(self)
         self._buckets = None  # tangent views are rebuilt on the next step

@@ -312,3 +312,43 @@ def group_defaults(cfg: LevelConfig) -> dict[str, Any]:
         else:
             defaults[name] = v
     return defaults
+
+
+def check_schedule_bases(opt: TowerOptimizer) -> None:
+    """Refuse, at the first step, schedule bases a learned lr cannot start from: the bases a scheduler set
+    (``group["initial_lr"]``) differ under ``scope="shared"`` (one learned lr, so the groups' own lrs would
+    be lost: per-group ``max_lr`` of OneCycleLR ran every group at the first one's), or one is not positive
+    (a group set to lr 0 before the scheduler was made)."""
+    if opt.height == 0 or "lr" not in opt._learn[0]:
+        return
+    bases = [opt.schedule_base(i) for i in range(len(opt.param_groups))]
+    if opt.scope == "shared" and len(set(bases)) > 1:
+        raise ValueError(
+            f"scope='shared' learns one lr for all param groups, but a scheduler gave them different base lrs "
+            f"(group['initial_lr']: {bases}); use scope='group' to learn one per group"
+        )
+    for i, base in enumerate(bases):
+        if opt.mode == "default" and not base > 0:
+            raise ValueError(
+                f"param group {i}'s base lr is {base!r} (group['initial_lr'], as a scheduler found it): a learned lr "
+                "starts from it and must be positive; freeze the group's parameters (requires_grad=False) instead"
+            )
+
+
+def learned_group_values(opt: TowerOptimizer) -> dict[tuple[int, str], float]:
+    """Each param group's values of what the weight level learns besides ``lr`` (which a schedule multiplies):
+    the tower learns them from these values and then ignores the group's copy."""
+    names = [n for n in (opt._learn[0] if opt.height else ()) if n != "lr"]
+    return {(i, n): group_value(g, n) for i, g in enumerate(opt.param_groups) for n in names}
+
+
+def check_learned_unwritten(opt: TowerOptimizer, start: dict[tuple[int, str], float]) -> None:
+    """Refuse a learned value that something wrote into its param group after the tower took it over
+    (``start``: :func:`learned_group_values` then), e.g. OneCycleLR's ``cycle_momentum``: it would be ignored."""
+    for (i, name), value in learned_group_values(opt).items():
+        if (i, name) in start and value != start[i, name]:
+            cycled = " (OneCycleLR/CyclicLR: cycle_momentum=False)" if name in ("beta1", "momentum") else ""
+            raise ValueError(
+                f"param group {i}'s {name} was set to {value!r} after the tower began learning it from "
+                f"{start[i, name]!r}; the tower ignores such writes. Stop the writes{cycled}, or do not learn {name}"
+            )
