@@ -376,3 +376,27 @@ def test_a_write_to_a_learned_group_value_is_refused(learn):
         _train_step(model, opt)
     opt.load_state_dict(before)  # loading takes the groups' values afresh, and the run goes on
     _train_step(model, opt)
+
+
+def test_learned_values_are_checked_where_they_start_and_in_groups_added_later():
+    """Set between construction and the first step, a group's value was taken unchecked: under one shared
+    weight_decay group 1's 0.5 was ignored; a momentum of 0 failed in math.log. A group added after the
+    first step was not watched for writes."""
+    model, groups = _two_groups()
+    opt = hh.HyperAdamW(groups, lr=1e-2, learn="lr+weight_decay")
+    opt.param_groups[1]["weight_decay"] = 0.5
+    with pytest.raises(ValueError, match=r"scope='shared' learns one weight_decay .* start at \[0.01, 0.5\]"):
+        _train_step(model, opt)
+    model, groups = _two_groups()
+    opt = hh.HyperSGD(groups, lr=1e-2, momentum=0.9, learn="lr+momentum", scope="group")
+    opt.param_groups[0]["momentum"] = 0.0
+    with pytest.raises(ValueError, match=r"cannot learn momentum=0.0"):
+        _train_step(model, opt)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    opt = hh.HyperAdam(model[0].parameters(), lr=1e-2, learn="lr+beta1")
+    _train_step(model, opt)
+    opt.add_param_group({"params": model[1].parameters()})
+    opt.param_groups[1]["betas"] = (0.5, 0.999)
+    with pytest.raises(ValueError, match=r"param group 1's beta1 was set to 0.5"):
+        _train_step(model, opt)

@@ -197,7 +197,18 @@ class TowerOptimizer(torch.optim.Optimizer):
         sharding_group([p for g in self.param_groups for p in g["params"] if p.requires_grad])
 
     def _check_scope(self) -> None:
-        for name in self._learn[0] if len(self.levels) > 1 else ():
+        self._check_level0_values(self._learn[0] if len(self.levels) > 1 else ())
+        for k in range(1, len(self.levels) - 1):
+            values = self.levels[k].full_values()
+            for name in self._learn[k]:
+                if self.mode == "default":
+                    self._check_learnable(k, name, values[name])
+
+    def _check_level0_values(self, names: Iterable[str]) -> None:
+        """Refuse the groups' starting values of what level 0 learns: unequal under one shared value, or
+        outside the range the default mode keeps them in. Again at the first step, where they start
+        (a group's value may have been set since construction)."""
+        for name in names:
             vals = [group_value(g, name) for g in self.param_groups]
             if self.scope == "shared" and len(set(vals)) > 1:
                 raise ValueError(
@@ -207,11 +218,6 @@ class TowerOptimizer(torch.optim.Optimizer):
             if self.mode == "default":
                 for v in vals:
                     self._check_learnable(0, name, v)
-        for k in range(1, len(self.levels) - 1):
-            values = self.levels[k].full_values()
-            for name in self._learn[k]:
-                if self.mode == "default":
-                    self._check_learnable(k, name, values[name])
 
     def _check_learnable(self, k: int, name: str, value: float) -> None:
         """Refuse a learned value that starts outside the range the default mode keeps it in (it would
@@ -327,6 +333,7 @@ class TowerOptimizer(torch.optim.Optimizer):
             group.setdefault("initial_lr", group["lr"])
             ts = self._tower_state
             ts.weight_steps = [*ts.weight_steps, *[0] * len(group["params"])]
+            self._learned_start = {**learned_group_values(self), **self._learned_start}  # the new group's, as it is
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -440,6 +447,8 @@ class TowerOptimizer(torch.optim.Optimizer):
         if self._tower_state is None:
             # The learned lr starts here: from now on its schedule base is fixed, and it travels in the
             # state dict as the scheduler's own (a scheduler made later takes it, as it takes torch's).
+            # The lr starts from its schedule base (group["lr"] may be a warm-up's 0 by now); the rest as the groups hold them.
+            self._check_level0_values([n for n in self._learn[0] if n != "lr"] if self.height else ())
             check_schedule_bases(self)
             for i, group in enumerate(self.param_groups):
                 group.setdefault("initial_lr", self._built_lrs[i])
