@@ -24,9 +24,9 @@ Flags taken by the launcher (anywhere among the script's arguments, ``--flag val
 As with ``HyperTrainingArguments``, a tower runs a constant schedule (``constant_with_warmup`` with
 warmup) unless a schedule is asked for, in which case it multiplies the learned step size: with
 ``--lr_scheduler_type`` on the command line, or a value other than the arguments' default that the
-script's config file or code sets. The flags, and the weight level's values given on the command line (``--learning_rate``,
-``--adam_*``, ``--weight_decay``, ``--optim_args``), are checked before the script starts; values the
-script sets in code, when the ``Trainer`` is created, before training.
+script's config file or code sets. The flags, and the weight level's values given on the command line
+(``--learning_rate``, ``--adam_*``, ``--weight_decay``, ``--optim_args``), are checked before the script
+starts; values the script sets in code, when the ``Trainer`` is created, before training.
 
 Each ``Trainer.__init__`` in this process is wrapped to do this (``transformers`` itself is not
 changed on disk, and nothing outside the launched process is affected).

@@ -445,9 +445,9 @@ class TowerOptimizer(torch.optim.Optimizer):
                 stacklevel=5,  # the caller of step(), past no_grad's, compiler.disable's and torch.optim's wrappers
             )
         if self._tower_state is None:
-            # The learned lr starts here: from now on its schedule base is fixed, and it travels in the
-            # state dict as the scheduler's own (a scheduler made later takes it, as it takes torch's).
-            # The lr starts from its schedule base (group["lr"] may be a warm-up's 0 by now); the rest as the groups hold them.
+            # The learned values start here, the lr from its schedule base (group["lr"] may be a warm-up's 0 by
+            # now), the rest from the groups as they are: checked again. From now on the base is fixed, and it
+            # travels in the state dict as the scheduler's own (a scheduler made later takes it, as torch's).
             self._check_level0_values([n for n in self._learn[0] if n != "lr"] if self.height else ())
             check_schedule_bases(self)
             for i, group in enumerate(self.param_groups):

@@ -24,18 +24,18 @@ TRAJECTORY_NAME = "hyper_trajectory.jsonl"
 
 
 def hyper_log_keys(
-    hyperparameters: list[dict[str, float | list[float]]], scope: str, empty_groups: Collection[int] = ()
+    hyperparameters: list[dict[str, float | list[float]]], scope: str, skip: Collection[int] = ()
 ) -> dict[str, float]:
     """Flatten :meth:`TowerOptimizer.hyperparameters` into ``hyper/{level}/{name}`` keys.
 
-    Per-group values get ``/group{i}`` appended, per-tensor values ``/tensor{i}``. ``empty_groups`` (scope
-    ``group``): param groups without parameters, whose values move no weight and are left out.
+    Per-group values get ``/group{i}`` appended, per-tensor values ``/tensor{i}``. ``skip`` (scope ``group``):
+    param groups left out, those without parameters (:func:`empty_groups`), whose values move no weight.
 
     Example:
         ``[{"lr": 1e-3}, {"lr": 0.01}]`` -> ``{"hyper/0/lr": 1e-3, "hyper/1/lr": 0.01}``.
     """
     suffix = "tensor" if scope == "tensor" else "group"
-    skipped = frozenset(empty_groups) if scope == "group" else frozenset()
+    skipped = frozenset(skip) if scope == "group" else frozenset()
     out: dict[str, float] = {}
     for level, entry in enumerate(hyperparameters):
         for name, value in entry.items():
